@@ -1,0 +1,17 @@
+"""klayer: k-layer fully-connected networks with batch normalization, from scratch in NumPy."""
+
+from .config import NetConfig
+from .gradcheck import check_gradients, make_check_problem, rel_error
+from .network import Metrics, Network
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Metrics",
+    "NetConfig",
+    "Network",
+    "__version__",
+    "check_gradients",
+    "make_check_problem",
+    "rel_error",
+]

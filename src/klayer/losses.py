@@ -1,0 +1,69 @@
+"""Softmax cross-entropy, the L2 penalty and accuracy.
+
+The cost the network minimizes is  J = mean_i CE(p_i, y_i) + lambda * sum_l ||W_l||_F^2,
+with the penalty on weight matrices only (not biases, gamma or beta). Loss (the mean
+cross-entropy) and cost (loss + penalty) are reported separately.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import numpy.typing as npt
+
+Array = npt.NDArray[np.floating]
+Labels = npt.NDArray[np.integer]
+
+
+def log_softmax(scores: Array) -> Array:
+    """Row-wise log softmax via log-sum-exp, stable for any finite logits. (n, K) -> (n, K)."""
+    z = scores - scores.max(axis=1, keepdims=True)  # (n, K), max is 0 per row
+    z -= np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return z
+
+
+def cross_entropy(scores: Array, y: Labels, label_smoothing: float = 0.0) -> float:
+    """Mean cross-entropy of softmax(scores) against integer labels y (n,)."""
+    logp = log_softmax(scores)  # (n, K)
+    nll = -logp[np.arange(len(y)), y]  # (n,)
+    if label_smoothing:
+        nll = (1 - label_smoothing) * nll - label_smoothing * logp.mean(axis=1)
+    return float(nll.mean())
+
+
+def softmax_cross_entropy(
+    scores: Array, y: Labels, label_smoothing: float = 0.0
+) -> tuple[float, Array]:
+    """Mean cross-entropy and its gradient with respect to the scores.
+
+    With P = softmax(scores) and T the (smoothed) one-hot targets, the course's
+    G = -(Y - P) / n becomes, for rows, dscores = (P - T) / n.   (n, K) -> (n, K).
+    Label smoothing eps uses targets (1 - eps) * onehot + eps / K.
+    """
+    n, k = scores.shape
+    logp = log_softmax(scores)  # (n, K)
+    rows = np.arange(n)
+    nll = -logp[rows, y]  # (n,)
+    if label_smoothing:
+        nll = (1 - label_smoothing) * nll - label_smoothing * logp.mean(axis=1)
+    dscores = np.exp(logp)  # P, (n, K)
+    if label_smoothing:
+        dscores -= label_smoothing / k
+        dscores[rows, y] -= 1 - label_smoothing
+    else:
+        dscores[rows, y] -= 1
+    dscores /= n
+    return float(nll.mean()), dscores
+
+
+def l2_penalty(weights: Iterable[Array], lam: float) -> float:
+    """lambda * sum_l ||W_l||_F^2 (the weight matrices only)."""
+    if lam == 0:
+        return 0.0
+    return lam * float(sum(np.vdot(W, W) for W in weights))
+
+
+def accuracy(scores: Array, y: Labels) -> float:
+    """Fraction of rows whose highest score is the true label."""
+    return float(np.mean(scores.argmax(axis=1) == y))

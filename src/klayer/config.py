@@ -7,7 +7,7 @@ values raise ``ValueError`` naming the field, before any work starts.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 INITS = ("he", "xavier", "normal")
@@ -120,3 +120,189 @@ def _check_positive(name: str, value: Any) -> None:
 def _check_open_interval(name: str, value: Any, lo: float, hi: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo < value < hi:
         raise ValueError(f"{name} must be in ({lo:g}, {hi:g}), got {value!r}")
+
+
+# --- training ------------------------------------------------------------------------
+
+DATASETS = ("cifar10", "digits", "synthetic")
+SPLITS = ("full", "assignment")
+BN_STATS = ("ema", "precise")
+LENGTH_KEYS = ("cycles", "epochs", "steps")
+
+
+def _f(default: Any, help: str, **meta: Any) -> Any:
+    """A dataclass field whose help text feeds the CLI flag and the docs."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs; defaults are the assignment's recipe.
+
+    The same keys are TOML keys (``--config run.toml``) and flags (``--n-batch`` for
+    ``n_batch``; ``lambda`` is ``lam`` here). Validation happens in ``__post_init__``
+    and names the key, so bad values fail before any work starts.
+    """
+
+    # data
+    dataset: str = _f("cifar10", "dataset", choices=DATASETS)
+    data_dir: str | None = _f(None, "folder holding CIFAR-10 (or set $KLAYER_DATA_DIR)")
+    split: str = _f("full", "full: batches 1-5 minus a validation tail; assignment: "
+                    "batch 1 train, batch 2 validation", choices=SPLITS)
+    val_size: int = _f(5000, "validation examples taken from the end of the training batches")
+    strict_checksums: bool = _f(False, "refuse CIFAR-10 files whose checksums differ")
+    # architecture (see NetConfig)
+    hidden: tuple[int, ...] = _f((50, 50), "hidden widths, comma-separated")
+    batch_norm: bool = _f(True, "batch norm in every hidden layer")
+    bn_position: str = _f("before", "batch norm before or after the ReLU", choices=BN_POSITIONS)
+    bn_alpha: float = _f(0.9, "running averages keep alpha of their old value")
+    bn_eps: float = _f(BN_EPS, "batch-norm epsilon")
+    bn_convention: str = _f("assignment", "running-statistics convention",
+                            choices=BN_CONVENTIONS)
+    init: str = _f("he", "weight initialization", choices=INITS)
+    init_sigma: float = _f(1e-4, "standard deviation of init = normal")
+    dropout: float = _f(0.0, "dropout probability of hidden units")
+    skip: bool = _f(False, "residual skip connections between equal-width hidden layers")
+    dtype: str = _f("float32", "floating-point type of training", choices=DTYPES[:2])
+    # cost
+    lam: float = _f(0.005, "L2 regularization lambda on the weight matrices", flag="lambda")
+    label_smoothing: float = _f(0.0, "label smoothing epsilon")
+    # optimization
+    n_batch: int = _f(100, "mini-batch size")
+    optimizer: str = _f("sgd", "sgd, momentum, nesterov, adam or adamw")
+    momentum: float = _f(0.9, "momentum coefficient (momentum, nesterov)")
+    beta1: float = _f(0.9, "Adam beta1")
+    beta2: float = _f(0.999, "Adam beta2")
+    adam_eps: float = _f(1e-8, "Adam epsilon")
+    weight_decay: float = _f(0.0, "decoupled weight decay (adamw)")
+    schedule: str = _f("cyclic", "cyclic, constant, step, exponential or one_cycle")
+    eta_min: float = _f(1e-5, "cyclic: lowest learning rate")
+    eta_max: float = _f(1e-1, "cyclic and one_cycle: highest learning rate")
+    n_s: int | None = _f(None, "cyclic: half-cycle length in steps (default 5 n_train / n_batch)")
+    eta: float = _f(0.01, "constant, step and exponential: (initial) learning rate")
+    decay: float = _f(0.1, "step: factor per drop; exponential: factor per decay_every steps")
+    decay_every: int = _f(1000, "step and exponential: steps per decay")
+    cycles: float | None = _f(None, "training length in cycles (cyclic; default 2)")
+    epochs: float | None = _f(None, "training length in epochs")
+    steps: int | None = _f(None, "training length in update steps")
+    shuffle: bool = _f(True, "reshuffle the training set every epoch")
+    # batch-norm statistics and augmentation
+    bn_stats: str = _f("ema", "ema: moving averages; precise: PreciseBN population statistics",
+                       choices=BN_STATS)
+    precise_per_epoch: int = _f(0, "PreciseBN recomputations per epoch (0: only at the end)")
+    precise_examples: int = _f(10000, "training examples PreciseBN averages over (0: all)")
+    adaptive_bn: bool = _f(False, "also report test accuracy with statistics of the test set")
+    flip: bool = _f(False, "augment: random horizontal flips (images only)")
+    translate: int = _f(0, "augment: random translations of up to this many pixels")
+    tta_flip: bool = _f(False, "test-time flip averaging (images only)")
+    # bookkeeping
+    evals_per_cycle: int = _f(10, "evaluations of train/val metrics per cycle (or per run / 2)")
+    seed: int = _f(0, "seed of initialization, shuffling, dropout and augmentation")
+    name: str = _f("run", "run name, used in the default output folder")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hidden", tuple(self.hidden))
+        _check_types(self)
+        self.net_config(d=1)  # validates the architecture fields
+        _check_choice("dataset", self.dataset, DATASETS)
+        _check_choice("split", self.split, SPLITS)
+        _check_choice("bn_stats", self.bn_stats, BN_STATS)
+        for name in ("val_size", "n_batch", "decay_every", "evals_per_cycle"):
+            _check_int(name, getattr(self, name), 1)
+        for name in ("precise_per_epoch", "precise_examples", "translate", "seed"):
+            _check_int(name, getattr(self, name), 0)
+        if self.n_s is not None:
+            _check_int("n_s", self.n_s, 1)
+        if self.steps is not None:
+            _check_int("steps", self.steps, 1)
+        for name in ("eta_min", "eta_max", "eta", "decay", "adam_eps"):
+            _check_positive(name, getattr(self, name))
+        if self.eta_min > self.eta_max:
+            raise ValueError(f"eta_min ({self.eta_min:g}) must not exceed eta_max "
+                             f"({self.eta_max:g})")
+        if not self.lam >= 0:
+            raise ValueError(f"lambda must be >= 0, got {self.lam!r}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        for name in ("cycles", "epochs"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_positive(name, value)
+        given = [k for k in LENGTH_KEYS if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give only one training length, got {' and '.join(given)}")
+        if self.cycles is not None and self.schedule != "cyclic":
+            raise ValueError("cycles only applies to schedule = cyclic; use epochs or steps")
+
+    def net_config(self, d: int, num_classes: int = 10) -> NetConfig:
+        """The architecture part, for inputs of dimension d."""
+        return NetConfig(
+            d=d, num_classes=num_classes, hidden=self.hidden, batch_norm=self.batch_norm,
+            bn_position=self.bn_position, bn_alpha=self.bn_alpha, bn_eps=self.bn_eps,
+            bn_convention=self.bn_convention, init=self.init, init_sigma=self.init_sigma,
+            dropout=self.dropout, skip=self.skip, dtype=self.dtype,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values keyed by their TOML names (``lambda`` for ``lam``)."""
+        return {key_name(f): _plain(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from TOML-style keys, refusing unknown keys by name."""
+        by_key = {key_name(f): f.name for f in fields(cls)}
+        unknown = sorted(set(values) - set(by_key))
+        if unknown:
+            raise ValueError(f"unknown key(s) {', '.join(unknown)}; valid keys: "
+                             f"{', '.join(sorted(by_key))}")
+        return cls(**{by_key[k]: v for k, v in values.items()})
+
+
+def key_name(f: Any) -> str:
+    """The TOML key / flag stem of a TrainConfig field."""
+    return str(f.metadata.get("flag", f.name))
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    """Each value must have its field's type (ints may stand for floats)."""
+    hints = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        kind = str(f.type).replace(" | None", "")
+        if value is None and "None" in str(f.type):
+            continue
+        if kind.startswith("tuple"):
+            ok = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        else:
+            ok = isinstance(value, hints[kind]) and (kind == "bool" or not isinstance(value, bool))
+        if not ok:
+            names = {"int": "an integer", "float": "a number", "str": "a string",
+                     "bool": "true or false"}
+            expected = "a list of integers" if kind.startswith("tuple") else names[kind]
+            raise ValueError(f"{key_name(f)} must be {expected}, got {value!r}")
+
+
+def to_toml(values: dict[str, Any]) -> str:
+    """A flat mapping of str/int/float/bool/list values as TOML (None values are left out)."""
+    lines = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, float):
+        return repr(value) if value == value and abs(value) != float("inf") else str(value)
+    return str(value)

@@ -224,6 +224,33 @@ class Network:
         var_av *= alpha
         var_av += (1 - alpha) * var
 
+    def set_population_stats(
+        self, sink: list[tuple[int, Array, Array]], sizes: list[int]
+    ) -> None:
+        """Replace the running statistics by those of all samples together (PreciseBN).
+
+        ``sink`` holds, batch after batch, each batch-norm layer's (l, mean, biased
+        variance) as ``forward(stats_sink=...)`` collects them; ``sizes`` the batch sizes.
+        The population variance adds the spread of the batch means to the mean of the
+        batch variances:  var = sum_b n_b (var_b + (mu_b - mu)^2) / N.
+        """
+        layers = sorted({l for l, _, _ in sink})
+        if not layers:
+            return
+        n_b = np.repeat(np.asarray(sizes, np.float64), len(layers))[:, None]  # (B * L, 1)
+        for l in layers:
+            rows = [i for i, (j, _, _) in enumerate(sink) if j == l]
+            mus = np.array([sink[i][1] for i in rows], np.float64)  # (B, m)
+            vars_ = np.array([sink[i][2] for i in rows], np.float64)  # (B, m)
+            w = n_b[: len(rows)]
+            total = w.sum()
+            mu = (w * mus).sum(axis=0) / total
+            var = (w * (vars_ + (mus - mu) ** 2)).sum(axis=0) / total
+            if self.config.bn_convention == "pytorch":
+                var *= total / max(total - 1, 1)
+            self.stats[f"mu{l}"][...] = mu
+            self.stats[f"var{l}"][...] = var
+
     # --- backward -----------------------------------------------------------
 
     def backward(

@@ -1,0 +1,186 @@
+"""Training throughput: klayer against a PyTorch CPU twin of the same recipe, in one run.
+
+    python benchmarks/bench_train.py --data-dir DIR            # CIFAR-10 (45k/5k split)
+    python benchmarks/bench_train.py                           # random uint8 stand-in data
+    python benchmarks/bench_train.py --hidden 50,30,20,20,10,10,10,10 --json out.json
+
+The recipe is the assignment's: float32, mini-batches of 100 standardized on the fly
+from uint8 images, batch norm before ReLU, cyclical learning rate (1e-5 .. 1e-1,
+n_s = 2250), L2 lambda = 0.005, plain SGD. Each library runs in a fresh subprocess with
+the same thread count (OMP/OpenBLAS/MKL variables and torch.set_num_threads), warms
+up, then times ``--steps`` update steps (no evaluation). The libraries alternate over
+``--repeats`` rounds and the median steps/second of each is reported, with the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LAM, ETA_MIN, ETA_MAX, N_S, N_BATCH = 0.005, 1e-5, 1e-1, 2250, 100
+
+
+def load(data_dir: str | None):  # type: ignore[no-untyped-def]
+    """(X uint8 (n, 3072), y, mean, std) of the training split."""
+    import numpy as np
+
+    if data_dir:
+        from klayer.data import load_cifar10
+        from klayer.fetch import locate_cifar10
+
+        data = load_cifar10(locate_cifar10(data_dir))
+        return data.train.X, data.train.y, data.mean, data.std
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 256, size=(45000, 3072), dtype=np.uint8)
+    y = rng.integers(0, 10, size=45000)
+    return X, y, X[:5000].mean(axis=0), X[:5000].std(axis=0) + 1e-3
+
+
+def run_klayer(args: argparse.Namespace, hidden: tuple[int, ...]) -> float:
+    from klayer.config import TrainConfig
+    from klayer.data import Data, Split
+    from klayer.train import Trainer
+
+    X, y, mean, std = load(args.data_dir)
+    small = Split(X[:200], y[:200])
+    data = Data(Split(X, y), small, small, 10, "bench", (3, 32, 32), mean=mean, std=std)
+    cfg = TrainConfig(hidden=hidden, lam=LAM, eta_min=ETA_MIN, eta_max=ETA_MAX, n_s=N_S,
+                      n_batch=N_BATCH, seed=0)
+    trainer = Trainer(cfg, data)
+    for _ in range(args.warmup):
+        trainer.step()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        trainer.step()
+    return args.steps / (time.perf_counter() - start)
+
+
+def run_torch(args: argparse.Namespace, hidden: tuple[int, ...]) -> float:
+    import torch
+    from torch import nn
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    X_np, y_np, mean_np, std_np = load(args.data_dir)
+    X = torch.from_numpy(X_np)
+    y = torch.from_numpy(y_np.astype("int64"))
+    mean = torch.from_numpy(mean_np).float()
+    inv_std = 1.0 / torch.from_numpy(std_np).float()
+    layers: list[nn.Module] = []
+    d = X.shape[1]
+    for m in hidden:
+        layers += [nn.Linear(d, m), nn.BatchNorm1d(m, eps=1e-8, momentum=0.1), nn.ReLU()]
+        d = m
+    layers.append(nn.Linear(d, 10))
+    model = nn.Sequential(*layers)
+    for mod in model:
+        if isinstance(mod, nn.Linear):
+            nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
+            nn.init.zeros_(mod.bias)
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight") and p.dim() == 2]
+    others = [p for n, p in model.named_parameters() if not (n.endswith("weight") and p.dim() == 2)]
+    # L2 lambda ||W||^2 in the cost == weight decay 2 lambda on the weight matrices
+    opt = torch.optim.SGD([{"params": weights, "weight_decay": 2 * LAM},
+                           {"params": others, "weight_decay": 0.0}], lr=ETA_MIN)
+    sched = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=ETA_MIN, max_lr=ETA_MAX,
+                                              step_size_up=N_S, cycle_momentum=False)
+    loss_fn = nn.CrossEntropyLoss()
+    n = X.shape[0]
+    per_epoch = n // N_BATCH
+    gen = torch.Generator().manual_seed(0)
+    perm = torch.randperm(n, generator=gen)
+
+    def step(t: int) -> None:
+        nonlocal perm
+        pos = (t % per_epoch) * N_BATCH
+        if pos == 0:
+            perm = torch.randperm(n, generator=gen)
+        idx = perm[pos : pos + N_BATCH]
+        xb = (X[idx].float() - mean) * inv_std
+        loss = loss_fn(model(xb), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+
+    model.train()
+    for t in range(args.warmup):
+        step(t)
+    start = time.perf_counter()
+    for t in range(args.warmup, args.warmup + args.steps):
+        step(t)
+    return args.steps / (time.perf_counter() - start)
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(threads)
+    return env
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data-dir", help="CIFAR-10 folder (default: random uint8 stand-in data)")
+    p.add_argument("--hidden", default="50,50", help="hidden widths (default 50,50)")
+    p.add_argument("--steps", type=int, default=2000, help="timed update steps per round")
+    p.add_argument("--warmup", type=int, default=200, help="untimed steps first")
+    p.add_argument("--repeats", type=int, default=3, help="alternating rounds per library")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for both")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--worker", choices=("klayer", "torch"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    hidden = tuple(int(w) for w in args.hidden.split(","))
+    if args.worker:
+        run = run_klayer if args.worker == "klayer" else run_torch
+        print(json.dumps({"steps_per_second": run(args, hidden)}))
+        return
+    rates: dict[str, list[float]] = {"klayer": [], "torch": []}
+    for _ in range(args.repeats):
+        for lib in rates:
+            cmd = [sys.executable, __file__, "--worker", lib, *sys.argv[1:]]
+            out = subprocess.run(cmd, env=thread_env(args.threads), capture_output=True,
+                                 text=True, check=True).stdout
+            rates[lib].append(json.loads(out.strip().splitlines()[-1])["steps_per_second"])
+    med = {lib: statistics.median(v) for lib, v in rates.items()}
+    import numpy
+    import torch
+
+    result = {
+        "benchmark": "training throughput", "hidden": list(hidden), "threads": args.threads,
+        "steps": args.steps, "repeats": args.repeats, "data": args.data_dir or "random",
+        "klayer_steps_per_second": med["klayer"], "torch_steps_per_second": med["torch"],
+        "ratio": med["klayer"] / med["torch"], "all": rates, "machine": machine(),
+        "numpy": numpy.__version__, "torch": torch.__version__,
+    }
+    print(f"hidden {args.hidden}, {args.threads} threads, median of {args.repeats} x "
+          f"{args.steps} steps ({result['machine']})")
+    print(f"{'library':<8} {'steps/s':>9}")
+    print(f"{'klayer':<8} {med['klayer']:>9.0f}")
+    print(f"{'torch':<8} {med['torch']:>9.0f}")
+    print(f"ratio klayer / torch: {result['ratio']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

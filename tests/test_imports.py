@@ -11,7 +11,9 @@ CORE = {"layers", "losses", "network", "optim", "schedules", "gradcheck", "data"
         "modelfile", "augment"}
 # Layers from the bottom up; a module may import only its own layer or lower ones.
 LEVEL = {**dict.fromkeys(CORE, 0), "fetch": 1, "train": 1, "experiments": 2, "search": 2,
-         "plots": 2, "report": 2, "cli": 3, "__init__": 0, "__main__": 4}
+         "plots": 2, "report": 2, "cli": 4, "__init__": 0, "__main__": 5}
+CLI_PARTS = {"cli_common", "cli_gradcheck", "cli_train", "cli_experiment", "cli_search"}
+LEVEL.update(dict.fromkeys(CLI_PARTS, 3))
 STDLIB = set(sys.stdlib_module_names)
 
 
@@ -61,3 +63,5 @@ def test_imports_point_downwards() -> None:
                     f"(level {LEVEL[target]})"
                 )
                 assert target != "cli" or path.stem == "__main__", f"{path.stem} imports cli"
+                assert target not in CLI_PARTS or path.stem in CLI_PARTS | {"cli"}, (
+                    f"{path.stem} imports {target}: only the command line may")

@@ -1,0 +1,104 @@
+"""Pieces shared by the ``klayer`` subcommands: errors, exit codes, flag parsing, output checks."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
+EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_DATA = 0, 2, 3, 4
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+
+
+class UsageError(Exception):
+    """A flag or configuration value is invalid (exit code 2)."""
+
+
+def parse_widths(text: str) -> tuple[int, ...]:
+    """'50,30,20' -> (50, 30, 20); '' -> () (a linear classifier)."""
+    if text.strip() == "":
+        return ()
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers like 50,50, got {text!r}"
+        ) from None
+    if any(w <= 0 for w in widths):
+        raise argparse.ArgumentTypeError(f"every width must be a positive integer, got {text!r}")
+    return widths
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig key (--n-batch for n_batch, --lambda for lam), default unset."""
+    from .config import TrainConfig, key_name
+
+    p.add_argument("--config", metavar="TOML",
+                   help="read settings from a TOML file; flags override it")
+    g = p.add_argument_group("settings (TOML keys are the flag names with _ for -)")
+    for f in fields(TrainConfig):
+        flag = "--" + key_name(f).replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        help_text = f"{f.metadata['help']} (default: {_show(default)})"
+        kind = str(f.type).replace(" | None", "")
+        common: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
+        if kind == "bool":
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+        elif kind.startswith("tuple"):
+            g.add_argument(flag, type=parse_widths, metavar="W1,W2,...", **common)
+        else:
+            conv = {"int": int, "float": float, "str": str}[kind]
+            g.add_argument(flag, type=conv, choices=f.metadata.get("choices"), **common)
+
+
+def _show(value: object) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return "unset" if value is None else str(value)
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """TOML file (if any) overridden by the flags that were given; errors name the key."""
+    from .config import TrainConfig, key_name
+
+    values: dict[str, object] = {}
+    if args.config:
+        values.update(read_toml(args.config))
+    for f in fields(TrainConfig):
+        given = getattr(args, f.name, None)
+        if given is not None:
+            values[key_name(f)] = given
+    try:
+        return TrainConfig.from_dict(values)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+
+
+def read_toml(path: str) -> dict[str, object]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise UsageError(f"--config: cannot read {path}: {e.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"--config: {path} is not valid TOML: {e}") from None
+
+
+def check_writable(out: Path) -> None:
+    """Fail before training when the run folder cannot be created or written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out: cannot create {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UsageError(f"--out: {out} is not writable")

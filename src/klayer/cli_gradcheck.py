@@ -1,0 +1,104 @@
+"""``klayer gradcheck``: analytic against numerical gradients on a random problem."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .cli_common import EXIT_OK, UsageError, parse_widths
+
+
+def add_gradcheck_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--hidden",
+        type=parse_widths,
+        default=(50, 50),
+        help="hidden widths, comma-separated (default 50,50; '' for a linear net)",
+    )
+    p.add_argument(
+        "--batch-norm",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="batch norm in every hidden layer (default off)",
+    )
+    p.add_argument(
+        "--bn-position",
+        choices=("before", "after"),
+        default="before",
+        help="batch norm before (assignment) or after the ReLU",
+    )
+    p.add_argument("--skip", action="store_true", help="residual skip connections")
+    p.add_argument(
+        "--dropout",
+        type=float,
+        default=0.0,
+        help="dropout probability (a fixed mask is used for the check)",
+    )
+    p.add_argument("--dim", type=int, default=20, help="input dimension d (default 20)")
+    p.add_argument("--n", type=int, default=10, help="number of examples (default 10)")
+    p.add_argument("--classes", type=int, default=10, help="number of classes K (default 10)")
+    p.add_argument(
+        "--lambda",
+        dest="lam",
+        type=float,
+        default=0.01,
+        help="L2 regularization lambda (default 0.01)",
+    )
+    p.add_argument(
+        "--sample",
+        type=int,
+        default=None,
+        help="check this many random elements per tensor instead of all",
+    )
+    p.add_argument("--h", type=float, default=None, help="finite-difference step")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights, data and sample")
+    p.add_argument("--json", action="store_true", help="print a JSON document instead of a table")
+
+
+def run_gradcheck(args: argparse.Namespace) -> int:
+    from .config import NetConfig
+    from .gradcheck import check_gradients, default_step, format_table, make_check_problem
+
+    if args.n < 2 and args.batch_norm:
+        raise UsageError("--n must be at least 2 with --batch-norm (batch statistics)")
+    for flag, value, low in (
+        ("--dim", args.dim, 1),
+        ("--n", args.n, 1),
+        ("--classes", args.classes, 2),
+    ):
+        if value < low:
+            raise UsageError(f"{flag} must be >= {low}, got {value}")
+    if args.lam < 0:
+        raise UsageError(f"--lambda must be >= 0, got {args.lam}")
+    try:
+        cfg = NetConfig(
+            d=args.dim,
+            num_classes=args.classes,
+            hidden=args.hidden,
+            batch_norm=args.batch_norm,
+            bn_position=args.bn_position,
+            skip=args.skip,
+            dropout=args.dropout,
+            dtype="float64",
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    net, X, y = make_check_problem(cfg, n=args.n, seed=args.seed)
+    h = args.h if args.h is not None else default_step()
+    rows = check_gradients(net, X, y, lam=args.lam, h=h, sample=args.sample, seed=args.seed)
+    worst = max(r.max_rel_error for r in rows)
+    if args.json:
+        doc = {
+            "config": json.loads(cfg.to_json()),
+            "n": args.n,
+            "lambda": args.lam,
+            "seed": args.seed,
+            "h": h,
+            "max_rel_error": worst,
+            "params": [r.as_dict() for r in rows],
+        }
+        print(json.dumps(doc, indent=2))
+    else:
+        print(format_table(rows))
+        print(f"\nmax relative error over all parameters: {worst:.3e} (h = {h:g})")
+    return EXIT_OK

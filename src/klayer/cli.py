@@ -9,33 +9,22 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from . import __version__
-from .cli_common import EXIT_DATA, EXIT_DIVERGED, EXIT_USAGE, UsageError
-from .cli_gradcheck import add_gradcheck_args, run_gradcheck
-from .cli_train import (
-    add_data_args,
-    add_evaluate_args,
-    add_plot_args,
-    add_train_args,
-    run_data,
-    run_evaluate,
-    run_plot,
-    run_train,
-)
+from .cli_common import EXIT_DATA, EXIT_DIVERGED, EXIT_USAGE, Command, UsageError
 
-Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
-COMMANDS: dict[str, Command] = {
-    "train": ("train a network (defaults: the assignment's CIFAR-10 recipe)",
-              add_train_args, run_train),
-    "evaluate": ("accuracy, confusion matrix and first-layer weights of a saved model",
-                 add_evaluate_args, run_evaluate),
-    "plot": ("overlay the curves of several runs", add_plot_args, run_plot),
-    "data": ("download CIFAR-10 or show where it is", add_data_args, run_data),
-    "gradcheck": ("compare analytic and numerical gradients on a random problem",
-                  add_gradcheck_args, run_gradcheck),
-}
+# Each cli_* module contributes a COMMANDS dict: name -> (help, add_arguments, run).
+_MODULES = ("cli_train", "cli_experiment", "cli_search", "cli_gradcheck")
+
+
+def _commands() -> dict[str, Command]:
+    import importlib
+
+    commands: dict[str, Command] = {}
+    for name in _MODULES:
+        commands.update(importlib.import_module(f"{__package__}.{name}").COMMANDS)
+    return commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"klayer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (help_text, add_args, run) in COMMANDS.items():
+    for name, (help_text, add_args, run) in _commands().items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_args(p)
         p.set_defaults(run=run)

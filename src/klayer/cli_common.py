@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .config import TrainConfig
+
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
 EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_DATA = 0, 2, 3, 4
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .cli_common import EXIT_OK, UsageError, parse_widths
+from .cli_common import EXIT_OK, Command, UsageError, parse_widths
 
 
 def add_gradcheck_args(p: argparse.ArgumentParser) -> None:
@@ -102,3 +102,9 @@ def run_gradcheck(args: argparse.Namespace) -> int:
         print(format_table(rows))
         print(f"\nmax relative error over all parameters: {worst:.3e} (h = {h:g})")
     return EXIT_OK
+
+
+COMMANDS: dict[str, Command] = {
+    "gradcheck": ("compare analytic and numerical gradients on a random problem",
+                  add_gradcheck_args, run_gradcheck),
+}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .cli_common import (
     EXIT_OK,
+    Command,
     UsageError,
     add_config_flags,
     check_writable,
@@ -191,3 +192,13 @@ def run_data(args: argparse.Namespace) -> int:
     folder = fetch.fetch_cifar10(args.data_dir, progress=sys.stderr.isatty())
     print(f"CIFAR-10 ready in {folder}")
     return EXIT_OK
+
+
+COMMANDS: dict[str, Command] = {
+    "train": ("train a network (defaults: the assignment's CIFAR-10 recipe)",
+              add_train_args, run_train),
+    "evaluate": ("accuracy, confusion matrix and first-layer weights of a saved model",
+                 add_evaluate_args, run_evaluate),
+    "plot": ("overlay the curves of several runs", add_plot_args, run_plot),
+    "data": ("download CIFAR-10 or show where it is", add_data_args, run_data),
+}

@@ -196,6 +196,8 @@ class TrainConfig:
     translate: int = _f(0, "augment: random translations of up to this many pixels")
     tta_flip: bool = _f(False, "test-time flip averaging (images only)")
     # bookkeeping
+    checkpoint_every: int = _f(1000, "steps between checkpoints (0: only at the end and on "
+                               "interrupt)")
     evals_per_cycle: int = _f(10, "evaluations of train/val metrics per cycle (or per run / 2)")
     seed: int = _f(0, "seed of initialization, shuffling, dropout and augmentation")
     name: str = _f("run", "run name, used in the default output folder")
@@ -209,7 +211,8 @@ class TrainConfig:
         _check_choice("bn_stats", self.bn_stats, BN_STATS)
         for name in ("val_size", "n_batch", "decay_every", "evals_per_cycle"):
             _check_int(name, getattr(self, name), 1)
-        for name in ("precise_per_epoch", "precise_examples", "translate", "seed"):
+        for name in ("precise_per_epoch", "precise_examples", "translate", "seed",
+                     "checkpoint_every"):
             _check_int(name, getattr(self, name), 0)
         if self.n_s is not None:
             _check_int("n_s", self.n_s, 1)

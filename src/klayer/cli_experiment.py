@@ -1,7 +1,85 @@
-"""``klayer experiment``: the assignment report's named experiments."""
+"""``klayer experiment NAME``: the assignment report's experiments and their report."""
 
 from __future__ import annotations
 
-from .cli_common import Command
+import argparse
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
 
-COMMANDS: dict[str, Command] = {}
+from .cli_common import EXIT_OK, Command, UsageError, check_writable
+
+
+def add_experiment_args(p: argparse.ArgumentParser) -> None:
+    from .experiments import EXPERIMENTS
+
+    p.add_argument("name", choices=[*EXPERIMENTS, "all"],
+                   help="the experiment; 'all' runs every one into one combined report")
+    p.add_argument("--data-dir", help="folder holding CIFAR-10 (or set $KLAYER_DATA_DIR)")
+    p.add_argument("--dataset", choices=("cifar10", "digits", "synthetic"), default="cifar10",
+                   help="dataset (default cifar10)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="seeds per configuration; numbers become mean ± std (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="first seed / search base seed")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="trainings in parallel, each with cores/jobs BLAS threads (default 1)")
+    p.add_argument("--quick", action="store_true",
+                   help="a slice of the data and short runs (~1-2 min); marked in the report")
+    p.add_argument("--out", metavar="DIR",
+                   help="report folder (default runs/experiment-<name>-<timestamp>)")
+
+
+def run_experiment_cmd(args: argparse.Namespace) -> int:
+    from .experiments import EXPERIMENTS, run_experiment, summary_section
+    from .report import Report, to_html, to_markdown
+    from .runner import Context
+
+    for flag, value in (("--seeds", args.seeds), ("--jobs", args.jobs)):
+        if value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    out = Path(args.out) if args.out else Path("runs") / (
+        f"experiment-{args.name}-" + time.strftime("%Y%m%d-%H%M%S"))
+    check_writable(out)
+    base = {"dataset": args.dataset, "seed": args.seed}
+    if args.data_dir:
+        base["data_dir"] = args.data_dir
+    ctx = Context(base=base, seeds=args.seeds, jobs=args.jobs, quick=args.quick, out=out,
+                  log=lambda m: print(m, flush=True))
+    names = list(EXPERIMENTS) if args.name == "all" else [args.name]
+    try:
+        ctx.config({}, args.seed)  # the base configuration is valid
+        if args.dataset == "cifar10":  # find the data before any work (exit 4 if missing)
+            from .fetch import locate_cifar10
+
+            locate_cifar10(args.data_dir)
+        sections = [run_experiment(n, ctx) for n in names]
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    finally:
+        ctx.close()
+    if args.name == "all":
+        sections.insert(0, summary_section(sections))
+    title = ("DD2424 Assignment 3: k-layer networks with batch normalization" if args.name == "all"
+             else f"klayer experiment {args.name}: {EXPERIMENTS[args.name][0]}")
+    report = Report(title, sections, args.quick, "klayer " + shlex.join(sys.argv[1:]),
+                    args.seeds, time.strftime("%Y-%m-%d %H:%M:%S"))
+    from .train import write_text
+
+    write_text(out / "report.md", to_markdown(report, out))
+    write_text(out / "report.html", to_html(report))
+    write_text(out / "results.json", json.dumps(
+        [{k: v for k, v in asdict(s).items() if k not in ("figures",)} for s in sections],
+        indent=2, default=str) + "\n")
+    print(f"\nreport: {out / 'report.html'} (and report.md)")
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Command] = {
+    "experiment": ("run a named experiment of the assignment report into an HTML report",
+                   add_experiment_args, run_experiment_cmd),
+}

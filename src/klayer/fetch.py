@@ -302,10 +302,10 @@ def locate_cifar10(data_dir: str | Path | None = None, strict_checksums: bool = 
     folder = _find_batches(root, strict_checksums)
     if folder is None:
         raise DataNotFoundError(f"CIFAR-10 not found in {root}: {HOW_TO_GET}")
-    for name, ok in _file_verdicts(folder).items():
-        if not ok:
-            _checksum_problem(f"{folder / name}: MD5 differs from the official CIFAR-10 file",
-                              strict_checksums)
+    differ = [name for name, ok in _file_verdicts(folder).items() if not ok]
+    if differ:
+        _checksum_problem(f"{folder}: MD5 of {', '.join(differ)} differs from the official "
+                          "CIFAR-10 files (a modified or stand-in copy?)", strict_checksums)
     return folder
 
 

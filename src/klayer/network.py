@@ -93,9 +93,11 @@ class Network:
             if l < cfg.k and cfg.batch_norm:
                 self.params[f"gamma{l}"] = np.ones(fan_out, self.dtype)
                 self.params[f"beta{l}"] = np.zeros(fan_out, self.dtype)
-                start_var = 1.0 if cfg.bn_convention == "pytorch" else 0.0
+                # Running statistics start at 0 / 1 (as torch's); the assignment's
+                # convention overwrites them with the first mini-batch's. Either way an
+                # evaluation before any training step is finite and meaningful.
                 self.stats[f"mu{l}"] = np.zeros(fan_out, self.dtype)
-                self.stats[f"var{l}"] = np.full(fan_out, start_var, self.dtype)
+                self.stats[f"var{l}"] = np.ones(fan_out, self.dtype)
 
     @property
     def param_names(self) -> list[str]:

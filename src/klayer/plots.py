@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -110,6 +110,53 @@ def save_montage(path: Path, W: np.ndarray, image_shape: tuple[int, int, int]) -
     ax.imshow(grid, interpolation="nearest", cmap=None if grid.ndim == 3 else "gray")
     ax.set_axis_off()
     ax.set_title("first-layer weights")
+    return _save(fig, path)
+
+
+def plot_spread(ax: Axes, groups: Sequence[tuple[str, Sequence[Rows]]], key: str,
+                splits: Sequence[str] = ("train", "val")) -> None:
+    """Mean curve over seeds of ``<split>_<key>`` per group, shaded between min and max.
+
+    Training curves are dashed, validation curves solid; one colour per group.
+    """
+    for i, (label, runs) in enumerate(groups):
+        steps = np.array([r["step"] for r in runs[0]])
+        for split in splits:
+            ys = np.array([[r[f"{split}_{key}"] for r in rows] for rows in runs])  # (seeds, T)
+            style = "--" if split == "train" else "-"
+            name = label if len(splits) == 1 else f"{label} ({split})"
+            ax.plot(steps, ys.mean(axis=0), style, color=f"C{i % 10}", label=name)
+            if len(ys) > 1:
+                ax.fill_between(steps, ys.min(axis=0), ys.max(axis=0), color=f"C{i % 10}",
+                                alpha=0.2, linewidth=0)
+    ax.set_xlabel("update step")
+    ax.set_ylabel(LABELS[key])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small")
+
+
+def plot_scatter(ax: Axes, stages: Sequence[tuple[str, Sequence[float], Sequence[float]]]) -> None:
+    """Validation accuracy against log10(lambda), one marker colour per search stage."""
+    for i, (stage, log_lams, accs) in enumerate(stages):
+        ax.scatter(log_lams, np.asarray(accs) * 100, color=f"C{i % 10}", label=stage, s=22)
+    ax.set_xlabel("log10(lambda)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def save_panels(path: Path, panels: Sequence[tuple[str, Callable[[Axes], None]]],
+                ncols: int = 2, size: tuple[float, float] = (5.2, 3.8)) -> Path:
+    """One figure with a panel per (title, draw(ax)), saved as a PNG."""
+    nrows = -(-len(panels) // ncols)
+    cols = min(ncols, len(panels))
+    fig, axes = plt.subplots(nrows, cols, figsize=(size[0] * cols, size[1] * nrows),
+                             squeeze=False)
+    for ax, (title, draw) in zip(axes.flat, panels, strict=False):
+        draw(ax)
+        ax.set_title(title, fontsize="medium")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_axis_off()
     return _save(fig, path)
 
 

@@ -1,0 +1,241 @@
+"""Run many trainings for an experiment: in parallel processes, over seeds, quick or full.
+
+An experiment describes its trainings as ``RunSpec``s: a label and overrides of the
+default configuration. ``Context.run`` expands them over the seeds, trains them in
+``jobs`` local processes (each with BLAS threads = cores // jobs, so the cores are not
+oversubscribed) and returns one ``Outcome`` per (spec, seed).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import TrainConfig
+from .data import Data, Split
+from .plots import plot_spread, save_panels
+from .report import Figure, Section, Table
+
+# --quick: a slice of the data and short runs, so any experiment ends within ~2 minutes.
+QUICK_SIZES = {"train": 4000, "val": 1000, "test": 2000}
+QUICK_OVERRIDES: dict[str, Any] = {"n_s": 40, "val_size": 1000, "evals_per_cycle": 4, "precise_examples": 2000,
+                                   "checkpoint_every": 0}
+BLAS_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training of an experiment: overrides of the base configuration."""
+
+    label: str
+    overrides: dict[str, Any]
+    post: str | None = None  # name of an extra evaluation in POST_EVALUATIONS
+
+
+@dataclass
+class Outcome:
+    """What one (spec, seed) training produced."""
+
+    label: str
+    seed: int
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    rows: list[dict[str, float]]
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+# Extra evaluations run in the worker while the trained network is at hand.
+POST_EVALUATIONS: dict[str, Callable[[Any], dict[str, float]]] = {}
+
+
+@dataclass
+class Context:
+    """Settings shared by all trainings of one ``klayer experiment`` call."""
+
+    base: dict[str, Any]  # TOML-style keys: dataset, data_dir, ...
+    seeds: int = 1
+    jobs: int = 1
+    quick: bool = False
+    out: Path = Path(".")
+    log: Callable[[str], None] = print
+    _pool: ProcessPoolExecutor | None = field(default=None, repr=False)
+
+    def config(self, overrides: dict[str, Any], seed: int) -> dict[str, Any]:
+        values = {**self.base, **(QUICK_OVERRIDES if self.quick else {}), **overrides}
+        values["seed"] = seed
+        TrainConfig.from_dict(values)  # validate now, in the parent, with the key named
+        return values
+
+    def length(self, full: dict[str, Any], quick: dict[str, Any]) -> dict[str, Any]:
+        """Training-length overrides for full and for quick runs."""
+        return quick if self.quick else full
+
+    def run(self, specs: Sequence[RunSpec], seeds: Sequence[int] | None = None) -> list[Outcome]:
+        """Train every spec with every seed (default 0 .. seeds - 1); results in spec order."""
+        seeds = list(range(self.seeds)) if seeds is None else list(seeds)
+        return self.map_jobs([(s.label, self.config(s.overrides, seed), s.post, self.quick)
+                              for s in specs for seed in seeds])
+
+    def map_jobs(self, jobs: Sequence[tuple[str, dict[str, Any], str | None, bool]]) -> list[
+        Outcome
+    ]:
+        """Run (label, config values, post, quick) jobs, in parallel when jobs > 1."""
+        start = time.perf_counter()
+        if self.jobs == 1 or len(jobs) == 1:
+            outcomes = [_job(*j) for j in jobs]
+        else:
+            outcomes = list(self._executor().map(_job, *zip(*jobs, strict=True)))
+        self.log(f"  {len(jobs)} training(s) in {time.perf_counter() - start:.0f} s")
+        return outcomes
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            import multiprocessing
+
+            threads = max(1, (os.cpu_count() or 1) // self.jobs)
+            saved = {v: os.environ.get(v) for v in BLAS_VARS}
+            os.environ.update({v: str(threads) for v in BLAS_VARS})
+            try:  # spawned workers read the BLAS variables when they import NumPy
+                self._pool = ProcessPoolExecutor(
+                    self.jobs, mp_context=multiprocessing.get_context("spawn"))
+                self._pool.submit(int).result()  # start the workers now, with these variables
+            finally:
+                for v, old in saved.items():
+                    if old is None:
+                        os.environ.pop(v, None)
+                    else:
+                        os.environ[v] = old
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+
+# --- the worker side ---------------------------------------------------------------------
+
+_DATA_CACHE: dict[tuple[Any, ...], Data] = {}
+
+
+def load_data_for(cfg: TrainConfig, quick: bool) -> Data:
+    """The dataset of ``cfg`` (cached per process), sliced for quick runs."""
+    key = (cfg.dataset, cfg.data_dir, cfg.split, cfg.val_size, cfg.strict_checksums,
+           cfg.seed if cfg.dataset != "cifar10" else 0, quick)
+    if key not in _DATA_CACHE:
+        from .train import load_data
+
+        data = load_data(cfg)
+        _DATA_CACHE[key] = subsample(data) if quick else data
+    return _DATA_CACHE[key]
+
+
+def subsample(data: Data) -> Data:
+    """The first QUICK_SIZES rows of each split, standardized with the slice's statistics."""
+    parts = {}
+    for name, n in QUICK_SIZES.items():
+        split = getattr(data, name)
+        parts[name] = Split(np.asarray(split.X[:n]), np.asarray(split.y[:n]))
+    return Data(parts["train"], parts["val"], parts["test"], data.num_classes, data.name,
+                data.image_shape, classes=data.classes)
+
+
+def _job(label: str, values: dict[str, Any], post: str | None, quick: bool) -> Outcome:
+    import warnings
+
+    from .fetch import ChecksumWarning
+    from .train import train
+
+    warnings.simplefilter("ignore", ChecksumWarning)  # the parent process warned already
+    cfg = TrainConfig.from_dict(values)
+    data = load_data_for(cfg, quick)
+    result = train(cfg, data)
+    if post and post not in POST_EVALUATIONS:  # a fresh worker process: register them
+        import importlib
+
+        importlib.import_module(f"{__package__}.experiments")
+    extra = POST_EVALUATIONS[post](result) if post else {}
+    return Outcome(label, cfg.seed, values, result.summary, result.rows, extra)
+
+
+# --- aggregation -----------------------------------------------------------------------------
+
+
+def by_label(outcomes: Sequence[Outcome]) -> dict[str, list[Outcome]]:
+    groups: dict[str, list[Outcome]] = {}
+    for o in outcomes:
+        groups.setdefault(o.label, []).append(o)
+    return groups
+
+
+def values(outcomes: Sequence[Outcome], key: str) -> list[float]:
+    """A summary (or extra) value of each outcome."""
+    return [float(o.extra[key] if key in o.extra else o.summary[key]) for o in outcomes]
+
+
+def mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def fmt_pct(xs: Sequence[float]) -> str:
+    """'53.49 %' for one seed, '53.49 ± 0.21 %' for several."""
+    m, s = mean_std(xs)
+    return f"{100 * m:.2f} %" if len(xs) == 1 else f"{100 * m:.2f} ± {100 * s:.2f} %"
+
+
+# --- report pieces ---------------------------------------------------------------------------
+
+
+def accuracy_table(title: str, groups: dict[str, list[Outcome]]) -> Table:
+    rows = [[label, fmt_pct(values(os, "test_accuracy")), fmt_pct(values(os, "val_accuracy")),
+             fmt_pct(values(os, "train_accuracy"))] for label, os in groups.items()]
+    return Table(title, ["configuration", "test", "validation", "training"], rows)
+
+
+def runs_table(specs: Sequence[RunSpec], groups: dict[str, list[Outcome]]) -> Table:
+    """What was trained: overrides of the defaults, seeds and wall time per configuration."""
+    rows = []
+    for s in specs:
+        os = groups[s.label]
+        keys = ", ".join(f"{k}={_show(v)}" for k, v in s.overrides.items()) or "(defaults)"
+        wall = mean_std(values(os, "wall_seconds"))[0]
+        rows.append([s.label, keys, ",".join(str(o.seed) for o in os), f"{wall:.1f} s"])
+    return Table("Trainings (overrides of the default configuration)",
+                 ["configuration", "overrides", "seeds", "wall time / run"], rows)
+
+
+def _show(v: Any) -> str:
+    return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+
+def curves(ctx: Context, name: str, groups: dict[str, list[Outcome]],
+           panels: Sequence[tuple[str, Sequence[str], str]],
+           splits: Sequence[str] = ("train", "val")) -> Figure:
+    """One figure: a panel per (title, labels, metric) with spread over seeds."""
+    def draw(labels: Sequence[str], metric: str) -> Callable[[Any], None]:
+        return lambda ax: plot_spread(ax, [(lb, [o.rows for o in groups[lb]]) for lb in labels],
+                                      metric, splits)
+    path = ctx.out / "figures" / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_panels(path, [(t, draw(lbs, m)) for t, lbs, m in panels])
+    captions = "; ".join(t for t, _, _ in panels)
+    spread = " Shaded: min-max over seeds." if ctx.seeds > 1 else ""
+    return Figure(f"{captions}. Dashed: training, solid: validation.{spread}", path)
+
+
+def mean_of(groups: dict[str, list[Outcome]], label: str, key: str = "test_accuracy") -> float:
+    return mean_std(values(groups[label], key))[0]
+
+
+def finish(key: str, specs: Sequence[RunSpec], groups: dict[str, list[Outcome]],
+           **parts: Any) -> Section:
+    """A report section with the table of trainings behind it."""
+    return Section(key, runs=runs_table(specs, groups), **parts)

@@ -1,0 +1,71 @@
+"""`klayer experiment NAME --quick` for every experiment, and the report it writes."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest_data_helpers import make_cifar_folder
+from klayer.cli import main
+from klayer.experiments import EXPERIMENTS
+
+
+def run(tmp_path: Path, *args: str) -> Path:
+    out = tmp_path / "report"
+    assert main(["experiment", *args, "--quick", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("name", list(EXPERIMENTS))
+def test_each_experiment_quick(tmp_path: Path, name: str) -> None:
+    out = run(tmp_path, name, "--dataset", "synthetic")
+    md = (out / "report.md").read_text()
+    html = (out / "report.html").read_text()
+    title = EXPERIMENTS[name][0]
+    assert f"## {title}" in md and "This is a quick run" in md
+    assert "quick run" in html and "<script" not in html and "http" not in html.split("<body>")[1]
+    for link in re.findall(r"\]\((figures/[^)]+\.png)\)", md):
+        assert (out / link).stat().st_size > 1000
+    assert md.count("data:image") == 0 and html.count("data:image/png;base64,") == md.count("![")
+    assert (out / "results.json").is_file()
+
+
+def test_bn_stats_on_images_reports_the_2x2x2_table(tmp_path: Path) -> None:
+    make_cifar_folder(tmp_path / "cifar" / "cifar-10-batches-py", rows=400)
+    out = run(tmp_path, "bn-stats", "--data-dir", str(tmp_path / "cifar"))
+    md = (out / "report.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith(("| moving", "| PreciseBN"))
+            and "%" in line]
+    assert len(rows) == 4 and all(line.count("%") == 2 for line in rows)
+    assert sum("adaptive" in line for line in rows) == 2
+
+
+def test_seeds_give_mean_and_std(tmp_path: Path) -> None:
+    out = run(tmp_path, "bn-placement", "--dataset", "synthetic", "--seeds", "2", "--jobs", "2")
+    md = (out / "report.md").read_text()
+    assert "±" in md and "| 0,1 |" in md
+
+
+def test_all_has_the_summary_in_report_order(tmp_path: Path) -> None:
+    out = tmp_path / "all"
+    r = subprocess.run([sys.executable, "-m", "klayer", "experiment", "all", "--dataset",
+                        "synthetic", "--quick", "--jobs", "2", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    md = (out / "report.md").read_text()
+    order = [md.index(f"## {t}") for t in ["Summary: the report items",
+                                           *(v[0] for v in EXPERIMENTS.values())]]
+    assert order == sorted(order)
+    for item in ("i. How were the gradients checked?", "ii. 3- and 9-layer", "iii. Lambda search",
+                 "iv. Sensitivity to initialization"):
+        assert item in md
+
+
+def test_usage_errors(tmp_path: Path) -> None:
+    assert main(["experiment", "bn-depth", "--seeds", "0", "--out", str(tmp_path / "x")]) == 2
+    assert main(["experiment", "bn-depth", "--data-dir", str(tmp_path / "none"), "--quick",
+                 "--out", str(tmp_path / "y")]) == 4

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest_data_helpers import make_cifar_folder
+
 from klayer.cli import main
 from klayer.experiments import EXPERIMENTS
 

@@ -11,9 +11,10 @@ CORE = {"layers", "losses", "network", "optim", "schedules", "gradcheck", "data"
         "modelfile", "augment", "checkpoint"}
 # Layers from the bottom up; a module may import only its own layer or lower ones.
 LEVEL = {**dict.fromkeys(CORE, 0), "fetch": 1, "train": 1, "experiments": 2, "search": 2,
-         "plots": 2, "report": 2, "runner": 2, "lambda_search": 2, "cli": 4, "__init__": 0, "__main__": 5}
+         "plots": 2, "report": 2, "cli": 4, "__init__": 0, "__main__": 5}
 CLI_PARTS = {"cli_common", "cli_gradcheck", "cli_train", "cli_experiment", "cli_search"}
 LEVEL.update(dict.fromkeys(CLI_PARTS, 3))
+LEVEL.update({"runner": 2, "lambda_search": 2, "checkpoint": 0})
 STDLIB = set(sys.stdlib_module_names)
 
 

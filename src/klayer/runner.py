@@ -26,8 +26,8 @@ from .report import Figure, Section, Table
 
 # --quick: a slice of the data and short runs, so any experiment ends within ~2 minutes.
 QUICK_SIZES = {"train": 4000, "val": 1000, "test": 2000}
-QUICK_OVERRIDES: dict[str, Any] = {"n_s": 40, "val_size": 1000, "evals_per_cycle": 4, "precise_examples": 2000,
-                                   "checkpoint_every": 0}
+QUICK_OVERRIDES: dict[str, Any] = {"n_s": 40, "val_size": 1000, "evals_per_cycle": 4,
+                                   "precise_examples": 2000, "checkpoint_every": 0}
 BLAS_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 

@@ -69,7 +69,7 @@ def gradcheck(ctx: Context) -> Section:
     verdict = (f"The largest relative error over all nets is **{worst:.1e}**: the analytic "
                "gradients, batch-norm backward included, are exact to numerical precision.")
     return Section("gradcheck", text=[how, verdict], tables=[table],
-                   facts={"max_rel_error": worst})
+                   facts={"max_rel_error": worst, "sampled": float(ctx.quick)})
 
 
 # --- 2. batch norm at 3 and 9 layers ---------------------------------------------------------
@@ -297,9 +297,11 @@ def summary_section(sections: list[Section]) -> Section:
     f = {s.key: s.facts for s in sections}
     items = []
     if "gradcheck" in f:
+        which = ("10 random elements of each parameter tensor" if f["gradcheck"]["sampled"]
+                 else "every parameter element")
         items.append(["i. How were the gradients checked?",
-                      "centered differences on every parameter element of 2-, 3-, 4- and "
-                      "9-layer nets with and without batch norm; largest relative error "
+                      f"centered differences on {which} of 2-, 3-, 4- and 9-layer nets with "
+                      "and without batch norm; largest relative error "
                       f"{f['gradcheck']['max_rel_error']:.1e}"])
     if "bn-depth" in f:
         d = f["bn-depth"]

@@ -81,7 +81,8 @@ def to_markdown(report: Report, folder: Path) -> str:
                     f"*{f.caption}*", ""]
         if s.runs is not None:
             out += _md_table(s.runs)
-        out += [f"Wall time of this section: {s.wall_seconds:.0f} s", ""]
+        if s.wall_seconds:
+            out += [f"Wall time of this section: {s.wall_seconds:.0f} s", ""]
     return "\n".join(out)
 
 
@@ -126,7 +127,8 @@ def to_html(report: Report) -> str:
                          f'{data}"><figcaption>{e(f.caption)}</figcaption></figure>')
         if s.runs is not None:
             parts.append(_html_table(s.runs))
-        parts.append(f'<p class="meta">Wall time of this section: {s.wall_seconds:.0f} s</p>')
+        if s.wall_seconds:
+            parts.append(f'<p class="meta">Wall time of this section: {s.wall_seconds:.0f} s</p>')
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -69,3 +69,23 @@ def test_usage_errors(tmp_path: Path) -> None:
     assert main(["experiment", "bn-depth", "--seeds", "0", "--out", str(tmp_path / "x")]) == 2
     assert main(["experiment", "bn-depth", "--data-dir", str(tmp_path / "none"), "--quick",
                  "--out", str(tmp_path / "y")]) == 4
+
+
+def test_a_diverged_training_is_a_result_not_a_crash() -> None:
+    from klayer.runner import Context, RunSpec, fmt_pct, values
+
+    ctx = Context({"dataset": "synthetic"}, quick=True)
+    spec = RunSpec("huge eta", {"hidden": [20], "schedule": "constant", "eta": 1e6})
+    [outcome] = ctx.run([spec])
+    assert "smaller eta" in outcome.summary["diverged"]
+    assert fmt_pct(values([outcome], "test_accuracy")) == "diverged"
+    assert fmt_pct([0.5, float("nan")]) == "50.00 % (1 diverged)"
+
+
+def test_the_cli_knows_every_experiment_without_importing_them() -> None:
+    from klayer.cli_experiment import EXPERIMENT_NAMES
+
+    assert EXPERIMENT_NAMES == tuple(EXPERIMENTS)
+    r = subprocess.run([sys.executable, "-c", "import sys, klayer.cli; klayer.cli.build_parser();"
+                        "print('matplotlib' in sys.modules)"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr

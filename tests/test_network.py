@@ -198,6 +198,17 @@ def test_save_load_gives_identical_predictions(tmp_path: Path, kw: dict) -> None
     assert [p.name for p in tmp_path.iterdir()] == ["model.npz"]  # no temporary left
 
 
+def test_saved_files_get_the_usual_permissions(tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o022)
+    try:
+        modelfile.save(trained_net()[0], tmp_path / "model.npz")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "model.npz").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+
+
 def test_load_rejects_corrupt_and_foreign_files(tmp_path: Path) -> None:
     net, _ = trained_net()
     good = tmp_path / "good.npz"

@@ -1,7 +1,8 @@
 """The ``klayer`` command line. The only module that exits; nothing imports it.
 
 Exit codes: 0 ok, 2 usage (bad flag or config value), 3 diverged training,
-4 data (missing, corrupt or foreign file), 130 / 143 interrupted by SIGINT / SIGTERM.
+4 data (missing, corrupt or foreign file), 5 output (the run folder cannot be written:
+read-only, disk full), 130 / 143 interrupted by SIGINT / SIGTERM.
 Each subcommand lives in a ``cli_*`` module as an ``add_*_args`` / ``run_*`` pair.
 """
 
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="klayer",
         description="k-layer fully-connected networks with batch normalization, in NumPy.",
-        epilog="exit codes: 0 ok, 2 usage, 3 diverged, 4 data, 130/143 interrupted",
+        epilog="exit codes: 0 ok, 2 usage, 3 diverged, 4 data, 5 output, 130/143 interrupted",
     )
     parser.add_argument("--version", action="version", version=f"klayer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

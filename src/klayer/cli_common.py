@@ -15,8 +15,8 @@ if TYPE_CHECKING:
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
-EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_DATA = 0, 2, 3, 4
-EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_DATA, EXIT_OUTPUT = 0, 2, 3, 4, 5
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # 128 + the signal's number
 
 
 class UsageError(Exception):
@@ -77,13 +77,21 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         given = getattr(args, f.name, None)
         if given is not None:
             values[key_name(f)] = given
+    return config_from(values)
+
+
+def config_from(values: dict[str, object], where: str = "") -> TrainConfig:
+    """TrainConfig.from_dict, every failure a UsageError naming the key (and ``where``)."""
+    from .config import TrainConfig
+
     try:
         return TrainConfig.from_dict(values)
     except (ValueError, TypeError) as e:
-        raise UsageError(str(e)) from None
+        raise UsageError(f"{where}{e}") from None
 
 
-def read_toml(path: str) -> dict[str, object]:
+def read_toml(path: str | Path, flag: str = "--config") -> dict[str, object]:
+    """A TOML file's table; UsageError naming ``flag`` and the file if it cannot be read."""
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover
@@ -92,16 +100,40 @@ def read_toml(path: str) -> dict[str, object]:
         with open(path, "rb") as f:
             return tomllib.load(f)
     except OSError as e:
-        raise UsageError(f"--config: cannot read {path}: {e.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"--config: {path} is not valid TOML: {e}") from None
+        raise UsageError(f"{flag}: cannot read {path}: {e.strerror or e}") from None
+    except ValueError as e:  # TOMLDecodeError, UnicodeDecodeError, a NUL in the path
+        raise UsageError(f"{flag}: {path} is not valid TOML: {e}") from None
 
 
-def check_writable(out: Path) -> None:
-    """Fail before training when the run folder cannot be created or written."""
+def toml_round_trips(cfg: TrainConfig) -> None:
+    """UsageError unless config.toml as written reads back as exactly ``cfg``."""
+    from .config import TrainConfig, to_toml
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    try:
+        back = TrainConfig.from_dict(tomllib.loads(to_toml(cfg.to_dict())))
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"these settings cannot be recorded in config.toml: {e}") from None
+    if back != cfg:
+        differ = [k for k, v in cfg.to_dict().items() if back.to_dict().get(k) != v]
+        raise UsageError(f"these settings cannot be recorded in config.toml: {differ}")
+
+
+def check_writable(out: Path, flag: str = "--out") -> None:
+    """Fail before any work when the folder cannot be created or a file written in it."""
+    import tempfile
+
     try:
         out.mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise UsageError(f"{flag}: cannot create {out}: {reason}") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".klayer-probe-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
-        raise UsageError(f"--out: cannot create {out}: {e.strerror}") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise UsageError(f"--out: {out} is not writable")
+        raise UsageError(f"{flag}: {out} is not writable: {e.strerror or e}") from None

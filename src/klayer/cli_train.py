@@ -3,56 +3,278 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
+from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .cli_common import (
     EXIT_OK,
+    EXIT_OUTPUT,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
     Command,
     UsageError,
     add_config_flags,
     check_writable,
+    config_from,
+    read_toml,
     resolve_config,
+    toml_round_trips,
 )
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+    from .train import Trainer
+
+RESUME_FLAGS_ALLOWED = ("data_dir",)  # besides --quiet: where the data is, nothing else
+LOCK_NAME = ".klayer-train.lock"
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", help="run folder (default runs/<timestamp>-<name>)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run from its newest checkpoint, with the "
+                   "settings in RUN_DIR/config.toml (only --data-dir and --quiet may be given)")
     p.add_argument("--quiet", action="store_true", help="no progress output, only the final table")
     add_config_flags(p)
 
 
 def run_train(args: argparse.Namespace) -> int:
-    import time
-    from pathlib import Path
+    """A new run (or --resume): checks, then training with stops on SIGINT / SIGTERM.
 
-    from . import train
+    The signal handlers are in place from the start, so a signal during the set-up
+    stops at the first step boundary (writing a checkpoint) like one during training.
+    """
+    run: _Run | None = None
+    with StopOnSignal() as stop, ExitStack() as held:
+        try:
+            run = _resume(args, held) if args.resume else _new_run(args, held)
+            return _train(run.trainer, run.out, stop)
+        except KeyboardInterrupt:  # a second signal (or Ctrl-C with no handler): stop at once
+            signum = stop.received or signal.SIGINT
+            last = run.trainer.last_checkpoint if run is not None else None
+            how = (f"resume from {last.name} with `klayer train --resume {_quote(run.out)}`"
+                   if last is not None and run is not None else "no checkpoint was written")
+            print(f"\nklayer train: stopped at once by {_signame(signum)}; {how}",
+                  file=sys.stderr, flush=True)
+            return EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT
+
+
+class _Run(NamedTuple):
+    trainer: Trainer
+    out: Path
+
+
+def _new_run(args: argparse.Namespace, held: ExitStack) -> _Run:
+    import time
+
+    from . import checkpoint
 
     cfg = resolve_config(args)
+    _validate(cfg)
+    out = Path(args.out) if args.out else Path("runs") / (
+        time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.name}")
+    check_writable(out)
+    trainer = _trainer(cfg, out, args.quiet)
+    held.callback(_lock(out, "--out").release)
+    if checkpoint.list_checkpoints(out / checkpoint.FOLDER):
+        raise UsageError(f"--out: {out} holds the checkpoints of another run; continue it "
+                         f"with `klayer train --resume {_quote(out)}` or choose another --out")
+    _write(out / "config.toml", cfg)
+    return _Run(trainer, out)
+
+
+def _lock(out: Path, flag: str) -> Any:
+    """Hold RUN_DIR/.klayer-train.lock: one process at a time writes a run folder."""
+    import filelock
+
+    lock = filelock.FileLock(str(out / LOCK_NAME))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise UsageError(f"{flag}: another klayer train is writing {out}") from None
+    except OSError as e:
+        raise UsageError(f"{flag}: cannot lock {out}: {e.strerror or e}") from None
+    return lock
+
+
+def _validate(cfg: TrainConfig) -> None:
+    from . import train
+
     try:
         train.validate(cfg)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    out = Path(args.out) if args.out else Path("runs") / (
-        time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.name}")
-    check_writable(out)
-    data = train.load_data(cfg)
+    toml_round_trips(cfg)
+
+
+def _trainer(cfg: TrainConfig, out: Path, quiet: bool) -> Trainer:
+    """Load the data, check what needs it, build the Trainer (nothing trained yet)."""
+    from . import train
+
     try:
-        plan = train.make_plan(cfg, len(data.train.y))
+        data = train.load_data(cfg)
+    except ValueError as e:  # e.g. val_size too large for the batches found
+        raise UsageError(str(e)) from None
+    try:
+        train.validate_for_data(cfg, data)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    progress = Progress(plan.total_steps, quiet=args.quiet)
+    progress = Progress(train.make_plan(cfg, len(data.train.y)).total_steps, quiet=quiet)
+    return train.Trainer(cfg, data, callback=progress, run_dir=out)
+
+
+def _write(path: Path, cfg: TrainConfig) -> None:
+    from .config import to_toml
+    from .train import OutputError, write_text
+
     try:
-        result = train.train(cfg, data, callback=progress)
-    finally:
-        progress.close()
-    train.save_run(result, out)
+        write_text(path, to_toml(cfg.to_dict()))
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _resume(args: argparse.Namespace, held: ExitStack) -> _Run:
+    from dataclasses import fields
+
+    from .config import TrainConfig, key_name
+    from .train import ResumeMismatch
+
+    run_dir = Path(args.resume)
+    given = ["--" + key_name(f).replace("_", "-") for f in fields(TrainConfig)
+             if getattr(args, f.name, None) is not None and f.name not in RESUME_FLAGS_ALLOWED]
+    given += [flag for flag, v in (("--config", args.config), ("--out", args.out)) if v]
+    if given:
+        raise UsageError(f"--resume continues {run_dir} with the settings recorded in its "
+                         f"config.toml; drop {', '.join(given)} (only --data-dir and --quiet "
+                         "may be given)")
+    toml = run_dir / "config.toml"
+    if not toml.is_file():
+        raise UsageError(f"--resume: {toml} not found ({run_dir} is not a folder started "
+                         "by klayer train)")
+    values = read_toml(toml, flag="--resume")
+    recorded = dict(values)
+    if args.data_dir is not None:
+        values["data_dir"] = args.data_dir
+    cfg = config_from(values, where=f"--resume: {toml}: ")
+    _validate(cfg)
+    check_writable(run_dir, flag="--resume")
+    trainer = _trainer(cfg, run_dir, args.quiet)
+    held.callback(_lock(run_dir, "--resume").release)
+
+    def warn(message: str) -> None:
+        print(f"klayer train: warning: {message}", file=sys.stderr, flush=True)
+
+    try:
+        found = trainer.resume(warn)
+    except ResumeMismatch as e:
+        raise UsageError(f"--resume: {e} (in {toml}); start a new run instead") from None
+    if found is None:
+        if (run_dir / "model.npz").is_file():
+            raise UsageError(f"--resume: {run_dir} has a model.npz but no checkpoints: it "
+                             "finished before checkpoints existed; nothing to resume")
+        warn(f"no checkpoint in {trainer.checkpoint_dir} (stopped before the first was "
+             "written): starting from step 0")
+    else:
+        print(f"resuming {run_dir} from step {found[0]} of {trainer.plan.total_steps} "
+              f"({found[1].name})", flush=True)
+    if values != recorded:
+        _write(toml, cfg)
+    progress = trainer.callback
+    if isinstance(progress, Progress):
+        progress.start_at(trainer.t)
+    return _Run(trainer, run_dir)
+
+
+def _train(trainer: Trainer, out: Path, stop: StopOnSignal) -> int:
+    """Run (or continue) the trainer, then write the run folder; map stops to exit codes."""
+    from . import train
     from .plots import save_run_plots
 
-    save_run_plots(out, result.rows, [plan.lr(t) for t in range(plan.total_steps)], cfg.name)
+    progress = trainer.callback
+    try:
+        try:
+            trainer.write_metrics()  # on resume: exactly the checkpoint's rows
+            result = trainer.run(should_stop=stop)
+        finally:
+            if isinstance(progress, Progress):
+                progress.close()
+        plan = trainer.plan
+        train.save_run(result, out)
+        try:
+            save_run_plots(out, result.rows, [plan.lr(t) for t in range(plan.total_steps)],
+                           trainer.cfg.name)
+        except OSError as e:
+            raise train.OutputError(f"cannot write the plots into {out}: "
+                                    f"{e.strerror or e}") from None
+    except train.Interrupted as e:
+        print(f"\nklayer train: interrupted by {_signame(e.signum)} after step {e.step} of "
+              f"{e.total}; checkpoint {e.path}\nresume with: klayer train --resume {_quote(out)}",
+              file=sys.stderr, flush=True)
+        return EXIT_SIGTERM if e.signum == signal.SIGTERM else EXIT_SIGINT
+    except train.OutputError as e:
+        last = trainer.last_checkpoint
+        then = (f"; free space or fix the folder, then resume from {last.name} with "
+                f"`klayer train --resume {_quote(out)}`" if last else "")
+        print(f"klayer train: output error: {e}{then}", file=sys.stderr, flush=True)
+        return EXIT_OUTPUT
     print_summary(result.summary)
     print(f"run folder: {out}")
     return EXIT_OK
+
+
+class StopOnSignal:
+    """While active, SIGINT and SIGTERM ask for a stop instead of killing the process.
+
+    Calling the object returns the first signal's number (or None): the Trainer asks
+    after every step, checkpoints and stops. A second signal raises KeyboardInterrupt
+    at once (files are written atomically, so nothing is left half-written).
+    Only the main thread can install handlers; elsewhere this does nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __call__(self) -> int | None:
+        return self.received
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        os.write(2, f"\nklayer train: got {_signame(signum)}: finishing the "
+                 "current step and writing a checkpoint (again to stop at once)\n".encode())
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old.clear()
+
+
+def _signame(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _quote(path: Path) -> str:
+    import shlex
+
+    return shlex.quote(str(path))
 
 
 def print_summary(summary: dict[str, object]) -> None:
@@ -77,6 +299,11 @@ class Progress:
 
             self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
         self.val_acc = float("nan")
+
+    def start_at(self, step: int) -> None:
+        """Continue counting from ``step`` (on resume)."""
+        if self.bar is not None:
+            self.bar.update(step)
 
     def __call__(self, kind: str, info: dict[str, float]) -> None:
         if self.quiet:
@@ -115,10 +342,12 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from . import modelfile, train
+    from . import checkpoint, modelfile, train
     from .config import TrainConfig
     from .plots import save_confusion, save_montage
 
+    if Path(args.model).is_file():  # headers that lie about their size: refused unread
+        checkpoint.read_npz(args.model)
     net, meta, extras = modelfile.load(args.model)
     dataset = meta.get("dataset", "cifar10")
     cfg = TrainConfig(dataset=dataset, data_dir=args.data_dir, seed=int(meta.get("seed", 0)),

@@ -51,7 +51,7 @@ class NetConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "hidden", tuple(self.hidden))
+        object.__setattr__(self, "hidden", _widths(self.hidden))
         _check_int("d", self.d, 1)
         _check_int("num_classes", self.num_classes, 2)
         for i, w in enumerate(self.hidden):
@@ -203,7 +203,7 @@ class TrainConfig:
     name: str = _f("run", "run name, used in the default output folder")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "hidden", tuple(self.hidden))
+        object.__setattr__(self, "hidden", _widths(self.hidden))
         _check_types(self)
         self.net_config(d=1)  # validates the architecture fields
         _check_choice("dataset", self.dataset, DATASETS)
@@ -268,6 +268,13 @@ def key_name(f: Any) -> str:
 
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
+
+
+def _widths(hidden: Any) -> tuple[Any, ...]:
+    """``hidden`` as a tuple; anything but a list or tuple is refused (a string too)."""
+    if not isinstance(hidden, (list, tuple)):
+        raise ValueError(f"hidden must be a list of integers, got {hidden!r}")
+    return tuple(hidden)
 
 
 def _check_types(cfg: TrainConfig) -> None:

@@ -7,6 +7,7 @@ with tables, figures and a sentence or two of generated commentary.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -142,7 +143,9 @@ def eta_study(ctx: Context) -> Section:
                     fmt_pct(values(groups[f"eta={e}, no BN"], "test_accuracy"))] for e in etas])
     gap = {e: mean_of(groups, f"eta={e}, BN") - mean_of(groups, f"eta={e}, no BN") for e in etas}
     text = ["Batch norm's advantage by learning rate: " + ", ".join(
-        f"η = {e}: {100 * g:+.2f} points" for e, g in gap.items()) + "."]
+        f"η = {e}: " + (f"{100 * g:+.2f} points" if math.isfinite(g) else "a run diverged")
+        for e, g in gap.items()) + ". A diverged run (the cost became NaN or infinite) is "
+        "reported as such and its curve ends where it diverged."]
     return finish("eta-study", specs, groups, text=text, tables=[table], figures=[fig])
 
 

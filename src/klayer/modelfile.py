@@ -37,6 +37,12 @@ class ModelFileError(ValueError):
     """A model file is missing, corrupt, truncated or not a klayer model."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     """Write a file so that readers see the old file or the complete new one, never a part.
 
@@ -47,6 +53,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -94,6 +101,8 @@ def load(path: str | Path) -> tuple[Network, dict[str, Any], dict[str, Array]]:
         raise ModelFileError(f"{path}: no such model file") from None
     except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError, RuntimeError) as e:
         raise ModelFileError(f"{path}: not a readable .npz model file ({e})") from None
+    except MemoryError:  # a forged header can claim an enormous array
+        raise ModelFileError(f"{path}: an array in it is too large to load") from None
     try:
         return _from_arrays(files)
     except ModelFileError as e:

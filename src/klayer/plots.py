@@ -119,7 +119,11 @@ def plot_spread(ax: Axes, groups: Sequence[tuple[str, Sequence[Rows]]], key: str
 
     Training curves are dashed, validation curves solid; one colour per group.
     """
-    for i, (label, runs) in enumerate(groups):
+    for i, (label, all_runs) in enumerate(groups):
+        longest = max(len(rows) for rows in all_runs)
+        runs = [rows for rows in all_runs if len(rows) == longest]  # diverged runs end early
+        if not longest:
+            continue
         steps = np.array([r["step"] for r in runs[0]])
         for split in splits:
             ys = np.array([[r[f"{split}_{key}"] for r in rows] for rows in runs])  # (seeds, T)

@@ -8,6 +8,7 @@ oversubscribed) and returns one ``Outcome`` per (spec, seed).
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -28,6 +29,7 @@ from .report import Figure, Section, Table
 QUICK_SIZES = {"train": 4000, "val": 1000, "test": 2000}
 QUICK_OVERRIDES: dict[str, Any] = {"n_s": 40, "val_size": 1000, "evals_per_cycle": 4,
                                    "precise_examples": 2000, "checkpoint_every": 0}
+ACCURACIES = ("test_accuracy", "val_accuracy", "train_accuracy")
 BLAS_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -152,12 +154,19 @@ def _job(label: str, values: dict[str, Any], post: str | None, quick: bool) -> O
     import warnings
 
     from .fetch import ChecksumWarning
-    from .train import train
+    from .train import Diverged, Trainer
 
     warnings.simplefilter("ignore", ChecksumWarning)  # the parent process warned already
     cfg = TrainConfig.from_dict(values)
     data = load_data_for(cfg, quick)
-    result = train(cfg, data)
+    trainer, start = Trainer(cfg, data), time.perf_counter()
+    try:
+        result = trainer.run()
+    except Diverged as e:  # a result too: e.g. no BN at a large eta (the eta study)
+        nan = float("nan")
+        summary = {"diverged": str(e), "wall_seconds": time.perf_counter() - start,
+                   **dict.fromkeys(ACCURACIES, nan)}
+        return Outcome(label, cfg.seed, values, summary, trainer.rows)
     if post and post not in POST_EVALUATIONS:  # a fresh worker process: register them
         import importlib
 
@@ -186,9 +195,13 @@ def mean_std(xs: Sequence[float]) -> tuple[float, float]:
 
 
 def fmt_pct(xs: Sequence[float]) -> str:
-    """'53.49 %' for one seed, '53.49 ± 0.21 %' for several."""
-    m, s = mean_std(xs)
-    return f"{100 * m:.2f} %" if len(xs) == 1 else f"{100 * m:.2f} ± {100 * s:.2f} %"
+    """'53.49 %' for one seed, '53.49 ± 0.21 %' for several; NaN marks a diverged run."""
+    ok = [x for x in xs if math.isfinite(x)]
+    if not ok:
+        return "diverged"
+    m, s = mean_std(ok)
+    text = f"{100 * m:.2f} %" if len(ok) == 1 else f"{100 * m:.2f} ± {100 * s:.2f} %"
+    return text if len(ok) == len(xs) else f"{text} ({len(xs) - len(ok)} diverged)"
 
 
 # --- report pieces ---------------------------------------------------------------------------

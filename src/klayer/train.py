@@ -5,51 +5,70 @@ compute the cost's gradients in training mode, step the optimizer with the sched
 learning rate for update t, and evaluate loss, cost and accuracy on the training and
 validation sets about ``evals_per_cycle`` times per cycle. Images stay uint8 in memory;
 each mini-batch is standardized (and augmented) on the fly.
+
+Given a run folder, a Trainer checkpoints its complete state (``state_dict``: parameters,
+batch-norm statistics, optimizer state, step, epoch order, random-generator states,
+metrics so far) every ``checkpoint_every`` steps, on a stop request and at the end, and
+``resume`` continues from the newest usable checkpoint bit-identically: the same
+arithmetic in the same order, given the same machine, NumPy/BLAS build and thread count.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import platform
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
-from . import __version__, modelfile
-from .augment import hflip, random_flip, random_translate
-from .config import TrainConfig, to_toml
-from .data import Data, make_synthetic
+from . import __version__, checkpoint, trainstate
+from .augment import random_flip, random_translate
+from .config import TrainConfig
+from .data import Data, DataError
+from .evaluation import EVAL_CHUNK, batches, evaluate, population_stats
 from .layers import Array
-from .losses import log_softmax
-from .network import Metrics, Network
-from .optim import make_optimizer
-from .schedules import make_schedule, resolve_total_steps
+from .network import Network
+from .plan import Plan, load_data, make_optimizer_for, make_plan, validate, validate_for_data
+from .runfolder import (
+    METRIC_FIELDS,
+    OutputError,
+    cannot_write,
+    csv_text,
+    read_metrics,
+    save_run,
+    write_text,
+)
 
-METRIC_FIELDS = ("step", "epoch", "lr", "train_loss", "train_cost", "train_accuracy",
-                 "val_loss", "val_cost", "val_accuracy", "seconds")
-EVAL_CHUNK = 5000
+__all__ = [  # the training API; the set-up, evaluation and file helpers are re-exported
+    "EVAL_CHUNK", "METRIC_FIELDS", "Diverged", "Interrupted", "OutputError", "Plan", "Result",
+    "ResumeMismatch", "Trainer", "batches", "evaluate", "load_data", "make_optimizer_for",
+    "make_plan", "population_stats", "read_metrics", "save_run", "train", "validate",
+    "validate_for_data", "write_text",
+]
 
 
 class Diverged(RuntimeError):
     """The cost became NaN or infinite."""
 
 
-@dataclass
-class Plan:
-    """The resolved length and schedule of a run."""
+class Interrupted(Exception):
+    """A stop was requested (SIGINT / SIGTERM); the state was checkpointed if possible."""
 
-    steps_per_epoch: int
-    total_steps: int
-    n_s: int | None
-    eval_every: int
-    lr: Callable[[int], float]
+    def __init__(self, signum: int, step: int, total: int, path: Path | None) -> None:
+        self.signum, self.step, self.total, self.path = signum, step, total, path
+        saved = f"checkpoint {path}" if path else "no run folder, nothing saved"
+        super().__init__(f"stopped after step {step} of {total}; {saved}")
+
+
+
+class ResumeMismatch(ValueError):
+    """A checkpoint was made with other settings than the run being resumed."""
+
 
 
 @dataclass
@@ -60,113 +79,6 @@ class Result:
     config: TrainConfig
     data: Data = field(repr=False)
 
-
-# --- set-up ------------------------------------------------------------------------------
-
-
-def load_data(cfg: TrainConfig) -> Data:
-    """The dataset the config names (CIFAR-10 found via data_dir / $KLAYER_DATA_DIR / cache)."""
-    if cfg.dataset == "synthetic":
-        return make_synthetic(seed=cfg.seed)
-    from . import fetch  # platformdirs, filelock, scikit-learn: only when needed
-
-    if cfg.dataset == "digits":
-        return fetch.load_digits_data(seed=cfg.seed)
-    from .data import load_cifar10
-
-    folder = fetch.locate_cifar10(cfg.data_dir, strict_checksums=cfg.strict_checksums)
-    return load_cifar10(folder, split=cfg.split, val_size=cfg.val_size)
-
-
-def make_plan(cfg: TrainConfig, n_train: int) -> Plan:
-    """Steps per epoch, total steps, n_s and evaluation interval for a training set size."""
-    if cfg.n_batch > n_train:
-        raise ValueError(f"n_batch ({cfg.n_batch}) is larger than the training set ({n_train})")
-    per_epoch = n_train // cfg.n_batch
-    n_s = cfg.n_s if cfg.n_s is not None else max(1, 5 * n_train // cfg.n_batch)
-    length = {k: getattr(cfg, k) for k in ("cycles", "epochs", "steps")}
-    if all(v is None for v in length.values()):
-        length = {"cycles": 2} if cfg.schedule == "cyclic" else {"epochs": 10}
-    total = resolve_total_steps(cfg.schedule, steps_per_epoch=per_epoch, n_s=n_s, **length)
-    kwargs: dict[str, Any] = {
-        "cyclic": {"eta_min": cfg.eta_min, "eta_max": cfg.eta_max, "n_s": n_s},
-        "constant": {"eta": cfg.eta},
-        "step": {"eta": cfg.eta, "drop": cfg.decay, "every": cfg.decay_every},
-        "exponential": {"eta": cfg.eta, "gamma": cfg.decay, "every": cfg.decay_every},
-        "one_cycle": {"eta_max": cfg.eta_max, "total_steps": total},
-    }.get(cfg.schedule, {})
-    lr = make_schedule(cfg.schedule, **kwargs)
-    period = 2 * n_s if cfg.schedule == "cyclic" else total
-    eval_every = max(1, round(period / cfg.evals_per_cycle))
-    return Plan(per_epoch, total, n_s if cfg.schedule == "cyclic" else None, eval_every, lr)
-
-
-def make_optimizer_for(cfg: TrainConfig) -> Any:
-    kwargs: dict[str, Any] = {
-        "momentum": {"mu": cfg.momentum},
-        "nesterov": {"mu": cfg.momentum},
-        "adam": {"beta1": cfg.beta1, "beta2": cfg.beta2, "eps": cfg.adam_eps,
-                 "weight_decay": cfg.weight_decay},
-        "adamw": {"beta1": cfg.beta1, "beta2": cfg.beta2, "eps": cfg.adam_eps,
-                  "weight_decay": cfg.weight_decay or 1e-2},
-    }.get(cfg.optimizer, {})
-    return make_optimizer(cfg.optimizer, **kwargs)
-
-
-def validate(cfg: TrainConfig) -> None:
-    """Checks that need the registries; raise ValueError naming the key."""
-    make_optimizer_for(cfg)
-    make_plan(cfg, n_train=max(cfg.n_batch, 1))
-
-
-# --- evaluation ----------------------------------------------------------------------------
-
-
-def batches(data: Data, X: Array, flip: bool = False) -> Iterator[Array]:
-    """Standardized (and optionally mirrored) chunks of X, EVAL_CHUNK rows at a time."""
-    for i in range(0, len(X), EVAL_CHUNK):
-        chunk = data.standardize(X[i : i + EVAL_CHUNK], dtype=np.float32)
-        if flip and data.image_shape is not None:
-            chunk = hflip(chunk, data.image_shape)
-        yield chunk
-
-
-def evaluate(net: Network, data: Data, X: Array, y: Array, lam: float = 0.0,
-             tta_flip: bool = False) -> Metrics:
-    """Loss, cost and accuracy in evaluation mode, in chunks; optionally flip-averaged."""
-    X_dtype = net.dtype
-    total_nll, correct, i = 0.0, 0, 0
-    for chunk in batches(data, X):
-        logp = log_softmax(net.scores(chunk.astype(X_dtype, copy=False), check=False))
-        yc = y[i : i + len(chunk)]
-        total_nll -= float(logp[np.arange(len(yc)), yc].sum())
-        if tta_flip and data.image_shape is not None:
-            flipped = hflip(chunk, data.image_shape).astype(X_dtype, copy=False)
-            logp = np.logaddexp(logp, log_softmax(net.scores(flipped, check=False)))
-        correct += int((logp.argmax(axis=1) == yc).sum())
-        i += len(chunk)
-    loss = total_nll / len(y)
-    penalty = lam * float(sum(np.vdot(W, W) for W in net.weights()))
-    return Metrics(loss, loss + penalty, correct / len(y))
-
-
-def population_stats(net: Network, data: Data, X: Array, n: int, flip: bool = False) -> None:
-    """Set the running statistics to the population mean and biased variance (PreciseBN).
-
-    Runs training-mode forward passes (weights fixed, running averages untouched) over
-    the first n rows of X (all when n = 0) in mini-batches of 100, then combines the
-    per-batch statistics into those of all samples together.
-    """
-    X = X[: n or len(X)]
-    sink: list[tuple[int, Array, Array]] = []
-    sizes = []
-    for chunk in batches(data, X, flip=flip):
-        for j in range(0, len(chunk) - 1, 100):
-            part = chunk[j : j + 100].astype(net.dtype, copy=False)
-            net.forward(part, train=True, update_stats=False, stats_sink=sink,
-                        rng=np.random.default_rng(0))
-            sizes.append(len(part))
-    net.set_population_stats(sink, sizes)
 
 
 # --- the loop ------------------------------------------------------------------------------
@@ -179,11 +91,18 @@ class Trainer:
     Four independent generators come from SeedSequence(seed): initialization,
     shuffling, dropout and augmentation, so changing one feature (say, dropout) does
     not change the mini-batch order.
+
+    With ``run_dir``, ``run()`` keeps ``run_dir/metrics.csv`` current after every
+    evaluation and checkpoints into ``run_dir/checkpoints`` every
+    ``cfg.checkpoint_every`` steps, when ``should_stop`` asks for a stop and at the
+    end; ``resume()`` restores the newest usable checkpoint first.
     """
 
     def __init__(self, cfg: TrainConfig, data: Data,
-                 callback: Callable[[str, dict[str, float]], None] | None = None) -> None:
+                 callback: Callable[[str, dict[str, float]], None] | None = None,
+                 run_dir: str | Path | None = None) -> None:
         self.cfg, self.data, self.callback = cfg, data, callback
+        self.run_dir = Path(run_dir) if run_dir is not None else None
         self.plan = make_plan(cfg, len(data.train.y))
         init_rng, self.shuffle_rng, self.dropout_rng, self.aug_rng = (
             np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(4))
@@ -193,8 +112,15 @@ class Trainer:
         self.rows: list[dict[str, float]] = []
         self.order = np.arange(len(data.train.y))  # this epoch's example order
         self.elapsed = 0.0  # training seconds spent before this process (on resume)
+        self.finished = False  # final batch-norm statistics and evaluation done
+        self.last_checkpoint: Path | None = None
+        self._data_fingerprint: dict[str, Any] | None = None
         per_epoch = self.plan.steps_per_epoch
         self.precise_every = per_epoch // cfg.precise_per_epoch if cfg.precise_per_epoch else 0
+
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        return self.run_dir / checkpoint.FOLDER if self.run_dir is not None else None
 
     def step(self) -> float:
         """One mini-batch update; returns the mini-batch loss."""
@@ -205,11 +131,13 @@ class Trainer:
         idx = self.order[pos : pos + cfg.n_batch]
         Xb = data.standardize(data.train.X[idx], dtype=net.dtype)  # (n_batch, d)
         Xb = _augment(Xb, data, cfg, self.aug_rng)
-        loss, cost, grads = net.loss_and_grads(Xb, data.train.y[idx], cfg.lam,
-                                               rng=self.dropout_rng,
-                                               label_smoothing=cfg.label_smoothing, check=False)
+        with np.errstate(over="ignore", invalid="ignore"):  # a non-finite cost is checked next
+            loss, cost, grads = net.loss_and_grads(Xb, data.train.y[idx], cfg.lam,
+                                                   rng=self.dropout_rng,
+                                                   label_smoothing=cfg.label_smoothing,
+                                                   check=False)
         if not math.isfinite(cost):
-            raise Diverged(f"the cost became {cost} at step {t}; try a smaller eta_max / eta")
+            raise Diverged(f"the cost became {cost} at step {t}")
         lr = self.plan.lr(t)
         self.opt.step(net.params, grads, lr)
         self.t += 1
@@ -218,27 +146,165 @@ class Trainer:
         _notify(self.callback, "step", {"step": self.t, "lr": lr, "loss": loss})
         return loss
 
-    def run(self) -> Result:
-        """Step to the end of the plan, evaluating every ``eval_every`` steps and at the end."""
+    def run(self, should_stop: Callable[[], int | None] | None = None) -> Result:
+        """Step to the end of the plan, evaluating every ``eval_every`` steps and at the end.
+
+        ``should_stop()`` is asked before every step; a non-zero answer (a signal
+        number) checkpoints and raises Interrupted. A NaN or infinite cost raises
+        Diverged, keeping the checkpoints written so far. Raises OutputError when a
+        file of the run folder cannot be written (the files already there stay intact).
+        """
         start = time.perf_counter() - self.elapsed
-        while self.t < self.plan.total_steps:
-            if self.t % self.plan.eval_every == 0 and not self._evaluated(self.t):
+        total, every = self.plan.total_steps, self.cfg.checkpoint_every
+        try:
+            while self.t < total:
+                signum = should_stop() if should_stop is not None else None
+                if signum:
+                    path = self.checkpoint(start) if self.run_dir is not None else None
+                    raise Interrupted(signum, self.t, total, path)
+                if self.t % self.plan.eval_every == 0 and not self._evaluated(self.t):
+                    self._evaluate(start)
+                self.step()
+                if every and self.run_dir is not None and self.t % every == 0 and self.t < total:
+                    self.checkpoint(start)
+        except Diverged as e:
+            self.write_metrics()
+            key = "eta_max" if self.cfg.schedule in ("cyclic", "one_cycle") else "eta"
+            kept = (f"the last good checkpoint, {self.last_checkpoint}, is kept"
+                    if self.last_checkpoint else "no checkpoint had been written")
+            raise Diverged(f"{e}: the learning rate is too large for this net; start again "
+                           f"with a smaller {key} (now {getattr(self.cfg, key):g}). "
+                           f"{kept}") from None
+        if not self.finished:
+            if self.cfg.bn_stats == "precise":
+                population_stats(self.net, self.data, self.data.train.X,
+                                 self.cfg.precise_examples)
+            if not self._evaluated(self.t):
                 self._evaluate(start)
-            self.step()
-        if self.cfg.bn_stats == "precise":
-            population_stats(self.net, self.data, self.data.train.X, self.cfg.precise_examples)
-        if not self._evaluated(self.t):
-            self._evaluate(start)
+            self.finished = True
+            if self.run_dir is not None:
+                self.checkpoint(start)
         wall = time.perf_counter() - start
         summary = _summary(self.net, self.data, self.cfg, self.plan, self.rows, wall)
         return Result(self.net, self.rows, summary, self.cfg, self.data)
+
+    # --- checkpoints ---------------------------------------------------------------------
+
+    def checkpoint(self, start: float | None = None) -> Path:
+        """Write metrics.csv and a checkpoint of the current state; return its path."""
+        if self.checkpoint_dir is None:
+            raise ValueError("this Trainer has no run folder")
+        if start is not None:
+            self.elapsed = time.perf_counter() - start
+        self.write_metrics()
+        path = checkpoint.path_for(self.checkpoint_dir, self.t)
+        try:
+            self.last_checkpoint = checkpoint.save(self.checkpoint_dir, self.t,
+                                                   self.state_dict())
+        except OSError as e:
+            raise OutputError(cannot_write(path, e)) from None
+        return self.last_checkpoint
+
+    def resume(self, warn: Callable[[str], None]) -> tuple[int, Path] | None:
+        """Restore the newest usable checkpoint of the run folder (see checkpoint.load_latest).
+
+        Returns its (step, path), or None if there is none. Raises CheckpointError if
+        checkpoints exist but none is usable, ResumeMismatch if they were made with
+        other settings, DataError if with other data.
+        """
+        if self.checkpoint_dir is None:
+            raise ValueError("this Trainer has no run folder")
+        checkpoint.remove_temporaries(self.checkpoint_dir)
+        for name in ("config.toml", "metrics.csv", "summary.json", "model.npz"):
+            checkpoint.remove_temporaries(self.checkpoint_dir.parent, f".{name}.*.tmp")
+        found = checkpoint.load_latest(self.checkpoint_dir, self.load_state_dict, warn)
+        if found is not None:
+            self.last_checkpoint = found[1]
+        return found
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Everything needed to continue this run bit-identically, as plain arrays."""
+        rngs = (self.shuffle_rng, self.dropout_rng, self.aug_rng)
+        rows = [[float(row[k]) for k in METRIC_FIELDS] for row in self.rows]
+        d: dict[str, np.ndarray] = {
+            "step": np.array(self.t, dtype=np.int64),
+            "finished": np.array(self.finished),
+            "elapsed": np.array(self.elapsed, dtype=np.float64),
+            "config": np.array(json.dumps(self.cfg.to_dict(), sort_keys=True)),
+            "data": np.array(json.dumps(self._fingerprint(), sort_keys=True)),
+            "bn_updates": np.array(self.net.bn_updates, dtype=np.int64),
+            "order": np.asarray(self.order, dtype=np.int64),
+            "rng": np.array([json.dumps(g.bit_generator.state) for g in rngs]),
+            "metric_fields": np.array(METRIC_FIELDS),
+            "metrics": np.array(rows, dtype=np.float64).reshape(len(rows), len(METRIC_FIELDS)),
+        }
+        d.update({f"param/{k}": v.copy() for k, v in self.net.params.items()})
+        d.update({f"stats/{k}": v.copy() for k, v in self.net.stats.items()})
+        d.update({f"opt/{k}": v for k, v in self.opt.state_dict().items()})
+        return d
+
+    def load_state_dict(self, d: dict[str, np.ndarray]) -> None:
+        """Restore a ``state_dict``, checking all of it before changing anything.
+
+        Raises ResumeMismatch if it was made with other settings, DataError if with
+        other data, CheckpointError if anything else does not fit this run.
+        """
+        recorded, mine = json.loads(trainstate.text_field(d, "config")), self.cfg.to_dict()
+        differ = trainstate.config_differences(recorded, mine)
+        if differ:
+            detail = ", ".join(f"{k} = {recorded.get(k)!r} there, {mine.get(k)!r} here"
+                               for k in differ)
+            raise ResumeMismatch(f"the checkpoint was made with other settings: {detail}")
+        if json.loads(trainstate.text_field(d, "data")) != self._fingerprint():
+            raise DataError(f"the {self.data.name} data differs from the data this run was "
+                            "trained on (other files, split or val_size)")
+        t = trainstate.int_field(d, "step")
+        if not 0 <= t <= self.plan.total_steps:
+            raise checkpoint.CheckpointError(f"step {t} outside 0..{self.plan.total_steps}")
+        finished, elapsed = trainstate.scalars(d)
+        params = trainstate.group(d, "param", self.net.params)
+        stats = trainstate.group(d, "stats", self.net.stats)
+        opt_state = trainstate.optimizer_state(d, params)
+        order = trainstate.epoch_order(d, len(self.data.train.y))
+        rngs = trainstate.generators(d, 3)
+        rows = trainstate.metric_rows(d, t, self.plan.total_steps)
+        opt = make_optimizer_for(self.cfg)
+        try:
+            opt.load_state_dict(opt_state)
+        except (ValueError, TypeError) as e:
+            raise checkpoint.CheckpointError(f"optimizer state: {e}") from None
+        # all checked: apply
+        self.net.params.update(params)
+        self.net.stats.update(stats)
+        self.net.bn_updates = trainstate.int_field(d, "bn_updates")
+        self.opt, self.t, self.order, self.rows = opt, t, order, rows
+        self.shuffle_rng, self.dropout_rng, self.aug_rng = rngs
+        self.finished, self.elapsed = finished, elapsed
+
+    def _fingerprint(self) -> dict[str, Any]:
+        if self._data_fingerprint is None:
+            self._data_fingerprint = trainstate.data_fingerprint(self.data)
+        return self._data_fingerprint
+
+    # --- metrics -----------------------------------------------------------------------
 
     def _evaluated(self, t: int) -> bool:
         return bool(self.rows) and self.rows[-1]["step"] == t
 
     def _evaluate(self, start: float) -> None:
         self.rows.append(_eval_row(self.net, self.data, self.cfg, self.plan, self.t, start))
+        self.write_metrics()
         _notify(self.callback, "eval", self.rows[-1])
+
+    def write_metrics(self) -> None:
+        """Rewrite run_dir/metrics.csv (atomically) with the rows so far."""
+        if self.run_dir is None:
+            return
+        path = self.run_dir / "metrics.csv"
+        try:
+            write_text(path, csv_text(self.rows))
+        except OSError as e:
+            raise OutputError(cannot_write(path, e)) from None
 
 
 def train(cfg: TrainConfig, data: Data,
@@ -301,43 +367,3 @@ def _summary(net: Network, data: Data, cfg: TrainConfig, plan: Plan,
             summary[key] = evaluate(adapted, data, data.test.X, data.test.y).accuracy
     return summary
 
-
-# --- the run folder ------------------------------------------------------------------------
-
-
-def save_run(result: Result, out: Path) -> None:
-    """config.toml, metrics.csv, summary.json and model.npz in ``out`` (created if needed)."""
-    out.mkdir(parents=True, exist_ok=True)
-    data = result.data
-    write_text(out / "config.toml", to_toml(result.config.to_dict()))
-    write_text(out / "metrics.csv", _csv_text(result.rows))
-    write_text(out / "summary.json", json.dumps(result.summary, indent=2) + "\n")
-    meta = {"dataset": data.name, "seed": result.config.seed,
-            "image_shape": list(data.image_shape) if data.image_shape else None}
-    modelfile.save(result.net, out / "model.npz", metadata=meta,
-                   extras={"mean": data.mean, "std": data.std})
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write a text file atomically (old file or complete new one, never a part)."""
-    data = text.encode()
-
-    def write(f: IO[bytes]) -> None:
-        f.write(data)
-
-    modelfile.atomic_write(path, write)
-
-
-def _csv_text(rows: list[dict[str, float]]) -> str:
-    text = io.StringIO()
-    w = csv.DictWriter(text, fieldnames=METRIC_FIELDS, lineterminator="\n")
-    w.writeheader()
-    for row in rows:
-        w.writerow({k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()})
-    return text.getvalue()
-
-
-def read_metrics(path: Path) -> list[dict[str, float]]:
-    """metrics.csv back as a list of rows of floats."""
-    with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]

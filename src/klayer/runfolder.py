@@ -1,0 +1,79 @@
+"""The run folder's files: config.toml, metrics.csv, summary.json and model.npz.
+
+Every file is replaced atomically (a temporary file, fsync, rename), so an interrupted
+or failed write leaves the previous version intact, never a part of a file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+from . import modelfile
+from .config import to_toml
+
+if TYPE_CHECKING:
+    from .train import Result
+
+METRIC_FIELDS = ("step", "epoch", "lr", "train_loss", "train_cost", "train_accuracy",
+                 "val_loss", "val_cost", "val_accuracy", "seconds")
+
+
+class OutputError(Exception):
+    """A file of the run folder could not be written (disk full, read-only, ...)."""
+
+
+def cannot_write(path: Path, e: OSError) -> str:
+    return (f"cannot write {path}: {e.strerror or e}; the files already in "
+            f"{path.parent} are intact")
+
+
+def save_run(result: Result, out: Path) -> None:
+    """config.toml, metrics.csv, summary.json and model.npz in ``out`` (created if needed).
+
+    Each file is replaced atomically; OutputError (naming the file) if one cannot be.
+    """
+    data = result.data
+    meta = {"dataset": data.name, "seed": result.config.seed,
+            "image_shape": list(data.image_shape) if data.image_shape else None}
+    path = out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for path, text in ((out / "config.toml", to_toml(result.config.to_dict())),
+                           (out / "metrics.csv", csv_text(result.rows)),
+                           (out / "summary.json", json.dumps(result.summary, indent=2) + "\n")):
+            write_text(path, text)
+        path = out / "model.npz"
+        modelfile.save(result.net, path, metadata=meta,
+                       extras={"mean": data.mean, "std": data.std})
+    except OSError as e:
+        raise OutputError(cannot_write(path, e)) from None
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (old file or complete new one, never a part)."""
+    data = text.encode()
+
+    def write(f: IO[bytes]) -> None:
+        f.write(data)
+
+    modelfile.atomic_write(path, write)
+
+
+def csv_text(rows: list[dict[str, float]]) -> str:
+    text = io.StringIO()
+    w = csv.DictWriter(text, fieldnames=METRIC_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return text.getvalue()
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    """metrics.csv back as a list of rows of floats."""
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+

@@ -1,7 +1,323 @@
-"""``klayer search``: hyperparameter studies on Optuna."""
+"""``klayer search``: hyperparameter studies on Optuna (init, worker, status, reap, best)."""
 
 from __future__ import annotations
 
-from .cli_common import Command
+import argparse
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-COMMANDS: dict[str, Command] = {}
+from .cli_common import (
+    EXIT_OK,
+    Command,
+    UsageError,
+    add_config_flags,
+    check_writable,
+    read_toml,
+    resolve_config,
+)
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
+
+def _study_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--study", required=True, help="the study's name")
+    p.add_argument("--storage", metavar="URL|FILE",
+                   help="a postgresql+psycopg://user:password@host/db URL (many machines) or a "
+                        "journal file (default $KLAYER_STORAGE, else "
+                        "RUNS/search/STUDY/journal.log)")
+    p.add_argument("--runs-dir", default="runs", metavar="RUNS",
+                   help="folder of run folders (default runs)")
+
+
+def add_search_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="search_command", metavar="ACTION", required=True)
+    for add in (_add_init, _add_worker, _add_status, _add_reap, _add_best):
+        add(sub)
+
+
+def _add_init(sub: Any) -> None:
+    q = sub.add_parser("init", help="create a study (once; workers never create one)",
+                       description="Create a study: its search space, trial budget, sampler "
+                       "and base configuration (the training flags below), with a fingerprint "
+                       "of the data and the klayer version.")
+    _study_flags(q)
+    q.add_argument("--space", metavar="SPACE.toml",
+                   help="search space: one table per key, e.g. [lambda] low = 1e-5 "
+                        "high = 1e-1 log = true; or choices = [...]")
+    q.add_argument("--param", action="append", default=[], metavar="KEY=SPEC",
+                   help="a search-space entry: KEY=LOW..HIGH[:log][:step=S][:points=N] or "
+                        "KEY=A|B|C (repeatable; overrides --space)")
+    q.add_argument("--trials", type=int, default=16,
+                   help="COMPLETE trials the workers stop at (default 16)")
+    q.add_argument("--sampler", choices=("random", "tpe", "grid"), default="random",
+                   help="Optuna sampler (default random)")
+    q.add_argument("--grid-points", type=int, default=5,
+                   help="grid sampler: values per range without points (default 5)")
+    q.add_argument("--parent", metavar="STUDY",
+                   help="coarse to fine: ranges from the top trials of this study")
+    q.add_argument("--parent-storage", metavar="URL|FILE",
+                   help="the parent's storage (default: --storage, else the parent's journal)")
+    q.add_argument("--top-k", type=int, default=5, help="--parent: trials to take (default 5)")
+    q.add_argument("--margin", type=float, default=0.25,
+                   help="--parent: widen each range by this fraction of its span (default 0.25)")
+    add_config_flags(q)
+    q.set_defaults(search_run=run_init)
+
+
+def _add_worker(sub: Any) -> None:
+    w = sub.add_parser("worker", help="train trials of a study until its budget is met",
+                       description="Join a study and train its trials until it has the "
+                       "requested number of COMPLETE trials. Training flags, if given, must "
+                       "equal the study's (only --data-dir may differ).")
+    _study_flags(w)
+    w.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
+    w.add_argument("--threads", type=int, default=1,
+                   help="BLAS threads per worker process (default 1)")
+    w.add_argument("--batch-trials", type=int, default=1, metavar="T",
+                   help="ask for T trials at once and train them together in one vectorized "
+                        "pass (same architecture; lambda and learning rates differ)")
+    w.add_argument("--sampler-seed", type=int,
+                   help="seed of this worker's sampler (default: from host, pid and time; "
+                        "give every machine a different one)")
+    w.add_argument("--heartbeat-interval", type=int, default=60,
+                   help="PostgreSQL: seconds between heartbeats of a running trial (default 60)")
+    w.add_argument("--grace-period", type=int, default=300,
+                   help="PostgreSQL: seconds without heartbeat before a trial is failed and "
+                        "retried (default 300)")
+    w.add_argument("--poll", type=float, default=5.0,
+                   help="seconds between looks at the study while others finish (default 5)")
+    w.add_argument("--max-failures", type=int, default=10,
+                   help="stop after this many failed trials in a row (default 10)")
+    w.add_argument("--quiet", action="store_true", help="no line per trial")
+    add_config_flags(w)
+    w.set_defaults(search_run=run_worker)
+
+
+def _add_status(sub: Any) -> None:
+    s = sub.add_parser("status", help="the trials of a study, its best trial, stuck trials")
+    _study_flags(s)
+    s.add_argument("--stuck-after", metavar="DURATION",
+                   help="warn about trials RUNNING longer than this (default 3x the median "
+                        "trial, at least 5m)")
+    s.add_argument("--json", action="store_true", help="the trials as JSON")
+    s.set_defaults(search_run=run_status)
+
+
+def _add_reap(sub: Any) -> None:
+    r = sub.add_parser("reap", help="mark abandoned RUNNING trials FAIL (and queue them again)")
+    _study_flags(r)
+    r.add_argument("--older-than", required=True, metavar="DURATION",
+                   help="trials RUNNING longer than this, e.g. 30m, 2h, 1d")
+    r.add_argument("--no-retry", action="store_true", help="do not queue the reaped trials again")
+    r.set_defaults(search_run=run_reap)
+
+
+def _add_best(sub: Any) -> None:
+    b = sub.add_parser("best", help="the best trial; --retrain trains it again and tests it")
+    _study_flags(b)
+    b.add_argument("--retrain", action="store_true",
+                   help="train the best configuration again and report its test accuracy")
+    b.add_argument("--cycles", type=float, help="--retrain: cycles of the cyclic schedule")
+    b.add_argument("--data-dir", help="folder holding CIFAR-10 (or set $KLAYER_DATA_DIR)")
+    b.add_argument("--out", metavar="DIR",
+                   help="--retrain: run folder (default RUNS/search/STUDY/best-trial-N)")
+    b.add_argument("--quiet", action="store_true", help="no progress output")
+    b.set_defaults(search_run=run_best)
+
+
+def run_search(args: argparse.Namespace) -> int:
+    from .search import SearchError
+
+    try:
+        return int(args.search_run(args))
+    except SearchError as e:
+        raise UsageError(str(e)) from None
+
+
+def _storage(args: argparse.Namespace) -> str:
+    from .search import resolve_storage
+
+    return resolve_storage(args.study, args.storage, args.runs_dir)
+
+
+def explicit_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The training settings this command was given (--config file, then flags)."""
+    from .config import TrainConfig, key_name
+
+    values: dict[str, Any] = dict(read_toml(args.config)) if args.config else {}
+    for f in fields(TrainConfig):
+        given = getattr(args, f.name, None)
+        if given is not None:
+            values[key_name(f)] = list(given) if isinstance(given, tuple) else given
+    return values
+
+
+# --- init ------------------------------------------------------------------------------------
+
+
+def run_init(args: argparse.Namespace) -> int:
+    from . import search, train
+
+    storage = _storage(args)
+    raw: dict[str, Any] = dict(read_toml(args.space, "--space")) if args.space else {}
+    for text in args.param:
+        key, spec = search.parse_param(text)
+        raw[key] = spec
+    parent, parent_fp = None, None
+    if args.parent:
+        raw, base, parent, parent_fp = _from_parent(args, raw)
+    else:
+        base = resolve_config(args)
+    try:
+        train.validate(base)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.grid_points < 2:
+        raise UsageError(f"--grid-points must be >= 2, got {args.grid_points}")
+    space = search.normalize_space(raw, base)
+    if args.sampler == "grid":
+        for spec in space.values():
+            if "choices" not in spec:
+                spec.setdefault("points", args.grid_points)
+    data = train.load_data(base)
+    if parent_fp is not None and search.data_fingerprint(data) != parent_fp:
+        raise UsageError(f"--parent {args.parent} was searched on other data "
+                         f"({parent_fp[:19]}...); use the same data set")
+    info = search.create_study(args.study, storage, base, data, space, args.trials,
+                               args.sampler, parent)
+    hint = "" if not args.storage else f" --storage {search.masked(storage)}"
+    print(f"created study {info.name} in {search.masked(storage)}")
+    print(f"  {info.n_trials} COMPLETE trials wanted, sampler {info.sampler}")
+    print(f"  space: {search.describe_space(info.space)}")
+    if parent is not None:
+        print(f"  from the top {args.top_k} trials of {args.parent}: {parent['trials']}")
+    print(f"  data {info.fingerprint[:23]}..., klayer {info.version}")
+    print(f"next: klayer search worker --study {info.name}{hint} --jobs 2")
+    return EXIT_OK
+
+
+def _from_parent(args: argparse.Namespace, raw: dict[str, Any]) -> tuple[
+        dict[str, Any], TrainConfig, dict[str, Any], str]:
+    """--parent: the space narrowed to its top trials (``raw`` entries win), its base
+    configuration with this command's settings, the parent attribute, its data fingerprint."""
+    from . import search
+    from .config import TrainConfig
+
+    if args.top_k < 1:
+        raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
+    p_storage = search.resolve_storage(args.parent, args.parent_storage or args.storage,
+                                       args.runs_dir)
+    p_study, p_info = search.load_study(args.parent, p_storage)
+    top = search.top_trials(p_study, args.top_k)
+    if not top:
+        raise UsageError(f"--parent {args.parent}: no COMPLETE trial to narrow from")
+    space = search.child_space(p_info.space, top, args.margin)
+    space.update(raw)  # explicit entries win
+    base_values = {**p_info.config.to_dict(), **explicit_values(args)}
+    try:
+        base = TrainConfig.from_dict(base_values)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    parent = {"study": args.parent, "storage": search.masked(p_storage),
+              "top_k": args.top_k, "margin": args.margin,
+              "trials": [t.number for t in top], "best_value": top[0].value,
+              "space": p_info.space}
+    return space, base, parent, p_info.fingerprint
+
+
+# --- worker ----------------------------------------------------------------------------------
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from . import search
+
+    for flag, value, low in (("--jobs", args.jobs, 1), ("--threads", args.threads, 1),
+                             ("--batch-trials", args.batch_trials, 1),
+                             ("--heartbeat-interval", args.heartbeat_interval, 1),
+                             ("--grace-period", args.grace_period, 1),
+                             ("--max-failures", args.max_failures, 1)):
+        if value < low:
+            raise UsageError(f"{flag} must be >= {low}, got {value}")
+    if args.grace_period <= args.heartbeat_interval:
+        raise UsageError("--grace-period must exceed --heartbeat-interval")
+    overrides = explicit_values(args)
+    data_dir = overrides.pop("data_dir", None)
+    opts = search.WorkerOptions(
+        study=args.study, storage=_storage(args), batch_trials=args.batch_trials,
+        sampler_seed=args.sampler_seed, data_dir=data_dir, overrides=overrides,
+        heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period,
+        poll=args.poll, max_failures=args.max_failures, quiet=args.quiet)
+    return search.run_workers(opts, jobs=args.jobs, threads=args.threads)
+
+
+# --- status, reap, best ----------------------------------------------------------------------
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from . import search
+
+    study, info = search.load_study(args.study, _storage(args))
+    if args.json:
+        print(json.dumps(search.trials_json(study), indent=1, default=str))
+        return EXIT_OK
+    stuck = search.parse_duration(args.stuck_after) if args.stuck_after else None
+    print(search.status_text(study, info, stuck))
+    return EXIT_OK
+
+
+def run_reap(args: argparse.Namespace) -> int:
+    from . import search
+
+    older = search.parse_duration(args.older_than)
+    study, info = search.load_study(args.study, _storage(args))
+    reaped = search.reap(study, older, retry=not args.no_retry)
+    if not reaped:
+        print(f"no trial of {info.name} has been RUNNING for more than "
+              f"{search.fmt_duration(older)}")
+    for t in reaped:
+        again = "" if args.no_retry else ", queued again"
+        print(f"#{t.number} ({t.user_attrs.get('worker', '?')}) marked FAIL{again}")
+    return EXIT_OK
+
+
+def run_best(args: argparse.Namespace) -> int:
+    from . import search
+
+    study, info = search.load_study(args.study, _storage(args))
+    best, cfg = search.best_config(study, info, args.cycles, args.data_dir)
+    test = best.user_attrs.get("test_accuracy")
+    print(f"best trial #{best.number}: val {best.value:.2%}"
+          + (f", test {test:.2%}" if isinstance(test, float) else "")
+          + f"  {search.fmt_params(best.params)}  (seed {cfg.seed})")
+    if not args.retrain:
+        if args.cycles is not None or args.out:
+            raise UsageError("--cycles and --out go with --retrain")
+        return EXIT_OK
+    from . import train
+    from .cli_train import Progress, print_summary
+
+    out = Path(args.out) if args.out else search.study_dir(args.study, args.runs_dir) / (
+        f"best-trial-{best.number}" + (f"-{args.cycles:g}cycles" if args.cycles else ""))
+    check_writable(out)
+    data = search.load_study_data(info, args.data_dir)
+    plan = train.make_plan(cfg, len(data.train.y))
+    print(f"retraining #{best.number} for {plan.total_steps} steps"
+          + (f" ({args.cycles:g} cycles)" if args.cycles else "") + f" into {out}")
+    progress = Progress(plan.total_steps, quiet=args.quiet)
+    try:
+        _, result = search.retrain_best(study, info, args.cycles, out, args.data_dir,
+                                        callback=progress, data=data)
+    finally:
+        progress.close()
+    print_summary(result.summary)
+    print(f"run folder: {out}")
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Command] = {
+    "search": ("hyperparameter search on Optuna: init, worker, status, reap, best",
+               add_search_args, run_search),
+}

@@ -4,24 +4,36 @@ l is drawn uniformly in [l_min, l_max] and lambda = 10^l. The coarse stage cover
 [-5, -1] with 2-cycle trainings; each finer stage searches around the trials with the
 best validation accuracy; finally the best lambda is retrained for 3 cycles and its
 test accuracy reported. The stages ask an *engine* for trials, so the search method
-(here: independent uniform draws trained by the experiment's process pool) can be
-swapped without touching the rest.
+can be swapped without touching the rest. The engine here keeps each stage as a klayer
+search study on Optuna (``search``), in a journal file in the experiment's folder: the
+coarse study, then a fine study that is its child (the parent and its top trials are
+recorded in its attributes). Optuna's random sampler draws lambda log-uniformly (l
+uniform); the trials train in the experiment's process pool (``--jobs``) and are told
+their validation accuracy, so ``klayer search status --storage OUT/lambda-search/
+journal.log --study lambda-fine`` (or optuna-dashboard) shows them.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-import numpy as np
+import optuna
+from optuna.trial import TrialState
 
+from .config import TrainConfig
 from .plots import plot_scatter, save_panels
 from .report import Figure, Section, Table
-from .runner import Context, Outcome, RunSpec, fmt_pct, mean_std, values
+from .runner import Context, Outcome, RunSpec, fmt_pct, load_data_for, mean_std, values
+from .search_space import Space, normalize_space, suggest
+from .search_study import create_study, load_study, trial_seed
+from .search_worker import worker_id
 
 COARSE = (-5.0, -1.0)
 TOP_K = 3  # a finer stage spans the best TOP_K trials of the previous one, plus a margin
+MARGIN, MIN_MARGIN = 0.25, 0.2  # of that span on each side; at least MIN_MARGIN in l
 
 
 @dataclass
@@ -41,26 +53,70 @@ class Engine(Protocol):
               first: int) -> list[Trial]: ...
 
 
-def trial_seed(base_seed: int, number: int) -> int:
-    """The training seed of trial ``number``: SeedSequence([base_seed, number])."""
-    return int(np.random.SeedSequence([base_seed, number]).generate_state(1)[0])
+class OptunaEngine:
+    """Each stage a klayer search study in OUT/lambda-search/journal.log (a fresh file per
+    run), named lambda-<stage>; a later stage is the child of the one before.
 
+    lambda is log-uniform in [10^lo, 10^hi], drawn by Optuna's random sampler seeded with
+    SeedSequence([base seed, stage start]); trial i of the experiment (numbered over all
+    stages) trains with seed SeedSequence([base seed, i]), recorded with its accuracies.
+    """
 
-class RandomEngine:
-    """l ~ U[lo, hi] per trial, drawn from a generator seeded by (base seed, stage start)."""
+    def __init__(self) -> None:
+        self.parent: dict[str, Any] | None = None  # the previous stage, for its child
 
     def stage(self, ctx: Context, name: str, lo: float, hi: float, n: int,
               first: int) -> list[Trial]:
         base_seed = int(ctx.base.get("seed", 0))
-        rng = np.random.default_rng([base_seed, first])
-        ls = rng.uniform(lo, hi, size=n)
-        outcomes = []
-        for i, l in enumerate(ls):  # one seed per trial, so run them as one batch of specs
-            seed = trial_seed(base_seed, first + i)
-            outcomes.append((RunSpec(f"trial {first + i}", {"lambda": float(10**l)}), seed))
-        results = _run_each(ctx, outcomes)
-        return [Trial(first + i, name, float(l), o) for i, (l, o) in enumerate(
-            zip(ls, results, strict=True))]
+        if first == 0:  # a new search
+            self.parent = None
+        study, space = self._study(ctx, f"lambda-{name}", lo, hi, n,
+                                   trial_seed(base_seed, first))
+        asked = [study.ask() for _ in range(n)]
+        lams = [float(suggest(t, space)["lambda"]) for t in asked]
+        specs = [(RunSpec(f"trial {first + i}", {"lambda": lam}),
+                  trial_seed(base_seed, first + i)) for i, lam in enumerate(lams)]
+        outcomes = _run_each(ctx, specs)
+        for i, (trial, o) in enumerate(zip(asked, outcomes, strict=True)):
+            _tell(study, trial, o, first + i)
+        trials = [Trial(first + i, name, math.log10(lam), o)
+                  for i, (lam, o) in enumerate(zip(lams, outcomes, strict=True))]
+        top = sorted(trials, key=lambda t: -t.val_accuracy)[:TOP_K]
+        self.parent = {"study": study.study_name, "top_k": TOP_K, "margin": MARGIN,
+                       "min_margin": MIN_MARGIN, "trials": [t.number - first for t in top],
+                       "best_value": top[0].val_accuracy, "space": space}
+        return trials
+
+    def _study(self, ctx: Context, name: str, lo: float, hi: float, n: int,
+               sampler_seed: int) -> tuple[optuna.Study, Space]:
+        """Create the stage's study (the previous stage its parent) and open it."""
+        storage = ctx.out / "lambda-search" / "journal.log"
+        if self.parent is None and storage.exists():  # left by an earlier run
+            storage.unlink()
+        config = TrainConfig.from_dict(ctx.config({}, int(ctx.base.get("seed", 0))))
+        space = normalize_space({"lambda": {"low": 10**lo, "high": 10**hi, "log": True}},
+                                config)
+        create_study(name, str(storage), config, load_data_for(config, ctx.quick), space, n,
+                     "random", self.parent)
+        sampler = optuna.samplers.RandomSampler(seed=sampler_seed)
+        return load_study(name, str(storage), sampler=sampler)[0], space
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, o: Outcome, number: int) -> None:
+    """Record a trained trial: its curve, seed and accuracies; FAIL if it diverged."""
+    for row in o.rows:
+        if math.isfinite(row["val_accuracy"]):
+            trial.report(float(row["val_accuracy"]), int(row["step"]))
+    trial.set_user_attr("worker", worker_id())
+    trial.set_user_attr("seed", o.seed)
+    trial.set_user_attr("experiment_trial", number)
+    if "diverged" in o.summary:
+        trial.set_user_attr("fail_reason", f"diverged: {o.summary['diverged']}")
+        study.tell(trial, state=TrialState.FAIL)
+        return
+    for key in ("val_accuracy", "test_accuracy", "train_accuracy"):
+        trial.set_user_attr(key, float(o.summary[key]))
+    study.tell(trial, float(o.summary["val_accuracy"]))
 
 
 def _run_each(ctx: Context, specs_seeds: Sequence[tuple[RunSpec, int]]) -> list[Outcome]:
@@ -73,12 +129,12 @@ def finer_range(trials: Sequence[Trial], lo: float, hi: float) -> tuple[float, f
     """The span of the TOP_K best trials' l, widened by a quarter of it (at least 0.2)."""
     top = sorted(trials, key=lambda t: -t.val_accuracy)[:TOP_K]
     a, b = min(t.log_lam for t in top), max(t.log_lam for t in top)
-    margin = max(0.25 * (b - a), 0.2)
+    margin = max(MARGIN * (b - a), MIN_MARGIN)
     return max(lo, a - margin), min(hi, b + margin)
 
 
 def lambda_search(ctx: Context, engine: Engine | None = None) -> Section:
-    engine = engine or RandomEngine()
+    engine = engine or OptunaEngine()
     n = 4 if ctx.quick else 10
     stages: list[tuple[str, float, float, list[Trial]]] = []
     lo, hi = COARSE

@@ -1,0 +1,160 @@
+"""Batched trials: T trials trained in one vectorized pass against the same T one by one.
+
+    python benchmarks/bench_batched.py --data-dir DIR              # CIFAR-10, default recipe
+    python benchmarks/bench_batched.py --data-dir DIR --n-s 900 --cycles 1 --repeats 1
+    python benchmarks/bench_batched.py                             # random uint8 stand-in
+
+T trials of the default recipe (3-layer [50, 50] with batch norm, float32, cyclical
+learning rate, batches of 100) that differ in lambda (log-spaced 1e-5 .. 1e-1) and
+eta_max are trained three ways, each in a fresh process with the same BLAS thread count
+(1, as ``klayer search worker``):
+
+* ``sequential``: one after another as a search worker trains a lone trial,
+  ``train.train`` with its ``evals_per_cycle`` evaluations (curves) and final summary;
+* ``sequential-steps``: one after another, update steps only plus one final evaluation
+  of train / val / test (no curves): the lone trial with nothing but training;
+* ``batched``: ``batched.BatchedTrainer`` (one wide first-layer product per step, shared
+  mini-batches) plus the shared final evaluation of train / val / test, as
+  ``klayer search worker --batch-trials T`` does.
+
+The modes alternate over ``--repeats`` rounds; the median wall time of each gives its
+trials per hour and the ratio to ``sequential``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+MODES = ("sequential", "sequential-steps", "batched")
+
+
+def load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    from klayer.data import Data, Split
+
+    if args.data_dir:
+        from klayer.data import load_cifar10
+        from klayer.fetch import locate_cifar10
+
+        return load_cifar10(locate_cifar10(args.data_dir))
+    rng = np.random.default_rng(0)
+
+    def split(n: int) -> Split:
+        return Split(rng.integers(0, 256, (n, 3072), dtype=np.uint8), rng.integers(0, 10, n))
+
+    return Data(split(45000), split(5000), split(10000), 10, "random", (3, 32, 32))
+
+
+def configs(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    from klayer.config import TrainConfig
+    from klayer.search import trial_seed
+
+    base = TrainConfig(n_s=args.n_s, cycles=args.cycles, checkpoint_every=0)
+    lams = np.geomspace(1e-5, 1e-1, args.trials)
+    etas = np.linspace(0.05, 0.1, args.trials)
+    return [TrainConfig(**{**base.__dict__, "lam": float(lam), "eta_max": float(eta),
+                           "seed": trial_seed(0, i)})
+            for i, (lam, eta) in enumerate(zip(lams, etas, strict=True))]
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    """One mode in this process: seconds for all T trials and their validation accuracies."""
+    import warnings
+
+    warnings.simplefilter("ignore")
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(args.threads)
+    from klayer import train
+    from klayer.batched import BatchedTrainer
+    from klayer.search import evaluate_trained
+
+    data = load(args)
+    cfgs = configs(args)
+    start = time.perf_counter()
+    if args.mode == "sequential":
+        val = [train.train(c, data).summary["val_accuracy"] for c in cfgs]
+    elif args.mode == "sequential-steps":
+        val = []
+        for c in cfgs:
+            tr = train.Trainer(c, data)
+            while tr.t < tr.plan.total_steps:
+                tr.step()
+            val.append(evaluate_trained([tr.net], [c], data)[0]["val_accuracy"])
+    else:
+        plans = [train.make_plan(c, len(data.train.y)) for c in cfgs]
+        bt = BatchedTrainer(cfgs, data, [p.lr for p in plans], plans[0].steps_per_epoch,
+                            plans[0].total_steps)
+        nets = [n for n in bt.run() if n is not None]
+        val = [r["val_accuracy"] for r in evaluate_trained(nets, cfgs, data)]
+    return {"seconds": time.perf_counter() - start, "val_accuracy": val,
+            "steps": train.make_plan(cfgs[0], len(data.train.y)).total_steps}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data-dir", help="CIFAR-10 folder (default: random uint8 stand-in data)")
+    p.add_argument("--trials", type=int, default=8, help="T (default 8)")
+    p.add_argument("--n-s", type=int, default=2250, help="half-cycle steps (default 2250)")
+    p.add_argument("--cycles", type=float, default=2, help="cycles (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1)")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of the three modes")
+    p.add_argument("--modes", default=",".join(MODES), help="which modes (comma-separated)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--mode", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.mode:
+        print(json.dumps(run(args)))
+        return
+    modes = args.modes.split(",")
+    env = {**os.environ, **{v: str(args.threads) for v in
+                            ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}}
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    vals: dict[str, list[float]] = {}
+    steps = 0
+    for r in range(args.repeats):
+        for mode in modes:
+            cmd = [sys.executable, __file__, "--mode", mode, "--trials", str(args.trials),
+                   "--n-s", str(args.n_s), "--cycles", str(args.cycles),
+                   "--threads", str(args.threads)]
+            if args.data_dir:
+                cmd += ["--data-dir", args.data_dir]
+            out = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True,
+                                            text=True).stdout.strip().splitlines()[-1])
+            times[mode].append(out["seconds"])
+            vals[mode], steps = out["val_accuracy"], out["steps"]
+            print(f"round {r + 1}: {mode:<17} {out['seconds']:7.1f} s", flush=True)
+    print(f"\n{args.trials} trials of {steps} steps each, {args.threads} BLAS thread(s), "
+          f"{'CIFAR-10' if args.data_dir else 'random data'}; median of {args.repeats}")
+    print(f"{'mode':<18}{'seconds':>9}{'trials/hour':>13}{'vs sequential':>15}"
+          f"{'mean val acc':>14}")
+    ref = statistics.median(times["sequential"]) if "sequential" in times else None
+    result = {}
+    for mode in modes:
+        sec = statistics.median(times[mode])
+        per_hour = args.trials * 3600 / sec
+        ratio = f"{ref / sec:.2f}x" if ref else "-"
+        mean_val = sum(vals[mode]) / len(vals[mode])
+        print(f"{mode:<18}{sec:>9.1f}{per_hour:>13.0f}{ratio:>15}{mean_val:>14.2%}")
+        result[mode] = {"seconds": times[mode], "median_seconds": sec,
+                        "trials_per_hour": per_hour, "val_accuracy": vals[mode]}
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+          f"Python {platform.python_version()}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"trials": args.trials, "steps": steps, "threads": args.threads,
+                       "modes": result}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

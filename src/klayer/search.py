@@ -1,0 +1,188 @@
+"""Hyperparameter studies on Optuna, from one laptop to many machines.
+
+A study lives in an Optuna storage: by default a journal file in the study's run folder
+(``runs/search/<study>/journal.log``, no server), or a PostgreSQL database
+(``postgresql+psycopg://...``) that any number of machines share. ``create_study``
+makes it once and records, as study user attributes, everything a worker needs: the
+base training configuration, the search space, the sampler, the trial budget, a
+fingerprint of the data and the klayer version. Workers (``run_workers``) never
+create a study; they refuse to join one whose configuration or data differ from theirs.
+
+A worker asks Optuna for trials until the study has its budget of COMPLETE trials.
+Each trial trains with the seed SeedSequence([base seed, trial number]) (a retry uses
+its original trial's number), and its validation accuracy is the objective
+(maximized); test accuracy and the rest are trial user attributes. With
+``batch_trials`` T > 1 a worker asks for T trials at once, sharing the architecture,
+and trains them together (``batched``). Faults: SIGINT / SIGTERM fail the running
+trials and stop the worker; a diverged training fails its trial (the reason is kept)
+and the worker goes on; a worker killed outright leaves RUNNING trials that the
+PostgreSQL heartbeat fails and retries, or that ``reap`` (journal) fails and retries.
+
+This module is the public face of the search: it re-exports what the command line and
+callers use from the modules that do the work, and holds what acts on a whole study
+(retraining its best trial, ``run_study`` for experiments):
+
+- ``search_space``: search spaces (flags, TOML tables), suggestions, coarse to fine;
+- ``search_study``: storages, study attributes, data fingerprints, trial seeds;
+- ``search_faults``: stop signals, heartbeats, recovering the trials of dead workers;
+- ``search_worker``: the ask / train / tell loop of one worker process;
+- ``search_pool``: N worker processes on one machine, watched;
+- ``search_status``: the status table, stuck trials, reaping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from . import train
+from .config import TrainConfig
+from .data import Data
+from .search_pool import run_workers
+from .search_space import (
+    SearchError,
+    Space,
+    child_space,
+    config_for,
+    describe_space,
+    fmt_params,
+    grid,
+    normalize_space,
+    parse_param,
+)
+from .search_status import fmt_duration, parse_duration, reap, status_text, trials_json
+from .search_study import (
+    A_DATA,
+    StudyInfo,
+    check_compatible,
+    create_study,
+    data_fingerprint,
+    is_url,
+    load_study,
+    masked,
+    original_number,
+    resolve_storage,
+    study_dir,
+    top_trials,
+    trial_seed,
+)
+from .search_worker import WorkerOptions, evaluate_trained
+
+__all__ = [
+    "A_DATA", "SearchError", "Space", "StudyInfo", "WorkerOptions", "best_config",
+    "child_space", "config_for", "create_study", "data_fingerprint", "describe_space",
+    "evaluate_trained", "fmt_duration", "fmt_params", "grid", "load_study", "load_study_data",
+    "masked", "normalize_space", "parse_duration", "parse_param", "reap", "resolve_storage",
+    "retrain_best", "run_study", "run_workers", "status_text", "study_dir", "top_trials",
+    "trial_seed", "trials_json",
+]
+
+
+def best_config(study: optuna.Study, info: StudyInfo, cycles: float | None = None,
+                data_dir: str | None = None) -> tuple[FrozenTrial, TrainConfig]:
+    """The best trial and its configuration (optionally trained for ``cycles`` cycles)."""
+    best = top_trials(study, 1)
+    if not best:
+        raise SearchError(f"study {info.name!r} has no COMPLETE trial yet")
+    b = best[0]
+    seed = int(b.user_attrs.get("seed", trial_seed(info.config.seed, original_number(b))))
+    cfg = config_for(info.config, b.params, seed)
+    if data_dir is not None:
+        cfg = replace(cfg, data_dir=data_dir)
+    if cycles is not None:
+        if cfg.schedule != "cyclic":
+            raise SearchError(f"--cycles needs the cyclic schedule; the study uses "
+                              f"{cfg.schedule} (give --epochs or --steps instead)")
+        cfg = replace(cfg, cycles=cycles, epochs=None, steps=None)
+    return b, cfg
+
+
+def load_study_data(info: StudyInfo, data_dir: str | None = None) -> Data:
+    """The study's data (loaded with its base configuration: synthetic data follow its seed)."""
+    cfg = info.config if data_dir is None else replace(info.config, data_dir=data_dir)
+    return train.load_data(cfg)
+
+
+def retrain_best(study: optuna.Study, info: StudyInfo, cycles: float | None, out: Path,
+                 data_dir: str | None = None,
+                 callback: Callable[[str, dict[str, float]], None] | None = None,
+                 data: Data | None = None) -> tuple[FrozenTrial, train.Result]:
+    """Train the best trial's configuration again (for ``cycles`` cycles) into ``out``.
+
+    The data must be the study's (fingerprint). The result is also recorded as the
+    study attribute ``retrain`` (trial, cycles, accuracies, folder).
+    """
+    best, cfg = best_config(study, info, cycles, data_dir)
+    if data is None:
+        data = load_study_data(info, data_dir)
+    check_compatible(info, {}, data_fingerprint(data))
+    result = train.train(replace(cfg, checkpoint_every=0), data, callback=callback)
+    train.save_run(result, out)
+    s = result.summary
+    study.set_user_attr("retrain", {
+        "trial": best.number, "cycles": cycles, "seed": cfg.seed, "out": str(out),
+        "train_accuracy": s["train_accuracy"], "val_accuracy": s["val_accuracy"],
+        "test_accuracy": s["test_accuracy"]})
+    return best, result
+
+
+def run_study(name: str, config: TrainConfig, space: dict[str, Any] | None = None,
+              n_trials: int = 16, *, storage: str | None = None, runs_dir: str | Path = "runs",
+              sampler: str = "random", parent: str | None = None, top_k: int = 5,
+              margin: float = 0.25, jobs: int = 1, threads: int = 1, batch_trials: int = 1,
+              data: Data | None = None, quiet: bool = True) -> tuple[optuna.Study, StudyInfo]:
+    """Create a study (a child of ``parent`` if given) and work it to its budget.
+
+    For experiments: what ``klayer search init`` and ``klayer search worker`` do, from
+    Python. A study that exists already is joined (and finished) as it is. ``space``
+    entries override those derived from the parent. ``data`` (used with jobs = 1)
+    spares loading the data again. Returns the study and its set-up.
+    """
+    spec = resolve_storage(name, storage, runs_dir)
+    if data is None:
+        data = train.load_data(config)
+    if not _exists(name, spec):
+        raw: dict[str, Any] = {}
+        parent_attr = None
+        if parent is not None:
+            raw, parent_attr = _from_parent(parent, resolve_storage(parent, storage, runs_dir),
+                                            top_k, margin)
+        raw.update(space or {})
+        create_study(name, spec, config, data, normalize_space(raw, config), n_trials,
+                     sampler, parent_attr)
+    opts = WorkerOptions(study=name, storage=spec, batch_trials=batch_trials,
+                         data_dir=config.data_dir, quiet=quiet, poll=1.0)
+    code = run_workers(opts, jobs=jobs, threads=threads, data=data if jobs <= 1 else None)
+    if code:
+        raise SearchError(f"the workers of study {name!r} stopped with exit code {code}")
+    return load_study(name, spec)
+
+
+def _exists(name: str, spec: str) -> bool:
+    """Whether study ``name`` is in storage ``spec`` (a missing journal file: no)."""
+    if not (is_url(spec) or Path(spec).exists()):
+        return False
+    try:
+        load_study(name, spec)
+    except SearchError:
+        return False
+    return True
+
+
+def _from_parent(parent: str, storage: str, top_k: int,
+                 margin: float) -> tuple[Space, dict[str, Any]]:
+    """Coarse to fine: the space narrowed to the parent's top trials, and the parent
+    attribute that records where it came from."""
+    p_study, p_info = load_study(parent, storage)
+    top = top_trials(p_study, top_k)
+    if not top:
+        raise SearchError(f"parent study {parent!r} has no COMPLETE trial")
+    attr = {"study": parent, "top_k": top_k, "margin": margin,
+            "trials": [t.number for t in top], "best_value": top[0].value,
+            "space": p_info.space}
+    return child_space(p_info.space, top, margin), attr

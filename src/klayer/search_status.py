@@ -1,0 +1,158 @@
+"""Looking at a study: the trial table, the best trial, stuck trials, and reaping them.
+
+``status_text`` is ``klayer search status``: a table of trials (number, state,
+accuracies, parameters, host:pid, age), the best trial, and a warning about trials
+RUNNING for much longer than the others took. On a journal file nothing fails the
+trials of a worker that vanished on another machine, so ``reap`` (``klayer search
+reap``) marks trials RUNNING for longer than a given time FAIL and queues them again.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from .search_space import SearchError, describe_space, fmt_params, fmt_value
+from .search_study import StudyInfo, mark_failed, masked, retry_trial, top_trials
+
+
+def reap(study: optuna.Study, older_than: float, retry: bool = True) -> list[FrozenTrial]:
+    """Fail the trials RUNNING for longer than ``older_than`` seconds (and queue retries)."""
+    now = datetime.now()
+    reaped = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.datetime_start is None:
+            continue
+        age = (now - t.datetime_start).total_seconds()
+        if age < older_than:
+            continue
+        who = t.user_attrs.get("worker", "unknown worker")
+        if mark_failed(study, t, f"reaped: RUNNING for {fmt_duration(age)} ({who} gone?)"):
+            if retry:
+                retry_trial(study, study._storage.get_trial(t._trial_id))
+            reaped.append(t)
+    return reaped
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '30m', '2h', '1d', '1h30m' or plain seconds -> seconds."""
+    text = text.strip().lower()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhd])", text)
+    if not parts or "".join(a + b for a, b in parts) != re.sub(r"\s+", "", text):
+        raise SearchError(f"duration {text!r}: use e.g. 90s, 30m, 2h, 1d or 1h30m")
+    unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    return sum(float(a) * unit[b] for a, b in parts)
+
+
+def fmt_duration(seconds: float) -> str:
+    """Seconds as '42s', '5m07s', '3h12m' or '2d04h'."""
+    s = int(max(seconds, 0))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def stuck_after(trials: Sequence[FrozenTrial]) -> float:
+    """Seconds after which a RUNNING trial looks abandoned: 3x the median COMPLETE trial."""
+    took = [(t.datetime_complete - t.datetime_start).total_seconds() for t in trials
+            if t.state == TrialState.COMPLETE and t.datetime_start and t.datetime_complete]
+    return max(3 * statistics.median(took), 300.0) if took else 3600.0
+
+
+def status_text(study: optuna.Study, info: StudyInfo, stuck: float | None = None) -> str:
+    """The trial table, the best trial and a warning about trials stuck in RUNNING."""
+    trials = study.get_trials(deepcopy=False)
+    now = datetime.now()
+    lines = [f"study {info.name} ({masked(info.storage)}), sampler {info.sampler}, "
+             f"klayer {info.version}"]
+    if info.parent:
+        lines.append(f"child of {info.parent.get('study')} (top {info.parent.get('top_k')} "
+                     f"trials {info.parent.get('trials')})")
+    lines.append(f"space: {describe_space(info.space)}")
+    counts = {s: sum(t.state == s for t in trials) for s in TrialState}
+    lines.append(f"{counts[TrialState.COMPLETE]}/{info.n_trials} COMPLETE, "
+                 f"{counts[TrialState.RUNNING]} RUNNING, {counts[TrialState.WAITING]} WAITING, "
+                 f"{counts[TrialState.FAIL]} FAIL")
+    lines.append("")
+    lines += _trial_table(trials, list(info.space), now)
+    lines.append("")
+    lines.append(_best_line(study))
+    limit = stuck if stuck is not None else stuck_after(trials)
+    warning = _stuck_warning(trials, limit, now, info.name)
+    if warning:
+        lines.append(warning)
+    return "\n".join(lines)
+
+
+def _trial_table(trials: Sequence[FrozenTrial], keys: list[str], now: datetime) -> list[str]:
+    """One line per trial under a header, columns padded to their widest cell."""
+    header = ["#", "state", "val acc", "test acc", *keys, "worker", "age", "note"]
+    rows = []
+    for t in trials:
+        age = (now - t.datetime_start).total_seconds() if t.datetime_start else 0.0
+        test = t.user_attrs.get("test_accuracy")
+        note = t.user_attrs.get("fail_reason", "")
+        if "failed_trial" in t.system_attrs:
+            note = (note + " " if note else "") + f"retry of #{t.system_attrs['failed_trial']}"
+        rows.append([str(t.number), t.state.name,
+                     f"{t.value:.2%}" if t.value is not None else "",
+                     f"{test:.2%}" if isinstance(test, float) else "",
+                     *[fmt_value(t.params[k]) if k in t.params else "" for k in keys],
+                     str(t.user_attrs.get("worker", "")),
+                     fmt_duration(age) if t.datetime_start else "", note[:60]])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(header)]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+            for r in [header, *rows]]
+
+
+def _best_line(study: optuna.Study) -> str:
+    best = top_trials(study, 1)
+    if not best:
+        return "best: none yet (no COMPLETE trial)"
+    b = best[0]
+    test = b.user_attrs.get("test_accuracy")
+    return (f"best: #{b.number}  val {b.value:.2%}"
+            + (f"  test {test:.2%}" if isinstance(test, float) else "")
+            + f"  {fmt_params(b.params)}")
+
+
+def _stuck_warning(trials: Sequence[FrozenTrial], limit: float, now: datetime,
+                   study: str) -> str | None:
+    """A warning naming the trials RUNNING for more than ``limit`` seconds, if any."""
+    late = [t for t in trials if t.state == TrialState.RUNNING and t.datetime_start
+            and (now - t.datetime_start).total_seconds() > limit]
+    if not late:
+        return None
+    who = ", ".join(f"#{t.number} ({t.user_attrs.get('worker', '?')}, "
+                    f"{fmt_duration((now - t.datetime_start).total_seconds())})"
+                    for t in late if t.datetime_start)
+    return (f"warning: {len(late)} trial(s) RUNNING for more than "
+            f"{fmt_duration(limit)}: {who}; if their workers are gone, "
+            f"klayer search reap --study {study} --older-than {fmt_duration(limit)} "
+            "marks them FAIL and queues them again")
+
+
+def trials_json(study: optuna.Study) -> list[dict[str, Any]]:
+    """Every trial as a JSON-ready dict (``klayer search status --json``)."""
+    return [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+             "user_attrs": t.user_attrs,
+             "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
+             "datetime_complete": (t.datetime_complete.isoformat()
+                                   if t.datetime_complete else None),
+             "retry_of": t.system_attrs.get("failed_trial")}
+            for t in study.get_trials(deepcopy=False)]

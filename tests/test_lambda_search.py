@@ -1,0 +1,51 @@
+"""The lambda-search experiment's stages are klayer search studies: coarse, then its child."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from optuna.trial import TrialState
+
+from klayer import search
+from klayer.lambda_search import COARSE, TOP_K, OptunaEngine, Trial, finer_range
+from klayer.runner import Context
+
+
+def two_stages(out: Path) -> tuple[list[Trial], list[Trial], tuple[float, float]]:
+    ctx = Context({"dataset": "synthetic", "seed": 7}, quick=True, out=out, log=lambda s: None)
+    engine = OptunaEngine()
+    coarse = engine.stage(ctx, "coarse", *COARSE, 4, 0)
+    lo, hi = finer_range(coarse, *COARSE)
+    fine = engine.stage(ctx, "fine", lo, hi, 3, 4)
+    return coarse, fine, (lo, hi)
+
+
+def test_stages_are_a_study_and_its_child(tmp_path: Path) -> None:
+    coarse, fine, (lo, hi) = two_stages(tmp_path)
+    journal = str(tmp_path / "lambda-search" / "journal.log")
+    for name, trials, first in (("lambda-coarse", coarse, 0), ("lambda-fine", fine, 4)):
+        study, info = search.load_study(name, journal)
+        ts = study.get_trials(deepcopy=False)
+        assert [t.state for t in ts] == [TrialState.COMPLETE] * len(trials)
+        assert info.n_trials == len(trials) and info.config.seed == 7
+        for t, mine in zip(ts, trials, strict=True):
+            assert mine.number == first + t.number
+            assert t.user_attrs["seed"] == search.trial_seed(7, mine.number) == mine.outcome.seed
+            assert math.log10(t.params["lambda"]) == mine.log_lam
+            assert t.value == mine.val_accuracy and t.intermediate_values
+    _, info = search.load_study("lambda-fine", journal)
+    top = sorted(coarse, key=lambda t: -t.val_accuracy)[:TOP_K]
+    assert info.parent is not None and info.parent["study"] == "lambda-coarse"
+    assert info.parent["trials"] == [t.number for t in top]
+    assert info.space["lambda"]["low"] == 10**lo and info.space["lambda"]["high"] == 10**hi
+    assert all(lo <= t.log_lam <= hi for t in fine)
+    assert len({t.log_lam for t in coarse + fine}) == len(coarse) + len(fine)
+
+
+def test_a_rerun_starts_a_fresh_journal_and_draws_the_same_lambdas(tmp_path: Path) -> None:
+    first = two_stages(tmp_path)
+    again = two_stages(tmp_path)
+    assert [t.log_lam for t in first[0] + first[1]] == [t.log_lam for t in again[0] + again[1]]
+    study, _ = search.load_study("lambda-coarse", str(tmp_path / "lambda-search" / "journal.log"))
+    assert len(study.get_trials()) == 4

@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import machine, thread_env  # benchmarks/ is on sys.path when run as a script
 
 LAM, ETA_MIN, ETA_MAX, N_S, N_BATCH = 0.005, 1e-5, 1e-1, 2250, 100
 
@@ -117,25 +118,6 @@ def run_torch(args: argparse.Namespace, hidden: tuple[int, ...]) -> float:
     for t in range(args.warmup, args.warmup + args.steps):
         step(t)
     return args.steps / (time.perf_counter() - start)
-
-
-def thread_env(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[var] = str(threads)
-    return env
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}"
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 from conftest_data_helpers import make_cifar_folder
 
 from klayer.cli import main
-from klayer.experiments import EXPERIMENTS
+from klayer.experiments import ASSIGNMENT, EXPERIMENTS
 
 
 def run(tmp_path: Path, *args: str) -> Path:
@@ -58,8 +59,9 @@ def test_all_has_the_summary_in_report_order(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     md = (out / "report.md").read_text()
     order = [md.index(f"## {t}") for t in ["Summary: the report items",
-                                           *(v[0] for v in EXPERIMENTS.values())]]
+                                           *(EXPERIMENTS[k][0] for k in ASSIGNMENT)]]
     assert order == sorted(order)
+    assert f"## {EXPERIMENTS['best'][0]}" not in md  # best is long: not part of all
     for item in ("i. How were the gradients checked?", "ii. 3- and 9-layer", "iii. Lambda search",
                  "iv. Sensitivity to initialization"):
         assert item in md
@@ -89,3 +91,17 @@ def test_the_cli_knows_every_experiment_without_importing_them() -> None:
     r = subprocess.run([sys.executable, "-c", "import sys, klayer.cli; klayer.cli.build_parser();"
                         "print('matplotlib' in sys.modules)"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+
+
+def test_the_best_recipe_is_valid_and_its_ablation_ends_at_it() -> None:
+    from klayer.best import ALWAYS, BASELINE, ablation_specs, load_recipe
+    from klayer.config import TrainConfig
+
+    recipe = load_recipe()
+    TrainConfig.from_dict(recipe)  # every key a valid training setting
+    specs = ablation_specs(recipe)
+    assert specs[0].label == BASELINE and specs[0].overrides == {}
+    assert specs[-1].overrides == {k: v for k, v in recipe.items() if k not in ALWAYS}
+    assert all(a.overrides.items() <= b.overrides.items() for a, b in itertools.pairwise(specs))
+    with pytest.raises(ValueError, match="no ingredient"):
+        ablation_specs({**recipe, "skip": True})

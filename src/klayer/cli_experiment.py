@@ -15,12 +15,13 @@ from .cli_common import EXIT_OK, Command, UsageError, check_writable
 # experiments.EXPERIMENTS' keys, spelled out so that building the parser does not import
 # matplotlib (a test checks the two agree).
 EXPERIMENT_NAMES = ("gradcheck", "bn-depth", "lambda-search", "init-sensitivity", "eta-study",
-                    "optimizers", "bn-stats", "bn-placement", "skip")
+                    "optimizers", "bn-stats", "bn-placement", "skip", "best")
 
 
 def add_experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", choices=[*EXPERIMENT_NAMES, "all"],
-                   help="the experiment; 'all' runs every one into one combined report")
+                   help="the experiment; 'all' runs the assignment's (all but 'best') into one "
+                        "combined report")
     p.add_argument("--data-dir", help="folder holding CIFAR-10 (or set $KLAYER_DATA_DIR)")
     p.add_argument("--dataset", choices=("cifar10", "digits", "synthetic"), default="cifar10",
                    help="dataset (default cifar10)")
@@ -36,7 +37,7 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_experiment_cmd(args: argparse.Namespace) -> int:
-    from .experiments import EXPERIMENTS, run_experiment, summary_section
+    from .experiments import ASSIGNMENT, EXPERIMENTS, run_experiment, summary_section
     from .report import Report, to_html, to_markdown
     from .runner import Context
 
@@ -53,7 +54,7 @@ def run_experiment_cmd(args: argparse.Namespace) -> int:
         base["data_dir"] = args.data_dir
     ctx = Context(base=base, seeds=args.seeds, jobs=args.jobs, quick=args.quick, out=out,
                   log=lambda m: print(m, flush=True))
-    names = list(EXPERIMENTS) if args.name == "all" else [args.name]
+    names = list(ASSIGNMENT) if args.name == "all" else [args.name]
     try:
         ctx.config({}, args.seed)  # the base configuration is valid
         if args.dataset == "cifar10":  # find the data before any work (exit 4 if missing)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .best import best
 from .config import NetConfig
 from .gradcheck import check_gradients, make_check_problem
 from .lambda_search import lambda_search
@@ -280,7 +281,12 @@ EXPERIMENTS: dict[str, Experiment] = {
     "bn-placement": ("Batch norm before or after the ReLU",
                      "Does the position of batch norm matter?", bn_placement),
     "skip": ("Skip connections", "Do residual connections help a 9-layer net?", skip),
+    "best": ("Beyond the assignment: the best fully-connected network",
+             "How far can a fully-connected net go on CIFAR-10 on a laptop, and what does "
+             "each ingredient add?", best),
 }
+# What `klayer experiment all` runs: the assignment report (best is separate: it is long).
+ASSIGNMENT = tuple(k for k in EXPERIMENTS if k != "best")
 
 
 def run_experiment(name: str, ctx: Context) -> Section:

@@ -105,3 +105,25 @@ def test_the_best_recipe_is_valid_and_its_ablation_ends_at_it() -> None:
     assert all(a.overrides.items() <= b.overrides.items() for a, b in itertools.pairwise(specs))
     with pytest.raises(ValueError, match="no ingredient"):
         ablation_specs({**recipe, "skip": True})
+
+
+def test_every_parallel_worker_gets_its_share_of_blas_threads(monkeypatch: pytest.MonkeyPatch,
+                                                              tmp_path: Path) -> None:
+    # The pool starts workers on demand: the second one starts while the first is busy,
+    # and must still see the thread limit (else 2 jobs x all cores oversubscribe).
+    import os
+    import time
+
+    from klayer.runner import BLAS_VARS, Context
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    for v in BLAS_VARS:
+        monkeypatch.delenv(v, raising=False)
+    ctx = Context(base={}, jobs=2, out=tmp_path)
+    pool = ctx._executor()
+    busy = pool.submit(time.sleep, 1.0)
+    second = pool.submit(os.getenv, "OPENBLAS_NUM_THREADS")
+    assert second.result(timeout=60) == "2"
+    busy.result(timeout=60)
+    ctx.close()
+    assert all(v not in os.environ for v in BLAS_VARS)  # restored after the pool

@@ -69,6 +69,7 @@ class Context:
     out: Path = Path(".")
     log: Callable[[str], None] = print
     _pool: ProcessPoolExecutor | None = field(default=None, repr=False)
+    _saved_env: dict[str, str | None] = field(default_factory=dict, repr=False)
 
     def config(self, overrides: dict[str, Any], seed: int) -> dict[str, Any]:
         values = {**self.base, **(QUICK_OVERRIDES if self.quick else {}), **overrides}
@@ -102,25 +103,25 @@ class Context:
         if self._pool is None:
             import multiprocessing
 
+            # Spawned workers read the BLAS variables when they import NumPy, and the pool
+            # starts them on demand (not all at once), so the variables stay set until
+            # close(); NumPy in this process was loaded before and keeps its threads.
             threads = max(1, (os.cpu_count() or 1) // self.jobs)
-            saved = {v: os.environ.get(v) for v in BLAS_VARS}
+            self._saved_env = {v: os.environ.get(v) for v in BLAS_VARS}
             os.environ.update({v: str(threads) for v in BLAS_VARS})
-            try:  # spawned workers read the BLAS variables when they import NumPy
-                self._pool = ProcessPoolExecutor(
-                    self.jobs, mp_context=multiprocessing.get_context("spawn"))
-                self._pool.submit(int).result()  # start the workers now, with these variables
-            finally:
-                for v, old in saved.items():
-                    if old is None:
-                        os.environ.pop(v, None)
-                    else:
-                        os.environ[v] = old
+            self._pool = ProcessPoolExecutor(
+                self.jobs, mp_context=multiprocessing.get_context("spawn"))
         return self._pool
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+            for v, old in self._saved_env.items():
+                if old is None:
+                    os.environ.pop(v, None)
+                else:
+                    os.environ[v] = old
 
 
 # --- the worker side ---------------------------------------------------------------------

@@ -13,7 +13,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,11 +93,25 @@ class Context:
         """Run (label, config values, post, quick) jobs, in parallel when jobs > 1."""
         start = time.perf_counter()
         if self.jobs == 1 or len(jobs) == 1:
-            outcomes = [_job(*j) for j in jobs]
+            outcomes = []
+            for j in jobs:
+                outcomes.append(_job(*j))
+                self._progress(outcomes[-1], len(outcomes), len(jobs))
         else:
-            outcomes = list(self._executor().map(_job, *zip(*jobs, strict=True)))
+            futures = {self._executor().submit(_job, *j): i for i, j in enumerate(jobs)}
+            done: dict[int, Outcome] = {}
+            for f in as_completed(futures):  # report each training as it ends
+                done[futures[f]] = f.result()
+                self._progress(done[futures[f]], len(done), len(jobs))
+            outcomes = [done[i] for i in range(len(jobs))]
         self.log(f"  {len(jobs)} training(s) in {time.perf_counter() - start:.0f} s")
         return outcomes
+
+    def _progress(self, o: Outcome, k: int, n: int) -> None:
+        if n > 1:
+            self.log(f"  [{k}/{n}] {o.label}, seed {o.seed}: test "
+                     f"{fmt_pct([o.summary.get('test_accuracy', float('nan'))])} "
+                     f"({o.summary.get('wall_seconds', float('nan')):.0f} s)")
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:

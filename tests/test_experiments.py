@@ -102,7 +102,9 @@ def test_the_best_recipe_is_valid_and_its_ablation_ends_at_it() -> None:
     specs = ablation_specs(recipe)
     assert specs[0].label == BASELINE and specs[0].overrides == {}
     assert specs[-1].overrides == {k: v for k, v in recipe.items() if k not in ALWAYS}
-    assert all(a.overrides.items() <= b.overrides.items() for a, b in itertools.pairwise(specs))
+    assert all(a.overrides.items() < b.overrides.items() for a, b in itertools.pairwise(specs))
+    without = ablation_specs({k: v for k, v in recipe.items() if k != "label_smoothing"})
+    assert len(without) == len(specs) - 1  # a left-out ingredient gets no row
     with pytest.raises(ValueError, match="no ingredient"):
         ablation_specs({**recipe, "skip": True})
 

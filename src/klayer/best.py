@@ -54,7 +54,7 @@ def load_recipe() -> dict[str, Any]:
 
 
 def ablation_specs(recipe: dict[str, Any]) -> list[RunSpec]:
-    """The baseline, then one row per ingredient group, each with all groups before it."""
+    """The baseline, then one row per ingredient group the recipe uses, each with all before it."""
     covered = {k for _, keys in INGREDIENTS for k in keys} | set(ALWAYS)
     missing = sorted(set(recipe) - covered)
     if missing:
@@ -62,8 +62,10 @@ def ablation_specs(recipe: dict[str, Any]) -> list[RunSpec]:
     specs = [RunSpec(BASELINE, {})]
     overrides: dict[str, Any] = {}
     for label, keys in INGREDIENTS:
-        overrides = {**overrides, **{k: recipe[k] for k in keys if k in recipe}}
-        specs.append(RunSpec(label, dict(overrides)))
+        added = {k: recipe[k] for k in keys if k in recipe}
+        if added:  # an ingredient the recipe leaves out gets no row
+            overrides = {**overrides, **added}
+            specs.append(RunSpec(label, dict(overrides)))
     return specs
 
 

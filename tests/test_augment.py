@@ -1,0 +1,86 @@
+"""Augmentation on flattened image rows (flips, translations) and test-time flip averaging."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from klayer.augment import hflip, random_flip, random_translate
+from klayer.config import NetConfig
+from klayer.data import Data, Split
+from klayer.evaluation import evaluate
+from klayer.losses import log_softmax
+from klayer.network import Network
+
+SHAPE = (3, 4, 5)  # (c, h, w): not square, so a transposition would be caught
+D = 3 * 4 * 5
+
+
+def images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, D))
+
+
+def test_hflip_mirrors_every_row_of_every_channel() -> None:
+    X = images(3)
+    F = hflip(X, SHAPE).reshape(3, *SHAPE)
+    A = X.reshape(3, *SHAPE)
+    for j in range(SHAPE[2]):
+        np.testing.assert_array_equal(F[..., j], A[..., SHAPE[2] - 1 - j])
+    np.testing.assert_array_equal(hflip(hflip(X, SHAPE), SHAPE), X)
+
+
+def test_random_flip_mirrors_about_half_the_images_and_keeps_the_input() -> None:
+    X = images(4000)
+    before = X.copy()
+    out = random_flip(X, SHAPE, np.random.default_rng(1))
+    np.testing.assert_array_equal(X, before)
+    same = np.all(out == X, axis=1)
+    mirrored = np.all(out == hflip(X, SHAPE), axis=1)
+    assert np.all(same ^ mirrored)  # each row is one or the other (random data: never both)
+    assert 0.45 < mirrored.mean() < 0.55
+    np.testing.assert_array_equal(out, random_flip(X, SHAPE, np.random.default_rng(1)))
+
+
+def shifted(img: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """Reference: img (c, h, w) moved down by dy and right by dx, zeros where uncovered."""
+    c, h, w = img.shape
+    out = np.zeros_like(img)
+    for i in range(h):
+        for j in range(w):
+            si, sj = i - dy, j - dx
+            if 0 <= si < h and 0 <= sj < w:
+                out[:, i, j] = img[:, si, sj]
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_random_translate_is_a_zero_filled_shift_within_the_range(k: int) -> None:
+    X = images(300, seed=2) + 10.0  # no zeros in the data: the border is the fill
+    out = random_translate(X, SHAPE, k, np.random.default_rng(3))
+    seen = set()
+    for x, o in zip(X.reshape(-1, *SHAPE), out.reshape(-1, *SHAPE), strict=True):
+        shifts = [(dy, dx) for dy in range(-k, k + 1) for dx in range(-k, k + 1)
+                  if np.array_equal(o, shifted(x, dy, dx))]
+        assert len(shifts) == 1
+        seen.add(shifts[0])
+    assert len(seen) == (2 * k + 1) ** 2  # every shift is drawn
+    np.testing.assert_array_equal(random_translate(X, SHAPE, 0, np.random.default_rng(3)), X)
+
+
+def test_test_time_flips_average_the_two_softmax_outputs() -> None:
+    rng = np.random.default_rng(4)
+    n = 500
+
+    def split() -> Split:
+        return Split(rng.integers(0, 256, (n, D), dtype=np.uint8), rng.integers(0, 4, n))
+
+    data = Data(split(), split(), split(), num_classes=4, image_shape=SHAPE)
+    net = Network(NetConfig(d=D, num_classes=4, hidden=(8,), batch_norm=False), rng=rng)
+    X = data.standardize(data.test.X, dtype=net.dtype)
+    p = np.exp(log_softmax(net.scores(X))) + np.exp(log_softmax(net.scores(hflip(X, SHAPE))))
+    expected = float(np.mean(p.argmax(axis=1) == data.test.y))
+    plain = evaluate(net, data, data.test.X, data.test.y)
+    tta = evaluate(net, data, data.test.X, data.test.y, tta_flip=True)
+    assert tta.accuracy == pytest.approx(expected, abs=1 / n)  # float32 ties may differ
+    assert tta.accuracy != plain.accuracy  # the flip changes predictions of a random net
+    assert tta.loss == plain.loss  # the loss stays that of the images as they are

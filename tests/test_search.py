@@ -385,3 +385,35 @@ def test_run_study_from_python_coarse_then_fine(tmp_path: Path) -> None:
     assert len(fine.get_trials(states=(TrialState.COMPLETE,))) == 2
     again, _ = search.run_study("f", cfg, None, 2, runs_dir=tmp_path, parent="c", data=data)
     assert len(again.get_trials()) == 2  # joined, nothing more to do
+
+
+def test_bad_durations_are_refused() -> None:
+    for text in ("0", "-1", "nan", "inf", "0m"):
+        with pytest.raises(search.SearchError):
+            search.parse_duration(text)
+
+
+def test_a_configuration_the_data_cannot_take_fails_alone(tmp_path: Path) -> None:
+    r = klayer("search", "init", "--study", "nb", "--param", "n_batch=20..100000", "--trials",
+               "2", *TRAIN, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    study, _ = search.load_study("nb", journal(tmp_path, "nb"))
+    study.enqueue_trial({"n_batch": 100000}, skip_if_exists=False)  # > the training set
+    study.enqueue_trial({"n_batch": 50}, skip_if_exists=False)
+    study.enqueue_trial({"n_batch": 25}, skip_if_exists=False)
+    w = klayer("search", "worker", "--study", "nb", *FAST, cwd=tmp_path)
+    assert w.returncode == 0, w.stdout + w.stderr
+    ts = trials(tmp_path, "nb")
+    assert ts[0].state == TrialState.FAIL and "invalid" in ts[0].user_attrs["fail_reason"]
+    assert [t.state for t in ts[1:]] == [TrialState.COMPLETE] * 2
+
+
+def test_a_grid_search_ends_cleanly_at_its_last_point(tmp_path: Path) -> None:
+    r = klayer("search", "init", "--study", "g", "--param", "lambda=1e-4..1e-2:log:points=3",
+               "--sampler", "grid", "--trials", "3", *TRAIN, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    w = klayer("search", "worker", "--study", "g", *FAST, cwd=tmp_path)
+    assert w.returncode == 0, w.stdout + w.stderr
+    ts = trials(tmp_path, "g")
+    assert [t.state for t in ts] == [TrialState.COMPLETE] * 3
+    assert len({t.params["lambda"] for t in ts}) == 3

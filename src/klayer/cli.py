@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .cli_common import EXIT_DATA, EXIT_DIVERGED, EXIT_USAGE, Command, UsageError
+from .cli_common import EXIT_DATA, EXIT_DIVERGED, EXIT_OUTPUT, EXIT_USAGE, Command, UsageError
 
 # Each cli_* module contributes a COMMANDS dict: name -> (help, add_arguments, run).
 _MODULES = ("cli_train", "cli_experiment", "cli_search", "cli_gradcheck")
@@ -59,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     from .data import DataError
     from .modelfile import ModelFileError
+    from .runfolder import OutputError
     from .train import Diverged
 
     try:
@@ -72,6 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Diverged as e:
         print(f"klayer {args.command}: diverged: {e}", file=sys.stderr)
         return EXIT_DIVERGED
+    except OutputError as e:
+        print(f"klayer {args.command}: output error: {e}", file=sys.stderr)
+        return EXIT_OUTPUT
 
 
 if __name__ == "__main__":

@@ -286,6 +286,8 @@ def run_reap(args: argparse.Namespace) -> int:
 def run_best(args: argparse.Namespace) -> int:
     from . import search
 
+    if args.cycles is not None and not args.cycles > 0:
+        raise UsageError(f"--cycles must be > 0, got {args.cycles}")
     study, info = search.load_study(args.study, _storage(args))
     best, cfg = search.best_config(study, info, args.cycles, args.data_dir)
     test = best.user_attrs.get("test_accuracy")

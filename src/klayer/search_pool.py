@@ -91,7 +91,7 @@ def run_workers(opts: WorkerOptions, jobs: int = 1, threads: int = 1,
 def spawn_worker(opts: WorkerOptions, threads: int, j: int) -> subprocess.Popen[bytes]:
     """Worker child ``j``: ``klayer search worker --jobs 1`` in its own session."""
     argv = [sys.executable, "-m", "klayer", "search", "worker", "--study", opts.study,
-            "--storage", opts.storage, "--jobs", "1", "--threads", str(threads),
+            "--jobs", "1", "--threads", str(threads), "--max-failures", str(opts.max_failures),
             "--batch-trials", str(opts.batch_trials),
             "--heartbeat-interval", str(opts.heartbeat_interval),
             "--grace-period", str(opts.grace_period), "--poll", str(opts.poll)]
@@ -101,7 +101,8 @@ def spawn_worker(opts: WorkerOptions, threads: int, j: int) -> subprocess.Popen[
         argv += ["--sampler-seed", str(trial_seed(opts.sampler_seed, j))]
     if opts.quiet:
         argv.append("--quiet")
-    env = {**os.environ, **dict.fromkeys(BLAS_VARS, str(threads))}
+    # the storage goes by the environment: a PostgreSQL password stays out of `ps`
+    env = {**os.environ, **dict.fromkeys(BLAS_VARS, str(threads)), "KLAYER_STORAGE": opts.storage}
     return subprocess.Popen(argv, start_new_session=True, env=env)
 
 
@@ -133,6 +134,8 @@ class _Pool:
                 self.codes[p.pid] = rc = p.returncode
                 if rc < 0 and -rc != self.forwarded:
                     self._died(p.pid, signal.Signals(-rc).name)
+                elif rc > 0 and not self.forwarded:  # crashed: its trials must not hang
+                    self._died(p.pid, f"exit status {rc}")
             for death in list(self.deaths):
                 if time.monotonic() - death[3] >= ORPHAN_DELAY:
                     self.deaths.remove(death)

@@ -9,6 +9,7 @@ reap``) marks trials RUNNING for longer than a given time FAIL and queues them a
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
 from collections.abc import Sequence
@@ -44,14 +45,16 @@ def parse_duration(text: str) -> float:
     """'90s', '30m', '2h', '1d', '1h30m' or plain seconds -> seconds."""
     text = text.strip().lower()
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
-        pass
-    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhd])", text)
-    if not parts or "".join(a + b for a, b in parts) != re.sub(r"\s+", "", text):
-        raise SearchError(f"duration {text!r}: use e.g. 90s, 30m, 2h, 1d or 1h30m")
-    unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    return sum(float(a) * unit[b] for a, b in parts)
+        parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhd])", text)
+        if not parts or "".join(a + b for a, b in parts) != re.sub(r"\s+", "", text):
+            raise SearchError(f"duration {text!r}: use e.g. 90s, 30m, 2h, 1d or 1h30m") from None
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+        seconds = sum(float(a) * unit[b] for a, b in parts)
+    if not (math.isfinite(seconds) and seconds > 0):  # 0 would reap live trials too
+        raise SearchError(f"duration {text!r} must be positive")
+    return seconds
 
 
 def fmt_duration(seconds: float) -> str:

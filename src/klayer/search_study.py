@@ -13,6 +13,7 @@ handling builds on (fail a RUNNING trial, queue a copy of it again).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -129,6 +130,11 @@ def retry_trial(study: optuna.Study, trial: FrozenTrial) -> None:
     """Enqueue a copy of a failed trial (same parameters), as Optuna's retry callback does."""
     retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
         optuna.storages.RetryFailedTrialCallback
+    # the retry copies user_attrs: drop this attempt's worker label and failure reason, or
+    # the retry would look like the dead worker's (and never be found if it dies too)
+    trial = copy.copy(trial)
+    trial.user_attrs = {k: v for k, v in trial.user_attrs.items()
+                        if k not in ("worker", "fail_reason", "batch", "order_seed")}
     with no_experimental_warnings():
         retry_cls(max_retry=MAX_RETRY)(study, trial)
 

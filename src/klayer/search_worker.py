@@ -231,7 +231,9 @@ class Worker:
                 trial.set_user_attr("worker", self.id)
                 trial.set_user_attr("seed", seed)
                 try:
-                    jobs.append(_Job(trial, config_for(self.base, p, seed), p))
+                    cfg = config_for(self.base, p, seed)
+                    train.validate_for_data(cfg, self.data)  # e.g. a batch larger than the data
+                    jobs.append(_Job(trial, cfg, p))
                 except (ValueError, TypeError) as e:
                     self._fail(trial, p, f"invalid configuration: {e}")
             return jobs
@@ -258,6 +260,10 @@ class Worker:
             for job in pending:
                 self._fail(job.trial, job.params, f"interrupted by {name} (worker {self.id} "
                            "stopped)", count=False)
+            raise
+        except Exception as e:  # an unexpected error: no trial may stay RUNNING
+            for job in pending:
+                self._fail(job.trial, job.params, f"error: {type(e).__name__}: {e}")
             raise
 
     def _run_one(self, job: _Job) -> None:
@@ -332,7 +338,11 @@ class Worker:
         try:
             for key, v in attrs.items():
                 trial.set_user_attr(key, v)
-            self.study.tell(trial, value, state=state)
+            try:
+                self.study.tell(trial, value, state=state)
+            except RuntimeError as e:  # the grid sampler's study.stop() after the last point
+                if "Study.stop" not in str(e):  # (optuna stores the result first)
+                    raise
             return True
         except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
             now = self.study._storage.get_trial(trial._trial_id).state

@@ -52,8 +52,8 @@ def parse_duration(text: str) -> float:
             raise SearchError(f"duration {text!r}: use e.g. 90s, 30m, 2h, 1d or 1h30m") from None
         unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}
         seconds = sum(float(a) * unit[b] for a, b in parts)
-    if not (math.isfinite(seconds) and seconds > 0):  # 0 would reap live trials too
-        raise SearchError(f"duration {text!r} must be positive")
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise SearchError(f"duration {text!r} must be a finite number of seconds >= 0")
     return seconds
 
 

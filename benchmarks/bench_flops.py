@@ -36,26 +36,10 @@ import sys
 import time
 from pathlib import Path
 
-from _common import machine, thread_env  # benchmarks/ is on sys.path when run as a script
+from _common import load, machine, thread_env  # benchmarks/ is on sys.path when run as a script
 
 N_BATCH, D_IN, M1 = 100, 3072, 50
 TARGET = 0.40
-
-
-def load(data_dir: str | None):  # type: ignore[no-untyped-def]
-    """(X uint8 (n, 3072), y, mean, std) of the training split."""
-    import numpy as np
-
-    if data_dir:
-        from klayer.data import load_cifar10
-        from klayer.fetch import locate_cifar10
-
-        data = load_cifar10(locate_cifar10(data_dir))
-        return data.train.X, data.train.y, data.mean, data.std
-    rng = np.random.default_rng(0)
-    X = rng.integers(0, 256, size=(45000, 3072), dtype=np.uint8)
-    y = rng.integers(0, 10, size=45000)
-    return X, y, X[:5000].mean(axis=0), X[:5000].std(axis=0) + 1e-3
 
 
 def step_flops(widths: list[tuple[int, int]], n: int) -> int:

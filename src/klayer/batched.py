@@ -29,6 +29,7 @@ from .config import TrainConfig
 from .data import Data
 from .layers import Array
 from .network import Network
+from .optim import adam_moments
 
 __all__ = ["BATCHABLE", "BatchedTrainer", "Stack", "batch_key", "check_batchable",
            "evaluate_many", "softmax_cross_entropy"]
@@ -113,17 +114,7 @@ class _Optimizer:
             p *= stack.per_trial(name, 1 - lr * self.weight_decay)
         m = self.state.setdefault("m", {}).setdefault(name, np.zeros_like(p))
         v = self.state.setdefault("v", {}).setdefault(name, np.zeros_like(p))
-        m *= self.beta1
-        np.multiply(g, 1 - self.beta1, out=buf)
-        m += buf
-        v *= self.beta2
-        np.multiply(g, g, out=buf)
-        buf *= 1 - self.beta2
-        v += buf
-        np.sqrt(v, out=buf)
-        buf /= (1 - self.beta2**self.t) ** 0.5
-        buf += self.eps
-        np.divide(m, buf, out=buf)
+        adam_moments(m, v, g, buf, self.beta1, self.beta2, self.eps, self.t)
         buf *= stack.per_trial(name, lr / (1 - self.beta1**self.t))
 
 

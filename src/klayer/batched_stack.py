@@ -20,7 +20,7 @@ import numpy as np
 
 from .data import Data
 from .layers import Array, dropout_mask
-from .network import Metrics, Network
+from .network import Metrics, Network, update_running
 
 EVAL_CHUNK = 5000  # rows per evaluation chunk, as train.EVAL_CHUNK
 
@@ -184,18 +184,8 @@ class Stack:
         return y, (x_hat, inv_std)
 
     def _update_running(self, l: int, mu: Array, var: Array, n: int) -> None:
-        alpha = self.config.bn_alpha
-        mu_av, var_av = self.stats[f"mu{l}"], self.stats[f"var{l}"]
-        if self.config.bn_convention == "pytorch":
-            var = var * (n / max(n - 1, 1))
-        elif self.bn_updates == 0:
-            mu_av[...] = mu
-            var_av[...] = var
-            return
-        mu_av *= alpha
-        mu_av += (1 - alpha) * mu
-        var_av *= alpha
-        var_av += (1 - alpha) * var
+        update_running(self.stats[f"mu{l}"], self.stats[f"var{l}"], mu, var, n,
+                       self.config, first=self.bn_updates == 0)
 
     # --- backward -----------------------------------------------------------
 

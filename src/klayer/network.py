@@ -58,6 +58,27 @@ class Metrics(NamedTuple):
     accuracy: float  # fraction correct
 
 
+def update_running(mu_av: Array, var_av: Array, mu: Array, var: Array, n: int,
+                   config: NetConfig, first: bool) -> None:
+    """In place: mu_av <- alpha mu_av + (1 - alpha) mu (and the same for the variance).
+
+    The assignment's convention starts from the first batch's statistics; PyTorch's
+    starts from 0 / 1 and stores the unbiased variance. Any shapes that broadcast
+    (one network's (m,) or a stack of trials').
+    """
+    alpha = config.bn_alpha
+    if config.bn_convention == "pytorch":
+        var = var * (n / max(n - 1, 1))  # torch stores the unbiased variance
+    elif first:  # assignment: start from the first batch
+        mu_av[...] = mu
+        var_av[...] = var
+        return
+    mu_av *= alpha
+    mu_av += (1 - alpha) * mu
+    var_av *= alpha
+    var_av += (1 - alpha) * var
+
+
 class Network:
     """A k-layer fully-connected classifier with optional batch norm, dropout and skips.
 
@@ -212,19 +233,8 @@ class Network:
         return y, cache
 
     def _update_running(self, l: int, mu: Array, var: Array, n: int) -> None:
-        """mu_av <- alpha mu_av + (1 - alpha) mu (and the same for the variance)."""
-        alpha = self.config.bn_alpha
-        mu_av, var_av = self.stats[f"mu{l}"], self.stats[f"var{l}"]
-        if self.config.bn_convention == "pytorch":
-            var = var * (n / max(n - 1, 1))  # torch stores the unbiased variance
-        elif self.bn_updates == 0:  # assignment: start from the first batch
-            mu_av[...] = mu
-            var_av[...] = var
-            return
-        mu_av *= alpha
-        mu_av += (1 - alpha) * mu
-        var_av *= alpha
-        var_av += (1 - alpha) * var
+        update_running(self.stats[f"mu{l}"], self.stats[f"var{l}"], mu, var, n,
+                       self.config, first=self.bn_updates == 0)
 
     def set_population_stats(
         self, sink: list[tuple[int, Array, Array]], sizes: list[int]

@@ -181,19 +181,26 @@ class Adam(Optimizer):
         if self.weight_decay and name.startswith("W"):
             p *= 1 - lr * self.weight_decay
         m, v = self._slot("m", name, p), self._slot("v", name, p)
-        m *= self.beta1
-        np.multiply(g, 1 - self.beta1, out=buf)
-        m += buf
-        v *= self.beta2
-        np.multiply(g, g, out=buf)
-        buf *= 1 - self.beta2
-        v += buf
-        np.sqrt(v, out=buf)
-        buf /= (1 - self.beta2**self.t) ** 0.5
-        buf += self.eps
-        np.divide(m, buf, out=buf)
+        adam_moments(m, v, g, buf, self.beta1, self.beta2, self.eps, self.t)
         buf *= lr / (1 - self.beta1**self.t)
         p -= buf
+
+
+def adam_moments(m: Array, v: Array, g: Array, buf: Array, beta1: float, beta2: float,
+                 eps: float, t: int) -> None:
+    """In place: update the moments m, v with g and write m / (sqrt(v / (1 - b2^t)) + eps)
+    into buf: Adam's step before its scale lr / (1 - b1^t)."""
+    m *= beta1
+    np.multiply(g, 1 - beta1, out=buf)
+    m += buf
+    v *= beta2
+    np.multiply(g, g, out=buf)
+    buf *= 1 - beta2
+    v += buf
+    np.sqrt(v, out=buf)
+    buf /= (1 - beta2**t) ** 0.5
+    buf += eps
+    np.divide(m, buf, out=buf)
 
 
 def adamw(beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,

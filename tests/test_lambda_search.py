@@ -8,8 +8,16 @@ from pathlib import Path
 from optuna.trial import TrialState
 
 from klayer import search
-from klayer.lambda_search import COARSE, TOP_K, OptunaEngine, Trial, finer_range
-from klayer.runner import Context
+from klayer.lambda_search import (
+    COARSE,
+    TOP_K,
+    OptunaEngine,
+    Trial,
+    central_lambda,
+    contenders,
+    finer_range,
+)
+from klayer.runner import Context, Outcome
 
 
 def two_stages(out: Path) -> tuple[list[Trial], list[Trial], tuple[float, float]]:
@@ -35,7 +43,8 @@ def test_stages_are_a_study_and_its_child(tmp_path: Path) -> None:
             assert math.log10(t.params["lambda"]) == mine.log_lam
             assert t.value == mine.val_accuracy and t.intermediate_values
     _, info = search.load_study("lambda-fine", journal)
-    top = sorted(coarse, key=lambda t: -t.val_accuracy)[:TOP_K]
+    top = contenders(coarse)
+    assert len(top) >= TOP_K
     assert info.parent is not None and info.parent["study"] == "lambda-coarse"
     assert info.parent["trials"] == [t.number for t in top]
     assert info.space["lambda"]["low"] == 10**lo and info.space["lambda"]["high"] == 10**hi
@@ -49,3 +58,31 @@ def test_a_rerun_starts_a_fresh_journal_and_draws_the_same_lambdas(tmp_path: Pat
     assert [t.log_lam for t in first[0] + first[1]] == [t.log_lam for t in again[0] + again[1]]
     study, _ = search.load_study("lambda-coarse", str(tmp_path / "lambda-search" / "journal.log"))
     assert len(study.get_trials()) == 4
+
+
+def fake(number: int, log_lam: float, val: float, n_val: int = 5000) -> Trial:
+    return Trial(number, "coarse", log_lam,
+                 Outcome("t", 0, {}, {"val_accuracy": val, "n_val": n_val}, []))
+
+
+def test_contenders_keep_every_trial_within_two_standard_errors() -> None:
+    # best 0.52 on 5000 images: SE = sqrt(0.52 * 0.48 / 5000) = 0.00707, 2 SE = 0.0141
+    trials = [fake(0, -2.7, 0.520), fake(1, -2.0, 0.510), fake(2, -1.7, 0.507),
+              fake(3, -3.1, 0.5065), fake(4, -4.0, 0.500), fake(5, -1.2, 0.480)]
+    assert [t.number for t in contenders(trials)] == [0, 1, 2, 3]  # 4 > TOP_K
+    lo, hi = finer_range(trials, *COARSE)
+    assert math.isclose(lo, -3.1 - 0.35) and math.isclose(hi, -1.7 + 0.35)
+    # with 50,000 validation images the SE is a third: none is close, the TOP_K best stay
+    many = [fake(t.number, t.log_lam, t.val_accuracy, 50000) for t in trials]
+    assert [t.number for t in contenders(many)] == [0, 1, 2]
+    assert len(contenders(many[:2])) == 2
+
+
+def test_the_chosen_lambda_is_the_centre_of_the_contenders_span() -> None:
+    trials = [fake(0, -2.7, 0.520), fake(1, -2.0, 0.510), fake(2, -1.7, 0.507),
+              fake(3, -3.1, 0.5065), fake(4, -4.0, 0.500), fake(5, -1.2, 0.480)]
+    mid, lo, hi = central_lambda(trials)
+    assert (lo, hi) == (-3.1, -1.7) and math.isclose(mid, -2.4)
+    # a lucky trial far from the others moves the choice only if it is a contender
+    trials.append(fake(6, -4.5, 0.490))
+    assert central_lambda(trials)[0] == mid

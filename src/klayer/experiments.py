@@ -322,7 +322,7 @@ def summary_section(sections: list[Section]) -> Section:
     if "lambda-search" in f:
         d = f["lambda-search"]
         items.append(["iii. Lambda search",
-                      f"l in [{d['lo']:g}, {d['hi']:g}] coarse, then fine; best λ = "
+                      f"l in [{d['lo']:g}, {d['hi']:g}] coarse, then fine; chosen λ = "
                       f"{d['best_lambda']:.3g}; 3-cycle test accuracy {100 * d['test']:.2f} %"])
     if "init-sensitivity" in f:
         d = f["init-sensitivity"]

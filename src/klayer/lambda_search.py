@@ -2,12 +2,24 @@
 
 l is drawn uniformly in [l_min, l_max] and lambda = 10^l. The coarse stage covers
 [-5, -1] with 2-cycle trainings; each finer stage searches around the trials with the
-best validation accuracy; finally the best lambda is retrained for 3 cycles and its
-test accuracy reported. The stages ask an *engine* for trials, so the search method
-can be swapped without touching the rest. The engine here keeps each stage as a klayer
-search study on Optuna (``search``), in a journal file in the experiment's folder: the
-coarse study, then a fine study that is its child (the parent and its top trials are
-recorded in its attributes). Optuna's random sampler draws lambda log-uniformly (l
+best validation accuracy; finally the chosen lambda is retrained for 3 cycles and its
+test accuracy reported.
+
+One 2-cycle training's validation accuracy on 5,000 images is noisy: its binomial
+standard error is about 0.7 points, wider than the spread between the good values of
+lambda. So the search does not trust a single best trial. The contenders are the
+trials within two standard errors of the best (``contenders``): none of them is
+distinguishably worse. A finer stage spans all of them, not just the top few; and the
+lambda retrained is the centre of their span in log10 lambda (``central_lambda``): the
+accuracy is flat at the top and falls steeply at both ends, so the centre of the
+indistinguishable region is the choice farthest from either edge, and it does not
+move with whichever trial the noise favoured.
+
+The stages ask an *engine* for trials, so the search method can be swapped without
+touching the rest. The engine here keeps each stage as a klayer search study on Optuna
+(``search``), in a journal file in the experiment's folder: the coarse study, then a
+fine study that is its child (the parent and its contenders are recorded in its
+attributes). Optuna's random sampler draws lambda log-uniformly (l
 uniform); the trials train in the experiment's process pool (``--jobs``) and are told
 their validation accuracy, so ``klayer search status --storage OUT/lambda-search/
 journal.log --study lambda-fine`` (or optuna-dashboard) shows them.
@@ -18,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import optuna
@@ -32,7 +45,8 @@ from .search_study import create_study, load_study, trial_seed
 from .search_worker import worker_id
 
 COARSE = (-5.0, -1.0)
-TOP_K = 3  # a finer stage spans the best TOP_K trials of the previous one, plus a margin
+TOP_K = 3  # a finer stage spans at least the best TOP_K trials of the previous one,
+SE_WIDTH = 2.0  # and every trial within SE_WIDTH standard errors of the best, plus a margin
 MARGIN, MIN_MARGIN = 0.25, 0.2  # of that span on each side; at least MIN_MARGIN in l
 
 
@@ -81,9 +95,10 @@ class OptunaEngine:
             _tell(study, trial, o, first + i)
         trials = [Trial(first + i, name, math.log10(lam), o)
                   for i, (lam, o) in enumerate(zip(lams, outcomes, strict=True))]
-        top = sorted(trials, key=lambda t: -t.val_accuracy)[:TOP_K]
-        self.parent = {"study": study.study_name, "top_k": TOP_K, "margin": MARGIN,
-                       "min_margin": MIN_MARGIN, "trials": [t.number - first for t in top],
+        top = contenders(trials)
+        self.parent = {"study": study.study_name, "top_k": TOP_K, "se_width": SE_WIDTH,
+                       "margin": MARGIN, "min_margin": MIN_MARGIN,
+                       "trials": [t.number - first for t in top],
                        "best_value": top[0].val_accuracy, "space": space}
         return trials
 
@@ -125,12 +140,34 @@ def _run_each(ctx: Context, specs_seeds: Sequence[tuple[RunSpec, int]]) -> list[
     return ctx.map_jobs(jobs)
 
 
+def contenders(trials: Sequence[Trial]) -> list[Trial]:
+    """The trials, best first, whose validation accuracy is within SE_WIDTH standard
+    errors of the best one's (at least the TOP_K best).
+
+    SE = sqrt(p (1 - p) / n_val) is the binomial standard error of the best accuracy p
+    measured on n_val validation images: trials closer than that to the best are not
+    distinguishably worse, so a finer stage must keep them in its range.
+    """
+    ranked = sorted(trials, key=lambda t: -t.val_accuracy)
+    p = ranked[0].val_accuracy
+    n_val = max(int(ranked[0].outcome.summary.get("n_val", 1)), 1)
+    floor = p - SE_WIDTH * math.sqrt(max(p * (1 - p), 0.0) / n_val)
+    close = [t for t in ranked if t.val_accuracy >= floor]
+    return close if len(close) >= TOP_K else ranked[:TOP_K]
+
+
 def finer_range(trials: Sequence[Trial], lo: float, hi: float) -> tuple[float, float]:
-    """The span of the TOP_K best trials' l, widened by a quarter of it (at least 0.2)."""
-    top = sorted(trials, key=lambda t: -t.val_accuracy)[:TOP_K]
+    """The span of the contenders' l, widened by a quarter of it (at least 0.2)."""
+    top = contenders(trials)
     a, b = min(t.log_lam for t in top), max(t.log_lam for t in top)
     margin = max(MARGIN * (b - a), MIN_MARGIN)
     return max(lo, a - margin), min(hi, b + margin)
+
+
+def central_lambda(trials: Sequence[Trial]) -> tuple[float, float, float]:
+    """(l_mid, l_lo, l_hi): the span [l_lo, l_hi] of the contenders' l, and its centre."""
+    ls = [t.log_lam for t in contenders(trials)]
+    return (min(ls) + max(ls)) / 2, min(ls), max(ls)
 
 
 def lambda_search(ctx: Context, engine: Engine | None = None) -> Section:
@@ -145,27 +182,42 @@ def lambda_search(ctx: Context, engine: Engine | None = None) -> Section:
         stages.append((name, lo, hi, engine.stage(ctx, name, lo, hi, n, first)))
     trials = [t for s in stages for t in s[3]]
     best = max(trials, key=lambda t: t.val_accuracy)
-    final = ctx.run([RunSpec("best lambda, 3 cycles", {"lambda": 10**best.log_lam, "cycles": 3})])
+    chosen, span_lo, span_hi = central_lambda(trials)
+    final = ctx.run([RunSpec("chosen lambda, 3 cycles", {"lambda": 10**chosen, "cycles": 3})])
     test = values(final, "test_accuracy")
     tables = [_stage_table(name, lo, hi, ts) for name, lo, hi, ts in stages]
-    tables.append(Table("Best lambda retrained for 3 cycles",
-                        ["lambda", "log10 lambda", "seeds", "test accuracy"],
-                        [[f"{10**best.log_lam:.3g}", f"{best.log_lam:.3f}",
+    tables.append(Table("Chosen lambda retrained for 3 cycles",
+                        ["lambda", "log10 lambda", "contenders' span of log10 lambda", "seeds",
+                         "test accuracy"],
+                        [[f"{10**chosen:.3g}", f"{chosen:.3f}", f"[{span_lo:.3f}, {span_hi:.3f}]",
                           ",".join(str(o.seed) for o in final), fmt_pct(test)]]))
+    text = [f"Coarse stage: l uniform in [{COARSE[0]:g}, {COARSE[1]:g}], λ = 10^l, {n} trials of "
+            f"2 cycles; fine stage: l in [{stages[1][1]:.2f}, {stages[1][2]:.2f}], spanning "
+            f"the coarse trials within {SE_WIDTH:g} standard errors of the best validation "
+            f"accuracy (at least the {TOP_K} best). Each trial's seed is "
+            f"SeedSequence([seed, trial]).",
+            f"Best single trial: λ = {10**best.log_lam:.3g} (validation "
+            f"{100 * best.val_accuracy:.2f} %). The {len(contenders(trials))} trials within "
+            f"{SE_WIDTH:g} standard errors of it span l in [{span_lo:.2f}, {span_hi:.2f}]; "
+            f"the chosen λ is the centre of that span, **{10**chosen:.3g}**. Retrained for "
+            f"3 cycles it reaches **{fmt_pct(test)}** test accuracy."]
+    fig = Figure("Validation accuracy of every trial against log10(lambda), by stage; the "
+                 "band is the contenders' span, the line the chosen lambda",
+                 _scatter(ctx, stages, (span_lo, chosen, span_hi)))
+    return Section("lambda-search", text=text, tables=tables, figures=[fig],
+                   facts={"best_lambda": 10**chosen, "test": mean_std(test)[0],
+                          "lo": COARSE[0], "hi": COARSE[1]})
+
+
+def _scatter(ctx: Context, stages: Sequence[tuple[str, float, float, list[Trial]]],
+             span: tuple[float, float, float]) -> Path:
+    """The figure: each stage's (l, validation accuracy), the contenders' span, the choice."""
     path = ctx.out / "figures" / "lambda-search.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_panels(path, [("validation accuracy against lambda", lambda ax: plot_scatter(
+    return save_panels(path, [("validation accuracy against lambda", lambda ax: plot_scatter(
         ax, [(f"{s[0]} [{s[1]:.2f}, {s[2]:.2f}]", [t.log_lam for t in s[3]],
-              [t.val_accuracy for t in s[3]]) for s in stages]))], ncols=1, size=(7, 4.2))
-    text = [f"Coarse stage: l uniform in [{COARSE[0]:g}, {COARSE[1]:g}], λ = 10^l, {n} trials of "
-            f"2 cycles; fine stage: l in [{stages[1][1]:.2f}, {stages[1][2]:.2f}], around the "
-            f"{TOP_K} best coarse trials. Each trial's seed is SeedSequence([seed, trial]).",
-            f"Best λ = **{10**best.log_lam:.3g}** (validation {100 * best.val_accuracy:.2f} %); "
-            f"retrained for 3 cycles it reaches **{fmt_pct(test)}** test accuracy."]
-    fig = Figure("Validation accuracy of every trial against log10(lambda), by stage", path)
-    return Section("lambda-search", text=text, tables=tables, figures=[fig],
-                   facts={"best_lambda": 10**best.log_lam, "test": mean_std(test)[0],
-                          "lo": COARSE[0], "hi": COARSE[1]})
+              [t.val_accuracy for t in s[3]]) for s in stages], span))],
+        ncols=1, size=(7, 4.2))
 
 
 def _stage_table(name: str, lo: float, hi: float, trials: Sequence[Trial]) -> Table:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -142,6 +143,26 @@ def test_status_best_and_retrain(lam_study: Path) -> None:
     js = json.loads(klayer("search", "status", "--study", "lam", "--json",
                            cwd=lam_study).stdout)
     assert [t["number"] for t in js] == [t.number for t in ts]
+
+
+def test_retrain_with_several_seeds_reports_their_mean(lam_study: Path) -> None:
+    b = klayer("search", "best", "--study", "lam", "--retrain", "--cycles", "1", "--seeds", "3",
+               "--quiet", "--out", "three", cwd=lam_study)
+    assert b.returncode == 0, b.stderr
+    study, info = search.load_study("lam", journal(lam_study, "lam"))
+    r = study.user_attrs["retrain"]
+    best_seed = study.best_trial.user_attrs["seed"]
+    assert r["seeds"] == search.retrain_seeds(best_seed, 3) and r["seeds"][0] == best_seed
+    assert len(set(r["seeds"])) == 3
+    tests = [json.loads((lam_study / "three" / f"seed-{s}" / "summary.json").read_text())
+             ["test_accuracy"] for s in r["seeds"]]
+    assert r["test_accuracies"] == tests
+    assert math.isclose(r["test_accuracy"], sum(tests) / 3)
+    assert f"mean {r['test_accuracy']:.2%}" in b.stdout
+    bad = klayer("search", "best", "--study", "lam", "--seeds", "2", cwd=lam_study)
+    assert bad.returncode == 2 and "--retrain" in bad.stderr
+    bad = klayer("search", "best", "--study", "lam", "--retrain", "--seeds", "0", cwd=lam_study)
+    assert bad.returncode == 2 and "--seeds" in bad.stderr
 
 
 def test_coarse_to_fine_child_study(lam_study: Path) -> None:

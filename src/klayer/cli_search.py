@@ -19,7 +19,10 @@ from .cli_common import (
 )
 
 if TYPE_CHECKING:
+    import optuna
+
     from .config import TrainConfig
+    from .search_study import StudyInfo
 
 
 def _study_flags(p: argparse.ArgumentParser) -> None:
@@ -121,6 +124,9 @@ def _add_best(sub: Any) -> None:
     b.add_argument("--retrain", action="store_true",
                    help="train the best configuration again and report its test accuracy")
     b.add_argument("--cycles", type=float, help="--retrain: cycles of the cyclic schedule")
+    b.add_argument("--seeds", type=int, metavar="N",
+                   help="--retrain: train N times (the trial's seed, then SeedSequence([seed, "
+                        "i])) into OUT/seed-S and report the mean test accuracy (default 1)")
     b.add_argument("--data-dir", help="folder holding CIFAR-10 (or set $KLAYER_DATA_DIR)")
     b.add_argument("--out", metavar="DIR",
                    help="--retrain: run folder (default RUNS/search/STUDY/best-trial-N)")
@@ -288,6 +294,8 @@ def run_best(args: argparse.Namespace) -> int:
 
     if args.cycles is not None and not args.cycles > 0:
         raise UsageError(f"--cycles must be > 0, got {args.cycles}")
+    if args.seeds is not None and args.seeds < 1:
+        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
     study, info = search.load_study(args.study, _storage(args))
     best, cfg = search.best_config(study, info, args.cycles, args.data_dir)
     test = best.user_attrs.get("test_accuracy")
@@ -295,26 +303,40 @@ def run_best(args: argparse.Namespace) -> int:
           + (f", test {test:.2%}" if isinstance(test, float) else "")
           + f"  {search.fmt_params(best.params)}  (seed {cfg.seed})")
     if not args.retrain:
-        if args.cycles is not None or args.out:
-            raise UsageError("--cycles and --out go with --retrain")
+        if args.cycles is not None or args.out or args.seeds is not None:
+            raise UsageError("--cycles, --seeds and --out go with --retrain")
         return EXIT_OK
-    from . import train
+    return _retrain(args, study, info, best.number, cfg)
+
+
+def _retrain(args: argparse.Namespace, study: optuna.Study, info: StudyInfo, number: int,
+             cfg: TrainConfig) -> int:
+    """``search best --retrain``: train the best configuration again, print the results."""
+    from . import search, train
     from .cli_train import Progress, print_summary
 
+    seeds = args.seeds or 1
     out = Path(args.out) if args.out else search.study_dir(args.study, args.runs_dir) / (
-        f"best-trial-{best.number}" + (f"-{args.cycles:g}cycles" if args.cycles else ""))
+        f"best-trial-{number}" + (f"-{args.cycles:g}cycles" if args.cycles else ""))
     check_writable(out)
     data = search.load_study_data(info, args.data_dir)
     plan = train.make_plan(cfg, len(data.train.y))
-    print(f"retraining #{best.number} for {plan.total_steps} steps"
-          + (f" ({args.cycles:g} cycles)" if args.cycles else "") + f" into {out}")
-    progress = Progress(plan.total_steps, quiet=args.quiet)
+    print(f"retraining #{number} for {plan.total_steps} steps"
+          + (f" ({args.cycles:g} cycles)" if args.cycles else "")
+          + (f" with {seeds} seeds" if seeds > 1 else "") + f" into {out}")
+    progress = Progress(plan.total_steps * seeds, quiet=args.quiet)
     try:
-        _, result = search.retrain_best(study, info, args.cycles, out, args.data_dir,
-                                        callback=progress, data=data)
+        _, results = search.retrain_best(study, info, args.cycles, out, args.data_dir,
+                                         callback=progress, data=data, seeds=seeds)
     finally:
         progress.close()
-    print_summary(result.summary)
+    for r in results:
+        print_summary(r.summary)
+    if seeds > 1:
+        r = study.user_attrs["retrain"]
+        print(f"\ntest accuracy over seeds {', '.join(map(str, r['seeds']))}: "
+              f"{', '.join(f'{a:.2%}' for a in r['test_accuracies'])}; "
+              f"mean {r['test_accuracy']:.2%} +- {r['test_std']:.2%}")
     print(f"run folder: {out}")
     return EXIT_OK
 

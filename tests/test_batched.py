@@ -31,10 +31,7 @@ def image_data() -> Data:
 
 def lone(cfg: TrainConfig, data: Data, order_seed: int) -> Trainer:
     """A lone Trainer fed the mini-batch order (and augmentation) of ``order_seed``."""
-    tr = Trainer(cfg, data)
-    streams = np.random.SeedSequence(order_seed).spawn(4)
-    tr.shuffle_rng, tr.aug_rng = np.random.default_rng(streams[1]), np.random.default_rng(
-        streams[3])
+    tr = Trainer(replace(cfg, order_seed=order_seed), data)
     while tr.t < tr.plan.total_steps:
         tr.step()
     return tr

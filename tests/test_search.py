@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from klayer import search
+from klayer import search, train
 from klayer.config import TrainConfig
 
 # About 0.1-0.3 s per trial on synthetic data.
@@ -226,6 +227,18 @@ def test_batched_worker_trains_trials_together(tmp_path: Path) -> None:
     assert all(t.user_attrs["batch"] == [0, 1, 2, 3] for t in ts)
     assert {t.user_attrs["order_seed"] for t in ts} == {ts[0].user_attrs["seed"]}
     assert len({t.user_attrs["seed"] for t in ts}) == 4
+    # a trial retrained alone replays its batch's mini-batch order, so it ends where the
+    # trial did (float32: the wide first-layer product rounds a little differently)
+    study, info = search.load_study("b", journal(tmp_path, "b"))
+    data = search.load_study_data(info)
+    for t in ts:
+        cfg = search.trial_config(t, info)
+        assert cfg.shuffle_seed == ts[0].user_attrs["seed"] and cfg.seed == t.user_attrs["seed"]
+        alone = train.train(cfg, data).summary
+        assert alone["val_loss"] == pytest.approx(t.user_attrs["val_loss"], rel=1e-4)
+        own = train.train(replace(cfg, order_seed=None), data).summary  # its own order
+        if t.number:
+            assert own["val_loss"] != pytest.approx(t.user_attrs["val_loss"], rel=1e-4)
 
 
 def test_sigterm_fails_the_running_trials_of_every_worker(tmp_path: Path) -> None:

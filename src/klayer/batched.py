@@ -125,7 +125,8 @@ class BatchedTrainer:
     all trials take ``total_steps`` updates of ``steps_per_epoch`` per epoch. Trial i's
     network starts as a lone ``Trainer``'s would (initialization and dropout from
     SeedSequence(cfgs[i].seed)); shuffling and augmentation come from
-    SeedSequence(order_seed), default the first trial's seed. A trial whose cost
+    SeedSequence(order_seed), default the first trial's ``order_seed`` or else its seed
+    (a lone Trainer given that ``order_seed`` sees the same mini-batches). A trial whose cost
     becomes NaN or infinite is dropped from the stack and its reason kept in
     ``diverged`` (index -> message); the others go on.
     """
@@ -150,7 +151,7 @@ class BatchedTrainer:
             nets.append(Network(c.net_config(d=data.d, num_classes=data.num_classes),
                                 rng=init_rng))
             self.dropout_rngs.append(dropout_rng)
-        order = np.random.SeedSequence(cfgs[0].seed if order_seed is None else order_seed)
+        order = np.random.SeedSequence(cfgs[0].shuffle_seed if order_seed is None else order_seed)
         _, self.shuffle_rng, _, self.aug_rng = (np.random.default_rng(s) for s in order.spawn(4))
         self.stack = Stack(nets)
         self.opt = _Optimizer(self.cfg)

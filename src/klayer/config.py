@@ -200,6 +200,8 @@ class TrainConfig:
                                "interrupt)")
     evals_per_cycle: int = _f(10, "evaluations of train/val metrics per cycle (or per run / 2)")
     seed: int = _f(0, "seed of initialization, shuffling, dropout and augmentation")
+    order_seed: int | None = _f(None, "seed of the mini-batch order and augmentation instead "
+                                "(default: seed; a batched search trial's order_seed)")
     name: str = _f("run", "run name, used in the default output folder")
 
     def __post_init__(self) -> None:
@@ -216,6 +218,8 @@ class TrainConfig:
             _check_int(name, getattr(self, name), 0)
         if self.n_s is not None:
             _check_int("n_s", self.n_s, 1)
+        if self.order_seed is not None:
+            _check_int("order_seed", self.order_seed, 0)
         if self.steps is not None:
             _check_int("steps", self.steps, 1)
         for name in ("eta_min", "eta_max", "eta", "decay", "adam_eps"):
@@ -236,6 +240,11 @@ class TrainConfig:
             raise ValueError(f"give only one training length, got {' and '.join(given)}")
         if self.cycles is not None and self.schedule != "cyclic":
             raise ValueError("cycles only applies to schedule = cyclic; use epochs or steps")
+
+    @property
+    def shuffle_seed(self) -> int:
+        """The seed of the mini-batch order and augmentation: order_seed, else seed."""
+        return self.seed if self.order_seed is None else self.order_seed
 
     def net_config(self, d: int, num_classes: int = 10) -> NetConfig:
         """The architecture part, for inputs of dimension d."""

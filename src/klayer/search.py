@@ -68,6 +68,7 @@ from .search_study import (
     masked,
     original_number,
     resolve_storage,
+    retrain_seeds,
     study_dir,
     top_trials,
     trial_seed,
@@ -80,19 +81,30 @@ __all__ = [
     "evaluate_trained", "fmt_duration", "fmt_params", "grid", "load_study", "load_study_data",
     "masked", "normalize_space", "parse_duration", "parse_param", "reap", "resolve_storage",
     "retrain_best", "retrain_seeds", "run_study", "run_workers", "status_text", "study_dir",
-    "top_trials", "trial_seed", "trials_json",
+    "top_trials", "trial_config", "trial_seed", "trials_json",
 ]
 
 
 def best_config(study: optuna.Study, info: StudyInfo, cycles: float | None = None,
                 data_dir: str | None = None) -> tuple[FrozenTrial, TrainConfig]:
-    """The best trial and its configuration (optionally trained for ``cycles`` cycles)."""
+    """The best trial and its ``trial_config``."""
     best = top_trials(study, 1)
     if not best:
         raise SearchError(f"study {info.name!r} has no COMPLETE trial yet")
-    b = best[0]
-    seed = int(b.user_attrs.get("seed", trial_seed(info.config.seed, original_number(b))))
-    cfg = config_for(info.config, b.params, seed)
+    return best[0], trial_config(best[0], info, cycles, data_dir)
+
+
+def trial_config(trial: FrozenTrial, info: StudyInfo, cycles: float | None = None,
+                 data_dir: str | None = None) -> TrainConfig:
+    """A trial's configuration (optionally trained for ``cycles`` cycles): its seed, and
+    the mini-batch order it trained on (``order_seed``: a batched trial's is its batch's
+    first trial's seed), so a retraining sees the same mini-batches."""
+    seed = int(trial.user_attrs.get("seed", trial_seed(info.config.seed,
+                                                       original_number(trial))))
+    cfg = config_for(info.config, trial.params, seed)
+    order = trial.user_attrs.get("order_seed")
+    if isinstance(order, int) and order != cfg.shuffle_seed:  # a batched trial's mini-batches
+        cfg = replace(cfg, order_seed=order)
     if data_dir is not None:
         cfg = replace(cfg, data_dir=data_dir)
     if cycles is not None:
@@ -100,18 +112,13 @@ def best_config(study: optuna.Study, info: StudyInfo, cycles: float | None = Non
             raise SearchError(f"--cycles needs the cyclic schedule; the study uses "
                               f"{cfg.schedule} (give --epochs or --steps instead)")
         cfg = replace(cfg, cycles=cycles, epochs=None, steps=None)
-    return b, cfg
+    return cfg
 
 
 def load_study_data(info: StudyInfo, data_dir: str | None = None) -> Data:
     """The study's data (loaded with its base configuration: synthetic data follow its seed)."""
     cfg = info.config if data_dir is None else replace(info.config, data_dir=data_dir)
     return train.load_data(cfg)
-
-
-def retrain_seeds(seed: int, n: int) -> list[int]:
-    """The seeds of n retrainings: the trial's own, then SeedSequence([seed, i]), i = 1..n-1."""
-    return [seed] + [trial_seed(seed, i) for i in range(1, n)]
 
 
 def retrain_best(study: optuna.Study, info: StudyInfo, cycles: float | None, out: Path,
@@ -132,8 +139,9 @@ def retrain_best(study: optuna.Study, info: StudyInfo, cycles: float | None, out
         data = load_study_data(info, data_dir)
     check_compatible(info, {}, data_fingerprint(data))
     results = []
-    for seed in retrain_seeds(cfg.seed, seeds):
-        result = train.train(replace(cfg, seed=seed, checkpoint_every=0), data, callback=callback)
+    for i, seed in enumerate(retrain_seeds(cfg.seed, seeds)):
+        run = cfg if i == 0 else replace(cfg, seed=seed, order_seed=info.config.order_seed)
+        result = train.train(replace(run, checkpoint_every=0), data, callback=callback)
         train.save_run(result, out if seeds == 1 else out / f"seed-{seed}")
         results.append(result)
     acc = {k: [r.summary[k] for r in results]

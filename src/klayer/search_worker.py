@@ -288,7 +288,7 @@ class Worker:
             "val_accuracy": s["val_accuracy"], "test_accuracy": s["test_accuracy"],
             "train_accuracy": s["train_accuracy"], "val_loss": s["val_loss"],
             "test_loss": s["test_loss"], "steps": s["steps"],
-            "seconds": time.perf_counter() - start, "order_seed": job.cfg.seed})
+            "seconds": time.perf_counter() - start, "order_seed": job.cfg.shuffle_seed})
 
     def _run_batch(self, group: list[_Job]) -> None:
         cfgs = [j.cfg for j in group]
@@ -297,12 +297,12 @@ class Worker:
         with self.guard.held():
             for j in group:
                 j.trial.set_user_attr("batch", numbers)
-                j.trial.set_user_attr("order_seed", cfgs[0].seed)
+                j.trial.set_user_attr("order_seed", cfgs[0].shuffle_seed)
         start = time.perf_counter()
         with self.guard.armed():
             bt = BatchedTrainer(cfgs, self.data, [p.lr for p in plans],
                                 plans[0].steps_per_epoch, plans[0].total_steps,
-                                order_seed=cfgs[0].seed)
+                                order_seed=cfgs[0].shuffle_seed)
             nets = bt.run()
             ok = [i for i, net in enumerate(nets) if net is not None]
             done = [net for net in nets if net is not None]

@@ -106,6 +106,9 @@ class Trainer:
         self.plan = make_plan(cfg, len(data.train.y))
         init_rng, self.shuffle_rng, self.dropout_rng, self.aug_rng = (
             np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(4))
+        if cfg.order_seed is not None:  # the mini-batch order of another seed's run
+            _, self.shuffle_rng, _, self.aug_rng = (
+                np.random.default_rng(s) for s in np.random.SeedSequence(cfg.shuffle_seed).spawn(4))
         self.net = Network(cfg.net_config(d=data.d, num_classes=data.num_classes), rng=init_rng)
         self.opt = make_optimizer_for(cfg)
         self.t = 0  # updates done

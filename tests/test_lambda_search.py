@@ -10,12 +10,15 @@ from optuna.trial import TrialState
 from klayer import search
 from klayer.lambda_search import (
     COARSE,
+    FINAL_SEEDS,
+    FINALISTS,
     TOP_K,
     OptunaEngine,
     Trial,
-    central_lambda,
     contenders,
+    finalists,
     finer_range,
+    race,
 )
 from klayer.runner import Context, Outcome
 
@@ -78,11 +81,20 @@ def test_contenders_keep_every_trial_within_two_standard_errors() -> None:
     assert len(contenders(many[:2])) == 2
 
 
-def test_the_chosen_lambda_is_the_centre_of_the_contenders_span() -> None:
-    trials = [fake(0, -2.7, 0.520), fake(1, -2.0, 0.510), fake(2, -1.7, 0.507),
-              fake(3, -3.1, 0.5065), fake(4, -4.0, 0.500), fake(5, -1.2, 0.480)]
-    mid, lo, hi = central_lambda(trials)
-    assert (lo, hi) == (-3.1, -1.7) and math.isclose(mid, -2.4)
-    # a lucky trial far from the others moves the choice only if it is a contender
-    trials.append(fake(6, -4.5, 0.490))
-    assert central_lambda(trials)[0] == mid
+def test_finalists_are_the_best_distinct_lambdas() -> None:
+    trials = [fake(0, -2.7, 0.520), fake(1, -2.0, 0.510), fake(2, -2.7, 0.515),
+              fake(3, -3.1, 0.5065), fake(4, -4.0, 0.500)]
+    assert [t.number for t in finalists(trials)] == [0, 1, 3][:FINALISTS]
+
+
+def test_the_race_retrains_each_finalist_with_several_seeds(tmp_path: Path) -> None:
+    ctx = Context({"dataset": "synthetic", "seed": 7}, quick=True, out=tmp_path,
+                  log=lambda s: None)
+    coarse = OptunaEngine().stage(ctx, "coarse", *COARSE, 4, 0)
+    finals = finalists(coarse)
+    raced = race(ctx, finals)
+    assert len(raced) == len(finals) == FINALISTS
+    for t, outs in zip(finals, raced, strict=True):
+        assert [o.seed for o in outs] == search.retrain_seeds(t.outcome.seed, FINAL_SEEDS)
+        assert all(o.config["lambda"] == 10**t.log_lam and o.config["cycles"] == 3
+                   for o in outs)

@@ -140,12 +140,11 @@ def plot_spread(ax: Axes, groups: Sequence[tuple[str, Sequence[Rows]]], key: str
 
 
 def plot_scatter(ax: Axes, stages: Sequence[tuple[str, Sequence[float], Sequence[float]]],
-                 span: tuple[float, float, float] | None = None) -> None:
+                 chosen: float | None = None) -> None:
     """Validation accuracy against log10(lambda), one marker colour per search stage;
-    optionally a band over span = (l_lo, l_chosen, l_hi) and a line at l_chosen."""
-    if span is not None:
-        ax.axvspan(span[0], span[2], color="0.9", label="contenders' span")
-        ax.axvline(span[1], color="0.3", lw=1.2, ls="--", label="chosen")
+    optionally a dashed line at the chosen log10(lambda)."""
+    if chosen is not None:
+        ax.axvline(chosen, color="0.3", lw=1.2, ls="--", label="chosen")
     for i, (stage, log_lams, accs) in enumerate(stages):
         ax.scatter(log_lams, np.asarray(accs) * 100, color=f"C{i % 10}", label=stage, s=22)
     ax.set_xlabel("log10(lambda)")

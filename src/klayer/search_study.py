@@ -157,6 +157,11 @@ def trial_seed(base_seed: int, number: int) -> int:
     return int(np.random.SeedSequence([base_seed, number]).generate_state(1)[0])
 
 
+def retrain_seeds(seed: int, n: int) -> list[int]:
+    """The seeds of n retrainings: the trial's own, then SeedSequence([seed, i]), i = 1..n-1."""
+    return [seed] + [trial_seed(seed, i) for i in range(1, n)]
+
+
 # --- data fingerprint ------------------------------------------------------------------------
 
 

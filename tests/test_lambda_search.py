@@ -85,6 +85,9 @@ def test_finalists_are_the_best_distinct_lambdas() -> None:
     trials = [fake(0, -2.7, 0.520), fake(1, -2.0, 0.510), fake(2, -2.7, 0.515),
               fake(3, -3.1, 0.5065), fake(4, -4.0, 0.500)]
     assert [t.number for t in finalists(trials)] == [0, 1, 3][:FINALISTS]
+    diverged = [fake(5, -1.1, float("nan")), *trials]  # NaN: a diverged trial, ranked last
+    assert [t.number for t in finalists(diverged)] == [0, 1, 3][:FINALISTS]
+    assert 5 not in [t.number for t in contenders(diverged)]
 
 
 def test_the_race_retrains_each_finalist_with_several_seeds(tmp_path: Path) -> None:

@@ -140,6 +140,15 @@ def _run_each(ctx: Context, specs_seeds: Sequence[tuple[RunSpec, int]]) -> list[
     return ctx.map_jobs(jobs)
 
 
+def ranked(trials: Sequence[Trial]) -> list[Trial]:
+    """Best validation accuracy first; diverged trials (NaN) last."""
+    return sorted(trials, key=lambda t: -_finite(t.val_accuracy))
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else -math.inf
+
+
 def contenders(trials: Sequence[Trial]) -> list[Trial]:
     """The trials, best first, whose validation accuracy is within SE_WIDTH standard
     errors of the best one's (at least the TOP_K best).
@@ -148,12 +157,12 @@ def contenders(trials: Sequence[Trial]) -> list[Trial]:
     measured on n_val validation images: trials closer than that to the best are not
     distinguishably worse, so a finer stage must keep them in its range.
     """
-    ranked = sorted(trials, key=lambda t: -t.val_accuracy)
-    p = ranked[0].val_accuracy
-    n_val = max(int(ranked[0].outcome.summary.get("n_val", 1)), 1)
+    order = ranked(trials)
+    p = order[0].val_accuracy
+    n_val = max(int(order[0].outcome.summary.get("n_val", 1)), 1)
     floor = p - SE_WIDTH * math.sqrt(max(p * (1 - p), 0.0) / n_val)
-    close = [t for t in ranked if t.val_accuracy >= floor]
-    return close if len(close) >= TOP_K else ranked[:TOP_K]
+    close = [t for t in order if t.val_accuracy >= floor]
+    return close if len(close) >= TOP_K else order[:TOP_K]
 
 
 def finer_range(trials: Sequence[Trial], lo: float, hi: float) -> tuple[float, float]:
@@ -167,7 +176,7 @@ def finer_range(trials: Sequence[Trial], lo: float, hi: float) -> tuple[float, f
 def finalists(trials: Sequence[Trial]) -> list[Trial]:
     """The FINALISTS best trials by validation accuracy (of distinct lambda)."""
     out: list[Trial] = []
-    for t in sorted(trials, key=lambda t: -t.val_accuracy):
+    for t in ranked(trials):
         if all(t.log_lam != f.log_lam for f in out):
             out.append(t)
     return out[:FINALISTS]
@@ -197,7 +206,8 @@ def lambda_search(ctx: Context, engine: Engine | None = None) -> Section:
     trials = [t for s in stages for t in s[3]]
     finals = finalists(trials)
     raced = race(ctx, finals)
-    k = max(range(len(finals)), key=lambda i: mean_std(values(raced[i], "val_accuracy"))[0])
+    k = max(range(len(finals)),
+            key=lambda i: _finite(mean_std(values(raced[i], "val_accuracy"))[0]))
     chosen, test = finals[k].log_lam, values(raced[k], "test_accuracy")
     tables = [_stage_table(name, lo, hi, ts) for name, lo, hi, ts in stages]
     tables.append(_race_table(finals, raced, k))
@@ -241,6 +251,6 @@ def _scatter(ctx: Context, stages: Sequence[tuple[str, float, float, list[Trial]
 def _stage_table(name: str, lo: float, hi: float, trials: Sequence[Trial]) -> Table:
     rows = [[str(t.number), f"{10**t.log_lam:.3g}", f"{t.log_lam:.3f}",
              f"{100 * t.val_accuracy:.2f} %", str(t.outcome.seed)]
-            for t in sorted(trials, key=lambda t: -t.val_accuracy)]
+            for t in ranked(trials)]
     return Table(f"{name} stage, l in [{lo:.2f}, {hi:.2f}], sorted by validation accuracy",
                  ["trial", "lambda", "log10 lambda", "validation", "seed"], rows)

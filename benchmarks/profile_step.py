@@ -1,0 +1,105 @@
+"""Where one training step's time goes: the phases of ``Trainer.step``, timed one by one.
+
+    python benchmarks/profile_step.py --data-dir DIR                  # 3-layer [50,50]
+    python benchmarks/profile_step.py --data-dir DIR --threads 1      # BLAS at one thread
+    python benchmarks/profile_step.py --hidden 50,30,20,20,10,10,10,10
+
+The recipe is ``bench_train.py``'s (float32, batch 100, batch norm, L2 0.005, SGD).
+After a warm-up, each of ``--steps`` steps runs the phases of ``Trainer.step`` in order
+with a clock read between them: gathering the mini-batch's uint8 rows, standardizing
+them, the forward pass, the loss and its gradient, the L2 penalty, the backward pass and
+the optimizer's update. It also times the first layer's two matrix products alone, so
+the rest of a step can be read off. Mean microseconds per step are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from _common import load, machine  # benchmarks/ is on sys.path when run as a script
+
+PHASES = ("gather", "standardize", "forward", "loss", "l2 penalty", "backward", "update")
+
+
+def profile(args: argparse.Namespace) -> dict[str, float]:
+    import numpy as np
+
+    from klayer.config import TrainConfig
+    from klayer.data import Data, Split
+    from klayer.losses import l2_penalty, softmax_cross_entropy
+    from klayer.train import Trainer
+
+    X, y, mean, std = load(args.data_dir)
+    small = Split(X[:200], y[:200])
+    data = Data(Split(X, y), small, small, 10, "bench", (3, 32, 32), mean=mean, std=std)
+    hidden = tuple(int(w) for w in args.hidden.split(","))
+    cfg = TrainConfig(hidden=hidden, lam=0.005, n_s=2250, n_batch=100, seed=0)
+    tr = Trainer(cfg, data)
+    for _ in range(args.warmup):
+        tr.step()
+    net, opt, clock = tr.net, tr.opt, time.perf_counter
+    total = dict.fromkeys(PHASES, 0.0)
+    order = np.random.default_rng(0).permutation(len(y))
+    per_epoch = len(y) // cfg.n_batch
+    for t in range(args.steps):
+        c0 = clock()
+        idx = order[(t % per_epoch) * 100 : (t % per_epoch + 1) * 100]
+        raw, yb = data.train.X[idx], data.train.y[idx]
+        c1 = clock()
+        Xb = data.standardize(raw, dtype=net.dtype)
+        c2 = clock()
+        scores, caches = net.forward(Xb, train=True)
+        c3 = clock()
+        loss, dscores = softmax_cross_entropy(scores, yb)
+        c4 = clock()
+        _cost = loss + l2_penalty(net.weights(), cfg.lam)
+        c5 = clock()
+        grads = net.backward(dscores, caches, cfg.lam)
+        c6 = clock()
+        opt.step(net.params, grads, 0.01)
+        c7 = clock()
+        for name, (a, b) in zip(PHASES, ((c0, c1), (c1, c2), (c2, c3), (c3, c4), (c4, c5),
+                                         (c5, c6), (c6, c7)), strict=True):
+            total[name] += b - a
+    us = {k: 1e6 * v / args.steps for k, v in total.items()}
+    W1, dS = net.params["W1"], np.ones((100, hidden[0]), np.float32)
+    start = clock()
+    for _ in range(args.steps):
+        Xb @ W1
+        Xb.T @ dS
+    us["first-layer products (alone)"] = 1e6 * (clock() - start) / args.steps
+    return us
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data-dir", help="CIFAR-10 folder (default: random uint8 stand-in data)")
+    p.add_argument("--hidden", default="50,50", help="hidden widths (default 50,50)")
+    p.add_argument("--steps", type=int, default=2000, help="profiled steps")
+    p.add_argument("--warmup", type=int, default=200, help="untimed steps first")
+    p.add_argument("--threads", type=int, help="BLAS threads (default: BLAS's own choice)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    args = p.parse_args()
+    if args.threads:
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(args.threads)  # before NumPy is imported
+    us = profile(args)
+    step = sum(us[k] for k in PHASES)
+    print(f"hidden {args.hidden}, BLAS threads {args.threads or 'default'}, {args.steps} steps "
+          f"({machine()})")
+    for k, v in us.items():
+        share = f"{100 * v / step:5.1f} %" if k in PHASES else ""
+        print(f"{k:<30} {v:8.1f} us  {share}")
+    print(f"{'step':<30} {step:8.1f} us  ({1e6 / step:.0f} steps/s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"benchmark": "step profile", "hidden": args.hidden,
+                                               "threads": args.threads, "us": us,
+                                               "machine": machine()}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

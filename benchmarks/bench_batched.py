@@ -9,13 +9,17 @@ learning rate, batches of 100) that differ in lambda (log-spaced 1e-5 .. 1e-1) a
 eta_max are trained three ways, each in a fresh process with the same BLAS thread count
 (1, as ``klayer search worker``):
 
-* ``sequential``: one after another as a search worker trains a lone trial,
-  ``train.train`` with its ``evals_per_cycle`` evaluations (curves) and final summary;
+* ``sequential``: one after another as a search worker trains a lone trial:
+  ``train.train`` with its ``evals_per_cycle`` evaluations of the validation set (the
+  learning curve the trial reports) and its final summary (train / val / test);
 * ``sequential-steps``: one after another, update steps only plus one final evaluation
   of train / val / test (no curves): the lone trial with nothing but training;
 * ``batched``: ``batched.BatchedTrainer`` (one wide first-layer product per step, shared
-  mini-batches) plus the shared final evaluation of train / val / test, as
-  ``klayer search worker --batch-trials T`` does.
+  mini-batches), its validation curves at the same steps and the shared final
+  evaluation of train / val / test, as ``klayer search worker --batch-trials T`` does.
+
+So ``sequential`` and ``batched`` produce the same results per trial (curve and final
+accuracies); ``sequential-steps`` shows the cost of the curves.
 
 The modes alternate over ``--repeats`` rounds; the median wall time of each gives its
 trials per hour and the ratio to ``sequential``.
@@ -83,7 +87,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     cfgs = configs(args)
     start = time.perf_counter()
     if args.mode == "sequential":
-        val = [train.train(c, data).summary["val_accuracy"] for c in cfgs]
+        val = [train.train(c, data, train_curve=False).summary["val_accuracy"] for c in cfgs]
     elif args.mode == "sequential-steps":
         val = []
         for c in cfgs:
@@ -94,7 +98,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     else:
         plans = [train.make_plan(c, len(data.train.y)) for c in cfgs]
         bt = BatchedTrainer(cfgs, data, [p.lr for p in plans], plans[0].steps_per_epoch,
-                            plans[0].total_steps)
+                            plans[0].total_steps, eval_every=plans[0].eval_every)
         nets = [n for n in bt.run() if n is not None]
         val = [r["val_accuracy"] for r in evaluate_trained(nets, cfgs, data)]
     return {"seconds": time.perf_counter() - start, "val_accuracy": val,

@@ -30,10 +30,10 @@ def image_data() -> Data:
 
 
 def lone(cfg: TrainConfig, data: Data, order_seed: int) -> Trainer:
-    """A lone Trainer fed the mini-batch order (and augmentation) of ``order_seed``."""
+    """A lone Trainer fed the mini-batch order (and augmentation) of ``order_seed``,
+    trained to the end (with its evaluations)."""
     tr = Trainer(replace(cfg, order_seed=order_seed), data)
-    while tr.t < tr.plan.total_steps:
-        tr.step()
+    tr.run()
     return tr
 
 
@@ -58,12 +58,15 @@ def test_four_trials_together_equal_four_alone(overrides: dict[str, object]) -> 
     cfgs = [replace(base, lam=lam, eta_max=em, eta=em / 2, seed=s) for lam, em, s in TRIALS]
     plans = [make_plan(c, data.train.n) for c in cfgs]
     bt = BatchedTrainer(cfgs, data, [p.lr for p in plans], plans[0].steps_per_epoch,
-                        plans[0].total_steps)
+                        plans[0].total_steps, eval_every=plans[0].eval_every)
     nets = bt.run()
     assert bt.t == plans[0].total_steps > 0 and not bt.diverged
-    for cfg, net in zip(cfgs, nets, strict=True):
+    for i, (cfg, net) in enumerate(zip(cfgs, nets, strict=True)):
         assert net is not None
-        ref = lone(cfg, data, order_seed=cfgs[0].seed).net
+        alone = lone(cfg, data, order_seed=cfgs[0].seed)
+        ref = alone.net
+        # the validation curve is the lone run's (which ends with one more evaluation)
+        assert bt.curves[i] == [(int(r["step"]), r["val_accuracy"]) for r in alone.rows[:-1]]
         assert net.bn_updates == ref.bn_updates
         for name in ref.params:
             np.testing.assert_allclose(net.params[name], ref.params[name], rtol=0, atol=1e-10,

@@ -227,6 +227,9 @@ def test_batched_worker_trains_trials_together(tmp_path: Path) -> None:
     assert all(t.user_attrs["batch"] == [0, 1, 2, 3] for t in ts)
     assert {t.user_attrs["order_seed"] for t in ts} == {ts[0].user_attrs["seed"]}
     assert len({t.user_attrs["seed"] for t in ts}) == 4
+    for t in ts:  # learning curves as lone trials report them: 2 per cycle of 40 steps, + end
+        assert sorted(t.intermediate_values) == [0, 20, 40]
+        assert t.intermediate_values[40] == t.value
     # a trial retrained alone replays its batch's mini-batch order, so it ends where the
     # trial did (float32: the wide first-layer product rounds a little differently)
     study, info = search.load_study("b", journal(tmp_path, "b"))

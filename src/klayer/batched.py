@@ -128,12 +128,13 @@ class BatchedTrainer:
     SeedSequence(order_seed), default the first trial's ``order_seed`` or else its seed
     (a lone Trainer given that ``order_seed`` sees the same mini-batches). A trial whose cost
     becomes NaN or infinite is dropped from the stack and its reason kept in
-    ``diverged`` (index -> message); the others go on.
+    ``diverged`` (index -> message); the others go on. With ``eval_every``, ``run``
+    records each trial's validation curve in ``curves``.
     """
 
     def __init__(self, cfgs: Sequence[TrainConfig], data: Data,
                  lrs: Sequence[Callable[[int], float]], steps_per_epoch: int,
-                 total_steps: int, order_seed: int | None = None) -> None:
+                 total_steps: int, order_seed: int | None = None, eval_every: int = 0) -> None:
         check_batchable(cfgs)
         if len(lrs) != len(cfgs):
             raise ValueError(f"{len(cfgs)} configurations but {len(lrs)} schedules")
@@ -157,6 +158,9 @@ class BatchedTrainer:
         self.opt = _Optimizer(self.cfg)
         self.t = 0
         self.order = np.arange(len(data.train.y))
+        self.eval_every = eval_every
+        # trial index -> [(step, validation accuracy)] every eval_every steps, from step 0
+        self.curves: dict[int, list[tuple[int, float]]] = {i: [] for i in range(len(cfgs))}
 
     def step(self) -> None:
         """One update of every remaining trial on the next shared mini-batch."""
@@ -203,10 +207,21 @@ class BatchedTrainer:
                     else v[rows]) for k, v in grads.items()}
 
     def run(self) -> list[Network | None]:
-        """Step to the end; each trial's network, or None where it diverged."""
+        """Step to the end (recording ``curves``); each trial's network, or None where it
+        diverged."""
         while self.t < self.total_steps and len(self.active):
+            if self.eval_every and self.t % self.eval_every == 0:
+                self.curve_point()
             self.step()
         return self.networks()
+
+    def curve_point(self) -> None:
+        """Every remaining trial's validation accuracy now, added to its curve (at the
+        steps where a lone Trainer with the same eval_every evaluates, and equal to it)."""
+        val = self.data.val
+        nets = self.stack.networks()
+        for i, m in zip(self.active, evaluate_many(nets, self.data, val.X, val.y), strict=True):
+            self.curves[int(i)].append((self.t, m.accuracy))
 
     def networks(self) -> list[Network | None]:
         out: list[Network | None] = [None] * (len(self.active) + len(self.diverged))

@@ -278,8 +278,9 @@ class Worker:
         try:
             with self.guard.armed():
                 # no run folder, so no checkpoints (they change nothing in the result)
+                # and no train-set curve: a trial reports only validation accuracies
                 result = train.train(replace(job.cfg, checkpoint_every=0), self.data,
-                                     callback=report)
+                                     callback=report, train_curve=False)
         except train.Diverged as e:
             self._fail(trial, job.params, f"diverged: {e}")
             return
@@ -302,7 +303,8 @@ class Worker:
         with self.guard.armed():
             bt = BatchedTrainer(cfgs, self.data, [p.lr for p in plans],
                                 plans[0].steps_per_epoch, plans[0].total_steps,
-                                order_seed=cfgs[0].shuffle_seed)
+                                order_seed=cfgs[0].shuffle_seed,
+                                eval_every=plans[0].eval_every)
             nets = bt.run()
             ok = [i for i, net in enumerate(nets) if net is not None]
             done = [net for net in nets if net is not None]
@@ -313,6 +315,10 @@ class Worker:
                 self._fail(job.trial, job.params, f"diverged: {bt.diverged[i]}")
                 continue
             r = results[ok.index(i)]
+            with self.guard.held(), suppress(optuna.exceptions.UpdateFinishedTrialError):
+                # the learning curve, as a lone trial reports it
+                for step, acc in [*bt.curves[i], (plans[i].total_steps, r["val_accuracy"])]:
+                    job.trial.report(acc, step)
             self._complete(job.trial, job.params, {
                 **r, "steps": plans[i].total_steps, "seconds": seconds / len(group)})
 

@@ -32,7 +32,7 @@ from .config import TrainConfig
 from .data import Data, DataError
 from .evaluation import EVAL_CHUNK, batches, evaluate, population_stats
 from .layers import Array
-from .network import Network
+from .network import Metrics, Network
 from .plan import Plan, load_data, make_optimizer_for, make_plan, validate, validate_for_data
 from .runfolder import (
     METRIC_FIELDS,
@@ -95,13 +95,15 @@ class Trainer:
     With ``run_dir``, ``run()`` keeps ``run_dir/metrics.csv`` current after every
     evaluation and checkpoints into ``run_dir/checkpoints`` every
     ``cfg.checkpoint_every`` steps, when ``should_stop`` asks for a stop and at the
-    end; ``resume()`` restores the newest usable checkpoint first.
+    end; ``resume()`` restores the newest usable checkpoint first. ``train_curve``: as
+    in ``train``.
     """
 
     def __init__(self, cfg: TrainConfig, data: Data,
                  callback: Callable[[str, dict[str, float]], None] | None = None,
-                 run_dir: str | Path | None = None) -> None:
+                 run_dir: str | Path | None = None, train_curve: bool = True) -> None:
         self.cfg, self.data, self.callback = cfg, data, callback
+        self.train_curve = train_curve  # False: evaluations before the last skip the train set
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.plan = make_plan(cfg, len(data.train.y))
         init_rng, self.shuffle_rng, self.dropout_rng, self.aug_rng = (
@@ -295,7 +297,9 @@ class Trainer:
         return bool(self.rows) and self.rows[-1]["step"] == t
 
     def _evaluate(self, start: float) -> None:
-        self.rows.append(_eval_row(self.net, self.data, self.cfg, self.plan, self.t, start))
+        full = self.train_curve or self.t >= self.plan.total_steps  # the summary needs train
+        self.rows.append(_eval_row(self.net, self.data, self.cfg, self.plan, self.t, start,
+                                   train_set=full))
         self.write_metrics()
         _notify(self.callback, "eval", self.rows[-1])
 
@@ -311,13 +315,16 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, data: Data,
-          callback: Callable[[str, dict[str, float]], None] | None = None) -> Result:
+          callback: Callable[[str, dict[str, float]], None] | None = None,
+          train_curve: bool = True) -> Result:
     """Train a fresh network on ``data`` with ``cfg``; return it with metrics and summary.
 
     ``callback(kind, info)`` is told of every step ("step": step, lr, loss) and every
-    evaluation ("eval": one metrics row).
+    evaluation ("eval": one metrics row). With ``train_curve`` false the evaluations
+    before the last one measure only the validation set (a search trial reports only
+    that; the training set is 9x larger), and their train columns are NaN.
     """
-    return Trainer(cfg, data, callback).run()
+    return Trainer(cfg, data, callback, train_curve=train_curve).run()
 
 
 def _augment(Xb: Array, data: Data, cfg: TrainConfig, rng: np.random.Generator) -> Array:
@@ -337,8 +344,11 @@ def _notify(callback: Callable[[str, dict[str, float]], None] | None, kind: str,
 
 
 def _eval_row(net: Network, data: Data, cfg: TrainConfig, plan: Plan, t: int,
-              start: float) -> dict[str, float]:
-    tr = evaluate(net, data, data.train.X, data.train.y, cfg.lam)
+              start: float, train_set: bool = True) -> dict[str, float]:
+    """A metrics row at step t; the train-set columns are NaN unless ``train_set``."""
+    nan = float("nan")
+    tr = (evaluate(net, data, data.train.X, data.train.y, cfg.lam) if train_set
+          else Metrics(nan, nan, nan))
     va = evaluate(net, data, data.val.X, data.val.y, cfg.lam)
     lr = plan.lr(min(t, plan.total_steps - 1))
     return {"step": t, "epoch": t / plan.steps_per_epoch, "lr": lr,

@@ -332,6 +332,30 @@ def test_reap_fails_abandoned_trials_and_queues_them_again(tmp_path: Path) -> No
         search.trial_seed(0, 0)
 
 
+def test_a_worker_killed_before_labelling_its_trial_leaves_no_trial_running(
+        tmp_path: Path) -> None:
+    from klayer.search_pool import _Pool
+
+    r = klayer("search", "init", "--study", "o", "--param", "lambda=1e-4..1e-1:log",
+               "--trials", "1", *TRAIN, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    study, _ = search.load_study("o", journal(tmp_path, "o"))
+    t = study.ask()  # asked, never labelled: the child died in between
+    t.suggest_float("lambda", 1e-4, 1e-1, log=True)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    time.sleep(0.2)  # the death comes after the ask
+    child.kill()
+    said: list[str] = []
+    start = time.monotonic()
+    _Pool(study, [child], said.append).watch()  # the only child: no sibling to wait for
+    assert time.monotonic() - start < 10, "with no live sibling the orphan is not waited on"
+    ts = trials(tmp_path, "o")
+    assert ts[0].state == TrialState.FAIL and "as it began the trial" in ts[0].user_attrs[
+        "fail_reason"]
+    assert ts[1].state == TrialState.WAITING and ts[1].params == ts[0].params
+    assert any("failed and queued again" in line for line in said), said
+
+
 # --- units ---------------------------------------------------------------------------------
 
 

@@ -31,7 +31,10 @@ from .search_faults import labelled, recover, unlabelled
 from .search_study import A_TRIALS, trial_seed
 from .search_worker import Worker, WorkerOptions
 
-ORPHAN_DELAY = 3.0  # s after a worker's death before its unlabelled trials count as lost
+# Seconds after a worker's death before RUNNING trials with no worker label count as its.
+# Longer than Optuna's 30 s grace for a journal lock a dead writer left behind: a sibling
+# that asked for a trial just before the death may wait that long to label it.
+ORPHAN_DELAY = 35.0
 BLAS_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -136,8 +139,9 @@ class _Pool:
                     self._died(p.pid, signal.Signals(-rc).name)
                 elif rc > 0 and not self.forwarded:  # crashed: its trials must not hang
                     self._died(p.pid, f"exit status {rc}")
+            alone = len(self.codes) == len(self.children)  # no sibling left to mistake
             for death in list(self.deaths):
-                if time.monotonic() - death[3] >= ORPHAN_DELAY:
+                if alone or time.monotonic() - death[3] >= ORPHAN_DELAY:
                     self.deaths.remove(death)
                     self._orphans(*death[:3])
             time.sleep(0.2)

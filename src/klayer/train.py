@@ -90,7 +90,8 @@ class Trainer:
     ``step()`` does one update; ``run()`` steps to the end, evaluating on the way.
     Four independent generators come from SeedSequence(seed): initialization,
     shuffling, dropout and augmentation, so changing one feature (say, dropout) does
-    not change the mini-batch order.
+    not change the mini-batch order. With ``order_seed`` set, shuffling and
+    augmentation come from SeedSequence(order_seed) instead (another run's order).
 
     With ``run_dir``, ``run()`` keeps ``run_dir/metrics.csv`` current after every
     evaluation and checkpoints into ``run_dir/checkpoints`` every
@@ -106,11 +107,8 @@ class Trainer:
         self.train_curve = train_curve  # False: evaluations before the last skip the train set
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.plan = make_plan(cfg, len(data.train.y))
-        init_rng, self.shuffle_rng, self.dropout_rng, self.aug_rng = (
-            np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(4))
-        if cfg.order_seed is not None:  # the mini-batch order of another seed's run
-            _, self.shuffle_rng, _, self.aug_rng = (
-                np.random.default_rng(s) for s in np.random.SeedSequence(cfg.shuffle_seed).spawn(4))
+        init_rng, _, self.dropout_rng, _ = _streams(cfg.seed)
+        _, self.shuffle_rng, _, self.aug_rng = _streams(cfg.shuffle_seed)  # order_seed, or seed
         self.net = Network(cfg.net_config(d=data.d, num_classes=data.num_classes), rng=init_rng)
         self.opt = make_optimizer_for(cfg)
         self.t = 0  # updates done
@@ -325,6 +323,12 @@ def train(cfg: TrainConfig, data: Data,
     that; the training set is 9x larger), and their train columns are NaN.
     """
     return Trainer(cfg, data, callback, train_curve=train_curve).run()
+
+
+def _streams(seed: int) -> list[np.random.Generator]:
+    """The four generators of SeedSequence(seed): initialization, shuffling, dropout and
+    augmentation."""
+    return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4)]
 
 
 def _augment(Xb: Array, data: Data, cfg: TrainConfig, rng: np.random.Generator) -> Array:

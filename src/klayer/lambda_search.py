@@ -18,10 +18,10 @@ The stages ask an *engine* for trials, so the search method can be swapped witho
 touching the rest. The engine here keeps each stage as a klayer search study on Optuna
 (``search``), in a journal file in the experiment's folder: the coarse study, then a
 fine study that is its child (the parent and its contenders are recorded in its
-attributes). Optuna's random sampler draws lambda log-uniformly (l
-uniform); the trials train in the experiment's process pool (``--jobs``) and are told
-their validation accuracy, so ``klayer search status --storage OUT/lambda-search/
-journal.log --study lambda-fine`` (or optuna-dashboard) shows them.
+attributes). Optuna's random sampler draws lambda log-uniformly (l uniform); the trials
+train in the experiment's process pool (``--jobs``) and are told their validation
+accuracy, so ``klayer search status --storage OUT/lambda-search/journal.log --study
+lambda-fine`` (or optuna-dashboard) shows them.
 """
 
 from __future__ import annotations

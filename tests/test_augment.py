@@ -84,3 +84,26 @@ def test_test_time_flips_average_the_two_softmax_outputs() -> None:
     assert tta.accuracy == pytest.approx(expected, abs=1 / n)  # float32 ties may differ
     assert tta.accuracy != plain.accuracy  # the flip changes predictions of a random net
     assert tta.loss == plain.loss  # the loss stays that of the images as they are
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_evaluation_folds_the_standardization_into_the_first_layer(dtype: str) -> None:
+    rng = np.random.default_rng(5)
+    n = 6000  # two evaluation chunks
+
+    def split() -> Split:
+        return Split(rng.integers(0, 256, (n, D), dtype=np.uint8), rng.integers(0, 4, n))
+
+    data = Data(split(), split(), split(), num_classes=4, image_shape=SHAPE)
+    net = Network(NetConfig(d=D, num_classes=4, hidden=(16, 16), skip=True, dtype=dtype),
+                  rng=rng)
+    net.forward(data.standardize(data.train.X[:500], dtype=net.dtype), train=True)  # BN stats
+    X = data.standardize(data.test.X, dtype=np.float64).astype(dtype)
+    ref = net.evaluate(X, data.test.y, lam=0.01)  # on standardized rows
+    got = evaluate(net, data, data.test.X, data.test.y, lam=0.01)  # raw rows, folded
+    rtol = 1e-5 if dtype == "float32" else 1e-12
+    assert got.loss == pytest.approx(ref.loss, rel=rtol)
+    assert got.cost == pytest.approx(ref.cost, rel=rtol)
+    assert got.accuracy == pytest.approx(ref.accuracy, abs=1 / n)  # float32 near-ties only
+    if dtype == "float64":
+        assert got.accuracy == ref.accuracy

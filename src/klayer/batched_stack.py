@@ -19,10 +19,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .data import Data
+from .evaluation import EVAL_CHUNK, folded, raw_chunks
 from .layers import Array, dropout_mask
 from .network import Metrics, Network, update_running
-
-EVAL_CHUNK = 5000  # rows per evaluation chunk, as train.EVAL_CHUNK
 
 
 class _Cache(NamedTuple):
@@ -295,16 +294,15 @@ def evaluate_many(nets: Sequence[Network], data: Data, X: Array, y: Array,
                   lams: Sequence[float] | None = None) -> list[Metrics]:
     """Evaluation-mode loss, cost and accuracy of same-shaped networks on (X, y).
 
-    Every chunk of X is standardized once and goes through all first layers in one
-    wide product; as ``train.evaluate`` (no test-time flips) per network.
+    Every chunk of X goes in raw (the standardization folded into each first layer, as
+    ``evaluation.evaluate`` does) through all first layers in one wide product; as
+    ``evaluation.evaluate`` (no test-time flips) per network.
     """
-    stack = Stack(nets)
+    stack = Stack([folded(net, data) for net in nets])
     lam = np.zeros(len(nets)) if lams is None else np.asarray(lams, np.float64)
     nll = np.zeros(len(nets))
     correct = np.zeros(len(nets), np.int64)
-    for i in range(0, len(X), EVAL_CHUNK):
-        chunk = data.standardize(X[i : i + EVAL_CHUNK], dtype=np.float32)
-        chunk = chunk.astype(stack.dtype, copy=False)
+    for i, chunk in zip(range(0, len(X), EVAL_CHUNK), raw_chunks(X, stack.dtype), strict=True):
         yc = y[i : i + len(chunk)]
         scores, _ = stack.forward(chunk, train=False)
         logp = scores - scores.max(axis=2, keepdims=True)

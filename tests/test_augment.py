@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from klayer.augment import hflip, random_flip, random_translate
+from klayer.batched_stack import evaluate_many
 from klayer.config import NetConfig
 from klayer.data import Data, Split
-from klayer.evaluation import evaluate
+from klayer.evaluation import evaluate, folded
 from klayer.losses import log_softmax
 from klayer.network import Network
 
@@ -107,3 +108,18 @@ def test_evaluation_folds_the_standardization_into_the_first_layer(dtype: str) -
     assert got.accuracy == pytest.approx(ref.accuracy, abs=1 / n)  # float32 near-ties only
     if dtype == "float64":
         assert got.accuracy == ref.accuracy
+
+
+def test_a_constant_non_zero_feature_is_evaluated_unfolded() -> None:
+    rng = np.random.default_rng(6)
+    X = rng.integers(0, 256, (400, D), dtype=np.uint8)
+    X[:, 7] = 200  # constant in training: std at its floor, |mean| / std huge
+    data = Data(Split(X, rng.integers(0, 4, 400)), Split(X[:100], rng.integers(0, 4, 100)),
+                Split(X[:100], rng.integers(0, 4, 100)), num_classes=4, image_shape=SHAPE)
+    net = Network(NetConfig(d=D, num_classes=4, hidden=(8,)), rng=rng)
+    assert folded(net, data) is None
+    ref = net.evaluate(data.standardize(data.test.X, dtype=net.dtype), data.test.y)
+    got = evaluate(net, data, data.test.X, data.test.y)
+    assert got.accuracy == ref.accuracy and got.loss == pytest.approx(ref.loss, rel=1e-6)
+    many = evaluate_many([net, net.copy()], data, data.test.X, data.test.y)
+    assert all(m.accuracy == ref.accuracy for m in many)

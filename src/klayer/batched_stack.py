@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .data import Data
-from .evaluation import EVAL_CHUNK, folded, raw_chunks
+from .evaluation import EVAL_CHUNK, batches, folded, raw_chunks
 from .layers import Array, dropout_mask
 from .network import Metrics, Network, update_running
 
@@ -295,14 +295,18 @@ def evaluate_many(nets: Sequence[Network], data: Data, X: Array, y: Array,
     """Evaluation-mode loss, cost and accuracy of same-shaped networks on (X, y).
 
     Every chunk of X goes in raw (the standardization folded into each first layer, as
-    ``evaluation.evaluate`` does) through all first layers in one wide product; as
-    ``evaluation.evaluate`` (no test-time flips) per network.
+    ``evaluation.evaluate`` does, when it can) through all first layers in one wide
+    product; as ``evaluation.evaluate`` (no test-time flips) per network.
     """
-    stack = Stack([folded(net, data) for net in nets])
+    folds = [folded(net, data) for net in nets]
+    raw = all(f is not None for f in folds)
+    stack = Stack([f for f in folds if f is not None] if raw else nets)
+    chunks = (raw_chunks(X, stack.dtype) if raw else
+              (c.astype(stack.dtype, copy=False) for c in batches(data, X)))
     lam = np.zeros(len(nets)) if lams is None else np.asarray(lams, np.float64)
     nll = np.zeros(len(nets))
     correct = np.zeros(len(nets), np.int64)
-    for i, chunk in zip(range(0, len(X), EVAL_CHUNK), raw_chunks(X, stack.dtype), strict=True):
+    for i, chunk in zip(range(0, len(X), EVAL_CHUNK), chunks, strict=True):
         yc = y[i : i + len(chunk)]
         scores, _ = stack.forward(chunk, train=False)
         logp = scores - scores.max(axis=2, keepdims=True)

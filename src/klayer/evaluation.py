@@ -20,6 +20,7 @@ from .losses import log_softmax
 from .network import Metrics, Network
 
 EVAL_CHUNK = 5000
+FOLD_MAX_RATIO = 1e3  # largest |mean| / std of a feature that ``folded`` takes
 
 
 def batches(data: Data, X: Array, flip: bool = False) -> Iterator[Array]:
@@ -31,17 +32,21 @@ def batches(data: Data, X: Array, flip: bool = False) -> Iterator[Array]:
         yield chunk
 
 
-def folded(net: Network, data: Data) -> Network:
+def folded(net: Network, data: Data) -> Network | None:
     """A copy of ``net`` that takes raw rows: data's standardization folded into layer 1.
 
     s_1 = ((x - mean) / std) W_1 + b_1 = x (W_1 / std) + (b_1 - (mean / std) W_1),
     with std dividing W_1's rows (d, m_1); computed in float64. Only the first linear
     map reads the input (skip connections start at hidden layers), so the copy's
-    scores equal net's on standardized rows, to rounding.
+    scores equal net's on standardized rows, to rounding. None when some feature's
+    |mean| / std exceeds FOLD_MAX_RATIO (say, a constant non-zero pixel): x (W_1 / std)
+    and (mean / std) W_1 would then cancel, and float32 would lose the difference.
     """
+    mean, std = np.asarray(data.mean, np.float64), np.asarray(data.std, np.float64)
+    if np.max(np.abs(mean) / std, initial=0.0) > FOLD_MAX_RATIO:
+        return None
     out = net.copy()
     W1 = net.params["W1"].astype(np.float64)  # (d, m_1)
-    mean, std = np.asarray(data.mean, np.float64), np.asarray(data.std, np.float64)
     out.params["W1"][...] = W1 / std[:, None]
     out.params["b1"][...] = net.params["b1"] - (mean / std) @ W1
     return out
@@ -56,9 +61,12 @@ def raw_chunks(X: Array, dtype: np.dtype) -> Iterator[Array]:
 def evaluate(net: Network, data: Data, X: Array, y: Array, lam: float = 0.0,
              tta_flip: bool = False) -> Metrics:
     """Loss, cost and accuracy in evaluation mode, in chunks; optionally flip-averaged."""
-    model = folded(net, data)  # raw rows in
+    model = folded(net, data)  # raw rows in; else standardized ones
+    chunks = (raw_chunks(X, net.dtype) if model is not None else
+              (c.astype(net.dtype, copy=False) for c in batches(data, X)))
+    model = model or net
     total_nll, correct, i = 0.0, 0, 0
-    for chunk in raw_chunks(X, net.dtype):
+    for chunk in chunks:
         logp = log_softmax(model.scores(chunk, check=False))
         yc = y[i : i + len(chunk)]
         total_nll -= float(logp[np.arange(len(yc)), yc].sum())

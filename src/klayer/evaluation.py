@@ -4,7 +4,7 @@ The images stay uint8 in memory and are read EVAL_CHUNK rows at a time, which ke
 peak memory of evaluating 10,000 images at a few tens of MB. ``evaluate`` does not
 standardize the chunks: it folds the standardization into a copy of the first layer
 (``folded``), which spares two passes over every chunk (a fifth to a quarter of an
-evaluation's time; evaluations are about 40 % of a default ``klayer train``).
+evaluation's time; evaluations take nearly half of a default ``klayer train``).
 """
 
 from __future__ import annotations

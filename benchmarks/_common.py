@@ -42,3 +42,13 @@ def load(data_dir: str | None):  # type: ignore[no-untyped-def]
     X = rng.integers(0, 256, size=(45000, 3072), dtype=np.uint8)
     y = rng.integers(0, 10, size=45000)
     return X, y, X[:5000].mean(axis=0), X[:5000].std(axis=0) + 1e-3
+
+
+def training_data(data_dir: str | None):  # type: ignore[no-untyped-def]
+    """klayer ``Data`` over ``load``'s training split, with 200-image validation and test
+    splits (the throughput benchmarks time update steps, not evaluations)."""
+    from klayer.data import Data, Split
+
+    X, y, mean, std = load(data_dir)
+    small = Split(X[:200], y[:200])
+    return Data(Split(X, y), small, small, 10, "bench", (3, 32, 32), mean=mean, std=std)

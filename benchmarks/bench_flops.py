@@ -36,7 +36,8 @@ import sys
 import time
 from pathlib import Path
 
-from _common import load, machine, thread_env  # benchmarks/ is on sys.path when run as a script
+# benchmarks/ is on sys.path when run as a script
+from _common import machine, thread_env, training_data
 
 N_BATCH, D_IN, M1 = 100, 3072, 50
 TARGET = 0.40
@@ -81,12 +82,9 @@ def run_sgemm(args: argparse.Namespace) -> dict[str, float]:
 
 def run_klayer(args: argparse.Namespace, hidden: tuple[int, ...]) -> dict[str, float]:
     from klayer.config import TrainConfig
-    from klayer.data import Data, Split
     from klayer.train import Trainer
 
-    X, y, mean, std = load(args.data_dir)
-    small = Split(X[:200], y[:200])
-    data = Data(Split(X, y), small, small, 10, "bench", (3, 32, 32), mean=mean, std=std)
+    data = training_data(args.data_dir)
     cfg = TrainConfig(hidden=hidden, n_batch=N_BATCH, dtype="float32", seed=0)
     trainer = Trainer(cfg, data)
     k = len(hidden) + 1

@@ -23,19 +23,17 @@ import sys
 import time
 from pathlib import Path
 
-from _common import load, machine, thread_env  # benchmarks/ is on sys.path when run as a script
+# benchmarks/ is on sys.path when run as a script
+from _common import load, machine, thread_env, training_data
 
 LAM, ETA_MIN, ETA_MAX, N_S, N_BATCH = 0.005, 1e-5, 1e-1, 2250, 100
 
 
 def run_klayer(args: argparse.Namespace, hidden: tuple[int, ...]) -> float:
     from klayer.config import TrainConfig
-    from klayer.data import Data, Split
     from klayer.train import Trainer
 
-    X, y, mean, std = load(args.data_dir)
-    small = Split(X[:200], y[:200])
-    data = Data(Split(X, y), small, small, 10, "bench", (3, 32, 32), mean=mean, std=std)
+    data = training_data(args.data_dir)
     cfg = TrainConfig(hidden=hidden, lam=LAM, eta_min=ETA_MIN, eta_max=ETA_MAX, n_s=N_S,
                       n_batch=N_BATCH, seed=0)
     trainer = Trainer(cfg, data)

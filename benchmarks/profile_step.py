@@ -20,7 +20,8 @@ import os
 import time
 from pathlib import Path
 
-from _common import load, machine  # benchmarks/ is on sys.path when run as a script
+# benchmarks/ is on sys.path when run as a script
+from _common import machine, thread_env, training_data
 
 PHASES = ("gather", "standardize", "forward", "loss", "l2 penalty", "backward", "update")
 
@@ -29,13 +30,10 @@ def profile(args: argparse.Namespace) -> dict[str, float]:
     import numpy as np
 
     from klayer.config import TrainConfig
-    from klayer.data import Data, Split
     from klayer.losses import l2_penalty, softmax_cross_entropy
     from klayer.train import Trainer
 
-    X, y, mean, std = load(args.data_dir)
-    small = Split(X[:200], y[:200])
-    data = Data(Split(X, y), small, small, 10, "bench", (3, 32, 32), mean=mean, std=std)
+    data = training_data(args.data_dir)
     hidden = tuple(int(w) for w in args.hidden.split(","))
     cfg = TrainConfig(hidden=hidden, lam=0.005, n_s=2250, n_batch=100, seed=0)
     tr = Trainer(cfg, data)
@@ -43,8 +41,8 @@ def profile(args: argparse.Namespace) -> dict[str, float]:
         tr.step()
     net, opt, clock = tr.net, tr.opt, time.perf_counter
     total = dict.fromkeys(PHASES, 0.0)
-    order = np.random.default_rng(0).permutation(len(y))
-    per_epoch = len(y) // cfg.n_batch
+    order = np.random.default_rng(0).permutation(len(data.train.y))
+    per_epoch = len(data.train.y) // cfg.n_batch
     for t in range(args.steps):
         c0 = clock()
         idx = order[(t % per_epoch) * 100 : (t % per_epoch + 1) * 100]
@@ -85,8 +83,7 @@ def main() -> None:
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args()
     if args.threads:
-        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ[var] = str(args.threads)  # before NumPy is imported
+        os.environ.update(thread_env(args.threads))  # before NumPy is imported
     us = profile(args)
     step = sum(us[k] for k in PHASES)
     print(f"hidden {args.hidden}, BLAS threads {args.threads or 'default'}, {args.steps} steps "

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .data import Data
-from .evaluation import EVAL_CHUNK, batches, folded, raw_chunks
+from .evaluation import EVAL_CHUNK, model_inputs
 from .layers import Array, dropout_mask
 from .network import Metrics, Network, update_running
 
@@ -298,11 +298,8 @@ def evaluate_many(nets: Sequence[Network], data: Data, X: Array, y: Array,
     ``evaluation.evaluate`` does, when it can) through all first layers in one wide
     product; as ``evaluation.evaluate`` (no test-time flips) per network.
     """
-    folds = [folded(net, data) for net in nets]
-    raw = all(f is not None for f in folds)
-    stack = Stack([f for f in folds if f is not None] if raw else nets)
-    chunks = (raw_chunks(X, stack.dtype) if raw else
-              (c.astype(stack.dtype, copy=False) for c in batches(data, X)))
+    models, chunks = model_inputs(nets, data, X, nets[0].dtype)
+    stack = Stack(models)
     lam = np.zeros(len(nets)) if lams is None else np.asarray(lams, np.float64)
     nll = np.zeros(len(nets))
     correct = np.zeros(len(nets), np.int64)

@@ -9,9 +9,10 @@ evaluation's time; evaluations take nearly half of a default ``klayer train``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from .augment import hflip
 from .data import Data
@@ -58,13 +59,20 @@ def raw_chunks(X: Array, dtype: np.dtype) -> Iterator[Array]:
         yield np.asarray(X[i : i + EVAL_CHUNK], dtype=dtype)
 
 
+def model_inputs(nets: Sequence[Network], data: Data, X: Array,
+                 dtype: npt.DTypeLike) -> tuple[list[Network], Iterator[Array]]:
+    """What to evaluate, and on what: the networks ``folded`` with raw chunks of X when
+    all of them fold, else the networks themselves with standardized chunks."""
+    folds = [f for f in (folded(net, data) for net in nets) if f is not None]
+    if len(folds) == len(nets):
+        return folds, raw_chunks(X, np.dtype(dtype))
+    return list(nets), (c.astype(dtype, copy=False) for c in batches(data, X))
+
+
 def evaluate(net: Network, data: Data, X: Array, y: Array, lam: float = 0.0,
              tta_flip: bool = False) -> Metrics:
     """Loss, cost and accuracy in evaluation mode, in chunks; optionally flip-averaged."""
-    model = folded(net, data)  # raw rows in; else standardized ones
-    chunks = (raw_chunks(X, net.dtype) if model is not None else
-              (c.astype(net.dtype, copy=False) for c in batches(data, X)))
-    model = model or net
+    (model,), chunks = model_inputs([net], data, X, net.dtype)
     total_nll, correct, i = 0.0, 0, 0
     for chunk in chunks:
         logp = log_softmax(model.scores(chunk, check=False))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "src" / "klayer"
 CORE = {"layers", "losses", "network", "optim", "schedules", "gradcheck", "data", "config",
-        "modelfile", "augment", "checkpoint"}
+        "modelfile", "augment", "checkpoint", "kernels"}  # kernels loads the C twin, _kernels
 # Layers from the bottom up; a module may import only its own layer or lower ones.
 LEVEL = {**dict.fromkeys(CORE, 0), "fetch": 1, "train": 1, "experiments": 2, "search": 2,
          "plots": 2, "report": 2, "cli": 4, "__init__": 0, "__main__": 5}

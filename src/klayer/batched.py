@@ -169,7 +169,7 @@ class BatchedTrainer:
         if pos == 0 and cfg.shuffle:
             self.order = self.shuffle_rng.permutation(len(data.train.y))
         idx = self.order[pos : pos + cfg.n_batch]
-        X = data.standardize(data.train.X[idx], dtype=stack.dtype)
+        X = data.standardize_rows(data.train.X, idx, dtype=stack.dtype)
         if data.image_shape is not None:
             if cfg.flip:
                 X = random_flip(X, data.image_shape, self.aug_rng)

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from . import kernels
+
 log = logging.getLogger(__name__)
 Decoded = tuple[np.ndarray, np.ndarray, list[int]]  # X (N, 3072) uint8, y (N,), rows per batch
 
@@ -262,14 +264,31 @@ class Data:
 
         Called once per mini-batch, so the shift and 1/std are kept per dtype.
         """
-        key = np.dtype(dtype)
-        if key not in self._scale:
-            self._scale[key] = (self.mean.astype(key), (1.0 / self.std).astype(key))
-        shift, inv_std = self._scale[key]
-        out = np.array(X_raw, dtype=key)  # a plain copy, even of a memmap slice
+        shift, inv_std = self._scaling(dtype)
+        out = np.array(X_raw, dtype=shift.dtype)  # a plain copy, even of a memmap slice
         out -= shift
         out *= inv_std
         return out
+
+    def standardize_rows(self, X_raw: np.ndarray, idx: np.ndarray,
+                         dtype: npt.DTypeLike = np.float32) -> np.ndarray:
+        """``standardize(X_raw[idx])``: a mini-batch, in one fused pass where it can be.
+
+        With the C kernels, float32 and uint8 rows, the rows are gathered, converted and
+        standardized in one pass, with the same float32 rounding as ``standardize``.
+        """
+        shift, inv_std = self._scaling(dtype)
+        if (X_raw.dtype == np.uint8 and X_raw.ndim == 2 and X_raw.flags.c_contiguous
+                and kernels.enabled(shift, inv_std)):
+            return kernels.gather_standardize(X_raw, idx, shift, inv_std)
+        return self.standardize(X_raw[idx], dtype)
+
+    def _scaling(self, dtype: npt.DTypeLike) -> tuple[np.ndarray, np.ndarray]:
+        """The shift (mean) and scale (1 / std) in ``dtype``, made once per dtype."""
+        key = np.dtype(dtype)
+        if key not in self._scale:
+            self._scale[key] = (self.mean.astype(key), (1.0 / self.std).astype(key))
+        return self._scale[key]
 
     def with_standardization(self, mean: np.ndarray, std: np.ndarray) -> Data:
         """A copy (sharing the splits) that standardizes with the given statistics."""

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from . import kernels
 from .config import NetConfig
 from .layers import (
     Array,
@@ -190,8 +191,8 @@ class Network:
             if not cfg.batch_norm:
                 r = out = relu_forward(s)
             elif cfg.bn_position == "before":
-                y, bn = self._batchnorm(s, l, train, update_stats, stats_sink)
-                r = out = relu_forward(y)
+                r, bn = self._batchnorm(s, l, train, update_stats, stats_sink, relu=True)
+                out = r
             else:
                 r = relu_forward(s)
                 out, bn = self._batchnorm(r, l, train, update_stats, stats_sink)
@@ -219,13 +220,25 @@ class Network:
         train: bool,
         update_stats: bool,
         sink: list[tuple[int, Array, Array]] | None,
+        relu: bool = False,
     ) -> tuple[Array, BNCache | None]:
+        """Batch norm of layer l (then a ReLU when ``relu``): its output and cache.
+
+        In training mode with float32 and the C kernels, batch norm and ReLU run fused
+        in one pass (``kernels.bn_relu_forward``), the same maths as the NumPy pair.
+        """
         gamma, beta = self.params[f"gamma{l}"], self.params[f"beta{l}"]
         eps = self.config.bn_eps
         if not train:
             mu, var = self.stats[f"mu{l}"], self.stats[f"var{l}"]
-            return batchnorm_forward_eval(s, gamma, beta, mu, var, eps), None
-        y, cache, mu, var = batchnorm_forward_train(s, gamma, beta, eps)
+            y = batchnorm_forward_eval(s, gamma, beta, mu, var, eps)
+            return (relu_forward(y) if relu else y), None
+        if relu and kernels.enabled(s, gamma, beta):
+            y, x_hat, inv_std, mu, var = kernels.bn_relu_forward(s, gamma, beta, eps)
+            cache = BNCache(x_hat, inv_std)
+        else:
+            y, cache, mu, var = batchnorm_forward_train(s, gamma, beta, eps)
+            y = relu_forward(y) if relu else y
         if sink is not None:
             sink.append((l, mu, var))
         if update_stats:
@@ -292,10 +305,9 @@ class Network:
             if not cfg.batch_norm:
                 ds = relu_backward(dh, c.relu_out)
             elif cfg.bn_position == "before":
-                dy = relu_backward(dh, c.relu_out)
                 assert c.bn is not None
-                ds, grads[f"gamma{l}"], grads[f"beta{l}"] = batchnorm_backward(
-                    dy, c.bn, p[f"gamma{l}"]
+                ds, grads[f"gamma{l}"], grads[f"beta{l}"] = _bn_relu_backward(
+                    dh, c.relu_out, c.bn, p[f"gamma{l}"]
                 )
             else:
                 assert c.bn is not None
@@ -308,7 +320,11 @@ class Network:
             dh, grads[f"W{l}"], grads[f"b{l}"] = linear_backward(ds, c.x, p[f"W{l}"], need_dx=l > 1)
         if lam:
             for l in range(1, k + 1):
-                grads[f"W{l}"] += (2 * lam) * p[f"W{l}"]
+                g, W = grads[f"W{l}"], p[f"W{l}"]
+                if kernels.enabled(g, W):
+                    kernels.add_scaled(g, W, 2 * lam)  # one pass, the same rounding
+                else:
+                    g += (2 * lam) * W
         return {name: grads[name] for name in self.params}
 
     # --- cost, gradients, evaluation ------------------------------------------
@@ -326,7 +342,10 @@ class Network:
         if check:
             X, y = self.check_inputs(X, y)
         scores, caches = self.forward(X, train=True, rng=rng)
-        loss, dscores = softmax_cross_entropy(scores, y, label_smoothing)
+        if not label_smoothing and kernels.enabled(scores):
+            loss, dscores = kernels.softmax_cross_entropy(scores, y)
+        else:
+            loss, dscores = softmax_cross_entropy(scores, y, label_smoothing)
         cost = loss + l2_penalty(self.weights(), lam)
         return loss, cost, self.backward(dscores, caches, lam)
 
@@ -397,3 +416,12 @@ class Network:
         if y.size and (y.min() < 0 or y.max() >= K):
             raise ValueError(f"labels must lie in [0, {K}), found {y.min()}..{y.max()}")
         return X, y
+
+
+def _bn_relu_backward(
+    dh: Array, relu_out: Array, cache: BNCache, gamma: Array
+) -> tuple[Array, Array, Array]:
+    """Backward through ReLU then batch norm: (ds, dgamma, dbeta), fused in C where it can be."""
+    if kernels.enabled(dh, relu_out, cache.x_hat, cache.inv_std, gamma):
+        return kernels.bn_relu_backward(dh, relu_out, cache.x_hat, cache.inv_std, gamma)
+    return batchnorm_backward(relu_backward(dh, relu_out), cache, gamma)

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from . import kernels
+
 Array = npt.NDArray[np.floating]
 Params = dict[str, Array]
 
@@ -108,6 +110,9 @@ class SGD(Optimizer):
     """Plain gradient descent: p <- p - lr g."""
 
     def _update(self, name: str, p: Array, g: Array, lr: float, buf: Array) -> None:
+        if kernels.enabled(p, g):
+            kernels.sgd_step(p, g, lr)  # the same float32 rounding, in one pass
+            return
         np.multiply(g, lr, out=buf)
         p -= buf
 

@@ -132,7 +132,7 @@ class Trainer:
         if pos == 0 and cfg.shuffle:
             self.order = self.shuffle_rng.permutation(len(data.train.y))
         idx = self.order[pos : pos + cfg.n_batch]
-        Xb = data.standardize(data.train.X[idx], dtype=net.dtype)  # (n_batch, d)
+        Xb = data.standardize_rows(data.train.X, idx, dtype=net.dtype)  # (n_batch, d)
         Xb = _augment(Xb, data, cfg, self.aug_rng)
         with np.errstate(over="ignore", invalid="ignore"):  # a non-finite cost is checked next
             loss, cost, grads = net.loss_and_grads(Xb, data.train.y[idx], cfg.lam,

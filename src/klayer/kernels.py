@@ -1,0 +1,109 @@
+"""Fused C kernels for the float32 training step, and their NumPy fall-backs.
+
+A training step of klayer's small networks spends more time in NumPy's per-call
+overhead and extra passes over memory than in arithmetic (benchmarks/profile_step.py).
+The optional extension ``klayer._kernels`` (``_kernels.c``, built at install when a C
+compiler is there) does five of the step's parts in one pass each:
+
+* ``gather_standardize``: a mini-batch's uint8 rows, converted and standardized;
+* ``bn_relu_forward`` / ``bn_relu_backward``: training-mode batch norm followed by a
+  ReLU, and its backward pass (the compact formula of ``layers.batchnorm_backward``);
+* ``softmax_cross_entropy``: the mean loss and dJ/dscores;
+* ``add_scaled`` (the L2 term of a gradient) and ``sgd_step`` (the update).
+
+The NumPy code in ``layers``, ``losses``, ``data`` and ``optim`` stays the reference:
+it is what float64 (gradient checks) and every other configuration run, and
+tests/test_kernels.py checks each kernel against it. The kernels are used only for
+float32, C-contiguous arrays. Set ``KLAYER_KERNELS=numpy`` (before klayer is imported)
+to run the NumPy code everywhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+Array = npt.NDArray[np.floating]
+F32 = np.dtype(np.float32)
+
+
+def _load() -> ModuleType | None:
+    if os.environ.get("KLAYER_KERNELS", "").strip().lower() == "numpy":
+        return None
+    try:
+        return importlib.import_module("klayer._kernels")
+    except ImportError:
+        return None
+
+
+_C: Any = _load()
+BACKEND = "c" if _C is not None else "numpy"  # what float32 training runs on
+
+
+def enabled(*arrays: np.ndarray) -> bool:
+    """True when the kernels are built and every array is float32 and C-contiguous."""
+    if _C is None:
+        return False
+    for a in arrays:  # a loop, not all(...): this runs a dozen times per training step
+        if a.dtype != F32 or not a.flags.c_contiguous:
+            return False
+    return True
+
+
+def gather_standardize(X: np.ndarray, idx: np.ndarray, shift: Array, scale: Array) -> Array:
+    """(X[idx] - shift) * scale as a new float32 (n, d) array; X is (N, d) uint8."""
+    N, d = X.shape
+    rows = np.ascontiguousarray(idx, dtype=np.int64)
+    out = np.empty((len(rows), d), F32)
+    _C.gather_standardize(X, N, d, rows, shift, scale, out)
+    return out
+
+
+def bn_relu_forward(
+    s: Array, gamma: Array, beta: Array, eps: float
+) -> tuple[Array, Array, Array, Array, Array]:
+    """Batch norm with batch statistics, then ReLU: s (n, m) -> (y, x_hat, inv_std, mu, var).
+
+    y = max(gamma x_hat + beta, 0) and x_hat = (s - mu) inv_std (both (n, m)); mu, var
+    (the biased batch variance) and inv_std = 1 / sqrt(var + eps) are (m,).
+    """
+    n, m = s.shape
+    y, x_hat = np.empty_like(s), np.empty_like(s)
+    mu, var, inv_std = np.empty(m, F32), np.empty(m, F32), np.empty(m, F32)
+    _C.bn_relu_forward(s, n, m, gamma, beta, float(eps), x_hat, y, mu, var, inv_std)
+    return y, x_hat, inv_std, mu, var
+
+
+def bn_relu_backward(
+    dh: Array, y: Array, x_hat: Array, inv_std: Array, gamma: Array
+) -> tuple[Array, Array, Array]:
+    """Gradients (ds, dgamma, dbeta) of ``bn_relu_forward`` given dh = dJ/dy (n, m)."""
+    n, m = dh.shape
+    ds = np.empty_like(dh)
+    dgamma, dbeta = np.empty(m, F32), np.empty(m, F32)
+    _C.bn_relu_backward(dh, y, x_hat, inv_std, gamma, n, m, ds, dgamma, dbeta)
+    return ds, dgamma, dbeta
+
+
+def softmax_cross_entropy(scores: Array, y: np.ndarray) -> tuple[float, Array]:
+    """Mean cross-entropy of softmax(scores) (n, K) against labels y, and dJ/dscores."""
+    n, k = scores.shape
+    labels = np.ascontiguousarray(y, dtype=np.int64)
+    dscores = np.empty_like(scores)
+    loss = _C.softmax_xent(scores, labels, n, k, dscores)
+    return float(loss), dscores
+
+
+def add_scaled(g: Array, W: Array, a: float) -> None:
+    """In place: g += a W (float32 a, as NumPy rounds ``g += a * W``)."""
+    _C.add_scaled(g, W, float(a))
+
+
+def sgd_step(p: Array, g: Array, lr: float) -> None:
+    """In place: p -= lr g (float32 lr, as ``optim.SGD``)."""
+    _C.sgd_step(p, g, float(lr))

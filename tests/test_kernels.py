@@ -1,0 +1,218 @@
+"""The C kernels against the NumPy code they replace (the reference), kernel by kernel and
+for a whole training step.
+
+The kernels are built by the README's install (``pip install -e .``); a missing build is
+a failure here, not a skip, unless KLAYER_KERNELS=numpy asks for the NumPy code only.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from klayer import kernels
+from klayer.config import NetConfig, TrainConfig
+from klayer.data import Data, Split
+from klayer.evaluation import evaluate
+from klayer.layers import (
+    BNCache,
+    batchnorm_backward,
+    batchnorm_forward_train,
+    relu_backward,
+    relu_forward,
+)
+from klayer.losses import softmax_cross_entropy
+from klayer.network import Network
+from klayer.optim import SGD
+from klayer.train import Trainer
+
+F32 = np.float32
+
+
+@pytest.fixture(autouse=True)
+def built() -> None:
+    if os.environ.get("KLAYER_KERNELS", "").strip().lower() == "numpy":
+        pytest.skip("KLAYER_KERNELS=numpy: the C kernels are switched off")
+    assert kernels.BACKEND == "c", (
+        "klayer._kernels is not built (no C compiler at install?); "
+        "reinstall with `pip install -e .`, or set KLAYER_KERNELS=numpy to test NumPy only")
+
+
+@pytest.fixture
+def numpy_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the NumPy reference code everywhere while the test runs."""
+    monkeypatch.setattr(kernels, "_C", None)
+
+
+def layer_input(n: int = 100, m: int = 50, seed: int = 0) -> np.ndarray:
+    """Pre-activations with per-feature offsets and scales, as a linear layer's are."""
+    rng = np.random.default_rng(seed)
+    s = rng.standard_normal((n, m)) * rng.uniform(0.05, 20, m) + rng.normal(0, 5, m)
+    return s.astype(F32)
+
+
+# --- kernel by kernel -------------------------------------------------------------------
+
+
+def test_gather_standardize_is_bit_identical_to_numpy() -> None:
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 256, (500, 37), dtype=np.uint8)
+    data = Data(train=Split(X, rng.integers(0, 3, 500)), val=Split(X[:5], np.zeros(5, int)),
+                test=Split(X[:5], np.zeros(5, int)), num_classes=3)
+    idx = np.concatenate([rng.permutation(500)[:64], [0, 499, 7, 7]])  # repeats and ends
+    fused = data.standardize_rows(X, idx)
+    assert fused.dtype == F32 and fused.shape == (68, 37)
+    np.testing.assert_array_equal(fused, data.standardize(X[idx]))
+    np.testing.assert_array_equal(data.standardize_rows(X, idx, dtype=np.float64),
+                                  data.standardize(X[idx], dtype=np.float64))
+
+
+def test_gather_standardize_rejects_bad_rows_and_sizes() -> None:
+    X = np.zeros((10, 4), np.uint8)
+    shift, scale = np.zeros(4, F32), np.ones(4, F32)
+    with pytest.raises(IndexError, match="row 10 is out of range for 10 rows"):
+        kernels.gather_standardize(X, np.array([3, 10]), shift, scale)
+    with pytest.raises(IndexError, match="row -1"):
+        kernels.gather_standardize(X, np.array([-1]), shift, scale)
+    with pytest.raises(ValueError, match="shift: expected 16 bytes, got 12"):
+        kernels.gather_standardize(X, np.array([1]), np.zeros(3, F32), scale)
+
+
+@pytest.mark.parametrize("n", [1, 2, 100, 257])
+def test_bn_relu_forward_matches_numpy(n: int) -> None:
+    s = layer_input(n=n, m=13)
+    rng = np.random.default_rng(1)
+    gamma, beta = rng.uniform(0.5, 2, 13).astype(F32), rng.normal(0, 1, 13).astype(F32)
+    y, x_hat, inv_std, mu, var = kernels.bn_relu_forward(s, gamma, beta, 1e-5)
+    # the float64 reference: the kernel's statistics are at least float32-accurate
+    y64, c64, mu64, var64 = batchnorm_forward_train(s.astype(np.float64), gamma, beta, 1e-5)
+    np.testing.assert_allclose(mu, mu64, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(var, var64, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(inv_std, c64.inv_std, rtol=1e-6)
+    np.testing.assert_allclose(x_hat, c64.x_hat, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(y, relu_forward(y64), rtol=1e-4, atol=1e-4)
+    # and the float32 NumPy code agrees with it as closely
+    y32, c32, _, _ = batchnorm_forward_train(s, gamma, beta, 1e-5)
+    np.testing.assert_allclose(y, relu_forward(y32), rtol=1e-4, atol=1e-4)
+    assert y.dtype == x_hat.dtype == mu.dtype == F32 and (y >= 0).all()
+
+
+def test_bn_relu_backward_matches_numpy() -> None:
+    s = layer_input()
+    rng = np.random.default_rng(2)
+    gamma, beta = rng.uniform(0.5, 2, 50).astype(F32), rng.normal(0, 1, 50).astype(F32)
+    dh = (rng.standard_normal((100, 50)) * 1e-2).astype(F32)
+    y, x_hat, inv_std, _, _ = kernels.bn_relu_forward(s, gamma, beta, 1e-5)
+    ds, dgamma, dbeta = kernels.bn_relu_backward(dh, y, x_hat, inv_std, gamma)
+    c64 = BNCache(x_hat.astype(np.float64), inv_std.astype(np.float64))
+    ref = batchnorm_backward(relu_backward(dh.astype(np.float64), y), c64, gamma)
+    scale = np.abs(ref[0]).max()
+    np.testing.assert_allclose(ds, ref[0], rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(dgamma, ref[1], rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(dbeta, ref[2], rtol=1e-5, atol=1e-8)
+    # batch norm's gradient has zero mean over the batch, per feature
+    np.testing.assert_allclose(ds.mean(axis=0), 0, atol=1e-6 * scale)
+
+
+def test_softmax_cross_entropy_matches_numpy() -> None:
+    rng = np.random.default_rng(3)
+    scores = (rng.standard_normal((100, 10)) * 4).astype(F32)
+    scores[0] += 1e4  # large logits stay finite (the row's maximum is subtracted first)
+    y = rng.integers(0, 10, 100)
+    loss, dscores = kernels.softmax_cross_entropy(scores, y)
+    ref_loss, ref = softmax_cross_entropy(scores.astype(np.float64), y)
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    np.testing.assert_allclose(dscores, ref, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(dscores.sum(axis=1), 0, atol=1e-8)
+    with pytest.raises(IndexError, match="label 10 is out of range for 10 classes"):
+        kernels.softmax_cross_entropy(scores, np.full(100, 10))
+
+
+def test_update_kernels_are_bit_identical_to_numpy() -> None:
+    rng = np.random.default_rng(4)
+    W = rng.standard_normal((300, 50)).astype(F32)
+    g = rng.standard_normal((300, 50)).astype(F32)
+    ref = g + (2 * 0.0037) * W
+    kernels.add_scaled(g, W, 2 * 0.0037)
+    np.testing.assert_array_equal(g, ref)
+    ref = W - np.multiply(g, 0.0731)
+    kernels.sgd_step(W, g, 0.0731)
+    np.testing.assert_array_equal(W, ref)
+    with pytest.raises(ValueError, match="expected"):
+        kernels.sgd_step(W, g[:10], 0.1)
+
+
+# --- whole steps ---------------------------------------------------------------------
+
+
+def loss_and_grads(cfg: NetConfig, X: np.ndarray, y: np.ndarray) -> tuple:
+    net = Network(cfg, rng=0)
+    return net.loss_and_grads(X.astype(cfg.dtype), y, lam=0.01)
+
+
+@pytest.mark.parametrize("skips", [False, True])
+def test_network_gradients_with_kernels_match_float64_numpy(
+    skips: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(5)
+    X, y = rng.standard_normal((64, 30)) * 2 + 1, rng.integers(0, 10, 64)
+    cfg = NetConfig(d=30, hidden=(40, 40, 20), dtype="float32", skip=skips)
+    loss, cost, grads = loss_and_grads(cfg, X, y)
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "_C", None)
+        ref_loss, ref_cost, ref = loss_and_grads(
+            NetConfig(d=30, hidden=(40, 40, 20), dtype="float64", skip=skips), X, y)
+    assert loss == pytest.approx(ref_loss, rel=1e-5) and cost == pytest.approx(ref_cost, rel=1e-5)
+    top = max(np.abs(r).max() for r in ref.values())
+    for name, g in grads.items():
+        assert g.dtype == F32
+        # a hidden layer's bias has a zero gradient under batch norm: measure it on the
+        # scale of the largest gradient
+        err = np.abs(g - ref[name]).max() / max(np.abs(ref[name]).max(), 1e-3 * top)
+        assert err < 1e-4, f"{name}: relative error {err:.2e}"
+
+
+def synthetic(n: int = 600, d: int = 48, seed: int = 0) -> Data:
+    rng = np.random.default_rng(seed)
+    centers = rng.integers(40, 216, (4, d))
+    y = rng.integers(0, 4, n)
+    X = np.clip(centers[y] + rng.normal(0, 120, (n, d)), 0, 255).astype(np.uint8)
+    return Data(train=Split(X[:400], y[:400]), val=Split(X[400:500], y[400:500]),
+                test=Split(X[500:], y[500:]), num_classes=4)
+
+
+def train(data: Data) -> tuple[list[float], float]:
+    cfg = TrainConfig(hidden=(32, 16), lam=0.005, n_s=40, n_batch=20, cycles=2, seed=3)
+    tr = Trainer(cfg, data)
+    losses = [tr.step() for _ in range(160)]
+    return losses, evaluate(tr.net, data, data.val.X, data.val.y).accuracy
+
+
+def test_training_with_kernels_tracks_the_numpy_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = synthetic()
+    losses, acc = train(data)
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "_C", None)
+        ref_losses, ref_acc = train(data)
+    assert losses[0] == pytest.approx(ref_losses[0], rel=1e-6)  # same batch, same weights
+    np.testing.assert_allclose(losses[:20], ref_losses[:20], rtol=1e-3)
+    assert abs(acc - ref_acc) <= 0.03 and acc > 0.6
+
+
+def test_klayer_kernels_numpy_switches_the_extension_off() -> None:
+    code = "import klayer.kernels as k; print(k.BACKEND)"
+    env = {**os.environ, "KLAYER_KERNELS": "numpy"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "numpy"
+
+
+def test_sgd_uses_the_same_update_either_way(numpy_only: None) -> None:
+    p = np.arange(12, dtype=F32).reshape(3, 4)
+    g = np.full((3, 4), 0.5, F32)
+    SGD().step({"W1": p}, {"W1": g}, 0.1)
+    np.testing.assert_array_equal(p, np.arange(12, dtype=F32).reshape(3, 4) - np.float32(0.05))

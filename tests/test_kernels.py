@@ -27,7 +27,7 @@ from klayer.layers import (
 )
 from klayer.losses import softmax_cross_entropy
 from klayer.network import Network
-from klayer.optim import SGD
+from klayer.optim import OPTIMIZERS, SGD, make_optimizer
 from klayer.train import Trainer
 
 F32 = np.float32
@@ -144,6 +144,32 @@ def test_update_kernels_are_bit_identical_to_numpy() -> None:
     np.testing.assert_array_equal(W, ref)
     with pytest.raises(ValueError, match="expected"):
         kernels.sgd_step(W, g[:10], 0.1)
+    fused, ref = W.copy(), W.copy()
+    kernels.sgd_l2_step(fused, g, 0.0731, 0.0074)
+    kernels.add_scaled(g, ref, 0.0074)
+    kernels.sgd_step(ref, g, 0.0731)
+    np.testing.assert_array_equal(fused, ref)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("backend", ["c", "numpy"])
+def test_optimizer_l2_equals_the_term_in_the_gradient(name: str, backend: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """step(..., l2=a) is step on gradients that already hold a W, bit for bit."""
+    if backend == "numpy":
+        monkeypatch.setattr(kernels, "_C", None)
+    rng = np.random.default_rng(6)
+    params = {"W1": rng.standard_normal((30, 8)).astype(F32), "b1": np.ones(8, F32)}
+    copy = {k: v.copy() for k, v in params.items()}
+    fused, plain = make_optimizer(name), make_optimizer(name)
+    for t in range(3):
+        grads = {k: rng.standard_normal(v.shape).astype(F32) for k, v in params.items()}
+        summed = {k: v.copy() for k, v in grads.items()}
+        summed["W1"] += np.float32(0.01) * copy["W1"]
+        fused.step(params, grads, 0.05 * (t + 1), l2=0.01)
+        plain.step(copy, summed, 0.05 * (t + 1))
+        for k in params:
+            np.testing.assert_array_equal(params[k], copy[k])
 
 
 # --- whole steps ---------------------------------------------------------------------

@@ -337,6 +337,36 @@ done:
     return ret;
 }
 
+KERNEL static void
+sgd_l2_impl(float *restrict p, const float *restrict g, float lr, float l2, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        float t = g[i] + l2 * p[i];
+        p[i] -= lr * t;
+    }
+}
+
+/* p -= (float)lr * (g + (float)l2 * p): the update of a weight matrix with the L2 term
+ * of its gradient, in one pass (add_scaled then sgd_step, rounded the same way). */
+static PyObject *
+sgd_l2_step(PyObject *self, PyObject *args)
+{
+    Py_buffer p, g;
+    double lr, l2;
+    if (!PyArg_ParseTuple(args, "w*y*dd", &p, &g, &lr, &l2))
+        return NULL;
+    PyObject *ret = NULL;
+    if (!check_len(&g, p.len, "g"))
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    sgd_l2_impl(p.buf, g.buf, (float)lr, (float)l2, p.len / 4);
+    Py_END_ALLOW_THREADS
+    ret = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&p); PyBuffer_Release(&g);
+    return ret;
+}
+
 static PyMethodDef methods[] = {
     {"gather_standardize", gather_standardize, METH_VARARGS, "gather and standardize rows"},
     {"bn_relu_forward", bn_relu_forward, METH_VARARGS, "batch norm then ReLU, training mode"},
@@ -344,6 +374,7 @@ static PyMethodDef methods[] = {
     {"softmax_xent", softmax_xent, METH_VARARGS, "softmax cross-entropy and its gradient"},
     {"add_scaled", add_scaled, METH_VARARGS, "y += a x"},
     {"sgd_step", sgd_step, METH_VARARGS, "p -= lr g"},
+    {"sgd_l2_step", sgd_l2_step, METH_VARARGS, "p -= lr (g + l2 p)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -9,7 +9,8 @@ compiler is there) does five of the step's parts in one pass each:
 * ``bn_relu_forward`` / ``bn_relu_backward``: training-mode batch norm followed by a
   ReLU, and its backward pass (the compact formula of ``layers.batchnorm_backward``);
 * ``softmax_cross_entropy``: the mean loss and dJ/dscores;
-* ``add_scaled`` (the L2 term of a gradient) and ``sgd_step`` (the update).
+* ``add_scaled`` (the L2 term of a gradient), ``sgd_step`` (the update) and
+  ``sgd_l2_step`` (both at once, for a weight matrix).
 
 The NumPy code in ``layers``, ``losses``, ``data`` and ``optim`` stays the reference:
 it is what float64 (gradient checks) and every other configuration run, and
@@ -100,10 +101,18 @@ def softmax_cross_entropy(scores: Array, y: np.ndarray) -> tuple[float, Array]:
 
 
 def add_scaled(g: Array, W: Array, a: float) -> None:
-    """In place: g += a W (float32 a, as NumPy rounds ``g += a * W``)."""
-    _C.add_scaled(g, W, float(a))
+    """In place: g += a W, the L2 term of a gradient (a = 2 lambda); C or NumPy."""
+    if enabled(g, W):
+        _C.add_scaled(g, W, float(a))  # one pass, rounded as NumPy's two
+    else:
+        g += a * W
 
 
 def sgd_step(p: Array, g: Array, lr: float) -> None:
     """In place: p -= lr g (float32 lr, as ``optim.SGD``)."""
     _C.sgd_step(p, g, float(lr))
+
+
+def sgd_l2_step(p: Array, g: Array, lr: float, l2: float) -> None:
+    """In place: p -= lr (g + l2 p), as ``add_scaled(g, p, l2)`` then ``sgd_step`` (g kept)."""
+    _C.sgd_l2_step(p, g, float(lr), float(l2))

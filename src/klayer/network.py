@@ -320,11 +320,7 @@ class Network:
             dh, grads[f"W{l}"], grads[f"b{l}"] = linear_backward(ds, c.x, p[f"W{l}"], need_dx=l > 1)
         if lam:
             for l in range(1, k + 1):
-                g, W = grads[f"W{l}"], p[f"W{l}"]
-                if kernels.enabled(g, W):
-                    kernels.add_scaled(g, W, 2 * lam)  # one pass, the same rounding
-                else:
-                    g += (2 * lam) * W
+                kernels.add_scaled(grads[f"W{l}"], p[f"W{l}"], 2 * lam)
         return {name: grads[name] for name in self.params}
 
     # --- cost, gradients, evaluation ------------------------------------------
@@ -337,8 +333,13 @@ class Network:
         rng: np.random.Generator | None = None,
         label_smoothing: float = 0.0,
         check: bool = True,
+        grad_l2: bool = True,
     ) -> tuple[float, float, dict[str, Array]]:
-        """One training-mode pass: (loss, cost, gradients of the cost)."""
+        """One training-mode pass: (loss, cost, gradients of the cost).
+
+        With ``grad_l2=False`` the gradients leave out the L2 term 2 lambda W, for an
+        optimizer that adds it itself (``Optimizer.step(..., l2=2 lambda)``).
+        """
         if check:
             X, y = self.check_inputs(X, y)
         scores, caches = self.forward(X, train=True, rng=rng)
@@ -347,7 +348,7 @@ class Network:
         else:
             loss, dscores = softmax_cross_entropy(scores, y, label_smoothing)
         cost = loss + l2_penalty(self.weights(), lam)
-        return loss, cost, self.backward(dscores, caches, lam)
+        return loss, cost, self.backward(dscores, caches, lam if grad_l2 else 0.0)
 
     def cost(
         self,

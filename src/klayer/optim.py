@@ -54,16 +54,31 @@ class Optimizer:
         self.state: dict[str, dict[str, Array]] = {s: {} for s in self.slots}
         self._scratch: dict[str, Array] = {}
 
-    def step(self, params: Params, grads: Params, lr: float) -> None:
-        """Update every array in ``params`` in place from ``grads`` with learning rate lr."""
+    def step(self, params: Params, grads: Params, lr: float, l2: float = 0.0) -> None:
+        """Update every array in ``params`` in place from ``grads`` with learning rate lr.
+
+        ``l2`` > 0 first adds the L2 term l2 W to the gradient of every weight matrix W
+        (names starting with "W"; in place), as ``Network.backward`` does with l2 =
+        2 lambda: the trainer leaves the term to the optimizer, so plain SGD can fuse
+        it into its update. The result is the same either way, to the last bit.
+        """
         self.t += 1
         lr = float(lr)  # a NumPy float64 scalar would make float32 updates go via float64
         for name, p in params.items():
-            self._update(name, p, grads[name], lr, self._buffer(name, p))
+            if l2 and name.startswith("W"):
+                self._update_l2(name, p, grads[name], lr, self._buffer(name, p), l2)
+            else:
+                self._update(name, p, grads[name], lr, self._buffer(name, p))
 
     def _update(self, name: str, p: Array, g: Array, lr: float, buf: Array) -> None:
         """Update parameter ``p`` in place; ``buf`` is scratch space shaped like p."""
         raise NotImplementedError
+
+    def _update_l2(self, name: str, p: Array, g: Array, lr: float, buf: Array,
+                   l2: float) -> None:
+        """``_update`` with the L2 term l2 p added to g first (in place)."""
+        kernels.add_scaled(g, p, l2)
+        self._update(name, p, g, lr, buf)
 
     def _buffer(self, name: str, p: Array) -> Array:
         """The scratch buffer for ``name``, (re)allocated to match p."""
@@ -115,6 +130,13 @@ class SGD(Optimizer):
             return
         np.multiply(g, lr, out=buf)
         p -= buf
+
+    def _update_l2(self, name: str, p: Array, g: Array, lr: float, buf: Array,
+                   l2: float) -> None:
+        if kernels.enabled(p, g):
+            kernels.sgd_l2_step(p, g, lr, l2)  # p -= lr (g + l2 p) in one pass
+        else:
+            super()._update_l2(name, p, g, lr, buf, l2)
 
 
 class Momentum(Optimizer):

@@ -138,11 +138,11 @@ class Trainer:
             loss, cost, grads = net.loss_and_grads(Xb, data.train.y[idx], cfg.lam,
                                                    rng=self.dropout_rng,
                                                    label_smoothing=cfg.label_smoothing,
-                                                   check=False)
+                                                   check=False, grad_l2=False)
         if not math.isfinite(cost):
             raise Diverged(f"the cost became {cost} at step {t}")
         lr = self.plan.lr(t)
-        self.opt.step(net.params, grads, lr)
+        self.opt.step(net.params, grads, lr, l2=2 * cfg.lam)  # the L2 term is added here
         self.t += 1
         if self.precise_every and cfg.bn_stats == "precise" and self.t % self.precise_every == 0:
             population_stats(net, data, data.train.X, cfg.precise_examples)

@@ -3,13 +3,15 @@
     python benchmarks/profile_step.py --data-dir DIR                  # 3-layer [50,50]
     python benchmarks/profile_step.py --data-dir DIR --threads 1      # BLAS at one thread
     python benchmarks/profile_step.py --hidden 50,30,20,20,10,10,10,10
+    KLAYER_KERNELS=numpy python benchmarks/profile_step.py ...        # NumPy code only
 
 The recipe is ``bench_train.py``'s (float32, batch 100, batch norm, L2 0.005, SGD).
-After a warm-up, each of ``--steps`` steps runs the phases of ``Trainer.step`` in order
-with a clock read between them: gathering the mini-batch's uint8 rows, standardizing
-them, the forward pass, the loss and its gradient, the L2 penalty, the backward pass and
-the optimizer's update. It also times the first layer's two matrix products alone, so
-the rest of a step can be read off. Mean microseconds per step are printed.
+After a warm-up, each of ``--steps`` steps runs the phases of ``Trainer.step`` in order,
+through the same calls (the C kernels where they are built), with a clock read between
+them: reading and standardizing the mini-batch, the forward pass, the loss and its
+gradient, the L2 penalty, the backward pass and the update (which adds the L2 term).
+It also times the first layer's two matrix products alone, so the rest of a step can
+be read off. Mean microseconds per step are printed.
 """
 
 from __future__ import annotations
@@ -23,14 +25,16 @@ from pathlib import Path
 # benchmarks/ is on sys.path when run as a script
 from _common import machine, thread_env, training_data
 
-PHASES = ("gather", "standardize", "forward", "loss", "l2 penalty", "backward", "update")
+PHASES = ("mini-batch", "forward", "loss", "l2 penalty", "backward", "update")
 
 
 def profile(args: argparse.Namespace) -> dict[str, float]:
     import numpy as np
 
+    from klayer import kernels
     from klayer.config import TrainConfig
-    from klayer.losses import l2_penalty, softmax_cross_entropy
+    from klayer.losses import l2_penalty
+    from klayer.network import training_loss
     from klayer.train import Trainer
 
     data = training_data(args.data_dir)
@@ -46,24 +50,23 @@ def profile(args: argparse.Namespace) -> dict[str, float]:
     for t in range(args.steps):
         c0 = clock()
         idx = order[(t % per_epoch) * 100 : (t % per_epoch + 1) * 100]
-        raw, yb = data.train.X[idx], data.train.y[idx]
+        Xb, yb = data.standardize_rows(data.train.X, idx, dtype=net.dtype), data.train.y[idx]
         c1 = clock()
-        Xb = data.standardize(raw, dtype=net.dtype)
-        c2 = clock()
         scores, caches = net.forward(Xb, train=True)
+        c2 = clock()
+        loss, dscores = training_loss(scores, yb)
         c3 = clock()
-        loss, dscores = softmax_cross_entropy(scores, yb)
-        c4 = clock()
         _cost = loss + l2_penalty(net.weights(), cfg.lam)
+        c4 = clock()
+        grads = net.backward(dscores, caches)  # the update adds the L2 term, as in training
         c5 = clock()
-        grads = net.backward(dscores, caches, cfg.lam)
+        opt.step(net.params, grads, 0.01, l2=2 * cfg.lam)
         c6 = clock()
-        opt.step(net.params, grads, 0.01)
-        c7 = clock()
         for name, (a, b) in zip(PHASES, ((c0, c1), (c1, c2), (c2, c3), (c3, c4), (c4, c5),
-                                         (c5, c6), (c6, c7)), strict=True):
+                                         (c5, c6)), strict=True):
             total[name] += b - a
     us = {k: 1e6 * v / args.steps for k, v in total.items()}
+    print(f"kernels: {kernels.BACKEND}")
     W1, dS = net.params["W1"], np.ones((100, hidden[0]), np.float32)
     start = clock()
     for _ in range(args.steps):

@@ -10,13 +10,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from klayer import kernels
+from klayer.batched import BatchedTrainer
 from klayer.config import NetConfig, TrainConfig
-from klayer.data import Data, Split
+from klayer.data import Data, Split, make_synthetic
 from klayer.evaluation import evaluate
 from klayer.layers import (
     BNCache,
@@ -28,7 +30,7 @@ from klayer.layers import (
 from klayer.losses import softmax_cross_entropy
 from klayer.network import Network
 from klayer.optim import OPTIMIZERS, SGD, make_optimizer
-from klayer.train import Trainer
+from klayer.train import Trainer, make_plan
 
 F32 = np.float32
 
@@ -242,3 +244,36 @@ def test_sgd_uses_the_same_update_either_way(numpy_only: None) -> None:
     g = np.full((3, 4), 0.5, F32)
     SGD().step({"W1": p}, {"W1": g}, 0.1)
     np.testing.assert_array_equal(p, np.arange(12, dtype=F32).reshape(3, 4) - np.float32(0.05))
+
+
+def test_stacked_batch_norm_equals_one_layer_at_a_time() -> None:
+    rng = np.random.default_rng(7)
+    s = np.stack([layer_input(n=40, m=9, seed=t) for t in range(3)])  # (T, n, m)
+    gamma, beta = rng.uniform(0.5, 2, (3, 9)).astype(F32), rng.normal(0, 1, (3, 9)).astype(F32)
+    dh = rng.standard_normal(s.shape).astype(F32)
+    stacked = kernels.bn_relu_forward(s, gamma, beta, 1e-5)
+    back = kernels.bn_relu_backward(dh, stacked[0], stacked[1], stacked[2], gamma)
+    for t in range(3):
+        one = kernels.bn_relu_forward(s[t], gamma[t], beta[t], 1e-5)
+        for a, b in zip(stacked, one, strict=True):
+            np.testing.assert_array_equal(a[t], b)
+        for a, b in zip(back, kernels.bn_relu_backward(dh[t], *one[:3], gamma[t]), strict=True):
+            np.testing.assert_array_equal(a[t], b)
+
+
+def test_float32_trials_trained_together_track_their_lone_runs() -> None:
+    """The batched trainer's float32 path (C batch norm over the stack) against lone runs."""
+    from test_batched import BASE, TRIALS, lone
+
+    data = make_synthetic(n_train=600, seed=0)
+    cfgs = [replace(BASE, dtype="float32", lam=lam, eta_max=em, eta=em / 2, seed=s)
+            for lam, em, s in TRIALS]
+    plans = [make_plan(c, data.train.n) for c in cfgs]
+    bt = BatchedTrainer(cfgs, data, [p.lr for p in plans], plans[0].steps_per_epoch,
+                        plans[0].total_steps, eval_every=plans[0].eval_every)
+    for cfg, net in zip(cfgs, bt.run(), strict=True):
+        assert net is not None
+        ref = lone(cfg, data, order_seed=cfgs[0].seed).net
+        for name, p in ref.params.items():  # (hidden biases stay near 0 under batch norm)
+            err = np.abs(net.params[name] - p).max() / max(np.abs(p).max(), 0.1)
+            assert err < 1e-5, f"{name}: {err:.1e}"

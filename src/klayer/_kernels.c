@@ -131,14 +131,14 @@ static PyObject *
 bn_relu_forward(PyObject *self, PyObject *args)
 {
     Py_buffer s, gamma, beta, x_hat, y, mu, var, inv_std;
-    Py_ssize_t n, m;
+    Py_ssize_t T, n, m;
     double eps;
-    if (!PyArg_ParseTuple(args, "y*nny*y*dw*w*w*w*w*", &s, &n, &m, &gamma, &beta, &eps,
+    if (!PyArg_ParseTuple(args, "y*nnny*y*dw*w*w*w*w*", &s, &T, &n, &m, &gamma, &beta, &eps,
                           &x_hat, &y, &mu, &var, &inv_std))
         return NULL;
     PyObject *ret = NULL;
     double *acc = NULL;
-    Py_ssize_t nm = n * m * 4, m4 = m * 4;
+    Py_ssize_t nm = T * n * m * 4, m4 = T * m * 4;
     if (n < 1) {
         PyErr_SetString(PyExc_ValueError, "batch norm needs at least one row");
         goto done;
@@ -153,8 +153,13 @@ bn_relu_forward(PyObject *self, PyObject *args)
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    bn_relu_forward_impl(s.buf, n, m, gamma.buf, beta.buf, eps, acc, x_hat.buf, y.buf,
-                         mu.buf, var.buf, inv_std.buf);
+    for (Py_ssize_t t = 0; t < T; t++) {  /* T stacked networks' layers, one after another */
+        Py_ssize_t a = t * n * m, b = t * m;
+        bn_relu_forward_impl((const float *)s.buf + a, n, m, (const float *)gamma.buf + b,
+                             (const float *)beta.buf + b, eps, acc, (float *)x_hat.buf + a,
+                             (float *)y.buf + a, (float *)mu.buf + b, (float *)var.buf + b,
+                             (float *)inv_std.buf + b);
+    }
     Py_END_ALLOW_THREADS
     ret = Py_NewRef(Py_None);
 done:
@@ -199,13 +204,13 @@ static PyObject *
 bn_relu_backward(PyObject *self, PyObject *args)
 {
     Py_buffer dh, y, x_hat, inv_std, gamma, ds, dgamma, dbeta;
-    Py_ssize_t n, m;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*y*nnw*w*w*", &dh, &y, &x_hat, &inv_std, &gamma, &n,
-                          &m, &ds, &dgamma, &dbeta))
+    Py_ssize_t T, n, m;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*nnnw*w*w*", &dh, &y, &x_hat, &inv_std, &gamma, &T,
+                          &n, &m, &ds, &dgamma, &dbeta))
         return NULL;
     PyObject *ret = NULL;
     double *acc = NULL;
-    Py_ssize_t nm = n * m * 4, m4 = m * 4;
+    Py_ssize_t nm = T * n * m * 4, m4 = T * m * 4;
     if (!check_len(&dh, nm, "dh") || !check_len(&y, nm, "y") ||
         !check_len(&x_hat, nm, "x_hat") || !check_len(&inv_std, m4, "inv_std") ||
         !check_len(&gamma, m4, "gamma") || !check_len(&ds, nm, "ds") ||
@@ -216,8 +221,13 @@ bn_relu_backward(PyObject *self, PyObject *args)
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    bn_relu_backward_impl(dh.buf, y.buf, x_hat.buf, inv_std.buf, gamma.buf, n, m, acc, ds.buf,
-                          dgamma.buf, dbeta.buf);
+    for (Py_ssize_t t = 0; t < T; t++) {
+        Py_ssize_t a = t * n * m, b = t * m;
+        bn_relu_backward_impl((const float *)dh.buf + a, (const float *)y.buf + a,
+                              (const float *)x_hat.buf + a, (const float *)inv_std.buf + b,
+                              (const float *)gamma.buf + b, n, m, acc, (float *)ds.buf + a,
+                              (float *)dgamma.buf + b, (float *)dbeta.buf + b);
+    }
     Py_END_ALLOW_THREADS
     ret = Py_NewRef(Py_None);
 done:

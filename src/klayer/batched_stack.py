@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from . import kernels
 from .data import Data
 from .evaluation import EVAL_CHUNK, model_inputs
 from .layers import Array, dropout_mask
@@ -147,8 +148,8 @@ class Stack:
         if not cfg.batch_norm:
             r = out = np.maximum(s, 0)
         elif cfg.bn_position == "before":
-            y, bn = self._batchnorm(s, l, train)
-            r = out = np.maximum(y, 0)
+            r, bn = self._batchnorm(s, l, train, relu=True)
+            out = r
         else:
             r = np.maximum(s, 0)
             out, bn = self._batchnorm(r, l, train)
@@ -161,7 +162,10 @@ class Stack:
             out = out * mask
         return out, r, bn, mask
 
-    def _batchnorm(self, s: Array, l: int, train: bool) -> tuple[Array, tuple[Array, Array] | None]:
+    def _batchnorm(self, s: Array, l: int, train: bool,
+                   relu: bool = False) -> tuple[Array, tuple[Array, Array] | None]:
+        """Batch norm of layer l in every trial (then a ReLU when ``relu``), and its cache;
+        fused in C for training in float32, as ``Network._batchnorm``."""
         gamma, beta = self.params[f"gamma{l}"][:, None, :], self.params[f"beta{l}"][:, None, :]
         eps = self.config.bn_eps
         if not train:
@@ -169,8 +173,13 @@ class Stack:
             scale = self.params[f"gamma{l}"] / np.sqrt(var + eps)  # (T, m)
             y = s * scale[:, None, :]
             y += (self.params[f"beta{l}"] - mu * scale)[:, None, :]
-            return y, None
+            return (np.maximum(y, 0) if relu else y), None
         n = s.shape[1]
+        if relu and kernels.enabled(s, self.params[f"gamma{l}"], self.params[f"beta{l}"]):
+            y, x_hat, inv_std, mu, var = kernels.bn_relu_forward(
+                s, self.params[f"gamma{l}"], self.params[f"beta{l}"], eps)
+            self._update_running(l, mu, var, n)
+            return y, (x_hat, inv_std)
         mu = s.mean(axis=1)  # (T, m)
         xc = s - mu[:, None, :]
         var = np.einsum("tij,tij->tj", xc, xc) / n  # biased
@@ -180,7 +189,7 @@ class Stack:
         y = x_hat * gamma
         y += beta
         self._update_running(l, mu, var, n)
-        return y, (x_hat, inv_std)
+        return (np.maximum(y, 0) if relu else y), (x_hat, inv_std)
 
     def _update_running(self, l: int, mu: Array, var: Array, n: int) -> None:
         update_running(self.stats[f"mu{l}"], self.stats[f"var{l}"], mu, var, n,
@@ -207,7 +216,7 @@ class Stack:
                 ds = dh * (c.relu_out > 0)
             elif cfg.bn_position == "before":
                 assert c.bn is not None
-                ds = self._bn_backward(dh * (c.relu_out > 0), c.bn, l, grads)
+                ds = self._bn_relu_backward(dh, c.relu_out, c.bn, l, grads)
             else:
                 assert c.bn is not None
                 ds = self._bn_backward(dh, c.bn, l, grads) * (c.relu_out > 0)
@@ -244,6 +253,16 @@ class Stack:
         grads[f"W{l}"] = np.matmul(x.transpose(0, 2, 1), ds)
         grads[f"b{l}"] = ds.sum(axis=1)
         return np.matmul(ds, W.transpose(0, 2, 1))
+
+    def _bn_relu_backward(self, dh: Array, relu_out: Array, cache: tuple[Array, Array],
+                          l: int, grads: dict[str, Array]) -> Array:
+        """Backward through ReLU then batch norm of layer l (fused in C where it can be)."""
+        gamma = self.params[f"gamma{l}"]
+        if kernels.enabled(dh, relu_out, *cache, gamma):
+            ds, grads[f"gamma{l}"], grads[f"beta{l}"] = kernels.bn_relu_backward(
+                dh, relu_out, *cache, gamma)
+            return ds
+        return self._bn_backward(dh * (relu_out > 0), cache, l, grads)
 
     def _bn_backward(self, dy: Array, cache: tuple[Array, Array], l: int,
                      grads: dict[str, Array]) -> Array:

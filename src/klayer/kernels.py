@@ -71,23 +71,26 @@ def bn_relu_forward(
     """Batch norm with batch statistics, then ReLU: s (n, m) -> (y, x_hat, inv_std, mu, var).
 
     y = max(gamma x_hat + beta, 0) and x_hat = (s - mu) inv_std (both (n, m)); mu, var
-    (the biased batch variance) and inv_std = 1 / sqrt(var + eps) are (m,).
+    (the biased batch variance) and inv_std = 1 / sqrt(var + eps) are (m,). A stack of
+    T networks' layers, s (T, n, m) with gamma and beta (T, m), works the same way.
     """
-    n, m = s.shape
+    *T, n, m = s.shape
     y, x_hat = np.empty_like(s), np.empty_like(s)
-    mu, var, inv_std = np.empty(m, F32), np.empty(m, F32), np.empty(m, F32)
-    _C.bn_relu_forward(s, n, m, gamma, beta, float(eps), x_hat, y, mu, var, inv_std)
+    mu, var, inv_std = (np.empty((*T, m), F32) for _ in range(3))
+    _C.bn_relu_forward(s, T[0] if T else 1, n, m, gamma, beta, float(eps), x_hat, y, mu, var,
+                       inv_std)
     return y, x_hat, inv_std, mu, var
 
 
 def bn_relu_backward(
     dh: Array, y: Array, x_hat: Array, inv_std: Array, gamma: Array
 ) -> tuple[Array, Array, Array]:
-    """Gradients (ds, dgamma, dbeta) of ``bn_relu_forward`` given dh = dJ/dy (n, m)."""
-    n, m = dh.shape
+    """Gradients (ds, dgamma, dbeta) of ``bn_relu_forward`` given dh = dJ/dy ((T,) n, m)."""
+    *T, n, m = dh.shape
     ds = np.empty_like(dh)
-    dgamma, dbeta = np.empty(m, F32), np.empty(m, F32)
-    _C.bn_relu_backward(dh, y, x_hat, inv_std, gamma, n, m, ds, dgamma, dbeta)
+    dgamma, dbeta = np.empty((*T, m), F32), np.empty((*T, m), F32)
+    _C.bn_relu_backward(dh, y, x_hat, inv_std, gamma, T[0] if T else 1, n, m, ds, dgamma,
+                        dbeta)
     return ds, dgamma, dbeta
 
 

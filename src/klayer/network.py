@@ -343,10 +343,7 @@ class Network:
         if check:
             X, y = self.check_inputs(X, y)
         scores, caches = self.forward(X, train=True, rng=rng)
-        if not label_smoothing and kernels.enabled(scores):
-            loss, dscores = kernels.softmax_cross_entropy(scores, y)
-        else:
-            loss, dscores = softmax_cross_entropy(scores, y, label_smoothing)
+        loss, dscores = training_loss(scores, y, label_smoothing)
         cost = loss + l2_penalty(self.weights(), lam)
         return loss, cost, self.backward(dscores, caches, lam if grad_l2 else 0.0)
 
@@ -426,3 +423,10 @@ def _bn_relu_backward(
     if kernels.enabled(dh, relu_out, cache.x_hat, cache.inv_std, gamma):
         return kernels.bn_relu_backward(dh, relu_out, cache.x_hat, cache.inv_std, gamma)
     return batchnorm_backward(relu_backward(dh, relu_out), cache, gamma)
+
+
+def training_loss(scores: Array, y: Labels, label_smoothing: float = 0.0) -> tuple[float, Array]:
+    """Mean cross-entropy and dJ/dscores (``losses.softmax_cross_entropy``; in C for float32)."""
+    if not label_smoothing and kernels.enabled(scores):
+        return kernels.softmax_cross_entropy(scores, y)
+    return softmax_cross_entropy(scores, y, label_smoothing)

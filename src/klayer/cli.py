@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from . import __version__, kernels
 from .cli_common import EXIT_DATA, EXIT_DIVERGED, EXIT_OUTPUT, EXIT_USAGE, Command, UsageError
 
 # Each cli_* module contributes a COMMANDS dict: name -> (help, add_arguments, run).
@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="k-layer fully-connected networks with batch normalization, in NumPy.",
         epilog="exit codes: 0 ok, 2 usage, 3 diverged, 4 data, 5 output, 130/143 interrupted",
     )
-    parser.add_argument("--version", action="version", version=f"klayer {__version__}")
+    parser.add_argument("--version", action="version",
+                        version=f"klayer {__version__} (kernels: {kernels.BACKEND})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add_args, run) in _commands().items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, checkpoint, trainstate
+from . import __version__, checkpoint, kernels, trainstate
 from .augment import random_flip, random_translate
 from .config import TrainConfig
 from .data import Data, DataError
@@ -374,7 +374,7 @@ def _summary(net: Network, data: Data, cfg: TrainConfig, plan: Plan,
         "seed": cfg.seed, "dataset": data.name,
         "n_train": len(data.train.y), "n_val": len(data.val.y), "n_test": len(data.test.y),
         "klayer_version": __version__, "numpy_version": np.__version__,
-        "python_version": platform.python_version(),
+        "python_version": platform.python_version(), "kernels": kernels.BACKEND,
     }
     if cfg.adaptive_bn and cfg.batch_norm:
         for flip in (False, True) if data.image_shape is not None else (False,):

@@ -84,6 +84,36 @@ def test_gather_standardize_rejects_bad_rows_and_sizes() -> None:
         kernels.gather_standardize(X, np.array([1]), np.zeros(3, F32), scale)
 
 
+def test_the_extension_refuses_sizes_that_do_not_fit_its_buffers() -> None:
+    """Called directly with hostile sizes, the C functions raise instead of overrunning."""
+    C, f = kernels._C, (lambda k: np.zeros(k, F32))
+    huge = 2**62 + 1  # n * K * 4 would wrap around to a small number
+    with pytest.raises(ValueError, match="sizes too large"):
+        C.softmax_xent(f(1), np.zeros(1, np.int64), 1, huge, f(1))
+    with pytest.raises(ValueError, match="sizes too large"):
+        C.gather_standardize(np.zeros(4, np.uint8), 4, huge, np.array([1]), f(1), f(1), f(1))
+    with pytest.raises(ValueError, match="sizes too large"):
+        C.bn_relu_backward(f(1), f(1), f(1), f(1), f(1), 1, huge, 1, f(1), f(1), f(1))
+    with pytest.raises(ValueError, match="must not be negative"):
+        C.bn_relu_forward(f(1), -1, 1, -1, f(1), f(1), 1e-5, f(1), f(1), f(1), f(1), f(1))
+    with pytest.raises(ValueError, match="y: expected 2 labels, got 1"):
+        C.softmax_xent(f(2), np.zeros(1, np.int64), 2, 1, f(2))
+    with pytest.raises(ValueError, match="not a whole number of int64s"):
+        C.gather_standardize(np.zeros(4, np.uint8), 2, 2, np.zeros(3, np.uint8), f(2), f(2), f(2))
+    with pytest.raises(ValueError, match="not a whole number of float32s"):
+        C.sgd_step(np.zeros(5, np.uint8), np.zeros(5, np.uint8), 0.1)
+    with pytest.raises(TypeError, match="idx must be a 1-d array of row numbers"):
+        kernels.gather_standardize(np.zeros((4, 2), np.uint8), np.ones(4, bool), f(2), f(2))
+
+
+def test_update_wrappers_fall_back_to_numpy_for_other_arrays() -> None:
+    p, g = np.ones(4), np.full(4, 0.5)  # float64: NumPy's arithmetic, not the C loop's
+    kernels.sgd_step(p, g, 0.1)
+    np.testing.assert_array_equal(p, 1 - 0.1 * 0.5)
+    kernels.sgd_l2_step(p, g, 0.1, 0.2)
+    np.testing.assert_array_equal(g, 0.5)
+
+
 @pytest.mark.parametrize("n", [1, 2, 100, 257])
 def test_bn_relu_forward_matches_numpy(n: int) -> None:
     s = layer_input(n=n, m=13)
@@ -145,7 +175,7 @@ def test_update_kernels_are_bit_identical_to_numpy() -> None:
     kernels.sgd_step(W, g, 0.0731)
     np.testing.assert_array_equal(W, ref)
     with pytest.raises(ValueError, match="expected"):
-        kernels.sgd_step(W, g[:10], 0.1)
+        kernels._C.sgd_step(W, g[:10], 0.1)
     fused, ref = W.copy(), W.copy()
     kernels.sgd_l2_step(fused, g, 0.0731, 0.0074)
     kernels.add_scaled(g, ref, 0.0074)

@@ -17,6 +17,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* The loops are compiled twice on x86-64 Linux, for AVX2 and for the baseline, and the
  * loader picks one for the CPU. Besides wider vectors, VEX-encoded code avoids the
@@ -26,6 +27,63 @@
 #else
 #define KERNEL
 #endif
+
+/* r = a * b for sizes: 0 with ValueError when either is negative or the product
+ * overflows, so a length check can never pass by wrap-around. */
+static int
+size_mul(Py_ssize_t a, Py_ssize_t b, Py_ssize_t *r)
+{
+    if (a < 0 || b < 0) {
+        PyErr_SetString(PyExc_ValueError, "sizes must not be negative");
+        return 0;
+    }
+    if (a != 0 && b > PY_SSIZE_T_MAX / a) {
+        PyErr_SetString(PyExc_ValueError, "sizes too large");
+        return 0;
+    }
+    *r = a * b;
+    return 1;
+}
+
+/* The byte count of a (x b x c) float32 (or, with item 8, int64) array, checked. */
+static int
+bytes_of(Py_ssize_t a, Py_ssize_t b, Py_ssize_t c, Py_ssize_t item, Py_ssize_t *r)
+{
+    Py_ssize_t t;
+    return size_mul(a, b, &t) && size_mul(t, c, &t) && size_mul(t, item, r);
+}
+
+/* A private copy of an int64 buffer, so that values checked here cannot change after
+ * the GIL is released (another thread may own the array). NULL with an error set. */
+static int64_t *
+copy_int64(const Py_buffer *b, Py_ssize_t *n, const char *what)
+{
+    if (b->len % (Py_ssize_t)sizeof(int64_t)) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd bytes is not a whole number of int64s",
+                     what, b->len);
+        return NULL;
+    }
+    *n = b->len / (Py_ssize_t)sizeof(int64_t);
+    int64_t *c = malloc(b->len > 0 ? (size_t)b->len : 1);
+    if (!c)
+        return (int64_t *)PyErr_NoMemory();
+    memcpy(c, b->buf, (size_t)b->len);
+    return c;
+}
+
+static int
+check_len(const Py_buffer *b, Py_ssize_t want, const char *what);
+
+/* Two float32 buffers of one length (y, x of y += a x): 0 with ValueError otherwise. */
+static int
+same_floats(const Py_buffer *y, const Py_buffer *x)
+{
+    if (y->len % 4) {
+        PyErr_Format(PyExc_ValueError, "%zd bytes is not a whole number of float32s", y->len);
+        return 0;
+    }
+    return check_len(x, y->len, "the second array");
+}
 
 static int
 check_len(const Py_buffer *b, Py_ssize_t want, const char *what)
@@ -74,11 +132,14 @@ gather_standardize(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "y*nny*y*y*w*", &X, &N, &d, &idx, &shift, &scale, &out))
         return NULL;
     PyObject *ret = NULL;
-    Py_ssize_t n = idx.len / (Py_ssize_t)sizeof(int64_t);
-    if (!check_len(&X, N * d, "X") || !check_len(&shift, d * 4, "shift") ||
-        !check_len(&scale, d * 4, "scale") || !check_len(&out, n * d * 4, "out"))
+    Py_ssize_t n, xlen, dlen, olen;
+    int64_t *ix = copy_int64(&idx, &n, "idx");
+    if (!ix || !bytes_of(N, d, 1, 1, &xlen) || !bytes_of(d, 1, 1, 4, &dlen) ||
+        !bytes_of(n, d, 1, 4, &olen))
         goto done;
-    const int64_t *ix = (const int64_t *)idx.buf;
+    if (!check_len(&X, xlen, "X") || !check_len(&shift, dlen, "shift") ||
+        !check_len(&scale, dlen, "scale") || !check_len(&out, olen, "out"))
+        goto done;
     for (Py_ssize_t i = 0; i < n; i++) {
         if (ix[i] < 0 || ix[i] >= N) {
             PyErr_Format(PyExc_IndexError, "row %lld is out of range for %zd rows",
@@ -91,6 +152,7 @@ gather_standardize(PyObject *self, PyObject *args)
     Py_END_ALLOW_THREADS
     ret = Py_NewRef(Py_None);
 done:
+    free(ix);
     PyBuffer_Release(&X); PyBuffer_Release(&idx); PyBuffer_Release(&shift);
     PyBuffer_Release(&scale); PyBuffer_Release(&out);
     return ret;
@@ -138,7 +200,9 @@ bn_relu_forward(PyObject *self, PyObject *args)
         return NULL;
     PyObject *ret = NULL;
     double *acc = NULL;
-    Py_ssize_t nm = T * n * m * 4, m4 = T * m * 4;
+    Py_ssize_t nm, m4;
+    if (!bytes_of(T, n, m, 4, &nm) || !bytes_of(T, m, 1, 4, &m4))
+        goto done;
     if (n < 1) {
         PyErr_SetString(PyExc_ValueError, "batch norm needs at least one row");
         goto done;
@@ -210,7 +274,9 @@ bn_relu_backward(PyObject *self, PyObject *args)
         return NULL;
     PyObject *ret = NULL;
     double *acc = NULL;
-    Py_ssize_t nm = T * n * m * 4, m4 = T * m * 4;
+    Py_ssize_t nm, m4;
+    if (!bytes_of(T, n, m, 4, &nm) || !bytes_of(T, m, 1, 4, &m4))
+        goto done;
     if (!check_len(&dh, nm, "dh") || !check_len(&y, nm, "y") ||
         !check_len(&x_hat, nm, "x_hat") || !check_len(&inv_std, m4, "inv_std") ||
         !check_len(&gamma, m4, "gamma") || !check_len(&ds, nm, "ds") ||
@@ -274,15 +340,21 @@ softmax_xent(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "y*y*nnw*", &sc, &lab, &n, &K, &dsc))
         return NULL;
     PyObject *ret = NULL;
+    Py_ssize_t nK, n_labels;
+    int64_t *y = NULL;
     if (n < 1 || K < 1) {
         PyErr_SetString(PyExc_ValueError, "softmax_xent needs at least one row and class");
         goto done;
     }
-    if (!check_len(&sc, n * K * 4, "scores") || !check_len(&lab, n * 8, "y") ||
-        !check_len(&dsc, n * K * 4, "dscores"))
+    if (!bytes_of(n, K, 1, 4, &nK) || !(y = copy_int64(&lab, &n_labels, "y")))
         goto done;
+    if (!check_len(&sc, nK, "scores") || !check_len(&dsc, nK, "dscores"))
+        goto done;
+    if (n_labels != n) {
+        PyErr_Format(PyExc_ValueError, "y: expected %zd labels, got %zd", n, n_labels);
+        goto done;
+    }
     const float *s = sc.buf;
-    const int64_t *y = lab.buf;
     float *g = dsc.buf;
     for (Py_ssize_t i = 0; i < n; i++) {
         if (y[i] < 0 || y[i] >= K) {
@@ -297,6 +369,7 @@ softmax_xent(PyObject *self, PyObject *args)
     Py_END_ALLOW_THREADS
     ret = PyFloat_FromDouble(total / n);
 done:
+    free(y);
     PyBuffer_Release(&sc); PyBuffer_Release(&lab); PyBuffer_Release(&dsc);
     return ret;
 }
@@ -316,7 +389,7 @@ add_scaled(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "w*y*d", &y, &x, &a))
         return NULL;
     PyObject *ret = NULL;
-    if (!check_len(&x, y.len, "x"))
+    if (!same_floats(&y, &x))
         goto done;
     Py_BEGIN_ALLOW_THREADS
     axpy_impl(y.buf, x.buf, (float)a, y.len / 4);
@@ -336,7 +409,7 @@ sgd_step(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "w*y*d", &p, &g, &lr))
         return NULL;
     PyObject *ret = NULL;
-    if (!check_len(&g, p.len, "g"))
+    if (!same_floats(&p, &g))
         goto done;
     Py_BEGIN_ALLOW_THREADS
     axpy_impl(p.buf, g.buf, -(float)lr, p.len / 4);
@@ -366,7 +439,7 @@ sgd_l2_step(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "w*y*dd", &p, &g, &lr, &l2))
         return NULL;
     PyObject *ret = NULL;
-    if (!check_len(&g, p.len, "g"))
+    if (!same_floats(&p, &g))
         goto done;
     Py_BEGIN_ALLOW_THREADS
     sgd_l2_impl(p.buf, g.buf, (float)lr, (float)l2, p.len / 4);

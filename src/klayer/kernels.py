@@ -57,9 +57,17 @@ def enabled(*arrays: np.ndarray) -> bool:
 
 
 def gather_standardize(X: np.ndarray, idx: np.ndarray, shift: Array, scale: Array) -> Array:
-    """(X[idx] - shift) * scale as a new float32 (n, d) array; X is (N, d) uint8."""
+    """(X[idx] - shift) * scale as a new float32 (n, d) array; X is (N, d) uint8.
+
+    ``idx`` holds row numbers in [0, N) (no negative ones, no boolean masks).
+    """
+    if X.dtype != np.uint8 or X.ndim != 2:
+        raise TypeError(f"X must be a 2-d uint8 array, got {X.dtype} with shape {X.shape}")
+    rows = np.asarray(idx)
+    if rows.ndim != 1 or rows.dtype.kind not in "iu":
+        raise TypeError(f"idx must be a 1-d array of row numbers, got {rows.dtype} {rows.shape}")
     N, d = X.shape
-    rows = np.ascontiguousarray(idx, dtype=np.int64)
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
     out = np.empty((len(rows), d), F32)
     _C.gather_standardize(X, N, d, rows, shift, scale, out)
     return out
@@ -105,17 +113,24 @@ def softmax_cross_entropy(scores: Array, y: np.ndarray) -> tuple[float, Array]:
 
 def add_scaled(g: Array, W: Array, a: float) -> None:
     """In place: g += a W, the L2 term of a gradient (a = 2 lambda); C or NumPy."""
-    if enabled(g, W):
+    if enabled(g, W) and g.shape == W.shape:
         _C.add_scaled(g, W, float(a))  # one pass, rounded as NumPy's two
     else:
         g += a * W
 
 
 def sgd_step(p: Array, g: Array, lr: float) -> None:
-    """In place: p -= lr g (float32 lr, as ``optim.SGD``)."""
-    _C.sgd_step(p, g, float(lr))
+    """In place: p -= lr g (float32 lr, as ``optim.SGD``); C or NumPy."""
+    if enabled(p, g) and p.shape == g.shape:
+        _C.sgd_step(p, g, float(lr))
+    else:
+        p -= lr * g
 
 
 def sgd_l2_step(p: Array, g: Array, lr: float, l2: float) -> None:
-    """In place: p -= lr (g + l2 p), as ``add_scaled(g, p, l2)`` then ``sgd_step`` (g kept)."""
-    _C.sgd_l2_step(p, g, float(lr), float(l2))
+    """In place: p -= lr (g + l2 p), as ``add_scaled(g, p, l2)`` then ``sgd_step``; g is
+    left as it was. C or NumPy."""
+    if enabled(p, g) and p.shape == g.shape:
+        _C.sgd_l2_step(p, g, float(lr), float(l2))
+    else:
+        p -= lr * (g + l2 * p)

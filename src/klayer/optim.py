@@ -58,9 +58,10 @@ class Optimizer:
         """Update every array in ``params`` in place from ``grads`` with learning rate lr.
 
         ``l2`` > 0 first adds the L2 term l2 W to the gradient of every weight matrix W
-        (names starting with "W"; in place), as ``Network.backward`` does with l2 =
-        2 lambda: the trainer leaves the term to the optimizer, so plain SGD can fuse
-        it into its update. The result is the same either way, to the last bit.
+        (names starting with "W"), as ``Network.backward`` does with l2 = 2 lambda: the
+        trainer leaves the term to the optimizer, so plain SGD can fuse it into its
+        update. The parameters come out the same either way, to the last bit; the
+        gradient arrays may or may not hold the term afterwards.
         """
         self.t += 1
         lr = float(lr)  # a NumPy float64 scalar would make float32 updates go via float64
@@ -125,7 +126,7 @@ class SGD(Optimizer):
     """Plain gradient descent: p <- p - lr g."""
 
     def _update(self, name: str, p: Array, g: Array, lr: float, buf: Array) -> None:
-        if kernels.enabled(p, g):
+        if kernels.enabled(p, g) and p.shape == g.shape:
             kernels.sgd_step(p, g, lr)  # the same float32 rounding, in one pass
             return
         np.multiply(g, lr, out=buf)
@@ -133,7 +134,7 @@ class SGD(Optimizer):
 
     def _update_l2(self, name: str, p: Array, g: Array, lr: float, buf: Array,
                    l2: float) -> None:
-        if kernels.enabled(p, g):
+        if kernels.enabled(p, g) and p.shape == g.shape:
             kernels.sgd_l2_step(p, g, lr, l2)  # p -= lr (g + l2 p) in one pass
         else:
             super()._update_l2(name, p, g, lr, buf, l2)

@@ -15,8 +15,9 @@ compiler is there) does five of the step's parts in one pass each:
 The NumPy code in ``layers``, ``losses``, ``data`` and ``optim`` stays the reference:
 it is what float64 (gradient checks) and every other configuration run, and
 tests/test_kernels.py checks each kernel against it. The kernels are used only for
-float32, C-contiguous arrays. Set ``KLAYER_KERNELS=numpy`` (before klayer is imported)
-to run the NumPy code everywhere.
+float32, C-contiguous arrays: callers ask ``enabled`` first, except for ``add_scaled``,
+``sgd_step`` and ``sgd_l2_step``, which fall back to NumPy themselves. Set
+``KLAYER_KERNELS=numpy`` (before klayer is imported) to run the NumPy code everywhere.
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ def test_the_extension_refuses_sizes_that_do_not_fit_its_buffers() -> None:
     with pytest.raises(ValueError, match="not a whole number of int64s"):
         C.gather_standardize(np.zeros(4, np.uint8), 2, 2, np.zeros(3, np.uint8), f(2), f(2), f(2))
     with pytest.raises(ValueError, match="not a whole number of float32s"):
-        C.sgd_step(np.zeros(5, np.uint8), np.zeros(5, np.uint8), 0.1)
+        C.add_scaled(np.zeros(5, np.uint8), np.zeros(5, np.uint8), 0.1)
     with pytest.raises(TypeError, match="idx must be a 1-d array of row numbers"):
         kernels.gather_standardize(np.zeros((4, 2), np.uint8), np.ones(4, bool), f(2), f(2))
 
@@ -175,7 +175,7 @@ def test_update_kernels_are_bit_identical_to_numpy() -> None:
     kernels.sgd_step(W, g, 0.0731)
     np.testing.assert_array_equal(W, ref)
     with pytest.raises(ValueError, match="expected"):
-        kernels._C.sgd_step(W, g[:10], 0.1)
+        kernels._C.add_scaled(W, g[:10], 0.1)
     fused, ref = W.copy(), W.copy()
     kernels.sgd_l2_step(fused, g, 0.0731, 0.0074)
     kernels.add_scaled(g, ref, 0.0074)

@@ -9,7 +9,7 @@
  * call raises instead of touching memory it does not own.
  *
  * Build flags keep float32 arithmetic as NumPy's (no FMA contraction), so
- * gather_standardize, add_scaled and sgd_step are bit-identical to their NumPy
+ * gather_standardize, add_scaled and sgd_l2_step are bit-identical to their NumPy
  * twins; the reductions (batch-norm statistics, softmax) accumulate in double.
  */
 #define PY_SSIZE_T_CLEAN
@@ -380,7 +380,8 @@ axpy_impl(float *restrict y, const float *restrict x, float a, Py_ssize_t n)
     for (Py_ssize_t i = 0; i < n; i++) y[i] += a * x[i];
 }
 
-/* y += (float)a * x over n float32s: the L2 term 2 lambda W added to a gradient. */
+/* y += (float)a * x over n float32s: the L2 term 2 lambda W added to a gradient, or,
+ * with a = -lr, the plain gradient-descent update p -= lr g (kernels.sgd_step). */
 static PyObject *
 add_scaled(PyObject *self, PyObject *args)
 {
@@ -400,26 +401,6 @@ done:
     return ret;
 }
 
-/* p -= (float)lr * g over n float32s: the plain gradient-descent update (optim.SGD). */
-static PyObject *
-sgd_step(PyObject *self, PyObject *args)
-{
-    Py_buffer p, g;
-    double lr;
-    if (!PyArg_ParseTuple(args, "w*y*d", &p, &g, &lr))
-        return NULL;
-    PyObject *ret = NULL;
-    if (!same_floats(&p, &g))
-        goto done;
-    Py_BEGIN_ALLOW_THREADS
-    axpy_impl(p.buf, g.buf, -(float)lr, p.len / 4);
-    Py_END_ALLOW_THREADS
-    ret = Py_NewRef(Py_None);
-done:
-    PyBuffer_Release(&p); PyBuffer_Release(&g);
-    return ret;
-}
-
 KERNEL static void
 sgd_l2_impl(float *restrict p, const float *restrict g, float lr, float l2, Py_ssize_t n)
 {
@@ -430,7 +411,8 @@ sgd_l2_impl(float *restrict p, const float *restrict g, float lr, float l2, Py_s
 }
 
 /* p -= (float)lr * (g + (float)l2 * p): the update of a weight matrix with the L2 term
- * of its gradient, in one pass (add_scaled then sgd_step, rounded the same way). */
+ * of its gradient, in one pass (add_scaled, then add_scaled with -lr, rounded the same
+ * way). */
 static PyObject *
 sgd_l2_step(PyObject *self, PyObject *args)
 {
@@ -456,7 +438,6 @@ static PyMethodDef methods[] = {
     {"bn_relu_backward", bn_relu_backward, METH_VARARGS, "backward of bn_relu_forward"},
     {"softmax_xent", softmax_xent, METH_VARARGS, "softmax cross-entropy and its gradient"},
     {"add_scaled", add_scaled, METH_VARARGS, "y += a x"},
-    {"sgd_step", sgd_step, METH_VARARGS, "p -= lr g"},
     {"sgd_l2_step", sgd_l2_step, METH_VARARGS, "p -= lr (g + l2 p)"},
     {NULL, NULL, 0, NULL},
 };

@@ -120,18 +120,22 @@ def add_scaled(g: Array, W: Array, a: float) -> None:
         g += a * W
 
 
-def sgd_step(p: Array, g: Array, lr: float) -> None:
-    """In place: p -= lr g (float32 lr, as ``optim.SGD``); C or NumPy."""
+def sgd_step(p: Array, g: Array, lr: float, buf: Array | None = None) -> None:
+    """In place: p -= lr g (float32 lr, as ``optim.SGD``): one C pass, or NumPy's two
+    (through the scratch array ``buf``, shaped like p, when one is given)."""
     if enabled(p, g) and p.shape == g.shape:
-        _C.sgd_step(p, g, float(lr))
-    else:
-        p -= lr * g
+        _C.add_scaled(p, g, -float(lr))  # p += (-lr) g rounds as p -= lr g
+        return
+    p -= np.multiply(g, lr, out=buf)
 
 
-def sgd_l2_step(p: Array, g: Array, lr: float, l2: float) -> None:
-    """In place: p -= lr (g + l2 p), as ``add_scaled(g, p, l2)`` then ``sgd_step``; g is
-    left as it was. C or NumPy."""
+def sgd_l2_step(p: Array, g: Array, lr: float, l2: float, buf: Array | None = None) -> None:
+    """In place: p -= lr (g + l2 p), as ``add_scaled(g, p, l2)`` then ``sgd_step``, with g
+    left as it was: one C pass, or NumPy's (through ``buf`` when one is given)."""
     if enabled(p, g) and p.shape == g.shape:
         _C.sgd_l2_step(p, g, float(lr), float(l2))
-    else:
-        p -= lr * (g + l2 * p)
+        return
+    step = np.multiply(p, l2, out=buf)
+    step += g
+    step *= lr
+    p -= step

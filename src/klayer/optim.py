@@ -126,18 +126,11 @@ class SGD(Optimizer):
     """Plain gradient descent: p <- p - lr g."""
 
     def _update(self, name: str, p: Array, g: Array, lr: float, buf: Array) -> None:
-        if kernels.enabled(p, g) and p.shape == g.shape:
-            kernels.sgd_step(p, g, lr)  # the same float32 rounding, in one pass
-            return
-        np.multiply(g, lr, out=buf)
-        p -= buf
+        kernels.sgd_step(p, g, lr, buf)  # one C pass for float32, else NumPy's
 
     def _update_l2(self, name: str, p: Array, g: Array, lr: float, buf: Array,
                    l2: float) -> None:
-        if kernels.enabled(p, g) and p.shape == g.shape:
-            kernels.sgd_l2_step(p, g, lr, l2)  # p -= lr (g + l2 p) in one pass
-        else:
-            super()._update_l2(name, p, g, lr, buf, l2)
+        kernels.sgd_l2_step(p, g, lr, l2, buf)  # p -= lr (g + l2 p)
 
 
 class Momentum(Optimizer):

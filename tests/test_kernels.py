@@ -164,6 +164,24 @@ def test_softmax_cross_entropy_matches_numpy() -> None:
         kernels.softmax_cross_entropy(scores, np.full(100, 10))
 
 
+def test_stacked_softmax_cross_entropy_is_each_networks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from klayer.batched_stack import softmax_cross_entropy as stacked
+
+    rng = np.random.default_rng(5)
+    scores = rng.normal(0, 3, (4, 50, 10)).astype(F32)
+    y = rng.integers(0, 10, 50)
+    losses, dscores = stacked(scores, y)  # the C path
+    for t in range(4):
+        loss, ds = kernels.softmax_cross_entropy(scores[t], y)
+        assert losses[t] == loss
+        np.testing.assert_array_equal(dscores[t], ds)
+    monkeypatch.setattr(kernels, "_C", None)
+    ref_losses, ref_ds = stacked(scores, y)  # NumPy's arithmetic
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+    np.testing.assert_allclose(dscores, ref_ds, atol=1e-8)
+
+
 def test_update_kernels_are_bit_identical_to_numpy() -> None:
     rng = np.random.default_rng(4)
     W = rng.standard_normal((300, 50)).astype(F32)
@@ -181,6 +199,50 @@ def test_update_kernels_are_bit_identical_to_numpy() -> None:
     kernels.add_scaled(g, ref, 0.0074)
     kernels.sgd_step(ref, g, 0.0731)
     np.testing.assert_array_equal(fused, ref)
+
+
+@pytest.mark.parametrize("backend", ["c", "numpy"])
+@pytest.mark.parametrize("shape, block", [((40, 3 * 7), 7), ((3, 11, 5), 55), ((3, 4), 4)])
+def test_stacked_updates_equal_each_trials_lone_update(
+        backend: str, shape: tuple[int, ...], block: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """sgd_l2_steps on T = 3 stacked trials (a wide (d, T m) first layer, a (T, ...) stack
+    or (T, m) vectors) is each trial's sgd_l2_step (or, with l2 = 0, sgd_step) bit for
+    bit, and its sums of squares are the updated trials' to float64 rounding."""
+    if backend == "numpy":
+        monkeypatch.setattr(kernels, "_C", None)
+    rng = np.random.default_rng(7)
+    p = rng.standard_normal(shape).astype(F32)
+    g = rng.standard_normal(shape).astype(F32)
+    lr, l2 = np.array([0.0731, 0.01, 0.3]), np.array([0.0074, 0.0, 2e-5])
+    trials = [p.reshape(-1, 3, block)[:, t].copy() for t in range(3)]  # each trial's values
+    grads = [g.reshape(-1, 3, block)[:, t].copy() for t in range(3)]
+    sq = kernels.sgd_l2_steps(p, g, lr, l2, block)
+    for t, (q, gt) in enumerate(zip(trials, grads, strict=True)):
+        if l2[t]:
+            kernels.sgd_l2_step(q, gt, float(lr[t]), float(l2[t]))
+        else:
+            kernels.sgd_step(q, gt, float(lr[t]))
+        np.testing.assert_array_equal(p.reshape(-1, 3, block)[:, t], q)
+        assert sq[t] == pytest.approx(np.sum(q.astype(np.float64) ** 2), rel=1e-6)
+    with pytest.raises(ValueError, match="whole rows of 3 blocks"):
+        kernels.sgd_l2_steps(p, g, lr, l2, 2 * block + 1)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        kernels.sgd_l2_steps(p.T, g.T, lr, l2, block)
+
+
+def test_the_stacked_update_refuses_bad_sizes() -> None:
+    C, f, d = kernels._C, (lambda k: np.zeros(k, F32)), (lambda k: np.zeros(k))
+    with pytest.raises(ValueError, match="T and L must be positive"):
+        C.sgd_l2_step(f(4), f(4), d(0), d(0), 0, 4, None)
+    with pytest.raises(ValueError, match="sizes too large"):
+        C.sgd_l2_step(f(4), f(4), d(1), d(1), 2**62, 1, None)
+    with pytest.raises(ValueError, match="l2: expected 16 bytes, got 8"):
+        C.sgd_l2_step(f(4), f(4), d(2), d(1), 2, 2, d(2))
+    with pytest.raises(ValueError, match="sq: expected 16 bytes, got 8"):
+        C.sgd_l2_step(f(4), f(4), d(2), d(2), 2, 2, d(1))
+    with pytest.raises(ValueError, match="not whole rows"):
+        C.sgd_l2_step(f(6), f(6), d(2), d(2), 2, 2, None)
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
@@ -301,7 +363,11 @@ def test_float32_trials_trained_together_track_their_lone_runs() -> None:
     plans = [make_plan(c, data.train.n) for c in cfgs]
     bt = BatchedTrainer(cfgs, data, [p.lr for p in plans], plans[0].steps_per_epoch,
                         plans[0].total_steps, eval_every=plans[0].eval_every)
-    for cfg, net in zip(cfgs, bt.run(), strict=True):
+    nets = bt.run()
+    # the penalty the fused update handed back is the stack's sum of squares
+    assert bt._penalty is not None
+    np.testing.assert_allclose(bt._penalty, bt.stack.penalty(), rtol=1e-6)
+    for cfg, net in zip(cfgs, nets, strict=True):
         assert net is not None
         ref = lone(cfg, data, order_seed=cfgs[0].seed).net
         for name, p in ref.params.items():  # (hidden biases stay near 0 under batch norm)

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from . import kernels
 from .augment import random_flip, random_translate
 from .batched_stack import Stack, evaluate_many, softmax_cross_entropy
 from .config import TrainConfig
@@ -83,14 +84,24 @@ class _Optimizer:
                 else:
                     bufs[name] = b[rows]
 
-    def step(self, stack: Stack, grads: dict[str, Array], lr: Array) -> None:
+    def step(self, stack: Stack, grads: dict[str, Array], lr: Array,
+             l2: Array) -> Array | None:
+        """Update every trial: learning rate lr[t], and the L2 term l2[t] W (l2 = 2 lambda)
+        added to each weight matrix's gradient first, as ``optim.Optimizer.step(l2=)``.
+
+        Plain SGD fuses the term into its update (``kernels.sgd_l2_steps``) and returns
+        each trial's sum_l ||W_l||^2 after the update (the next step's penalty); the other
+        optimizers return None.
+        """
         self.t += 1
+        if self.kind == "sgd":
+            return self._sgd(stack, grads, lr, l2)
         for name, p in stack.params.items():
             g = grads[name]
             buf = stack.scratch(name)
-            if self.kind == "sgd":
-                np.multiply(g, stack.per_trial(name, lr), out=buf)
-            elif self.kind == "momentum":
+            if name.startswith("W") and np.any(l2):
+                g += np.multiply(p, stack.per_trial(name, l2), out=buf)
+            if self.kind == "momentum":
                 np.multiply(self._velocity(name, g), stack.per_trial(name, lr), out=buf)
             elif self.kind == "nesterov":
                 np.multiply(self._velocity(name, g), self.mu, out=buf)
@@ -99,6 +110,19 @@ class _Optimizer:
             else:
                 self._adam(name, p, g, lr, stack, buf)
             p -= buf
+        return None
+
+    def _sgd(self, stack: Stack, grads: dict[str, Array], lr: Array, l2: Array) -> Array:
+        penalty = np.zeros(stack.T)
+        no_l2 = np.zeros(stack.T)
+        for name, p in stack.params.items():
+            block = stack.widths[1] if name == "W1" else p.size // stack.T
+            weight = name.startswith("W")
+            sq = kernels.sgd_l2_steps(p, grads[name], lr, l2 if weight else no_l2, block,
+                                      buf=stack.scratch(name))
+            if weight:
+                penalty += sq
+        return penalty
 
     def _velocity(self, name: str, g: Array) -> Array:
         vs = self.state.setdefault("v", {})
@@ -157,6 +181,7 @@ class BatchedTrainer:
         self.stack = Stack(nets)
         self.opt = _Optimizer(self.cfg)
         self.t = 0
+        self._penalty: Array | None = None  # sum_l ||W_l||^2 per trial, when known
         self.order = np.arange(len(data.train.y))
         self.eval_every = eval_every
         # trial index -> [(step, validation accuracy)] every eval_every steps, from step 0
@@ -180,8 +205,9 @@ class BatchedTrainer:
             scores, caches = stack.forward(X, train=True, rngs=self.dropout_rngs)
             loss, dscores = softmax_cross_entropy(scores, y, cfg.label_smoothing)
             lam = self.lam[self.active]
-            cost = loss + np.where(lam == 0, 0.0, lam * stack.penalty())
-            grads = stack.backward(dscores, caches, X, lam)
+            penalty = stack.penalty() if self._penalty is None else self._penalty
+            cost = loss + np.where(lam == 0, 0.0, lam * penalty)
+            grads = stack.backward(dscores, caches, X)
         bad = ~np.isfinite(cost)
         if bad.any():
             grads = self._drop(bad, cost, grads)
@@ -189,7 +215,9 @@ class BatchedTrainer:
                 self.t += 1
                 return
         lr = np.array([self.lrs[i](t) for i in self.active], np.float64)
-        self.opt.step(stack, grads, lr)
+        # the L2 term 2 lambda W joins the gradients in the update; plain SGD hands back
+        # the updated weights' sum of squares, the next step's penalty (else None)
+        self._penalty = self.opt.step(stack, grads, lr, 2 * self.lam[self.active])
         self.t += 1
 
     def _drop(self, bad: np.ndarray, cost: Array, grads: dict[str, Array]) -> dict[str, Array]:

@@ -197,9 +197,9 @@ class Stack:
 
     # --- backward -----------------------------------------------------------
 
-    def backward(self, dscores: Array, caches: list[_Cache], X: Array,
-                 lam: Array) -> dict[str, Array]:
-        """Gradients of every trial's cost (stacked like the parameters), L2 term included."""
+    def backward(self, dscores: Array, caches: list[_Cache], X: Array) -> dict[str, Array]:
+        """Gradients of every trial's loss (stacked like the parameters), without the L2
+        term 2 lambda W: the optimizer adds it (``batched._Optimizer.step``)."""
         cfg, p = self.config, self.params
         k = cfg.k
         grads: dict[str, Array] = {}
@@ -223,12 +223,6 @@ class Stack:
             if l in self.skips:
                 pending[self.skips[l]] = ds
             dh = self._linear_backward(ds, c.x, l, X, grads)
-        if np.any(lam):
-            lam2 = 2 * np.asarray(lam, np.float64)
-            for l in range(1, k + 1):
-                name = f"W{l}"  # as grads += (2 lambda) W, through a scratch buffer
-                grads[name] += np.multiply(p[name], self.per_trial(name, lam2),
-                                           out=self.scratch(name))
         return {name: grads[name] for name in p}
 
     def scratch(self, name: str, slot: str = "") -> Array:
@@ -291,7 +285,10 @@ class Stack:
 
 def softmax_cross_entropy(scores: Array, y: Array,
                           label_smoothing: float = 0.0) -> tuple[Array, Array]:
-    """Per-trial mean cross-entropy (T,) and its gradient (T, n, K); as losses' version."""
+    """Per-trial mean cross-entropy (T,) and its gradient (T, n, K); as losses' version
+    (and, in C for float32, as a lone network's ``softmax_cross_entropy``)."""
+    if not label_smoothing and kernels.enabled(scores):
+        return kernels.softmax_cross_entropy_stack(scores, y)
     _, n, k = scores.shape
     logp = scores - scores.max(axis=2, keepdims=True)
     logp -= np.log(np.exp(logp).sum(axis=2, keepdims=True))

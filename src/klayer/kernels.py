@@ -8,15 +8,17 @@ compiler is there) does five of the step's parts in one pass each:
 * ``gather_standardize``: a mini-batch's uint8 rows, converted and standardized;
 * ``bn_relu_forward`` / ``bn_relu_backward``: training-mode batch norm followed by a
   ReLU, and its backward pass (the compact formula of ``layers.batchnorm_backward``);
-* ``softmax_cross_entropy``: the mean loss and dJ/dscores;
+* ``softmax_cross_entropy``: the mean loss and dJ/dscores (``_stack``: of T networks);
 * ``add_scaled`` (the L2 term of a gradient), ``sgd_step`` (the update) and
-  ``sgd_l2_step`` (both at once, for a weight matrix).
+  ``sgd_l2_step`` (both at once, for a weight matrix), and ``sgd_l2_steps`` (the same
+  for T stacked trials, each with its own learning rate and L2 term, also returning
+  each trial's sum of squares: the next step's penalty).
 
 The NumPy code in ``layers``, ``losses``, ``data`` and ``optim`` stays the reference:
 it is what float64 (gradient checks) and every other configuration run, and
 tests/test_kernels.py checks each kernel against it. The kernels are used only for
 float32, C-contiguous arrays: callers ask ``enabled`` first, except for ``add_scaled``,
-``sgd_step`` and ``sgd_l2_step``, which fall back to NumPy themselves. Set
+``sgd_step``, ``sgd_l2_step`` and ``sgd_l2_steps``, which fall back to NumPy themselves. Set
 ``KLAYER_KERNELS=numpy`` (before klayer is imported) to run the NumPy code everywhere.
 """
 
@@ -112,6 +114,16 @@ def softmax_cross_entropy(scores: Array, y: np.ndarray) -> tuple[float, Array]:
     return float(loss), dscores
 
 
+def softmax_cross_entropy_stack(scores: Array, y: np.ndarray) -> tuple[np.ndarray, Array]:
+    """``softmax_cross_entropy`` of T stacked score arrays (T, n, K) against the same
+    labels y: the T mean losses (float64) and dJ/dscores (T, n, K)."""
+    T, n, k = scores.shape
+    labels = np.ascontiguousarray(y, dtype=np.int64)
+    dscores = np.empty_like(scores)
+    losses = np.array([_C.softmax_xent(scores[t], labels, n, k, dscores[t]) for t in range(T)])
+    return losses, dscores
+
+
 def add_scaled(g: Array, W: Array, a: float) -> None:
     """In place: g += a W, the L2 term of a gradient (a = 2 lambda); C or NumPy."""
     if enabled(g, W) and g.shape == W.shape:
@@ -133,9 +145,37 @@ def sgd_l2_step(p: Array, g: Array, lr: float, l2: float, buf: Array | None = No
     """In place: p -= lr (g + l2 p), as ``add_scaled(g, p, l2)`` then ``sgd_step``, with g
     left as it was: one C pass, or NumPy's (through ``buf`` when one is given)."""
     if enabled(p, g) and p.shape == g.shape:
-        _C.sgd_l2_step(p, g, float(lr), float(l2))
+        _C.sgd_l2_step(p, g, np.array([lr]), np.array([l2]), 1, p.size, None)
         return
     step = np.multiply(p, l2, out=buf)
     step += g
     step *= lr
     p -= step
+
+
+def sgd_l2_steps(p: Array, g: Array, lr: np.ndarray, l2: np.ndarray, block: int,
+                 buf: Array | None = None) -> np.ndarray:
+    """``sgd_l2_step`` for T stacked trials at once, each with its own lr[t] and l2[t].
+
+    p and g (same shape, C-contiguous) are read as blocks of ``block`` values, block b
+    belonging to trial b % T: a (T, ...) stack has one block per trial, the stacked first
+    layer (d, T m) has T blocks of m per row. Returns the sums of squares of each trial's
+    updated values (T,) float64: with p a weight matrix, the next step's L2 penalty.
+    """
+    lr = np.ascontiguousarray(lr, np.float64)
+    l2 = np.ascontiguousarray(l2, np.float64)
+    T = len(lr)
+    if not p.flags.c_contiguous or p.shape != g.shape or l2.shape != (T,) or p.size % (T * block):
+        raise ValueError(f"sgd_l2_steps: parameter {p.shape} and gradient {g.shape} must be "
+                         f"C-contiguous whole rows of {T} blocks of {block}")
+    if enabled(p, g):
+        sq = np.empty(T)
+        _C.sgd_l2_step(p, g, lr, l2, T, block, sq)
+        return sq
+    v, gv = p.reshape(-1, T, block), g.reshape(-1, T, block)  # views: p is contiguous
+    lr_t, l2_t = (a.astype(p.dtype)[:, None] for a in (lr, l2))  # rounded as the lone lr, l2
+    step = np.multiply(v, l2_t, out=None if buf is None else buf.reshape(v.shape))
+    step += gv
+    step *= lr_t
+    v -= step
+    return np.einsum("itj,itj->t", v, v, dtype=np.float64)

@@ -7,12 +7,14 @@ import sys
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "src" / "klayer"
-CORE = {"layers", "losses", "network", "optim", "schedules", "gradcheck", "data", "config",
-        "modelfile", "augment", "checkpoint", "kernels"}  # kernels loads the C twin, _kernels
+CORE = {"layers", "losses", "network", "bnstats", "optim", "schedules", "gradcheck", "data",
+        "config", "batchfile", "modelfile", "augment", "checkpoint",
+        "kernels"}  # kernels loads the C twin, _kernels
 # Layers from the bottom up; a module may import only its own layer or lower ones.
 LEVEL = {**dict.fromkeys(CORE, 0), "fetch": 1, "train": 1, "experiments": 2, "search": 2,
          "plots": 2, "report": 2, "cli": 4, "__init__": 0, "__main__": 5}
-CLI_PARTS = {"cli_common", "cli_gradcheck", "cli_train", "cli_experiment", "cli_search"}
+CLI_PARTS = {"cli_common", "cli_gradcheck", "cli_train", "cli_tools", "cli_experiment",
+             "cli_search"}
 LEVEL.update(dict.fromkeys(CLI_PARTS, 3))
 LEVEL.update({"runner": 2, "lambda_search": 2, "checkpoint": 0, "best": 2})
 LEVEL.update(dict.fromkeys(("plan", "evaluation", "runfolder", "trainstate", "batched",

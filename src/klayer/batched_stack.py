@@ -19,10 +19,11 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import kernels
+from .bnstats import update_running
 from .data import Data
 from .evaluation import EVAL_CHUNK, model_inputs
 from .layers import Array, dropout_mask
-from .network import Metrics, Network, update_running
+from .network import Metrics, Network
 
 
 class _Cache(NamedTuple):

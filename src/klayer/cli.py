@@ -16,7 +16,7 @@ from . import __version__, kernels
 from .cli_common import EXIT_DATA, EXIT_DIVERGED, EXIT_OUTPUT, EXIT_USAGE, Command, UsageError
 
 # Each cli_* module contributes a COMMANDS dict: name -> (help, add_arguments, run).
-_MODULES = ("cli_train", "cli_experiment", "cli_search", "cli_gradcheck")
+_MODULES = ("cli_train", "cli_tools", "cli_experiment", "cli_search", "cli_gradcheck")
 
 
 def _commands() -> dict[str, Command]:

@@ -5,15 +5,9 @@ Parameters live in one ordered dict with stable names W1, b1, gamma1, beta1, ...
 optimizers and save/load all walk that same dict. Rows are examples: X is (n, d),
 W_l is (m_{l-1}, m_l); see ``layers`` for the translation from the course's columns.
 
-Batch-norm running statistics follow one of two conventions (``NetConfig.bn_convention``):
-
-* ``"assignment"``: mu_av <- alpha mu_av + (1 - alpha) mu, same for the biased batch
-  variance, and the averages start from the first mini-batch's statistics.
-* ``"pytorch"``: as torch.nn.BatchNorm1d with momentum = 1 - alpha: averages start at
-  0 and 1, and the running variance averages the *unbiased* batch variance.
-
-Either way the averages change exactly once per training forward pass (unless the
-caller asks otherwise, as PreciseBN does) and never in evaluation mode.
+Batch-norm running statistics follow ``NetConfig.bn_convention`` (see ``bnstats``); they
+change exactly once per training forward pass (unless the caller asks otherwise, as
+PreciseBN does) and never in evaluation mode.
 """
 
 from __future__ import annotations
@@ -25,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import kernels
+from .bnstats import population_stats, update_running
 from .config import NetConfig
 from .layers import (
     Array,
@@ -57,27 +52,6 @@ class Metrics(NamedTuple):
     loss: float  # mean cross-entropy
     cost: float  # loss + lambda * sum ||W||^2
     accuracy: float  # fraction correct
-
-
-def update_running(mu_av: Array, var_av: Array, mu: Array, var: Array, n: int,
-                   config: NetConfig, first: bool) -> None:
-    """In place: mu_av <- alpha mu_av + (1 - alpha) mu (and the same for the variance).
-
-    The assignment's convention starts from the first batch's statistics; PyTorch's
-    starts from 0 / 1 and stores the unbiased variance. Any shapes that broadcast
-    (one network's (m,) or a stack of trials').
-    """
-    alpha = config.bn_alpha
-    if config.bn_convention == "pytorch":
-        var = var * (n / max(n - 1, 1))  # torch stores the unbiased variance
-    elif first:  # assignment: start from the first batch
-        mu_av[...] = mu
-        var_av[...] = var
-        return
-    mu_av *= alpha
-    mu_av += (1 - alpha) * mu
-    var_av *= alpha
-    var_av += (1 - alpha) * var
 
 
 class Network:
@@ -252,27 +226,9 @@ class Network:
     def set_population_stats(
         self, sink: list[tuple[int, Array, Array]], sizes: list[int]
     ) -> None:
-        """Replace the running statistics by those of all samples together (PreciseBN).
-
-        ``sink`` holds, batch after batch, each batch-norm layer's (l, mean, biased
-        variance) as ``forward(stats_sink=...)`` collects them; ``sizes`` the batch sizes.
-        The population variance adds the spread of the batch means to the mean of the
-        batch variances:  var = sum_b n_b (var_b + (mu_b - mu)^2) / N.
-        """
-        layers = sorted({l for l, _, _ in sink})
-        if not layers:
-            return
-        n_b = np.repeat(np.asarray(sizes, np.float64), len(layers))[:, None]  # (B * L, 1)
-        for l in layers:
-            rows = [i for i, (j, _, _) in enumerate(sink) if j == l]
-            mus = np.array([sink[i][1] for i in rows], np.float64)  # (B, m)
-            vars_ = np.array([sink[i][2] for i in rows], np.float64)  # (B, m)
-            w = n_b[: len(rows)]
-            total = w.sum()
-            mu = (w * mus).sum(axis=0) / total
-            var = (w * (vars_ + (mus - mu) ** 2)).sum(axis=0) / total
-            if self.config.bn_convention == "pytorch":
-                var *= total / max(total - 1, 1)
+        """Replace the running statistics by those of all samples together (PreciseBN):
+        ``sink`` and ``sizes`` as ``bnstats.population_stats`` takes them."""
+        for l, (mu, var) in population_stats(sink, sizes, self.config.bn_convention).items():
             self.stats[f"mu{l}"][...] = mu
             self.stats[f"var{l}"][...] = var
 

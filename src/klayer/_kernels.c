@@ -401,42 +401,31 @@ done:
     return ret;
 }
 
-/* Sums of squares go through 8 float lanes for CHUNK elements at a time, then into a
- * double: the loop stays vectorized without -ffast-math, and the rounding error stays
- * that of a double sum of CHUNK-element float sums (relative ~1e-7). */
-#define LANES 8
-#define CHUNK 256
-
-/* p -= lr (g + l2 p) over one block of L floats (with l2 == 0 and p finite the same as
- * p -= lr g, sgd_step); returns the sum of squares of the updated p when want_sq. */
-KERNEL static double
-sgd_l2_block(float *restrict p, const float *restrict g, float lr, float l2, Py_ssize_t L,
-             int want_sq)
+/* p -= lr (g + l2 p) over L floats (with l2 == 0 and p finite the same as p -= lr g,
+ * sgd_step). */
+KERNEL static void
+sgd_l2_block(float *restrict p, const float *restrict g, float lr, float l2, Py_ssize_t L)
 {
-    double total = 0.0;
-    for (Py_ssize_t c = 0; c < L; c += CHUNK) {
-        Py_ssize_t end = c + CHUNK < L ? c + CHUNK : L, j;
-        for (j = c; j < end; j++) {
-            float t = g[j] + l2 * p[j];
-            p[j] -= lr * t;
-        }
-        if (!want_sq)
-            continue;
-        float acc[LANES] = {0};  /* the chunk is in L1 now */
-        for (j = c; j + LANES <= end; j += LANES)
-            for (int k = 0; k < LANES; k++) acc[k] += p[j + k] * p[j + k];
-        for (; j < end; j++) total += (double)p[j] * p[j];
-        for (int k = 0; k < LANES; k++) total += acc[k];
+    for (Py_ssize_t j = 0; j < L; j++) {
+        float t = g[j] + l2 * p[j];
+        p[j] -= lr * t;
     }
-    return total;
+}
+
+/* acc[j] += p[j]^2 in double over one row: no chain of dependent additions, so the
+ * loop vectorizes (a running sum over j would not, without -ffast-math). */
+KERNEL static void
+add_squares(double *restrict acc, const float *restrict p, Py_ssize_t n)
+{
+    for (Py_ssize_t j = 0; j < n; j++) acc[j] += (double)p[j] * p[j];
 }
 
 /* The update of T stacked parameters, trial t with its own lr[t] and l2[t] (float64,
  * rounded to float32 as the lone update's are):
  *     p -= (float)lr[t] * (g + (float)l2[t] * p)      (optim.SGD with its L2 term)
- * p and g hold n float32s, read as blocks of L, block b belonging to trial b % T (a
- * stacked (T, ...) array: one block per trial; the wide first layer (d, T L): T blocks
- * per row). sq[t] gets the sum of squares of trial t's updated values (double), the
+ * p and g hold n float32s, read as rows of T blocks of L, block t of each row belonging
+ * to trial t (a stacked (T, ...) array: one row; the wide first layer (d, T L): d rows).
+ * sq (T float64s, or None) gets the sum of squares of each trial's updated values, the
  * next step's L2 penalty. With T = 1 and L = n it is the update of one weight matrix
  * (add_scaled then add_scaled with -lr, rounded the same way). */
 static PyObject *
@@ -454,7 +443,7 @@ sgd_l2_step(PyObject *self, PyObject *args)
         return NULL;
     }
     PyObject *ret = NULL;
-    double *lrs = NULL;
+    double *lrs = NULL, *acc = NULL;
     Py_ssize_t t8;
     if (T < 1 || L < 1) {
         PyErr_SetString(PyExc_ValueError, "T and L must be positive");
@@ -476,23 +465,36 @@ sgd_l2_step(PyObject *self, PyObject *args)
     }
     memcpy(lrs, lr.buf, (size_t)T * 8);
     memcpy(lrs + T, l2.buf, (size_t)T * 8);
-    double *out = sq.buf;
+    Py_ssize_t rows = p.len / 4 / rowlen;
+    /* (rows > 0, so rowlen <= n: the accumulator is never larger than p) */
+    if (want_sq && rows > 0 && !(acc = calloc((size_t)rowlen, sizeof(double)))) {
+        PyErr_NoMemory();
+        goto done;
+    }
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t t = 0; want_sq && t < T; t++) out[t] = 0.0;
     float *pp = p.buf;
     const float *gg = g.buf;
-    Py_ssize_t blocks = p.len / 4 / L;
-    for (Py_ssize_t b = 0; b < blocks; b++) {
-        Py_ssize_t t = b % T;
-        double s = sgd_l2_block(pp + b * L, gg + b * L, (float)lrs[t], (float)lrs[T + t], L,
-                                want_sq);
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        float *row = pp + r * rowlen;
+        for (Py_ssize_t t = 0; t < T; t++)  /* block t of each row is trial t's */
+            sgd_l2_block(row + t * L, gg + r * rowlen + t * L, (float)lrs[t],
+                         (float)lrs[T + t], L);
         if (want_sq)
-            out[t] += s;
+            add_squares(acc, row, rowlen);
+    }
+    if (want_sq) {
+        double *out = sq.buf;
+        for (Py_ssize_t t = 0; t < T; t++) {
+            double s[4] = {0.0, 0.0, 0.0, 0.0};  /* four chains of additions, not one */
+            for (Py_ssize_t j = 0; acc && j < L; j++) s[j % 4] += acc[t * L + j];
+            out[t] = (s[0] + s[1]) + (s[2] + s[3]);
+        }
     }
     Py_END_ALLOW_THREADS
     ret = Py_NewRef(Py_None);
 done:
     free(lrs);
+    free(acc);
     PyBuffer_Release(&p); PyBuffer_Release(&g); PyBuffer_Release(&lr);
     PyBuffer_Release(&l2);
     if (want_sq)

@@ -102,6 +102,30 @@ def test_a_diverged_trial_leaves_the_others_alone() -> None:
             np.testing.assert_allclose(got.params[name], ref.params[name], rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("overrides", [{"optimizer": "sgd"},
+                                       {"optimizer": "momentum", "momentum": 0.5, "eta": 2.0}])
+def test_a_float32_trial_diverges_at_the_step_it_would_alone(
+        overrides: dict[str, object]) -> None:
+    """With batch norm the loss stays finite while the weights grow; the cost turns inf
+    when the float32 L2 penalty overflows, at the same step batched as alone (whether the
+    penalty comes from the fused SGD update or is computed afresh)."""
+    from klayer.train import Diverged
+
+    data = make_synthetic(n_train=600, seed=0)
+    cfg = TrainConfig(dataset="synthetic", hidden=(16,), n_batch=50, schedule="constant",
+                      cycles=None, steps=80, eta=1.0, lam=1.5, dtype="float32", seed=1)
+    cfg = replace(cfg, **overrides)
+    tr = Trainer(cfg, data)
+    with pytest.raises(Diverged, match="inf at step") as e:
+        tr.run()
+    plan = make_plan(cfg, data.train.n)
+    bt = BatchedTrainer([cfg, replace(cfg, lam=0.0)], data, [plan.lr] * 2,
+                        plan.steps_per_epoch, plan.total_steps)
+    bt.run()
+    step = int(str(e.value).split("at step ")[1].split(":")[0])
+    assert set(bt.diverged) == {0} and f"inf at step {step};" in bt.diverged[0]
+
+
 def test_only_lambda_and_learning_rates_may_differ() -> None:
     check_batchable([BASE, replace(BASE, lam=0.1, eta_min=1e-4, eta_max=0.3, seed=5)])
     with pytest.raises(ValueError, match="n_batch"):

@@ -44,6 +44,13 @@ def built() -> None:
         "reinstall with `pip install -e .`, or set KLAYER_KERNELS=numpy to test NumPy only")
 
 
+@pytest.fixture(params=["c", "numpy"])
+def numpy_or_c(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the test with the C kernels, then with the NumPy code."""
+    if request.param == "numpy":
+        monkeypatch.setattr(kernels, "_C", None)
+
+
 @pytest.fixture
 def numpy_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """Run the NumPy reference code everywhere while the test runs."""
@@ -231,7 +238,20 @@ def test_stacked_updates_equal_each_trials_lone_update(
         kernels.sgd_l2_steps(p.T, g.T, lr, l2, block)
 
 
+def test_the_update_takes_any_real_scalar(numpy_or_c: None) -> None:
+    """An int or float32 lr / l2 (e.g. lam = 1 in a config) means what it says."""
+    for lr, l2 in [(1, 0), (np.float32(0.5), np.float32(0.25)), (np.int64(1), 2)]:
+        p, g = np.ones(6, F32), np.full(6, 0.5, F32)
+        kernels.sgd_l2_step(p, g, lr, l2)
+        np.testing.assert_array_equal(p, np.float32(1) - np.float32(lr) * (
+            np.float32(0.5) + np.float32(l2) * np.float32(1)))
+
+
 def test_the_stacked_update_refuses_bad_sizes() -> None:
+    p = np.zeros((2, 4), F32)
+    for lr, block in [(np.zeros(0), 4), (np.zeros((2, 1)), 4), (np.zeros(2), 0)]:
+        with pytest.raises(ValueError, match="must be \\(T,\\) arrays"):
+            kernels.sgd_l2_steps(p, p, lr, np.zeros(len(lr)), block)
     C, f, d = kernels._C, (lambda k: np.zeros(k, F32)), (lambda k: np.zeros(k))
     with pytest.raises(ValueError, match="T and L must be positive"):
         C.sgd_l2_step(f(4), f(4), d(0), d(0), 0, 4, None)

@@ -425,8 +425,8 @@ add_squares(double *restrict acc, const float *restrict p, Py_ssize_t n)
  *     p -= (float)lr[t] * (g + (float)l2[t] * p)      (optim.SGD with its L2 term)
  * p and g hold n float32s, read as rows of T blocks of L, block t of each row belonging
  * to trial t (a stacked (T, ...) array: one row; the wide first layer (d, T L): d rows).
- * sq (T float64s, or None) gets the sum of squares of each trial's updated values, the
- * next step's L2 penalty. With T = 1 and L = n it is the update of one weight matrix
+ * sq (T float64s, or None; never overlapping p) gets the sum of squares of each trial's
+ * updated values, the next step's L2 penalty. With T = 1 and L = n it is the update of one weight matrix
  * (add_scaled then add_scaled with -lr, rounded the same way). */
 static PyObject *
 sgd_l2_step(PyObject *self, PyObject *args)

@@ -113,7 +113,10 @@ class _Optimizer:
         return None
 
     def _sgd(self, stack: Stack, grads: dict[str, Array], lr: Array, l2: Array) -> Array:
-        penalty = np.zeros(stack.T)
+        # Summed in the parameters' dtype, as a lone network's l2_penalty (float32 vdots):
+        # past float32's largest value the penalty is inf, and the trial diverges at the
+        # same step as it would alone.
+        penalty = np.zeros(stack.T, stack.dtype)
         no_l2 = np.zeros(stack.T)
         for name, p in stack.params.items():
             block = stack.widths[1] if name == "W1" else p.size // stack.T
@@ -121,7 +124,8 @@ class _Optimizer:
             sq = kernels.sgd_l2_steps(p, grads[name], lr, l2 if weight else no_l2, block,
                                       buf=stack.scratch(name))
             if weight:
-                penalty += sq
+                with np.errstate(over="ignore"):
+                    penalty += sq.astype(stack.dtype)
         return penalty
 
     def _velocity(self, name: str, g: Array) -> Array:

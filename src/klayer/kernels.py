@@ -145,7 +145,8 @@ def sgd_l2_step(p: Array, g: Array, lr: float, l2: float, buf: Array | None = No
     """In place: p -= lr (g + l2 p), as ``add_scaled(g, p, l2)`` then ``sgd_step``, with g
     left as it was: one C pass, or NumPy's (through ``buf`` when one is given)."""
     if enabled(p, g) and p.shape == g.shape:
-        _C.sgd_l2_step(p, g, np.array([lr]), np.array([l2]), 1, p.size, None)
+        _C.sgd_l2_step(p, g, np.array([lr], np.float64), np.array([l2], np.float64), 1,
+                       p.size, None)
         return
     step = np.multiply(p, l2, out=buf)
     step += g
@@ -164,8 +165,11 @@ def sgd_l2_steps(p: Array, g: Array, lr: np.ndarray, l2: np.ndarray, block: int,
     """
     lr = np.ascontiguousarray(lr, np.float64)
     l2 = np.ascontiguousarray(l2, np.float64)
-    T = len(lr)
-    if not p.flags.c_contiguous or p.shape != g.shape or l2.shape != (T,) or p.size % (T * block):
+    T = lr.shape[0] if lr.ndim == 1 else 0
+    if T < 1 or l2.shape != (T,) or block < 1:
+        raise ValueError(f"sgd_l2_steps: lr and l2 must be (T,) arrays with T >= 1 and block "
+                         f">= 1, got {lr.shape}, {l2.shape} and {block}")
+    if not p.flags.c_contiguous or p.shape != g.shape or p.size % (T * block):
         raise ValueError(f"sgd_l2_steps: parameter {p.shape} and gradient {g.shape} must be "
                          f"C-contiguous whole rows of {T} blocks of {block}")
     if enabled(p, g):

@@ -90,7 +90,7 @@ def test_test_time_flips_average_the_two_softmax_outputs() -> None:
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_evaluation_folds_the_standardization_into_the_first_layer(dtype: str) -> None:
     rng = np.random.default_rng(5)
-    n = 6000  # two evaluation chunks
+    n = 6000  # several evaluation chunks (and a ragged last one with 5,000-row chunks)
 
     def split() -> Split:
         return Split(rng.integers(0, 256, (n, D), dtype=np.uint8), rng.integers(0, 4, n))

@@ -247,6 +247,37 @@ def test_the_update_takes_any_real_scalar(numpy_or_c: None) -> None:
             np.float32(0.5) + np.float32(l2) * np.float32(1)))
 
 
+def test_the_update_of_many_parameters_is_each_ones() -> None:
+    """sgd_many (one C call for a network) is sgd_l2_step / sgd_step per parameter, bit for
+    bit; a bad pair anywhere raises before anything is written."""
+    rng = np.random.default_rng(8)
+    shapes = [(30, 8), (8,), (8, 4), (4,)]
+    ps = [rng.standard_normal(s).astype(F32) for s in shapes]
+    gs = [rng.standard_normal(s).astype(F32) for s in shapes]
+    l2s = [0.01, 0.0, 0.02, 0.0]
+    refs = [p.copy() for p in ps]
+    assert kernels.sgd_many(ps, gs, 0.05, l2s)
+    for ref, g, l2 in zip(refs, gs, l2s, strict=True):
+        if l2:
+            kernels.sgd_l2_step(ref, g, 0.05, l2)
+        else:
+            kernels.sgd_step(ref, g, 0.05)
+    for p, ref in zip(ps, refs, strict=True):
+        np.testing.assert_array_equal(p, ref)
+    before = [p.copy() for p in ps]
+    with pytest.raises(ValueError, match="expected 16 bytes"):
+        kernels._C.sgd_many(ps, [*gs[:3], gs[3][:2]], 0.05, np.zeros(4))
+    with pytest.raises(ValueError, match="4 parameters, 3 gradients"):
+        kernels._C.sgd_many(ps, gs[:3], 0.05, np.zeros(4))
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        kernels._C.sgd_many([*ps[:3], ps[3][::2]], gs, 0.05, np.zeros(4))
+    for p, b in zip(ps, before, strict=True):
+        np.testing.assert_array_equal(p, b)
+    # not float32 C-contiguous throughout: the wrapper declines, the caller goes one by one
+    assert not kernels.sgd_many([ps[0].astype(np.float64)], [gs[0]], 0.05, [0.0])
+    assert not kernels.sgd_many([ps[0]], [gs[0].T.copy()], 0.05, [0.0])
+
+
 def test_the_stacked_update_refuses_bad_sizes() -> None:
     p = np.zeros((2, 4), F32)
     for lr, block in [(np.zeros(0), 4), (np.zeros((2, 1)), 4), (np.zeros(2), 0)]:

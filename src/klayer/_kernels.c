@@ -401,11 +401,14 @@ done:
     return ret;
 }
 
-/* p -= lr (g + l2 p) over L floats (with l2 == 0 and p finite the same as p -= lr g,
- * sgd_step). */
+/* p -= lr (g + l2 p) over L floats; with l2 == 0, p -= lr g (sgd_step). */
 KERNEL static void
 sgd_l2_block(float *restrict p, const float *restrict g, float lr, float l2, Py_ssize_t L)
 {
+    if (l2 == 0.0f) {  /* p -= lr g, exactly (also where p is not finite) */
+        for (Py_ssize_t j = 0; j < L; j++) p[j] -= lr * g[j];
+        return;
+    }
     for (Py_ssize_t j = 0; j < L; j++) {
         float t = g[j] + l2 * p[j];
         p[j] -= lr * t;
@@ -502,12 +505,78 @@ done:
     return ret;
 }
 
+/* The SGD update of a whole network in one call: for every i,
+ *     ps[i] -= (float)lr * (gs[i] + (float)l2s[i] * ps[i])      (l2s[i] == 0: ps[i] -= lr gs[i])
+ * ps and gs are sequences of float32 buffers (pairwise of one length), l2s a buffer of
+ * len(ps) float64s. Every buffer is acquired and checked before any is written, so a bad
+ * argument raises and leaves all parameters as they were. Saves a Python call per
+ * parameter (34 of them in the 9-layer net with batch norm). */
+static PyObject *
+sgd_many(PyObject *self, PyObject *args)
+{
+    PyObject *ps_obj, *gs_obj, *ps = NULL, *gs = NULL;
+    Py_buffer l2, *bufs = NULL;
+    double lr;
+    if (!PyArg_ParseTuple(args, "OOdy*", &ps_obj, &gs_obj, &lr, &l2))
+        return NULL;
+    PyObject *ret = NULL;
+    Py_ssize_t n = 0, got = 0;
+    double *l2s = NULL;
+    if (!(ps = PySequence_Fast(ps_obj, "ps must be a sequence")) ||
+        !(gs = PySequence_Fast(gs_obj, "gs must be a sequence")))
+        goto done;
+    n = PySequence_Fast_GET_SIZE(ps);
+    if (PySequence_Fast_GET_SIZE(gs) != n || l2.len != n * 8) {
+        PyErr_Format(PyExc_ValueError, "%zd parameters, %zd gradients and %zd bytes of l2",
+                     n, PySequence_Fast_GET_SIZE(gs), l2.len);
+        goto done;
+    }
+    if (!(bufs = calloc((size_t)(2 * n + 1), sizeof(Py_buffer))) ||
+        !(l2s = malloc((size_t)(n + 1) * sizeof(double)))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    memcpy(l2s, l2.buf, (size_t)n * 8);  /* a private copy, as in sgd_l2_step */
+    for (; got < n; got++) {
+        Py_buffer *p = &bufs[2 * got], *g = &bufs[2 * got + 1];
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(ps, got), p,
+                               PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+            goto done;
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(gs, got), g, PyBUF_C_CONTIGUOUS) < 0) {
+            PyBuffer_Release(p);
+            goto done;
+        }
+        if (!same_floats(p, g)) {
+            got++;  /* both of this pair are held: release them below */
+            goto done;
+        }
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++)
+        sgd_l2_block(bufs[2 * i].buf, bufs[2 * i + 1].buf, (float)lr, (float)l2s[i],
+                     bufs[2 * i].len / 4);
+    Py_END_ALLOW_THREADS
+    ret = Py_NewRef(Py_None);
+done:
+    for (Py_ssize_t i = 0; i < got; i++) {
+        PyBuffer_Release(&bufs[2 * i]);
+        PyBuffer_Release(&bufs[2 * i + 1]);
+    }
+    free(bufs);
+    free(l2s);
+    Py_XDECREF(ps);
+    Py_XDECREF(gs);
+    PyBuffer_Release(&l2);
+    return ret;
+}
+
 static PyMethodDef methods[] = {
     {"gather_standardize", gather_standardize, METH_VARARGS, "gather and standardize rows"},
     {"bn_relu_forward", bn_relu_forward, METH_VARARGS, "batch norm then ReLU, training mode"},
     {"bn_relu_backward", bn_relu_backward, METH_VARARGS, "backward of bn_relu_forward"},
     {"softmax_xent", softmax_xent, METH_VARARGS, "softmax cross-entropy and its gradient"},
     {"add_scaled", add_scaled, METH_VARARGS, "y += a x"},
+    {"sgd_many", sgd_many, METH_VARARGS, "the SGD update of many parameters"},
     {"sgd_l2_step", sgd_l2_step, METH_VARARGS, "p -= lr (g + l2 p) per block, and sum p^2"},
     {NULL, NULL, 0, NULL},
 };

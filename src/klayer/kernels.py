@@ -10,7 +10,8 @@ compiler is there) does five of the step's parts in one pass each:
   ReLU, and its backward pass (the compact formula of ``layers.batchnorm_backward``);
 * ``softmax_cross_entropy``: the mean loss and dJ/dscores (``_stack``: of T networks);
 * ``add_scaled`` (the L2 term of a gradient), ``sgd_step`` (the update) and
-  ``sgd_l2_step`` (both at once, for a weight matrix), and ``sgd_l2_steps`` (the same
+  ``sgd_l2_step`` (both at once, for a weight matrix), ``sgd_many`` (the update of every
+  parameter of a network in one call), and ``sgd_l2_steps`` (the same
   for T stacked trials, each with its own learning rate and L2 term, also returning
   each trial's sum of squares: the next step's penalty).
 
@@ -152,6 +153,20 @@ def sgd_l2_step(p: Array, g: Array, lr: float, l2: float, buf: Array | None = No
     step += g
     step *= lr
     p -= step
+
+
+def sgd_many(ps: list[Array], gs: list[Array], lr: float, l2s: list[float]) -> bool:
+    """In place, for every i: ps[i] -= lr (gs[i] + l2s[i] ps[i]) (l2s[i] = 0: ps[i] -= lr
+    gs[i]), as ``sgd_l2_step`` / ``sgd_step`` one by one, in one C call. Returns False,
+    having done nothing, unless the kernels are built and every array is float32,
+    C-contiguous and shaped like its partner: the caller then updates one by one."""
+    if len(ps) != len(gs) or len(ps) != len(l2s) or not enabled(*ps, *gs):
+        return False
+    for p, g in zip(ps, gs, strict=True):
+        if p.shape != g.shape:
+            return False
+    _C.sgd_many(ps, gs, float(lr), np.array(l2s, np.float64))
+    return True
 
 
 def sgd_l2_steps(p: Array, g: Array, lr: np.ndarray, l2: np.ndarray, block: int,

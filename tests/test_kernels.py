@@ -78,6 +78,14 @@ def test_gather_standardize_is_bit_identical_to_numpy() -> None:
     np.testing.assert_array_equal(fused, data.standardize(X[idx]))
     np.testing.assert_array_equal(data.standardize_rows(X, idx, dtype=np.float64),
                                   data.standardize(X[idx], dtype=np.float64))
+    # a training loop's buffer is reused when it fits, and left alone when it does not
+    buf = np.empty((68, 37), F32)
+    assert data.standardize_rows(X, idx, out=buf) is buf
+    np.testing.assert_array_equal(buf, fused)
+    small = np.zeros((4, 37), F32)
+    again = data.standardize_rows(X, idx, out=small)
+    assert again is not small and not small.any()
+    np.testing.assert_array_equal(again, fused)
 
 
 def test_gather_standardize_rejects_bad_rows_and_sizes() -> None:

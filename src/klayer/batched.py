@@ -186,6 +186,7 @@ class BatchedTrainer:
         self.opt = _Optimizer(self.cfg)
         self.t = 0
         self._penalty: Array | None = None  # sum_l ||W_l||^2 per trial, when known
+        self._batch: Array | None = None  # the mini-batch buffer, reused
         self.order = np.arange(len(data.train.y))
         self.eval_every = eval_every
         # trial index -> [(step, validation accuracy)] every eval_every steps, from step 0
@@ -198,7 +199,8 @@ class BatchedTrainer:
         if pos == 0 and cfg.shuffle:
             self.order = self.shuffle_rng.permutation(len(data.train.y))
         idx = self.order[pos : pos + cfg.n_batch]
-        X = data.standardize_rows(data.train.X, idx, dtype=stack.dtype)
+        X = data.standardize_rows(data.train.X, idx, dtype=stack.dtype, out=self._batch)
+        self._batch = X  # the next step's mini-batch goes into the same memory
         if data.image_shape is not None:
             if cfg.flip:
                 X = random_flip(X, data.image_shape, self.aug_rng)

@@ -60,10 +60,12 @@ def enabled(*arrays: np.ndarray) -> bool:
     return True
 
 
-def gather_standardize(X: np.ndarray, idx: np.ndarray, shift: Array, scale: Array) -> Array:
-    """(X[idx] - shift) * scale as a new float32 (n, d) array; X is (N, d) uint8.
+def gather_standardize(X: np.ndarray, idx: np.ndarray, shift: Array, scale: Array,
+                       out: Array | None = None) -> Array:
+    """(X[idx] - shift) * scale as a float32 (n, d) array; X is (N, d) uint8.
 
-    ``idx`` holds row numbers in [0, N) (no negative ones, no boolean masks).
+    ``idx`` holds row numbers in [0, N) (no negative ones, no boolean masks). The result
+    goes into ``out`` when it is a float32 C-contiguous (n, d) array, else a new one.
     """
     if X.dtype != np.uint8 or X.ndim != 2:
         raise TypeError(f"X must be a 2-d uint8 array, got {X.dtype} with shape {X.shape}")
@@ -72,7 +74,8 @@ def gather_standardize(X: np.ndarray, idx: np.ndarray, shift: Array, scale: Arra
         raise TypeError(f"idx must be a 1-d array of row numbers, got {rows.dtype} {rows.shape}")
     N, d = X.shape
     rows = np.ascontiguousarray(rows, dtype=np.int64)
-    out = np.empty((len(rows), d), F32)
+    if out is None or out.shape != (len(rows), d) or not enabled(out):
+        out = np.empty((len(rows), d), F32)
     _C.gather_standardize(X, N, d, rows, shift, scale, out)
     return out
 

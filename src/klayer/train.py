@@ -114,6 +114,7 @@ class Trainer:
         self.t = 0  # updates done
         self.rows: list[dict[str, float]] = []
         self.order = np.arange(len(data.train.y))  # this epoch's example order
+        self._batch: np.ndarray | None = None  # the mini-batch buffer, reused
         self.elapsed = 0.0  # training seconds spent before this process (on resume)
         self.finished = False  # final batch-norm statistics and evaluation done
         self.last_checkpoint: Path | None = None
@@ -132,7 +133,9 @@ class Trainer:
         if pos == 0 and cfg.shuffle:
             self.order = self.shuffle_rng.permutation(len(data.train.y))
         idx = self.order[pos : pos + cfg.n_batch]
-        Xb = data.standardize_rows(data.train.X, idx, dtype=net.dtype)  # (n_batch, d)
+        Xb = data.standardize_rows(data.train.X, idx, dtype=net.dtype,  # (n_batch, d)
+                                   out=self._batch)
+        self._batch = Xb  # the next step's mini-batch goes into the same memory
         Xb = _augment(Xb, data, cfg, self.aug_rng)
         with np.errstate(over="ignore", invalid="ignore"):  # a non-finite cost is checked next
             loss, cost, grads = net.loss_and_grads(Xb, data.train.y[idx], cfg.lam,

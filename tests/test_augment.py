@@ -9,7 +9,7 @@ from klayer.augment import hflip, random_flip, random_translate
 from klayer.batched_stack import evaluate_many
 from klayer.config import NetConfig
 from klayer.data import Data, Split
-from klayer.evaluation import evaluate, folded
+from klayer.evaluation import EVAL_CHUNK, evaluate, folded
 from klayer.losses import log_softmax
 from klayer.network import Network
 
@@ -90,7 +90,8 @@ def test_test_time_flips_average_the_two_softmax_outputs() -> None:
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_evaluation_folds_the_standardization_into_the_first_layer(dtype: str) -> None:
     rng = np.random.default_rng(5)
-    n = 6000  # several evaluation chunks (and a ragged last one with 5,000-row chunks)
+    n = 2537  # three evaluation chunks, the last one short
+    assert n > 2 * EVAL_CHUNK and n % EVAL_CHUNK
 
     def split() -> Split:
         return Split(rng.integers(0, 256, (n, D), dtype=np.uint8), rng.integers(0, 4, n))

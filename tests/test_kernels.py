@@ -86,6 +86,9 @@ def test_gather_standardize_is_bit_identical_to_numpy() -> None:
     again = data.standardize_rows(X, idx, out=small)
     assert again is not small and not small.any()
     np.testing.assert_array_equal(again, fused)
+    frozen = np.zeros((68, 37), F32)
+    frozen.flags.writeable = False
+    assert data.standardize_rows(X, idx, out=frozen) is not frozen and not frozen.any()
 
 
 def test_gather_standardize_rejects_bad_rows_and_sizes() -> None:
@@ -284,6 +287,16 @@ def test_the_update_of_many_parameters_is_each_ones() -> None:
     # not float32 C-contiguous throughout: the wrapper declines, the caller goes one by one
     assert not kernels.sgd_many([ps[0].astype(np.float64)], [gs[0]], 0.05, [0.0])
     assert not kernels.sgd_many([ps[0]], [gs[0].T.copy()], 0.05, [0.0])
+    # SGD.step takes whatever Optimizer.step takes: an l2 array goes one by one
+    params = {"W1": ps[0].copy(), "b1": ps[1].copy()}
+    ref = {k: v.copy() for k, v in params.items()}
+    SGD().step(params, {"W1": gs[0], "b1": gs[1]}, 0.05, l2=np.array([0.01]))
+    SGD().step(ref, {"W1": gs[0], "b1": gs[1]}, 0.05, l2=0.01)
+    for name in params:
+        np.testing.assert_array_equal(params[name], ref[name])
+    empty = np.zeros((0, 3), F32)  # an empty matrix: nothing to do, either way
+    kernels.sgd_l2_step(empty, empty, 0.1, 0.01)
+    assert kernels.sgd_many([empty], [empty], 0.1, [0.01])
 
 
 def test_the_stacked_update_refuses_bad_sizes() -> None:

@@ -522,13 +522,13 @@ sgd_many(PyObject *self, PyObject *args)
     PyObject *ret = NULL;
     Py_ssize_t n = 0, got = 0;
     double *l2s = NULL;
-    if (!(ps = PySequence_Fast(ps_obj, "ps must be a sequence")) ||
-        !(gs = PySequence_Fast(gs_obj, "gs must be a sequence")))
+    /* tuples of our own: a list could be changed while its items' buffers are taken */
+    if (!(ps = PySequence_Tuple(ps_obj)) || !(gs = PySequence_Tuple(gs_obj)))
         goto done;
-    n = PySequence_Fast_GET_SIZE(ps);
-    if (PySequence_Fast_GET_SIZE(gs) != n || l2.len != n * 8) {
+    n = PyTuple_GET_SIZE(ps);
+    if (PyTuple_GET_SIZE(gs) != n || l2.len != n * 8) {
         PyErr_Format(PyExc_ValueError, "%zd parameters, %zd gradients and %zd bytes of l2",
-                     n, PySequence_Fast_GET_SIZE(gs), l2.len);
+                     n, PyTuple_GET_SIZE(gs), l2.len);
         goto done;
     }
     if (!(bufs = calloc((size_t)(2 * n + 1), sizeof(Py_buffer))) ||
@@ -539,10 +539,10 @@ sgd_many(PyObject *self, PyObject *args)
     memcpy(l2s, l2.buf, (size_t)n * 8);  /* a private copy, as in sgd_l2_step */
     for (; got < n; got++) {
         Py_buffer *p = &bufs[2 * got], *g = &bufs[2 * got + 1];
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(ps, got), p,
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(ps, got), p,
                                PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
             goto done;
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(gs, got), g, PyBUF_C_CONTIGUOUS) < 0) {
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(gs, got), g, PyBUF_C_CONTIGUOUS) < 0) {
             PyBuffer_Release(p);
             goto done;
         }

@@ -74,7 +74,7 @@ def gather_standardize(X: np.ndarray, idx: np.ndarray, shift: Array, scale: Arra
         raise TypeError(f"idx must be a 1-d array of row numbers, got {rows.dtype} {rows.shape}")
     N, d = X.shape
     rows = np.ascontiguousarray(rows, dtype=np.int64)
-    if out is None or out.shape != (len(rows), d) or not enabled(out):
+    if out is None or out.shape != (len(rows), d) or not enabled(out) or not out.flags.writeable:
         out = np.empty((len(rows), d), F32)
     _C.gather_standardize(X, N, d, rows, shift, scale, out)
     return out
@@ -149,8 +149,9 @@ def sgd_l2_step(p: Array, g: Array, lr: float, l2: float, buf: Array | None = No
     """In place: p -= lr (g + l2 p), as ``add_scaled(g, p, l2)`` then ``sgd_step``, with g
     left as it was: one C pass, or NumPy's (through ``buf`` when one is given)."""
     if enabled(p, g) and p.shape == g.shape:
-        _C.sgd_l2_step(p, g, np.array([lr], np.float64), np.array([l2], np.float64), 1,
-                       p.size, None)
+        if p.size:  # (an empty matrix has nothing to update)
+            _C.sgd_l2_step(p, g, np.array([lr], np.float64), np.array([l2], np.float64), 1,
+                           p.size, None)
         return
     step = np.multiply(p, l2, out=buf)
     step += g

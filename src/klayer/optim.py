@@ -128,8 +128,9 @@ class SGD(Optimizer):
     def step(self, params: Params, grads: Params, lr: float, l2: float = 0.0) -> None:
         """``Optimizer.step``; for float32 with the C kernels, every parameter in one call."""
         names = list(params)
-        if kernels.sgd_many([params[n] for n in names], [grads[n] for n in names], lr,
-                            [l2 if n.startswith("W") else 0.0 for n in names]):
+        if np.ndim(l2) == 0 and kernels.sgd_many(
+                [params[n] for n in names], [grads[n] for n in names], lr,
+                [float(l2) if n.startswith("W") else 0.0 for n in names]):
             self.t += 1
             return
         super().step(params, grads, lr, l2)

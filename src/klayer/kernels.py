@@ -3,7 +3,7 @@
 A training step of klayer's small networks spends more time in NumPy's per-call
 overhead and extra passes over memory than in arithmetic (benchmarks/profile_step.py).
 The optional extension ``klayer._kernels`` (``_kernels.c``, built at install when a C
-compiler is there) does five of the step's parts in one pass each:
+compiler is there) does these parts of a step in one pass each:
 
 * ``gather_standardize``: a mini-batch's uint8 rows, converted and standardized;
 * ``bn_relu_forward`` / ``bn_relu_backward``: training-mode batch norm followed by a
@@ -19,8 +19,9 @@ The NumPy code in ``layers``, ``losses``, ``data`` and ``optim`` stays the refer
 it is what float64 (gradient checks) and every other configuration run, and
 tests/test_kernels.py checks each kernel against it. The kernels are used only for
 float32, C-contiguous arrays: callers ask ``enabled`` first, except for ``add_scaled``,
-``sgd_step``, ``sgd_l2_step`` and ``sgd_l2_steps``, which fall back to NumPy themselves. Set
-``KLAYER_KERNELS=numpy`` (before klayer is imported) to run the NumPy code everywhere.
+``sgd_step``, ``sgd_l2_step`` and ``sgd_l2_steps``, which fall back to NumPy themselves,
+and ``sgd_many``, which says when the caller must. Set ``KLAYER_KERNELS=numpy`` (before
+klayer is imported) to run the NumPy code everywhere.
 """
 
 from __future__ import annotations

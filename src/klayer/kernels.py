@@ -11,9 +11,9 @@ compiler is there) does these parts of a step in one pass each:
 * ``softmax_cross_entropy``: the mean loss and dJ/dscores (``_stack``: of T networks);
 * ``add_scaled`` (the L2 term of a gradient), ``sgd_step`` (the update) and
   ``sgd_l2_step`` (both at once, for a weight matrix), ``sgd_many`` (the update of every
-  parameter of a network in one call), and ``sgd_l2_steps`` (the same
-  for T stacked trials, each with its own learning rate and L2 term, also returning
-  each trial's sum of squares: the next step's penalty).
+  parameter of a network in one call), and ``sgd_l2_steps`` (``sgd_l2_step`` for T
+  stacked trials, each with its own learning rate and L2 term, also returning each
+  trial's sum of squares: the next step's penalty).
 
 The NumPy code in ``layers``, ``losses``, ``data`` and ``optim`` stays the reference:
 it is what float64 (gradient checks) and every other configuration run, and

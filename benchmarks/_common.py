@@ -52,3 +52,19 @@ def training_data(data_dir: str | None):  # type: ignore[no-untyped-def]
     X, y, mean, std = load(data_dir)
     small = Split(X[:200], y[:200])
     return Data(Split(X, y), small, small, 10, "bench", (3, 32, 32), mean=mean, std=std)
+
+
+def trial_configs(trials: int, n_s: int, cycles: float):  # type: ignore[no-untyped-def]
+    """The T trials of the batched benchmarks: the default recipe with lambda log-spaced
+    over 1e-5 .. 1e-1, eta_max over 0.05 .. 0.1, and each trial's search seed."""
+    import numpy as np
+
+    from klayer.config import TrainConfig
+    from klayer.search import trial_seed
+
+    base = TrainConfig(n_s=n_s, cycles=cycles, checkpoint_every=0)
+    lams = np.geomspace(1e-5, 1e-1, trials)
+    etas = np.linspace(0.05, 0.1, trials)
+    return [TrainConfig(**{**base.__dict__, "lam": float(lam), "eta_max": float(eta),
+                           "seed": trial_seed(0, i)})
+            for i, (lam, eta) in enumerate(zip(lams, etas, strict=True))]

@@ -36,6 +36,9 @@ import subprocess
 import sys
 import time
 
+# benchmarks/ is on sys.path when run as a script
+from _common import trial_configs
+
 MODES = ("sequential", "sequential-steps", "batched")
 
 
@@ -57,20 +60,6 @@ def load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return Data(split(45000), split(5000), split(10000), 10, "random", (3, 32, 32))
 
 
-def configs(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    import numpy as np
-
-    from klayer.config import TrainConfig
-    from klayer.search import trial_seed
-
-    base = TrainConfig(n_s=args.n_s, cycles=args.cycles, checkpoint_every=0)
-    lams = np.geomspace(1e-5, 1e-1, args.trials)
-    etas = np.linspace(0.05, 0.1, args.trials)
-    return [TrainConfig(**{**base.__dict__, "lam": float(lam), "eta_max": float(eta),
-                           "seed": trial_seed(0, i)})
-            for i, (lam, eta) in enumerate(zip(lams, etas, strict=True))]
-
-
 def run(args: argparse.Namespace) -> dict[str, object]:
     """One mode in this process: seconds for all T trials and their validation accuracies."""
     import warnings
@@ -84,7 +73,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     from klayer.search import evaluate_trained
 
     data = load(args)
-    cfgs = configs(args)
+    cfgs = trial_configs(args.trials, args.n_s, args.cycles)
     start = time.perf_counter()
     if args.mode == "sequential":
         val = [train.train(c, data, train_curve=False).summary["val_accuracy"] for c in cfgs]

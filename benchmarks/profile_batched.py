@@ -22,24 +22,17 @@ import time
 from pathlib import Path
 
 # benchmarks/ is on sys.path when run as a script
-from _common import machine, thread_env, training_data
+from _common import machine, thread_env, training_data, trial_configs
 
 PHASES = ("mini-batch", "forward", "loss", "backward", "update")
 
 
 def trainer(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    import numpy as np
-
     from klayer.batched import BatchedTrainer
-    from klayer.config import TrainConfig
-    from klayer.search import trial_seed
     from klayer.train import make_plan
 
     data = training_data(args.data_dir)
-    lams = np.geomspace(1e-5, 1e-1, args.trials)
-    etas = np.linspace(0.05, 0.1, args.trials)
-    cfgs = [TrainConfig(n_s=2250, lam=float(lam), eta_max=float(eta), seed=trial_seed(0, i))
-            for i, (lam, eta) in enumerate(zip(lams, etas, strict=True))]
+    cfgs = trial_configs(args.trials, n_s=2250, cycles=2)  # bench_batched.py's trials
     plans = [make_plan(c, len(data.train.y)) for c in cfgs]
     return BatchedTrainer(cfgs, data, [p.lr for p in plans], plans[0].steps_per_epoch,
                           plans[0].total_steps), data

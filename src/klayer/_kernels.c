@@ -160,12 +160,17 @@ done:
 
 /* Training-mode batch norm then ReLU (layers.batchnorm_forward_train, relu_forward).
  * s (n, m) -> x_hat = (s - mu) inv_std, y = max(gamma x_hat + beta, 0), with the batch
- * mean mu and biased variance var (m,) accumulated in double; inv_std = 1/sqrt(var+eps). */
+ * mean mu and biased variance var (m,) accumulated in double; inv_std = 1/sqrt(var+eps).
+ * With a bias b (m,), s += b first, in place (the linear map's "+ b", as NumPy's). */
 KERNEL static void
-bn_relu_forward_impl(const float *restrict s, Py_ssize_t n, Py_ssize_t m, const float *restrict gamma,
-                     const float *restrict beta, double eps, double *restrict acc, float *restrict x_hat, float *restrict y,
+bn_relu_forward_impl(float *restrict s, const float *restrict b, Py_ssize_t n, Py_ssize_t m,
+                     const float *restrict gamma, const float *restrict beta, double eps,
+                     double *restrict acc, float *restrict x_hat, float *restrict y,
                      float *restrict mu, float *restrict var, float *restrict inv_std)
 {
+    if (b)
+        for (Py_ssize_t i = 0; i < n; i++)
+            for (Py_ssize_t j = 0; j < m; j++) s[i * m + j] += b[j];
     for (Py_ssize_t j = 0; j < m; j++) acc[j] = 0.0;
     for (Py_ssize_t i = 0; i < n; i++)
         for (Py_ssize_t j = 0; j < m; j++) acc[j] += s[i * m + j];
@@ -189,19 +194,90 @@ bn_relu_forward_impl(const float *restrict s, Py_ssize_t n, Py_ssize_t m, const 
         }
 }
 
+/* The running averages of the batch statistics (bnstats.update_running), each float32
+ * operation rounded as NumPy's: with copy, mu_av = mu and var_av = var (the assignment's
+ * first batch); else mu_av = keep mu_av + take mu and var_av = keep var_av + take
+ * (vscale var) (vscale = n / (n - 1) for torch's unbiased variance, else 1).  All (m,). */
+static void
+running_update(float *restrict mu_av, float *restrict var_av, const float *restrict mu,
+               const float *restrict var, Py_ssize_t m, int copy, float keep, float take,
+               float vscale)
+{
+    for (Py_ssize_t j = 0; j < m; j++) {
+        if (copy) {
+            mu_av[j] = mu[j];
+            var_av[j] = var[j];
+            continue;
+        }
+        float a = mu_av[j] * keep, c = take * mu[j];
+        mu_av[j] = a + c;
+        a = var_av[j] * keep;
+        c = take * (var[j] * vscale);
+        var_av[j] = a + c;
+    }
+}
+
+/* The optional arguments of bn_relu_forward: a bias b (m,) and the running statistics,
+ * running = (mu_av, var_av, copy, keep, take, vscale), each None when not wanted. */
+typedef struct {
+    Py_buffer b, mu_av, var_av;
+    int has_b, has_running, copy;
+    double keep, take, vscale;
+} BNExtras;
+
+static int
+bn_extras_get(BNExtras *e, PyObject *b, PyObject *running, Py_ssize_t m4)
+{
+    if (b != Py_None) {
+        if (PyObject_GetBuffer(b, &e->b, PyBUF_C_CONTIGUOUS) < 0)
+            return 0;
+        e->has_b = 1;
+        if (!check_len(&e->b, m4, "b"))
+            return 0;
+    }
+    if (running != Py_None) {
+        if (!PyTuple_Check(running)) {
+            PyErr_SetString(PyExc_TypeError, "running must be a tuple or None");
+            return 0;
+        }
+        if (!PyArg_ParseTuple(running, "w*w*pddd", &e->mu_av, &e->var_av, &e->copy, &e->keep,
+                              &e->take, &e->vscale))
+            return 0;
+        e->has_running = 1;
+        if (!check_len(&e->mu_av, m4, "mu_av") || !check_len(&e->var_av, m4, "var_av"))
+            return 0;
+    }
+    return 1;
+}
+
+static void
+bn_extras_release(BNExtras *e)
+{
+    if (e->has_b)
+        PyBuffer_Release(&e->b);
+    if (e->has_running) {
+        PyBuffer_Release(&e->mu_av);
+        PyBuffer_Release(&e->var_av);
+    }
+}
+
 static PyObject *
 bn_relu_forward(PyObject *self, PyObject *args)
 {
     Py_buffer s, gamma, beta, x_hat, y, mu, var, inv_std;
     Py_ssize_t T, n, m;
     double eps;
-    if (!PyArg_ParseTuple(args, "y*nnny*y*dw*w*w*w*w*", &s, &T, &n, &m, &gamma, &beta, &eps,
-                          &x_hat, &y, &mu, &var, &inv_std))
+    PyObject *b_obj, *running_obj;
+    BNExtras e;
+    if (!PyArg_ParseTuple(args, "w*nnny*y*dw*w*w*w*w*OO", &s, &T, &n, &m, &gamma, &beta, &eps,
+                          &x_hat, &y, &mu, &var, &inv_std, &b_obj, &running_obj))
         return NULL;
     PyObject *ret = NULL;
     double *acc = NULL;
     Py_ssize_t nm, m4;
-    if (!bytes_of(T, n, m, 4, &nm) || !bytes_of(T, m, 1, 4, &m4))
+    memset(&e, 0, sizeof(e));
+    if (!bytes_of(T, n, m, 4, &nm) || !bytes_of(T, m, 1, 4, &m4) ||
+        !bn_extras_get(&e, b_obj, running_obj, m4))
         goto done;
     if (n < 1) {
         PyErr_SetString(PyExc_ValueError, "batch norm needs at least one row");
@@ -218,16 +294,22 @@ bn_relu_forward(PyObject *self, PyObject *args)
     }
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t t = 0; t < T; t++) {  /* T stacked networks' layers, one after another */
-        Py_ssize_t a = t * n * m, b = t * m;
-        bn_relu_forward_impl((const float *)s.buf + a, n, m, (const float *)gamma.buf + b,
-                             (const float *)beta.buf + b, eps, acc, (float *)x_hat.buf + a,
-                             (float *)y.buf + a, (float *)mu.buf + b, (float *)var.buf + b,
-                             (float *)inv_std.buf + b);
+        Py_ssize_t a = t * n * m, c = t * m;
+        bn_relu_forward_impl((float *)s.buf + a, e.has_b ? (const float *)e.b.buf + c : NULL,
+                             n, m, (const float *)gamma.buf + c, (const float *)beta.buf + c,
+                             eps, acc, (float *)x_hat.buf + a, (float *)y.buf + a,
+                             (float *)mu.buf + c, (float *)var.buf + c,
+                             (float *)inv_std.buf + c);
+        if (e.has_running)
+            running_update((float *)e.mu_av.buf + c, (float *)e.var_av.buf + c,
+                           (const float *)mu.buf + c, (const float *)var.buf + c, m, e.copy,
+                           (float)e.keep, (float)e.take, (float)e.vscale);
     }
     Py_END_ALLOW_THREADS
     ret = Py_NewRef(Py_None);
 done:
     free(acc);
+    bn_extras_release(&e);
     PyBuffer_Release(&s); PyBuffer_Release(&gamma); PyBuffer_Release(&beta);
     PyBuffer_Release(&x_hat); PyBuffer_Release(&y); PyBuffer_Release(&mu);
     PyBuffer_Release(&var); PyBuffer_Release(&inv_std);
@@ -236,11 +318,14 @@ done:
 
 /* Backward of bn_relu_forward (relu_backward then layers.batchnorm_backward):
  * dy = dh * 1[y > 0], dbeta = sum_i dy_i, dgamma = sum_i dy_i x_hat_i (double sums),
- * ds = (n dy - dbeta - x_hat dgamma) * (gamma inv_std / n).   All (n, m) or (m,). */
+ * ds = (n dy - dbeta - x_hat dgamma) * (gamma inv_std / n).   All (n, m) or (m,).
+ * With db (m,), also db = sum_i ds_i (the bias gradient of the linear map before;
+ * a double sum, so equal to NumPy's float32 sum to rounding). acc holds 3 m doubles. */
 KERNEL static void
 bn_relu_backward_impl(const float *restrict dh, const float *restrict y, const float *restrict x_hat,
                       const float *restrict inv_std, const float *restrict gamma, Py_ssize_t n, Py_ssize_t m,
-                      double *restrict acc, float *restrict ds, float *restrict dgamma, float *restrict dbeta)
+                      double *restrict acc, float *restrict ds, float *restrict dgamma, float *restrict dbeta,
+                      float *restrict db)
 {
     double *ab = acc, *ag = acc + m;
     for (Py_ssize_t j = 0; j < m; j++) ab[j] = ag[j] = 0.0;
@@ -262,27 +347,43 @@ bn_relu_backward_impl(const float *restrict dh, const float *restrict y, const f
             float t = ds[i * m + j] * fn - dbeta[j] - x_hat[i * m + j] * dgamma[j];
             ds[i * m + j] = t * (float)acc[j];
         }
+    if (!db)
+        return;
+    double *asum = acc + 2 * m;
+    for (Py_ssize_t j = 0; j < m; j++) asum[j] = 0.0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        for (Py_ssize_t j = 0; j < m; j++) asum[j] += ds[i * m + j];
+    for (Py_ssize_t j = 0; j < m; j++) db[j] = (float)asum[j];
 }
 
 static PyObject *
 bn_relu_backward(PyObject *self, PyObject *args)
 {
-    Py_buffer dh, y, x_hat, inv_std, gamma, ds, dgamma, dbeta;
+    Py_buffer dh, y, x_hat, inv_std, gamma, ds, dgamma, dbeta, db = {0};
     Py_ssize_t T, n, m;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*y*nnnw*w*w*", &dh, &y, &x_hat, &inv_std, &gamma, &T,
-                          &n, &m, &ds, &dgamma, &dbeta))
+    PyObject *db_obj;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*nnnw*w*w*O", &dh, &y, &x_hat, &inv_std, &gamma, &T,
+                          &n, &m, &ds, &dgamma, &dbeta, &db_obj))
         return NULL;
     PyObject *ret = NULL;
     double *acc = NULL;
     Py_ssize_t nm, m4;
+    int has_db = 0;
     if (!bytes_of(T, n, m, 4, &nm) || !bytes_of(T, m, 1, 4, &m4))
         goto done;
+    if (db_obj != Py_None) {  /* an optional output: the bias gradient (m,) */
+        if (PyObject_GetBuffer(db_obj, &db, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+            goto done;
+        has_db = 1;
+        if (!check_len(&db, m4, "db"))
+            goto done;
+    }
     if (!check_len(&dh, nm, "dh") || !check_len(&y, nm, "y") ||
         !check_len(&x_hat, nm, "x_hat") || !check_len(&inv_std, m4, "inv_std") ||
         !check_len(&gamma, m4, "gamma") || !check_len(&ds, nm, "ds") ||
         !check_len(&dgamma, m4, "dgamma") || !check_len(&dbeta, m4, "dbeta"))
         goto done;
-    if (!(acc = malloc(sizeof(double) * (size_t)(m > 0 ? 2 * m : 1)))) {
+    if (!(acc = malloc(sizeof(double) * (size_t)(m > 0 ? 3 * m : 1)))) {
         PyErr_NoMemory();
         goto done;
     }
@@ -292,12 +393,15 @@ bn_relu_backward(PyObject *self, PyObject *args)
         bn_relu_backward_impl((const float *)dh.buf + a, (const float *)y.buf + a,
                               (const float *)x_hat.buf + a, (const float *)inv_std.buf + b,
                               (const float *)gamma.buf + b, n, m, acc, (float *)ds.buf + a,
-                              (float *)dgamma.buf + b, (float *)dbeta.buf + b);
+                              (float *)dgamma.buf + b, (float *)dbeta.buf + b,
+                              has_db ? (float *)db.buf + b : NULL);
     }
     Py_END_ALLOW_THREADS
     ret = Py_NewRef(Py_None);
 done:
     free(acc);
+    if (has_db)
+        PyBuffer_Release(&db);
     PyBuffer_Release(&dh); PyBuffer_Release(&y); PyBuffer_Release(&x_hat);
     PyBuffer_Release(&inv_std); PyBuffer_Release(&gamma); PyBuffer_Release(&ds);
     PyBuffer_Release(&dgamma); PyBuffer_Release(&dbeta);
@@ -423,6 +527,48 @@ add_squares(double *restrict acc, const float *restrict p, Py_ssize_t n)
     for (Py_ssize_t j = 0; j < n; j++) acc[j] += (double)p[j] * p[j];
 }
 
+/* sum_j a[j] in four chains of additions (a different order from one running sum). */
+static double
+sum4(const double *a, Py_ssize_t n)
+{
+    double s[4] = {0.0, 0.0, 0.0, 0.0};
+    for (Py_ssize_t j = 0; j < n; j++) s[j % 4] += a[j];
+    return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+#define SQ_CHUNK 1024  /* floats updated, then squared while still in L1 */
+#define LANES 16
+
+/* sum_j p[j]^2 over n <= SQ_CHUNK floats: float32 sums in 16 lanes (a loop the compiler
+ * vectorizes without reordering any lane's additions), added up in double. As exact as
+ * the float32 BLAS dot product of losses.l2_penalty, at a fraction of a double loop. */
+KERNEL static double
+chunk_squares(const float *restrict p, Py_ssize_t n)
+{
+    float lane[LANES] = {0.0f};
+    Py_ssize_t j = 0;
+    for (; j + LANES <= n; j += LANES)
+        for (int k = 0; k < LANES; k++) lane[k] += p[j + k] * p[j + k];
+    double s = 0.0;
+    for (; j < n; j++) s += (double)p[j] * p[j];
+    for (int k = 0; k < LANES; k++) s += lane[k];
+    return s;
+}
+
+/* sgd_l2_block over L floats, returning the sum of squares of the updated values: chunk
+ * by chunk, so the squares are read from L1, not memory. */
+static double
+sgd_l2_sumsq(float *p, const float *g, float lr, float l2, Py_ssize_t L)
+{
+    double s = 0.0;
+    for (Py_ssize_t a = 0; a < L; a += SQ_CHUNK) {
+        Py_ssize_t len = L - a < SQ_CHUNK ? L - a : SQ_CHUNK;
+        sgd_l2_block(p + a, g + a, lr, l2, len);
+        s += chunk_squares(p + a, len);
+    }
+    return s;
+}
+
 /* The update of T stacked parameters, trial t with its own lr[t] and l2[t] (float64,
  * rounded to float32 as the lone update's are):
  *     p -= (float)lr[t] * (g + (float)l2[t] * p)      (optim.SGD with its L2 term)
@@ -487,11 +633,8 @@ sgd_l2_step(PyObject *self, PyObject *args)
     }
     if (want_sq) {
         double *out = sq.buf;
-        for (Py_ssize_t t = 0; t < T; t++) {
-            double s[4] = {0.0, 0.0, 0.0, 0.0};  /* four chains of additions, not one */
-            for (Py_ssize_t j = 0; acc && j < L; j++) s[j % 4] += acc[t * L + j];
-            out[t] = (s[0] + s[1]) + (s[2] + s[3]);
-        }
+        for (Py_ssize_t t = 0; t < T; t++)
+            out[t] = acc ? sum4(acc + t * L, L) : 0.0;
     }
     Py_END_ALLOW_THREADS
     ret = Py_NewRef(Py_None);
@@ -510,18 +653,21 @@ done:
  * ps and gs are sequences of float32 buffers (pairwise of one length), l2s a buffer of
  * len(ps) float64s. Every buffer is acquired and checked before any is written, so a bad
  * argument raises and leaves all parameters as they were. Saves a Python call per
- * parameter (34 of them in the 9-layer net with batch norm). */
+ * parameter (34 of them in the 9-layer net with batch norm). sq (None, or len(ps)
+ * float64s, never overlapping a parameter) gets the sum of squares of each updated
+ * parameter, taken in the same pass: with the weights, the next step's L2 penalty. */
 static PyObject *
 sgd_many(PyObject *self, PyObject *args)
 {
-    PyObject *ps_obj, *gs_obj, *ps = NULL, *gs = NULL;
-    Py_buffer l2, *bufs = NULL;
+    PyObject *ps_obj, *gs_obj, *sq_obj, *ps = NULL, *gs = NULL;
+    Py_buffer l2, sq = {0}, *bufs = NULL;
     double lr;
-    if (!PyArg_ParseTuple(args, "OOdy*", &ps_obj, &gs_obj, &lr, &l2))
+    if (!PyArg_ParseTuple(args, "OOdy*O", &ps_obj, &gs_obj, &lr, &l2, &sq_obj))
         return NULL;
     PyObject *ret = NULL;
     Py_ssize_t n = 0, got = 0;
     double *l2s = NULL;
+    int want_sq = 0;
     /* tuples of our own: a list could be changed while its items' buffers are taken */
     if (!(ps = PySequence_Tuple(ps_obj)) || !(gs = PySequence_Tuple(gs_obj)))
         goto done;
@@ -537,6 +683,13 @@ sgd_many(PyObject *self, PyObject *args)
         goto done;
     }
     memcpy(l2s, l2.buf, (size_t)n * 8);  /* a private copy, as in sgd_l2_step */
+    if (sq_obj != Py_None) {
+        if (PyObject_GetBuffer(sq_obj, &sq, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+            goto done;
+        want_sq = 1;
+        if (!check_len(&sq, n * 8, "sq"))
+            goto done;
+    }
     for (; got < n; got++) {
         Py_buffer *p = &bufs[2 * got], *g = &bufs[2 * got + 1];
         if (PyObject_GetBuffer(PyTuple_GET_ITEM(ps, got), p,
@@ -552,12 +705,20 @@ sgd_many(PyObject *self, PyObject *args)
         }
     }
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++)
-        sgd_l2_block(bufs[2 * i].buf, bufs[2 * i + 1].buf, (float)lr, (float)l2s[i],
-                     bufs[2 * i].len / 4);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        float *p = bufs[2 * i].buf;
+        const float *g = bufs[2 * i + 1].buf;
+        Py_ssize_t L = bufs[2 * i].len / 4;
+        if (want_sq)
+            ((double *)sq.buf)[i] = sgd_l2_sumsq(p, g, (float)lr, (float)l2s[i], L);
+        else
+            sgd_l2_block(p, g, (float)lr, (float)l2s[i], L);
+    }
     Py_END_ALLOW_THREADS
     ret = Py_NewRef(Py_None);
 done:
+    if (want_sq)
+        PyBuffer_Release(&sq);
     for (Py_ssize_t i = 0; i < got; i++) {
         PyBuffer_Release(&bufs[2 * i]);
         PyBuffer_Release(&bufs[2 * i + 1]);

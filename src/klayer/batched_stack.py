@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import kernels
-from .bnstats import update_running
+from .bnstats import running_rule, update_running
 from .data import Data
 from .evaluation import EVAL_CHUNK, model_inputs
 from .layers import Array, dropout_mask
@@ -176,10 +176,13 @@ class Stack:
             y += (self.params[f"beta{l}"] - mu * scale)[:, None, :]
             return (np.maximum(y, 0) if relu else y), None
         n = s.shape[1]
-        if relu and kernels.enabled(s, self.params[f"gamma{l}"], self.params[f"beta{l}"]):
-            y, x_hat, inv_std, mu, var = kernels.bn_relu_forward(
-                s, self.params[f"gamma{l}"], self.params[f"beta{l}"], eps)
-            self._update_running(l, mu, var, n)
+        mu_av, var_av = self.stats[f"mu{l}"], self.stats[f"var{l}"]
+        if relu and kernels.enabled(s, self.params[f"gamma{l}"], self.params[f"beta{l}"],
+                                    mu_av, var_av):
+            rule = running_rule(self.config, n, first=self.bn_updates == 0)
+            y, x_hat, inv_std, _, _ = kernels.bn_relu_forward(  # (updates the running stats)
+                s, self.params[f"gamma{l}"], self.params[f"beta{l}"], eps,
+                running=(mu_av, var_av, *rule))
             return y, (x_hat, inv_std)
         mu = s.mean(axis=1)  # (T, m)
         xc = s - mu[:, None, :]
@@ -242,20 +245,21 @@ class Stack:
             ds_wide = ds.transpose(1, 0, 2).reshape(n, -1)  # (n, T m_1)
             # the one wide product, (d, T m_1), into a buffer reused every step
             grads["W1"] = np.matmul(X.T, ds_wide, out=self.scratch("W1", "grad/"))
-            grads["b1"] = ds.sum(axis=1)
-            return None
-        W = self.params[f"W{l}"]
-        grads[f"W{l}"] = np.matmul(x.transpose(0, 2, 1), ds)
-        grads[f"b{l}"] = ds.sum(axis=1)
-        return np.matmul(ds, W.transpose(0, 2, 1))
+        else:
+            grads[f"W{l}"] = np.matmul(x.transpose(0, 2, 1), ds)
+        if f"b{l}" not in grads:  # (the fused batch-norm backward may have summed it)
+            grads[f"b{l}"] = ds.sum(axis=1)
+        return None if l == 1 else np.matmul(ds, self.params[f"W{l}"].transpose(0, 2, 1))
 
     def _bn_relu_backward(self, dh: Array, relu_out: Array, cache: tuple[Array, Array],
                           l: int, grads: dict[str, Array]) -> Array:
         """Backward through ReLU then batch norm of layer l (fused in C where it can be)."""
         gamma = self.params[f"gamma{l}"]
         if kernels.enabled(dh, relu_out, *cache, gamma):
-            ds, grads[f"gamma{l}"], grads[f"beta{l}"] = kernels.bn_relu_backward(
-                dh, relu_out, *cache, gamma)
+            ds, grads[f"gamma{l}"], grads[f"beta{l}"], db = kernels.bn_relu_backward(
+                dh, relu_out, *cache, gamma, want_db=True)
+            assert db is not None
+            grads[f"b{l}"] = db  # summed in the same call: _linear_backward keeps it
             return ds
         return self._bn_backward(dh * (relu_out > 0), cache, l, grads)
 

@@ -12,12 +12,33 @@ This module is core: NumPy only.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import numpy.typing as npt
 
 from .config import NetConfig
 
 Array = npt.NDArray[np.floating]
+
+
+class RunningRule(NamedTuple):
+    """How one training step moves the running averages (see ``update_running``)."""
+
+    copy: bool  # take the batch's statistics as they are (the assignment's first batch)
+    keep: float  # alpha: the weight of the old average
+    take: float  # 1 - alpha: the weight of the batch's statistic
+    var_scale: float  # n / (n - 1) turns the biased batch variance into torch's unbiased one
+
+
+def running_rule(config: NetConfig, n: int, first: bool) -> RunningRule:
+    """The rule of ``config.bn_convention`` for a batch of n rows (``first``: no update yet).
+
+    The C kernel (``kernels.bn_relu_forward(running=...)``) applies the same rule."""
+    alpha = float(config.bn_alpha)
+    if config.bn_convention == "pytorch":  # torch stores the unbiased variance
+        return RunningRule(False, alpha, 1 - alpha, n / max(n - 1, 1))
+    return RunningRule(first, alpha, 1 - alpha, 1.0)  # assignment: start from the first batch
 
 
 def update_running(mu_av: Array, var_av: Array, mu: Array, var: Array, n: int,
@@ -28,17 +49,17 @@ def update_running(mu_av: Array, var_av: Array, mu: Array, var: Array, n: int,
     starts from 0 / 1 and stores the unbiased variance. Any shapes that broadcast
     (one network's (m,) or a stack of trials').
     """
-    alpha = config.bn_alpha
-    if config.bn_convention == "pytorch":
-        var = var * (n / max(n - 1, 1))  # torch stores the unbiased variance
-    elif first:  # assignment: start from the first batch
+    rule = running_rule(config, n, first)
+    if rule.copy:
         mu_av[...] = mu
         var_av[...] = var
         return
-    mu_av *= alpha
-    mu_av += (1 - alpha) * mu
-    var_av *= alpha
-    var_av += (1 - alpha) * var
+    if rule.var_scale != 1.0:  # (a product with 1 would change nothing)
+        var = var * rule.var_scale
+    mu_av *= rule.keep
+    mu_av += rule.take * mu
+    var_av *= rule.keep
+    var_av += rule.take * var
 
 
 def population_stats(sink: list[tuple[int, Array, Array]], sizes: list[int],

@@ -8,10 +8,13 @@ compiler is there) does these parts of a step in one pass each:
 * ``gather_standardize``: a mini-batch's uint8 rows, converted and standardized;
 * ``bn_relu_forward`` / ``bn_relu_backward``: training-mode batch norm followed by a
   ReLU, and its backward pass (the compact formula of ``layers.batchnorm_backward``);
+  in the same calls, the linear map's "+ b" and the running averages' update forward,
+  and the bias gradient backward, so a hidden layer costs one call each way;
 * ``softmax_cross_entropy``: the mean loss and dJ/dscores (``_stack``: of T networks);
 * ``add_scaled`` (the L2 term of a gradient), ``sgd_step`` (the update) and
   ``sgd_l2_step`` (both at once, for a weight matrix), ``sgd_many`` (the update of every
-  parameter of a network in one call), and ``sgd_l2_steps`` (``sgd_l2_step`` for T
+  parameter of a network in one call, optionally summing their squares: the next
+  step's L2 penalty), and ``sgd_l2_steps`` (``sgd_l2_step`` for T
   stacked trials, each with its own learning rate and L2 term, also returning each
   trial's sum of squares: the next step's penalty).
 
@@ -82,32 +85,43 @@ def gather_standardize(X: np.ndarray, idx: np.ndarray, shift: Array, scale: Arra
 
 
 def bn_relu_forward(
-    s: Array, gamma: Array, beta: Array, eps: float
+    s: Array, gamma: Array, beta: Array, eps: float, b: Array | None = None,
+    running: tuple[Array, Array, bool, float, float, float] | None = None,
 ) -> tuple[Array, Array, Array, Array, Array]:
     """Batch norm with batch statistics, then ReLU: s (n, m) -> (y, x_hat, inv_std, mu, var).
 
     y = max(gamma x_hat + beta, 0) and x_hat = (s - mu) inv_std (both (n, m)); mu, var
     (the biased batch variance) and inv_std = 1 / sqrt(var + eps) are (m,). A stack of
     T networks' layers, s (T, n, m) with gamma and beta (T, m), works the same way.
+
+    In the same call, so a layer costs one call from Python: with a bias ``b`` (m,),
+    s += b first, in place (the linear map's "+ b"); with ``running`` = (mu_av, var_av,
+    *``bnstats.running_rule``*), the running averages are updated in place, rounded as
+    ``bnstats.update_running`` rounds them.
     """
     *T, n, m = s.shape
     y, x_hat = np.empty_like(s), np.empty_like(s)
     mu, var, inv_std = (np.empty((*T, m), F32) for _ in range(3))
     _C.bn_relu_forward(s, T[0] if T else 1, n, m, gamma, beta, float(eps), x_hat, y, mu, var,
-                       inv_std)
+                       inv_std, b, running)
     return y, x_hat, inv_std, mu, var
 
 
 def bn_relu_backward(
-    dh: Array, y: Array, x_hat: Array, inv_std: Array, gamma: Array
-) -> tuple[Array, Array, Array]:
-    """Gradients (ds, dgamma, dbeta) of ``bn_relu_forward`` given dh = dJ/dy ((T,) n, m)."""
+    dh: Array, y: Array, x_hat: Array, inv_std: Array, gamma: Array, want_db: bool = False
+) -> tuple[Array, Array, Array, Array | None]:
+    """Gradients (ds, dgamma, dbeta, db) of ``bn_relu_forward`` given dh = dJ/dy ((T,) n, m).
+
+    With ``want_db``, db = sum_i ds_i, the bias gradient of the linear map that feeds the
+    layer, summed in the same call (in double); else db is None.
+    """
     *T, n, m = dh.shape
     ds = np.empty_like(dh)
     dgamma, dbeta = np.empty((*T, m), F32), np.empty((*T, m), F32)
+    db = np.empty((*T, m), F32) if want_db else None
     _C.bn_relu_backward(dh, y, x_hat, inv_std, gamma, T[0] if T else 1, n, m, ds, dgamma,
-                        dbeta)
-    return ds, dgamma, dbeta
+                        dbeta, db)
+    return ds, dgamma, dbeta, db
 
 
 def softmax_cross_entropy(scores: Array, y: np.ndarray) -> tuple[float, Array]:
@@ -160,17 +174,23 @@ def sgd_l2_step(p: Array, g: Array, lr: float, l2: float, buf: Array | None = No
     p -= step
 
 
-def sgd_many(ps: list[Array], gs: list[Array], lr: float, l2s: list[float]) -> bool:
+def sgd_many(ps: list[Array], gs: list[Array], lr: float, l2s: list[float],
+             sq: np.ndarray | None = None) -> bool:
     """In place, for every i: ps[i] -= lr (gs[i] + l2s[i] ps[i]) (l2s[i] = 0: ps[i] -= lr
     gs[i]), as ``sgd_l2_step`` / ``sgd_step`` one by one, in one C call. Returns False,
     having done nothing, unless the kernels are built and every array is float32,
-    C-contiguous and shaped like its partner: the caller then updates one by one."""
+    C-contiguous and shaped like its partner: the caller then updates one by one.
+    ``sq`` (len(ps),) float64, when given, gets each updated parameter's sum of squares
+    (in double), taken in the same pass."""
     if len(ps) != len(gs) or len(ps) != len(l2s) or not enabled(*ps, *gs):
         return False
     for p, g in zip(ps, gs, strict=True):
         if p.shape != g.shape:
             return False
-    _C.sgd_many(ps, gs, float(lr), np.array(l2s, np.float64))
+    if sq is not None and (sq.dtype != np.float64 or sq.shape != (len(ps),)
+                           or not sq.flags.c_contiguous):
+        raise ValueError(f"sgd_many: sq must be a C-contiguous ({len(ps)},) float64 array")
+    _C.sgd_many(ps, gs, float(lr), np.array(l2s, np.float64), sq)
     return True
 
 

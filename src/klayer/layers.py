@@ -22,23 +22,27 @@ Array = npt.NDArray[np.floating]
 # --- linear -----------------------------------------------------------------
 
 
-def linear_forward(x: Array, W: Array, b: Array) -> Array:
-    """s = x W + b.  x (n, d_in), W (d_in, d_out), b (d_out,) -> s (n, d_out)."""
+def linear_forward(x: Array, W: Array, b: Array | None) -> Array:
+    """s = x W + b.  x (n, d_in), W (d_in, d_out), b (d_out,) -> s (n, d_out).
+
+    b = None leaves "+ b" to the caller (a fused batch-norm kernel adds it)."""
     s = x @ W  # (n, d_out)
-    s += b
+    if b is not None:
+        s += b
     return s
 
 
 def linear_backward(
-    ds: Array, x: Array, W: Array, need_dx: bool = True
+    ds: Array, x: Array, W: Array, need_dx: bool = True, db: Array | None = None
 ) -> tuple[Array | None, Array, Array]:
     """Gradients of s = x W + b given ds = dJ/ds (n, d_out).
 
     Returns dx (n, d_in) (None when ``need_dx`` is false: the first layer's input
-    needs no gradient), dW = x^T ds (d_in, d_out) and db = sum_i ds_i (d_out,).
+    needs no gradient), dW = x^T ds (d_in, d_out) and db = sum_i ds_i (d_out,),
+    unless the caller has db already (a fused batch-norm kernel sums it).
     """
     dW = x.T @ ds  # (d_in, d_out)
-    db = ds.sum(axis=0)  # (d_out,)
+    db = ds.sum(axis=0) if db is None else db  # (d_out,)
     dx = ds @ W.T if need_dx else None  # (n, d_in)
     return dx, dW, db
 

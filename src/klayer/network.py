@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import kernels
-from .bnstats import population_stats, update_running
+from .bnstats import population_stats, running_rule, update_running
 from .config import NetConfig
 from .layers import (
     Array,
@@ -158,14 +158,19 @@ class Network:
         outs = [X]  # h_0 = X, h_1, ..., h_{k-1}: inputs of the linear maps
         h = X
         for l in range(1, cfg.k):
-            s = linear_forward(h, p[f"W{l}"], p[f"b{l}"])  # (n, m_l)
+            # batch norm adds the bias itself (in the same C call), where no skip comes first
+            bias_in_bn = train and cfg.batch_norm and cfg.bn_position == "before" and (
+                l not in self._skips)
+            b = p[f"b{l}"]
+            s = linear_forward(h, p[f"W{l}"], None if bias_in_bn else b)  # (n, m_l)
             if l in self._skips:
                 s += outs[self._skips[l]]  # residual: s_l += h_{l-2}
             bn: BNCache | None = None
             if not cfg.batch_norm:
                 r = out = relu_forward(s)
             elif cfg.bn_position == "before":
-                r, bn = self._batchnorm(s, l, train, update_stats, stats_sink, relu=True)
+                r, bn = self._batchnorm(s, l, train, update_stats, stats_sink, relu=True,
+                                        bias=b if bias_in_bn else None)
                 out = r
             else:
                 r = relu_forward(s)
@@ -195,28 +200,35 @@ class Network:
         update_stats: bool,
         sink: list[tuple[int, Array, Array]] | None,
         relu: bool = False,
+        bias: Array | None = None,
     ) -> tuple[Array, BNCache | None]:
         """Batch norm of layer l (then a ReLU when ``relu``): its output and cache.
 
-        In training mode with float32 and the C kernels, batch norm and ReLU run fused
-        in one pass (``kernels.bn_relu_forward``), the same maths as the NumPy pair.
+        ``bias``, the linear map's b when the caller left it out, is added to s first
+        (in place). In training mode with float32 and the C kernels, that addition,
+        batch norm, ReLU and the running averages' update are one call
+        (``kernels.bn_relu_forward``), the same maths as the NumPy code.
         """
         gamma, beta = self.params[f"gamma{l}"], self.params[f"beta{l}"]
-        eps = self.config.bn_eps
+        mu_av, var_av = self.stats[f"mu{l}"], self.stats[f"var{l}"]
+        eps, n = self.config.bn_eps, s.shape[0]
         if not train:
-            mu, var = self.stats[f"mu{l}"], self.stats[f"var{l}"]
-            y = batchnorm_forward_eval(s, gamma, beta, mu, var, eps)
+            y = batchnorm_forward_eval(s, gamma, beta, mu_av, var_av, eps)
             return (relu_forward(y) if relu else y), None
-        if relu and kernels.enabled(s, gamma, beta):
-            y, x_hat, inv_std, mu, var = kernels.bn_relu_forward(s, gamma, beta, eps)
+        if relu and kernels.enabled(s, gamma, beta, mu_av, var_av):
+            rule = running_rule(self.config, n, first=self.bn_updates == 0)
+            y, x_hat, inv_std, mu, var = kernels.bn_relu_forward(
+                s, gamma, beta, eps, bias, (mu_av, var_av, *rule) if update_stats else None)
             cache = BNCache(x_hat, inv_std)
         else:
+            if bias is not None:
+                s += bias
             y, cache, mu, var = batchnorm_forward_train(s, gamma, beta, eps)
             y = relu_forward(y) if relu else y
+            if update_stats:
+                self._update_running(l, mu, var, n)
         if sink is not None:
             sink.append((l, mu, var))
-        if update_stats:
-            self._update_running(l, mu, var, s.shape[0])
         return y, cache
 
     def _update_running(self, l: int, mu: Array, var: Array, n: int) -> None:
@@ -252,6 +264,7 @@ class Network:
         pending: dict[int, Array] = {}  # gradients reaching h_j through skip connections
         for l in range(k - 1, 0, -1):
             c = caches[l - 1]
+            db: Array | None = None  # the bias gradient, when the fused kernel sums it
             assert dh is not None
             if l in pending:
                 dh = dh + pending.pop(l)
@@ -262,7 +275,7 @@ class Network:
                 ds = relu_backward(dh, c.relu_out)
             elif cfg.bn_position == "before":
                 assert c.bn is not None
-                ds, grads[f"gamma{l}"], grads[f"beta{l}"] = _bn_relu_backward(
+                ds, grads[f"gamma{l}"], grads[f"beta{l}"], db = _bn_relu_backward(
                     dh, c.relu_out, c.bn, p[f"gamma{l}"]
                 )
             else:
@@ -273,7 +286,8 @@ class Network:
                 ds = relu_backward(dr, c.relu_out)
             if l in self._skips:
                 pending[self._skips[l]] = ds
-            dh, grads[f"W{l}"], grads[f"b{l}"] = linear_backward(ds, c.x, p[f"W{l}"], need_dx=l > 1)
+            dh, grads[f"W{l}"], grads[f"b{l}"] = linear_backward(
+                ds, c.x, p[f"W{l}"], need_dx=l > 1, db=db)
         if lam:
             for l in range(1, k + 1):
                 kernels.add_scaled(grads[f"W{l}"], p[f"W{l}"], 2 * lam)
@@ -290,17 +304,20 @@ class Network:
         label_smoothing: float = 0.0,
         check: bool = True,
         grad_l2: bool = True,
+        penalty: float | None = None,
     ) -> tuple[float, float, dict[str, Array]]:
         """One training-mode pass: (loss, cost, gradients of the cost).
 
         With ``grad_l2=False`` the gradients leave out the L2 term 2 lambda W, for an
         optimizer that adds it itself (``Optimizer.step(..., l2=2 lambda)``).
+        ``penalty``: lambda sum_l ||W_l||^2 when the caller knows it already (the
+        optimizer summed the squares as it updated the weights), else computed here.
         """
         if check:
             X, y = self.check_inputs(X, y)
         scores, caches = self.forward(X, train=True, rng=rng)
         loss, dscores = training_loss(scores, y, label_smoothing)
-        cost = loss + l2_penalty(self.weights(), lam)
+        cost = loss + (l2_penalty(self.weights(), lam) if penalty is None else penalty)
         return loss, cost, self.backward(dscores, caches, lam if grad_l2 else 0.0)
 
     def cost(
@@ -374,11 +391,14 @@ class Network:
 
 def _bn_relu_backward(
     dh: Array, relu_out: Array, cache: BNCache, gamma: Array
-) -> tuple[Array, Array, Array]:
-    """Backward through ReLU then batch norm: (ds, dgamma, dbeta), fused in C where it can be."""
+) -> tuple[Array, Array, Array, Array | None]:
+    """Backward through ReLU then batch norm: (ds, dgamma, dbeta, db), fused in C where it
+    can be, with db = sum_i ds_i, the bias gradient of the layer's linear map (None from
+    the NumPy code: ``linear_backward`` sums it then)."""
     if kernels.enabled(dh, relu_out, cache.x_hat, cache.inv_std, gamma):
-        return kernels.bn_relu_backward(dh, relu_out, cache.x_hat, cache.inv_std, gamma)
-    return batchnorm_backward(relu_backward(dh, relu_out), cache, gamma)
+        return kernels.bn_relu_backward(dh, relu_out, cache.x_hat, cache.inv_std, gamma,
+                                        want_db=True)
+    return (*batchnorm_backward(relu_backward(dh, relu_out), cache, gamma), None)
 
 
 def training_loss(scores: Array, y: Labels, label_smoothing: float = 0.0) -> tuple[float, Array]:

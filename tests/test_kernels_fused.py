@@ -1,0 +1,188 @@
+"""What the C kernels do besides their main pass, so that a layer costs one call from
+Python: the bias and the running statistics in the batch-norm forward call, the bias
+gradient in its backward call, and the weights' sum of squares in the SGD update.
+
+Each is checked against the NumPy code it stands for (``layers``, ``bnstats``,
+``losses.l2_penalty``); like tests/test_kernels.py, a missing build fails here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from klayer import kernels
+from klayer.bnstats import running_rule, update_running
+from klayer.config import NetConfig, TrainConfig
+from klayer.data import make_synthetic
+from klayer.losses import l2_penalty
+from klayer.network import Network
+from klayer.optim import SGD
+from klayer.train import Trainer
+
+F32 = np.float32
+
+
+@pytest.fixture(autouse=True)
+def built() -> None:
+    if os.environ.get("KLAYER_KERNELS", "").strip().lower() == "numpy":
+        pytest.skip("KLAYER_KERNELS=numpy: the C kernels are switched off")
+    assert kernels.BACKEND == "c", "klayer._kernels is not built; reinstall with pip install -e ."
+
+
+def layer(shape: tuple[int, ...], seed: int = 0) -> tuple[np.ndarray, ...]:
+    """Pre-activations s, bias b, gamma and beta for a (..., n, m) layer (a stack: T first)."""
+    rng = np.random.default_rng(seed)
+    *T, n, m = shape
+    s = (rng.standard_normal(shape) * rng.uniform(0.1, 10, m) + rng.normal(0, 3, m)).astype(F32)
+    b, beta = (rng.normal(0, 2, (*T, m)).astype(F32) for _ in range(2))
+    gamma = rng.uniform(0.5, 2, (*T, m)).astype(F32)
+    return s, b, gamma, beta
+
+
+@pytest.mark.parametrize("shape", [(100, 50), (3, 40, 9)])
+def test_the_bias_added_in_the_call_is_numpys_addition(shape: tuple[int, ...]) -> None:
+    s, b, gamma, beta = layer(shape)
+    expected = s + (b[:, None, :] if s.ndim == 3 else b)  # NumPy's float32 s + b
+    fused = kernels.bn_relu_forward(s, gamma, beta, 1e-5, b=b)
+    np.testing.assert_array_equal(s, expected)  # s now holds s + b, as linear_forward's
+    for got, want in zip(fused, kernels.bn_relu_forward(expected.copy(), gamma, beta, 1e-5),
+                         strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("convention", ["assignment", "pytorch"])
+@pytest.mark.parametrize("first", [True, False])
+@pytest.mark.parametrize("shape", [(100, 50), (3, 40, 9), (1, 7)])
+def test_the_running_statistics_updated_in_the_call_are_update_runnings(
+        convention: str, first: bool, shape: tuple[int, ...]) -> None:
+    """Bit for bit, both conventions, the first batch or a later one, one layer or a stack
+    (and one row, where torch's unbiased variance has nothing to divide by)."""
+    s, _, gamma, beta = layer(shape, seed=1)
+    cfg = NetConfig(d=4, hidden=(8,), bn_convention=convention, bn_alpha=0.83)
+    n, stat_shape = shape[-2], (*shape[:-2], shape[-1])
+    rng = np.random.default_rng(2)
+    mu_av, var_av = rng.normal(0, 1, stat_shape).astype(F32), rng.uniform(0.1, 3, stat_shape)
+    var_av = var_av.astype(F32)
+    ref_mu, ref_var = mu_av.copy(), var_av.copy()
+    rule = running_rule(cfg, n, first)
+    _, _, _, mu, var = kernels.bn_relu_forward(s, gamma, beta, 1e-5,
+                                               running=(mu_av, var_av, *rule))
+    update_running(ref_mu, ref_var, mu, var, n, cfg, first)
+    np.testing.assert_array_equal(mu_av, ref_mu)
+    np.testing.assert_array_equal(var_av, ref_var)
+    assert not np.array_equal(mu_av, mu) or (first and convention == "assignment")
+
+
+def test_bad_extras_raise_before_anything_is_written() -> None:
+    s, b, gamma, beta = layer((10, 4))
+    keep = s.copy()
+    mu_av, var_av = np.zeros(4, F32), np.ones(4, F32)
+    rule = tuple(running_rule(NetConfig(d=4, hidden=(4,)), 10, False))
+    with pytest.raises(ValueError, match="mu_av: expected 16 bytes"):
+        kernels.bn_relu_forward(s, gamma, beta, 1e-5, b=b, running=(mu_av[:3], var_av, *rule))
+    with pytest.raises(ValueError, match="b: expected 16 bytes"):
+        kernels.bn_relu_forward(s, gamma, beta, 1e-5, b=b[:2])
+    with pytest.raises(TypeError, match="running must be a tuple"):
+        kernels.bn_relu_forward(s, gamma, beta, 1e-5, running=[mu_av, var_av, *rule])  # type: ignore[arg-type]
+    np.testing.assert_array_equal(s, keep)
+    np.testing.assert_array_equal(mu_av, 0)
+    np.testing.assert_array_equal(var_av, 1)
+
+
+@pytest.mark.parametrize("shape", [(100, 50), (3, 40, 9)])
+def test_the_backward_call_sums_the_bias_gradient(shape: tuple[int, ...]) -> None:
+    s, _, gamma, beta = layer(shape, seed=3)
+    y, x_hat, inv_std, _, _ = kernels.bn_relu_forward(s, gamma, beta, 1e-5)
+    dh = np.random.default_rng(4).standard_normal(shape).astype(F32)
+    ds, dgamma, dbeta, db = kernels.bn_relu_backward(dh, y, x_hat, inv_std, gamma, want_db=True)
+    plain = kernels.bn_relu_backward(dh, y, x_hat, inv_std, gamma)
+    assert plain[3] is None and db is not None and db.dtype == F32
+    for got, want in zip((ds, dgamma, dbeta), plain[:3], strict=True):
+        np.testing.assert_array_equal(got, want)  # the extra sum changes nothing else
+    exact = ds.astype(np.float64).sum(axis=-2)
+    np.testing.assert_allclose(db, exact, rtol=0, atol=1e-6 * np.abs(ds).max())
+    # under batch norm the bias gradient is zero but for rounding
+    assert np.abs(db).max() < 1e-4 * np.abs(ds).sum(axis=-2).max()
+
+
+def test_the_update_sums_each_parameters_squares() -> None:
+    rng = np.random.default_rng(5)
+    shapes = [(3072, 50), (50,), (50, 10), (10,), (0, 3), (17, 3)]
+    ps = [rng.standard_normal(s).astype(F32) for s in shapes]
+    gs = [rng.standard_normal(s).astype(F32) for s in shapes]
+    l2s = [0.01, 0.0, 0.02, 0.0, 0.01, 0.0]
+    refs = [p.copy() for p in ps]
+    sq = np.full(len(ps), np.nan)
+    assert kernels.sgd_many(ps, gs, 0.05, l2s, sq)
+    assert kernels.sgd_many(refs, gs, 0.05, l2s)
+    for p, ref in zip(ps, refs, strict=True):
+        np.testing.assert_array_equal(p, ref)  # the sums change no update
+    exact = [float(np.sum(p.astype(np.float64) ** 2)) for p in ps]
+    np.testing.assert_allclose(sq, exact, rtol=1e-6)
+    assert sq[4] == 0.0
+    before = [p.copy() for p in ps]
+    for bad in (np.zeros(5), np.zeros(6, F32), np.zeros((6, 1))):
+        with pytest.raises(ValueError, match="sq must be"):
+            kernels.sgd_many(ps, gs, 0.05, l2s, bad)
+    with pytest.raises(ValueError, match="sq: expected 48 bytes"):
+        kernels._C.sgd_many(ps, gs, 0.05, np.array(l2s), np.zeros(5))
+    for p, b in zip(ps, before, strict=True):
+        np.testing.assert_array_equal(p, b)
+
+
+def test_sgd_leaves_the_weights_sum_of_squares_only_when_it_computed_it() -> None:
+    rng = np.random.default_rng(6)
+    params = {"W1": rng.standard_normal((20, 8)).astype(F32), "b1": np.zeros(8, F32),
+              "W2": rng.standard_normal((8, 3)).astype(F32)}
+    grads = {k: rng.standard_normal(v.shape).astype(F32) for k, v in params.items()}
+    opt = SGD()
+    opt.step(params, grads, 0.1, l2=0.01)
+    assert opt.sq_weights == pytest.approx(l2_penalty([params["W1"], params["W2"]], 1.0),
+                                           rel=1e-6)
+    opt.step(params, grads, 0.1)  # no L2 term: no penalty needed, none computed
+    assert opt.sq_weights is None
+    opt.step({k: v.astype(np.float64) for k, v in params.items()}, grads, 0.1, l2=0.01)
+    assert opt.sq_weights is None  # float64 goes through NumPy, one by one
+    opt.step(params, grads, 0.1, l2=0.01)
+    opt.load_state_dict(opt.state_dict())
+    assert opt.sq_weights is None  # restored state: the weights may be others
+
+
+def test_the_trainers_cost_uses_the_penalty_the_update_left() -> None:
+    data = make_synthetic(n_train=300, n_val=50, n_test=50, d=24, seed=0)
+    tr = Trainer(TrainConfig(hidden=(16, 16), lam=0.01, n_s=20, n_batch=30, seed=1), data)
+    seen: list[float | None] = []
+    real = tr.net.loss_and_grads
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(kwargs.get("penalty"))
+        if kwargs.get("penalty") is not None:  # it is lambda times the weights' squares
+            assert kwargs["penalty"] == pytest.approx(l2_penalty(tr.net.weights(), 0.01),
+                                                      rel=1e-6)
+        return real(*args, **kwargs)
+
+    tr.net.loss_and_grads = spy  # type: ignore[method-assign]
+    for _ in range(5):
+        tr.step()
+    assert seen[0] is None and all(p is not None for p in seen[1:])
+
+
+def test_a_network_with_the_fused_calls_keeps_numpys_running_statistics(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three training passes through a float32 net, with the kernels and without: the
+    running averages agree to float32 rounding (the batch statistics are double sums)."""
+    X = np.random.default_rng(7).standard_normal((64, 30)).astype(F32) * 3 + 1
+    runs = []
+    for use_c in (True, False):
+        with monkeypatch.context() as m:
+            if not use_c:
+                m.setattr(kernels, "_C", None)
+            net = Network(NetConfig(d=30, hidden=(20, 20), dtype="float32"), rng=0)
+            for _ in range(3):
+                net.forward(X, train=True)
+            runs.append(net.stats)
+    for name, value in runs[0].items():
+        np.testing.assert_allclose(value, runs[1][name], rtol=1e-5, atol=1e-6)

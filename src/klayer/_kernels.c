@@ -111,6 +111,16 @@ KERNEL static void
 gather_standardize_impl(const uint8_t *restrict x, const int64_t *restrict ix, Py_ssize_t n, Py_ssize_t d,
                         const float *restrict sh, const float *restrict sc, float *restrict o)
 {
+    /* First one read of each row's first and last byte (its pages, a CIFAR row being
+     * under a page long): these independent loads walk the page tables of all the rows
+     * at once, where the conversion below would miss the TLB row after row (random rows
+     * of a memory-mapped file on 4 KB pages). volatile: the loads must happen. */
+    volatile uint8_t touched = 0;
+    for (Py_ssize_t i = 0; d > 0 && i < n; i++) {
+        const uint8_t *row = x + ix[i] * d;
+        touched ^= row[0];
+        touched ^= row[d - 1];
+    }
     for (Py_ssize_t i = 0; i < n; i++) {
         const uint8_t *row = x + ix[i] * d;
         float *orow = o + i * d;

@@ -278,11 +278,11 @@ def test_the_update_of_many_parameters_is_each_ones() -> None:
         np.testing.assert_array_equal(p, ref)
     before = [p.copy() for p in ps]
     with pytest.raises(ValueError, match="expected 16 bytes"):
-        kernels._C.sgd_many(ps, [*gs[:3], gs[3][:2]], 0.05, np.zeros(4), None)
+        kernels._C.sgd_many(ps, [*gs[:3], gs[3][:2]], 0.05, np.zeros(4))
     with pytest.raises(ValueError, match="4 parameters, 3 gradients"):
-        kernels._C.sgd_many(ps, gs[:3], 0.05, np.zeros(4), None)
+        kernels._C.sgd_many(ps, gs[:3], 0.05, np.zeros(4))
     with pytest.raises(ValueError, match="not C-contiguous"):
-        kernels._C.sgd_many([*ps[:3], ps[3][::2]], gs, 0.05, np.zeros(4), None)
+        kernels._C.sgd_many([*ps[:3], ps[3][::2]], gs, 0.05, np.zeros(4))
     for p, b in zip(ps, before, strict=True):
         np.testing.assert_array_equal(p, b)
     # not float32 C-contiguous throughout: the wrapper declines, the caller goes one by one

@@ -1,9 +1,9 @@
-"""What the C kernels do besides their main pass, so that a layer costs one call from
-Python: the bias and the running statistics in the batch-norm forward call, the bias
-gradient in its backward call, and the weights' sum of squares in the SGD update.
+"""What the batch-norm kernels do besides their main pass, so that a hidden layer costs
+one call from Python each way: the bias and the running statistics in the forward call,
+the bias gradient in the backward call.
 
-Each is checked against the NumPy code it stands for (``layers``, ``bnstats``,
-``losses.l2_penalty``); like tests/test_kernels.py, a missing build fails here.
+Each is checked against the NumPy code it stands for (``layers``, ``bnstats``); like
+tests/test_kernels.py, a missing build fails here.
 """
 
 from __future__ import annotations
@@ -15,12 +15,8 @@ import pytest
 
 from klayer import kernels
 from klayer.bnstats import running_rule, update_running
-from klayer.config import NetConfig, TrainConfig
-from klayer.data import make_synthetic
-from klayer.losses import l2_penalty
+from klayer.config import NetConfig
 from klayer.network import Network
-from klayer.optim import SGD
-from klayer.train import Trainer
 
 F32 = np.float32
 
@@ -106,68 +102,6 @@ def test_the_backward_call_sums_the_bias_gradient(shape: tuple[int, ...]) -> Non
     np.testing.assert_allclose(db, exact, rtol=0, atol=1e-6 * np.abs(ds).max())
     # under batch norm the bias gradient is zero but for rounding
     assert np.abs(db).max() < 1e-4 * np.abs(ds).sum(axis=-2).max()
-
-
-def test_the_update_sums_each_parameters_squares() -> None:
-    rng = np.random.default_rng(5)
-    shapes = [(3072, 50), (50,), (50, 10), (10,), (0, 3), (17, 3)]
-    ps = [rng.standard_normal(s).astype(F32) for s in shapes]
-    gs = [rng.standard_normal(s).astype(F32) for s in shapes]
-    l2s = [0.01, 0.0, 0.02, 0.0, 0.01, 0.0]
-    refs = [p.copy() for p in ps]
-    sq = np.full(len(ps), np.nan)
-    assert kernels.sgd_many(ps, gs, 0.05, l2s, sq)
-    assert kernels.sgd_many(refs, gs, 0.05, l2s)
-    for p, ref in zip(ps, refs, strict=True):
-        np.testing.assert_array_equal(p, ref)  # the sums change no update
-    exact = [float(np.sum(p.astype(np.float64) ** 2)) for p in ps]
-    np.testing.assert_allclose(sq, exact, rtol=1e-6)
-    assert sq[4] == 0.0
-    before = [p.copy() for p in ps]
-    for bad in (np.zeros(5), np.zeros(6, F32), np.zeros((6, 1))):
-        with pytest.raises(ValueError, match="sq must be"):
-            kernels.sgd_many(ps, gs, 0.05, l2s, bad)
-    with pytest.raises(ValueError, match="sq: expected 48 bytes"):
-        kernels._C.sgd_many(ps, gs, 0.05, np.array(l2s), np.zeros(5))
-    for p, b in zip(ps, before, strict=True):
-        np.testing.assert_array_equal(p, b)
-
-
-def test_sgd_leaves_the_weights_sum_of_squares_only_when_it_computed_it() -> None:
-    rng = np.random.default_rng(6)
-    params = {"W1": rng.standard_normal((20, 8)).astype(F32), "b1": np.zeros(8, F32),
-              "W2": rng.standard_normal((8, 3)).astype(F32)}
-    grads = {k: rng.standard_normal(v.shape).astype(F32) for k, v in params.items()}
-    opt = SGD()
-    opt.step(params, grads, 0.1, l2=0.01)
-    assert opt.sq_weights == pytest.approx(l2_penalty([params["W1"], params["W2"]], 1.0),
-                                           rel=1e-6)
-    opt.step(params, grads, 0.1)  # no L2 term: no penalty needed, none computed
-    assert opt.sq_weights is None
-    opt.step({k: v.astype(np.float64) for k, v in params.items()}, grads, 0.1, l2=0.01)
-    assert opt.sq_weights is None  # float64 goes through NumPy, one by one
-    opt.step(params, grads, 0.1, l2=0.01)
-    opt.load_state_dict(opt.state_dict())
-    assert opt.sq_weights is None  # restored state: the weights may be others
-
-
-def test_the_trainers_cost_uses_the_penalty_the_update_left() -> None:
-    data = make_synthetic(n_train=300, n_val=50, n_test=50, d=24, seed=0)
-    tr = Trainer(TrainConfig(hidden=(16, 16), lam=0.01, n_s=20, n_batch=30, seed=1), data)
-    seen: list[float | None] = []
-    real = tr.net.loss_and_grads
-
-    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
-        seen.append(kwargs.get("penalty"))
-        if kwargs.get("penalty") is not None:  # it is lambda times the weights' squares
-            assert kwargs["penalty"] == pytest.approx(l2_penalty(tr.net.weights(), 0.01),
-                                                      rel=1e-6)
-        return real(*args, **kwargs)
-
-    tr.net.loss_and_grads = spy  # type: ignore[method-assign]
-    for _ in range(5):
-        tr.step()
-    assert seen[0] is None and all(p is not None for p in seen[1:])
 
 
 def test_a_network_with_the_fused_calls_keeps_numpys_running_statistics(

@@ -546,39 +546,6 @@ sum4(const double *a, Py_ssize_t n)
     return (s[0] + s[1]) + (s[2] + s[3]);
 }
 
-#define SQ_CHUNK 1024  /* floats updated, then squared while still in L1 */
-#define LANES 16
-
-/* sum_j p[j]^2 over n <= SQ_CHUNK floats: float32 sums in 16 lanes (a loop the compiler
- * vectorizes without reordering any lane's additions), added up in double. As exact as
- * the float32 BLAS dot product of losses.l2_penalty, at a fraction of a double loop. */
-KERNEL static double
-chunk_squares(const float *restrict p, Py_ssize_t n)
-{
-    float lane[LANES] = {0.0f};
-    Py_ssize_t j = 0;
-    for (; j + LANES <= n; j += LANES)
-        for (int k = 0; k < LANES; k++) lane[k] += p[j + k] * p[j + k];
-    double s = 0.0;
-    for (; j < n; j++) s += (double)p[j] * p[j];
-    for (int k = 0; k < LANES; k++) s += lane[k];
-    return s;
-}
-
-/* sgd_l2_block over L floats, returning the sum of squares of the updated values: chunk
- * by chunk, so the squares are read from L1, not memory. */
-static double
-sgd_l2_sumsq(float *p, const float *g, float lr, float l2, Py_ssize_t L)
-{
-    double s = 0.0;
-    for (Py_ssize_t a = 0; a < L; a += SQ_CHUNK) {
-        Py_ssize_t len = L - a < SQ_CHUNK ? L - a : SQ_CHUNK;
-        sgd_l2_block(p + a, g + a, lr, l2, len);
-        s += chunk_squares(p + a, len);
-    }
-    return s;
-}
-
 /* The update of T stacked parameters, trial t with its own lr[t] and l2[t] (float64,
  * rounded to float32 as the lone update's are):
  *     p -= (float)lr[t] * (g + (float)l2[t] * p)      (optim.SGD with its L2 term)
@@ -663,21 +630,18 @@ done:
  * ps and gs are sequences of float32 buffers (pairwise of one length), l2s a buffer of
  * len(ps) float64s. Every buffer is acquired and checked before any is written, so a bad
  * argument raises and leaves all parameters as they were. Saves a Python call per
- * parameter (34 of them in the 9-layer net with batch norm). sq (None, or len(ps)
- * float64s, never overlapping a parameter) gets the sum of squares of each updated
- * parameter, taken in the same pass: with the weights, the next step's L2 penalty. */
+ * parameter (34 of them in the 9-layer net with batch norm). */
 static PyObject *
 sgd_many(PyObject *self, PyObject *args)
 {
-    PyObject *ps_obj, *gs_obj, *sq_obj, *ps = NULL, *gs = NULL;
-    Py_buffer l2, sq = {0}, *bufs = NULL;
+    PyObject *ps_obj, *gs_obj, *ps = NULL, *gs = NULL;
+    Py_buffer l2, *bufs = NULL;
     double lr;
-    if (!PyArg_ParseTuple(args, "OOdy*O", &ps_obj, &gs_obj, &lr, &l2, &sq_obj))
+    if (!PyArg_ParseTuple(args, "OOdy*", &ps_obj, &gs_obj, &lr, &l2))
         return NULL;
     PyObject *ret = NULL;
     Py_ssize_t n = 0, got = 0;
     double *l2s = NULL;
-    int want_sq = 0;
     /* tuples of our own: a list could be changed while its items' buffers are taken */
     if (!(ps = PySequence_Tuple(ps_obj)) || !(gs = PySequence_Tuple(gs_obj)))
         goto done;
@@ -693,13 +657,6 @@ sgd_many(PyObject *self, PyObject *args)
         goto done;
     }
     memcpy(l2s, l2.buf, (size_t)n * 8);  /* a private copy, as in sgd_l2_step */
-    if (sq_obj != Py_None) {
-        if (PyObject_GetBuffer(sq_obj, &sq, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
-            goto done;
-        want_sq = 1;
-        if (!check_len(&sq, n * 8, "sq"))
-            goto done;
-    }
     for (; got < n; got++) {
         Py_buffer *p = &bufs[2 * got], *g = &bufs[2 * got + 1];
         if (PyObject_GetBuffer(PyTuple_GET_ITEM(ps, got), p,
@@ -715,20 +672,12 @@ sgd_many(PyObject *self, PyObject *args)
         }
     }
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++) {
-        float *p = bufs[2 * i].buf;
-        const float *g = bufs[2 * i + 1].buf;
-        Py_ssize_t L = bufs[2 * i].len / 4;
-        if (want_sq)
-            ((double *)sq.buf)[i] = sgd_l2_sumsq(p, g, (float)lr, (float)l2s[i], L);
-        else
-            sgd_l2_block(p, g, (float)lr, (float)l2s[i], L);
-    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        sgd_l2_block(bufs[2 * i].buf, bufs[2 * i + 1].buf, (float)lr, (float)l2s[i],
+                     bufs[2 * i].len / 4);
     Py_END_ALLOW_THREADS
     ret = Py_NewRef(Py_None);
 done:
-    if (want_sq)
-        PyBuffer_Release(&sq);
     for (Py_ssize_t i = 0; i < got; i++) {
         PyBuffer_Release(&bufs[2 * i]);
         PyBuffer_Release(&bufs[2 * i + 1]);

@@ -13,8 +13,7 @@ compiler is there) does these parts of a step in one pass each:
 * ``softmax_cross_entropy``: the mean loss and dJ/dscores (``_stack``: of T networks);
 * ``add_scaled`` (the L2 term of a gradient), ``sgd_step`` (the update) and
   ``sgd_l2_step`` (both at once, for a weight matrix), ``sgd_many`` (the update of every
-  parameter of a network in one call, optionally summing their squares: the next
-  step's L2 penalty), and ``sgd_l2_steps`` (``sgd_l2_step`` for T
+  parameter of a network in one call), and ``sgd_l2_steps`` (``sgd_l2_step`` for T
   stacked trials, each with its own learning rate and L2 term, also returning each
   trial's sum of squares: the next step's penalty).
 
@@ -174,23 +173,17 @@ def sgd_l2_step(p: Array, g: Array, lr: float, l2: float, buf: Array | None = No
     p -= step
 
 
-def sgd_many(ps: list[Array], gs: list[Array], lr: float, l2s: list[float],
-             sq: np.ndarray | None = None) -> bool:
+def sgd_many(ps: list[Array], gs: list[Array], lr: float, l2s: list[float]) -> bool:
     """In place, for every i: ps[i] -= lr (gs[i] + l2s[i] ps[i]) (l2s[i] = 0: ps[i] -= lr
     gs[i]), as ``sgd_l2_step`` / ``sgd_step`` one by one, in one C call. Returns False,
     having done nothing, unless the kernels are built and every array is float32,
-    C-contiguous and shaped like its partner: the caller then updates one by one.
-    ``sq`` (len(ps),) float64, when given, gets each updated parameter's sum of squares
-    (in double), taken in the same pass."""
+    C-contiguous and shaped like its partner: the caller then updates one by one."""
     if len(ps) != len(gs) or len(ps) != len(l2s) or not enabled(*ps, *gs):
         return False
     for p, g in zip(ps, gs, strict=True):
         if p.shape != g.shape:
             return False
-    if sq is not None and (sq.dtype != np.float64 or sq.shape != (len(ps),)
-                           or not sq.flags.c_contiguous):
-        raise ValueError(f"sgd_many: sq must be a C-contiguous ({len(ps)},) float64 array")
-    _C.sgd_many(ps, gs, float(lr), np.array(l2s, np.float64), sq)
+    _C.sgd_many(ps, gs, float(lr), np.array(l2s, np.float64))
     return True
 
 

@@ -304,20 +304,17 @@ class Network:
         label_smoothing: float = 0.0,
         check: bool = True,
         grad_l2: bool = True,
-        penalty: float | None = None,
     ) -> tuple[float, float, dict[str, Array]]:
         """One training-mode pass: (loss, cost, gradients of the cost).
 
         With ``grad_l2=False`` the gradients leave out the L2 term 2 lambda W, for an
         optimizer that adds it itself (``Optimizer.step(..., l2=2 lambda)``).
-        ``penalty``: lambda sum_l ||W_l||^2 when the caller knows it already (the
-        optimizer summed the squares as it updated the weights), else computed here.
         """
         if check:
             X, y = self.check_inputs(X, y)
         scores, caches = self.forward(X, train=True, rng=rng)
         loss, dscores = training_loss(scores, y, label_smoothing)
-        cost = loss + (l2_penalty(self.weights(), lam) if penalty is None else penalty)
+        cost = loss + l2_penalty(self.weights(), lam)
         return loss, cost, self.backward(dscores, caches, lam if grad_l2 else 0.0)
 
     def cost(

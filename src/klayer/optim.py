@@ -53,9 +53,6 @@ class Optimizer:
         self.t = 0
         self.state: dict[str, dict[str, Array]] = {s: {} for s in self.slots}
         self._scratch: dict[str, Array] = {}
-        # sum_l ||W_l||^2 of the weights the last step left, when that step computed it
-        # on the way (SGD in C with an L2 term): the next step's L2 penalty over lambda
-        self.sq_weights: float | None = None
 
     def step(self, params: Params, grads: Params, lr: float, l2: float = 0.0) -> None:
         """Update every array in ``params`` in place from ``grads`` with learning rate lr.
@@ -67,7 +64,6 @@ class Optimizer:
         gradient arrays may or may not hold the term afterwards.
         """
         self.t += 1
-        self.sq_weights = None
         lr = float(lr)  # a NumPy float64 scalar would make float32 updates go via float64
         for name, p in params.items():
             if l2 and name.startswith("W"):
@@ -124,26 +120,18 @@ class Optimizer:
                                  f"{type(self).__name__}; slots: {', '.join(self.slots)}")
             state[slot][name] = np.array(value, copy=True)
         self.t, self.state = int(d["t"]), state
-        self.sq_weights = None  # the weights may change along with the state
 
 
 class SGD(Optimizer):
     """Plain gradient descent: p <- p - lr g."""
 
     def step(self, params: Params, grads: Params, lr: float, l2: float = 0.0) -> None:
-        """``Optimizer.step``; for float32 with the C kernels, every parameter in one call,
-        which with an L2 term also leaves the weights' sum of squares in ``sq_weights``."""
+        """``Optimizer.step``; for float32 with the C kernels, every parameter in one call."""
         names = list(params)
-        sq = np.empty(len(names)) if np.ndim(l2) == 0 and l2 else None
         if np.ndim(l2) == 0 and kernels.sgd_many(
                 [params[n] for n in names], [grads[n] for n in names], lr,
-                [float(l2) if n.startswith("W") else 0.0 for n in names], sq):
+                [float(l2) if n.startswith("W") else 0.0 for n in names]):
             self.t += 1
-            self.sq_weights = None
-            if sq is not None:  # summed as losses.l2_penalty sums, each matrix's in the dtype
-                with np.errstate(over="ignore"):  # (too large: inf, which reads as diverged)
-                    self.sq_weights = float(sum(s.astype(params[n].dtype) for n, s in
-                                                zip(names, sq, strict=True) if n.startswith("W")))
             return
         super().step(params, grads, lr, l2)
 

@@ -137,15 +137,11 @@ class Trainer:
                                    out=self._batch)
         self._batch = Xb  # the next step's mini-batch goes into the same memory
         Xb = _augment(Xb, data, cfg, self.aug_rng)
-        # the weights' sum of squares, when the last update left it (only this trainer
-        # changes the weights between steps): lambda times it is this step's L2 penalty
-        sq = self.opt.sq_weights
         with np.errstate(over="ignore", invalid="ignore"):  # a non-finite cost is checked next
             loss, cost, grads = net.loss_and_grads(Xb, data.train.y[idx], cfg.lam,
                                                    rng=self.dropout_rng,
                                                    label_smoothing=cfg.label_smoothing,
-                                                   check=False, grad_l2=False,
-                                                   penalty=None if sq is None else cfg.lam * sq)
+                                                   check=False, grad_l2=False)
         if not math.isfinite(cost):
             raise Diverged(f"the cost became {cost} at step {t}")
         lr = self.plan.lr(t)

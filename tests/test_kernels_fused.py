@@ -76,16 +76,34 @@ def test_bad_extras_raise_before_anything_is_written() -> None:
     s, b, gamma, beta = layer((10, 4))
     keep = s.copy()
     mu_av, var_av = np.zeros(4, F32), np.ones(4, F32)
-    rule = tuple(running_rule(NetConfig(d=4, hidden=(4,)), 10, False))
+    rule = running_rule(NetConfig(d=4, hidden=(4,)), 10, False)
     with pytest.raises(ValueError, match="mu_av: expected 16 bytes"):
         kernels.bn_relu_forward(s, gamma, beta, 1e-5, b=b, running=(mu_av[:3], var_av, *rule))
     with pytest.raises(ValueError, match="b: expected 16 bytes"):
         kernels.bn_relu_forward(s, gamma, beta, 1e-5, b=b[:2])
+    for bad in (b.astype(np.float64), np.zeros(8, F32)[::2], np.zeros(4, np.int32)):
+        with pytest.raises(TypeError, match="b must be a C-contiguous float32"):
+            kernels.bn_relu_forward(s, gamma, beta, 1e-5, b=bad)
+    with pytest.raises(TypeError, match="var_av must be a C-contiguous float32"):
+        kernels.bn_relu_forward(s, gamma, beta, 1e-5, running=(mu_av, np.ones(4), *rule))
+    C, out = kernels._C, [np.empty_like(s), np.empty_like(s)] + [np.empty(4, F32)] * 3
     with pytest.raises(TypeError, match="running must be a tuple"):
-        kernels.bn_relu_forward(s, gamma, beta, 1e-5, running=[mu_av, var_av, *rule])  # type: ignore[arg-type]
+        C.bn_relu_forward(s, 1, 10, 4, gamma, beta, 1e-5, *out, None, [mu_av, var_av, *rule])
+    with pytest.raises(TypeError):  # too short a tuple
+        C.bn_relu_forward(s, 1, 10, 4, gamma, beta, 1e-5, *out, None, (mu_av, var_av))
+    var_av.flags.writeable = False
+    with pytest.raises(TypeError, match="read-write"):
+        C.bn_relu_forward(s, 1, 10, 4, gamma, beta, 1e-5, *out, b, (mu_av, var_av, *rule))
+    var_av.flags.writeable = True
     np.testing.assert_array_equal(s, keep)
     np.testing.assert_array_equal(mu_av, 0)
     np.testing.assert_array_equal(var_av, 1)
+    # s is written only when a bias is to be added: a read-only s is fine without one
+    s.flags.writeable = False
+    kernels.bn_relu_forward(s, gamma, beta, 1e-5)
+    with pytest.raises(ValueError, match="read-only"):
+        kernels.bn_relu_forward(s, gamma, beta, 1e-5, b=b)
+    np.testing.assert_array_equal(s, keep)
 
 
 @pytest.mark.parametrize("shape", [(100, 50), (3, 40, 9)])
@@ -98,25 +116,78 @@ def test_the_backward_call_sums_the_bias_gradient(shape: tuple[int, ...]) -> Non
     assert plain[3] is None and db is not None and db.dtype == F32
     for got, want in zip((ds, dgamma, dbeta), plain[:3], strict=True):
         np.testing.assert_array_equal(got, want)  # the extra sum changes nothing else
-    exact = ds.astype(np.float64).sum(axis=-2)
-    np.testing.assert_allclose(db, exact, rtol=0, atol=1e-6 * np.abs(ds).max())
-    # under batch norm the bias gradient is zero but for rounding
+    # a double sum rounded once: equal to float64 NumPy's to float32 precision. (Under
+    # batch norm the exact value is itself rounding noise, so no absolute tolerance.)
+    np.testing.assert_allclose(db, ds.astype(np.float64).sum(axis=-2), rtol=1e-6, atol=0)
     assert np.abs(db).max() < 1e-4 * np.abs(ds).sum(axis=-2).max()
+    if ds.ndim == 3:  # a stack: each layer's own sums
+        for t in range(len(ds)):
+            one = kernels.bn_relu_backward(dh[t], y[t], x_hat[t], inv_std[t], gamma[t],
+                                           want_db=True)
+            for got, want in zip((ds, dgamma, dbeta, db), one, strict=True):
+                assert want is not None
+                np.testing.assert_array_equal(got[t], want)
 
 
-def test_a_network_with_the_fused_calls_keeps_numpys_running_statistics(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Three training passes through a float32 net, with the kernels and without: the
-    running averages agree to float32 rounding (the batch statistics are double sums)."""
-    X = np.random.default_rng(7).standard_normal((64, 30)).astype(F32) * 3 + 1
+def biased_net(convention: str = "assignment") -> Network:
+    """A float32 net whose biases are not zero (a fresh net's are, hiding a lost bias)."""
+    net = Network(NetConfig(d=30, hidden=(20, 20), dtype="float32", bn_convention=convention),
+                  rng=0)
+    rng = np.random.default_rng(8)
+    for name, p in net.params.items():
+        if name.startswith("b"):
+            p[...] = rng.normal(0, 3, p.shape)
+    return net
+
+
+@pytest.mark.parametrize("convention", ["assignment", "pytorch"])
+def test_a_network_with_the_fused_calls_computes_what_numpy_does(
+        convention: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three training passes and a PreciseBN pass through a float32 net with non-zero
+    biases, with the kernels and without: running averages, the PreciseBN sink, the
+    evaluation scores and the gradients agree to float32 rounding (the kernels' batch
+    statistics are double sums)."""
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((64, 30)).astype(F32) * 3 + 1
+    y = rng.integers(0, 10, 64)
     runs = []
     for use_c in (True, False):
         with monkeypatch.context() as m:
             if not use_c:
                 m.setattr(kernels, "_C", None)
-            net = Network(NetConfig(d=30, hidden=(20, 20), dtype="float32"), rng=0)
+            net = biased_net(convention)
             for _ in range(3):
                 net.forward(X, train=True)
-            runs.append(net.stats)
-    for name, value in runs[0].items():
-        np.testing.assert_allclose(value, runs[1][name], rtol=1e-5, atol=1e-6)
+            sink: list[tuple[int, np.ndarray, np.ndarray]] = []
+            net.forward(X[:40], train=True, update_stats=False, stats_sink=sink)
+            _, _, grads = net.loss_and_grads(X, y, lam=0.01)
+            runs.append((dict(net.stats), sink, net.scores(X), grads))
+    (stats, sink, scores, grads), (ref_stats, ref_sink, ref_scores, ref_grads) = runs
+    for name, value in stats.items():
+        np.testing.assert_allclose(value, ref_stats[name], rtol=1e-5, atol=1e-6)
+    for (l, mu, var), (l_ref, mu_ref, var_ref) in zip(sink, ref_sink, strict=True):
+        assert l == l_ref
+        np.testing.assert_allclose(mu, mu_ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(var, var_ref, rtol=1e-5)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-4, atol=1e-4)
+    top = max(np.abs(g).max() for g in ref_grads.values())
+    for name, g in grads.items():
+        np.testing.assert_allclose(g, ref_grads[name], rtol=0, atol=1e-4 * top)
+
+
+def test_a_bias_the_kernel_cannot_take_goes_through_numpy() -> None:
+    """A float32 net whose bias was replaced by another dtype or a strided view trains
+    as the NumPy code would, instead of failing or reading the bias's bits as floats."""
+    X = np.random.default_rng(9).standard_normal((32, 30)).astype(F32)
+    ref = biased_net()
+    ref.forward(X, train=True)
+    for bias in (lambda b: b.astype(np.float64), lambda b: np.repeat(b, 2)[::2],
+                 lambda b: np.rint(b).astype(np.int32)):
+        net = biased_net()
+        net.params["b1"] = bias(net.params["b1"])
+        want = biased_net()
+        want.params["b1"] = net.params["b1"].astype(F32)  # the same values, as float32
+        net.forward(X, train=True)
+        want.forward(X, train=True)
+        for name, value in net.stats.items():
+            np.testing.assert_allclose(value, want.stats[name], rtol=1e-5, atol=1e-6)

@@ -1,16 +1,18 @@
 /* Fused float32 kernels for klayer's training step (optional; NumPy is the reference).
  *
  * Each kernel does in one pass over memory what the NumPy code in layers.py,
- * losses.py, data.py and optim.py does in several calls; the formulas are those, and
- * tests/test_kernels.py checks every kernel against them. klayer/kernels.py is the
+ * losses.py, data.py, bnstats.py and optim.py does in several calls; the formulas are
+ * those, and the tests check every kernel against them. klayer/kernels.py is the
  * only caller: it checks dtypes, shapes and contiguity, and falls back to NumPy when
  * this module is absent. Arrays arrive through the buffer protocol (rows are
  * examples, C order); each kernel re-checks the byte lengths it is given, so a wrong
  * call raises instead of touching memory it does not own.
  *
  * Build flags keep float32 arithmetic as NumPy's (no FMA contraction), so
- * gather_standardize, add_scaled and sgd_l2_step are bit-identical to their NumPy
- * twins; the reductions (batch-norm statistics, softmax) accumulate in double.
+ * gather_standardize, add_scaled, sgd_l2_step, the bias added in bn_relu_forward and
+ * its running-average update are bit-identical to their NumPy twins; the reductions
+ * (batch-norm statistics, the bias gradient, softmax) accumulate in double.
+ * tests/test_kernels.py and tests/test_kernels_fused.py hold them to that.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -274,21 +276,26 @@ bn_extras_release(BNExtras *e)
 static PyObject *
 bn_relu_forward(PyObject *self, PyObject *args)
 {
-    Py_buffer s, gamma, beta, x_hat, y, mu, var, inv_std;
+    Py_buffer s = {0}, gamma, beta, x_hat, y, mu, var, inv_std;
     Py_ssize_t T, n, m;
     double eps;
-    PyObject *b_obj, *running_obj;
+    PyObject *s_obj, *b_obj, *running_obj;
     BNExtras e;
-    if (!PyArg_ParseTuple(args, "w*nnny*y*dw*w*w*w*w*OO", &s, &T, &n, &m, &gamma, &beta, &eps,
-                          &x_hat, &y, &mu, &var, &inv_std, &b_obj, &running_obj))
+    if (!PyArg_ParseTuple(args, "Onnny*y*dw*w*w*w*w*OO", &s_obj, &T, &n, &m, &gamma, &beta,
+                          &eps, &x_hat, &y, &mu, &var, &inv_std, &b_obj, &running_obj))
         return NULL;
     PyObject *ret = NULL;
     double *acc = NULL;
     Py_ssize_t nm, m4;
+    int have_s = 0;
     memset(&e, 0, sizeof(e));
     if (!bytes_of(T, n, m, 4, &nm) || !bytes_of(T, m, 1, 4, &m4) ||
         !bn_extras_get(&e, b_obj, running_obj, m4))
         goto done;
+    /* s is written (s += b) only when a bias is given */
+    if (PyObject_GetBuffer(s_obj, &s, PyBUF_C_CONTIGUOUS | (e.has_b ? PyBUF_WRITABLE : 0)) < 0)
+        goto done;
+    have_s = 1;
     if (n < 1) {
         PyErr_SetString(PyExc_ValueError, "batch norm needs at least one row");
         goto done;
@@ -320,7 +327,9 @@ bn_relu_forward(PyObject *self, PyObject *args)
 done:
     free(acc);
     bn_extras_release(&e);
-    PyBuffer_Release(&s); PyBuffer_Release(&gamma); PyBuffer_Release(&beta);
+    if (have_s)
+        PyBuffer_Release(&s);
+    PyBuffer_Release(&gamma); PyBuffer_Release(&beta);
     PyBuffer_Release(&x_hat); PyBuffer_Release(&y); PyBuffer_Release(&mu);
     PyBuffer_Release(&var); PyBuffer_Release(&inv_std);
     return ret;

@@ -37,7 +37,7 @@ def running_rule(config: NetConfig, n: int, first: bool) -> RunningRule:
     The C kernel (``kernels.bn_relu_forward(running=...)``) applies the same rule."""
     alpha = float(config.bn_alpha)
     if config.bn_convention == "pytorch":  # torch stores the unbiased variance
-        return RunningRule(False, alpha, 1 - alpha, n / max(n - 1, 1))
+        return RunningRule(False, alpha, 1 - alpha, float(n / max(n - 1, 1)))
     return RunningRule(first, alpha, 1 - alpha, 1.0)  # assignment: start from the first batch
 
 

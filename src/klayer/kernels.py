@@ -17,13 +17,13 @@ compiler is there) does these parts of a step in one pass each:
   stacked trials, each with its own learning rate and L2 term, also returning each
   trial's sum of squares: the next step's penalty).
 
-The NumPy code in ``layers``, ``losses``, ``data`` and ``optim`` stays the reference:
-it is what float64 (gradient checks) and every other configuration run, and
-tests/test_kernels.py checks each kernel against it. The kernels are used only for
-float32, C-contiguous arrays: callers ask ``enabled`` first, except for ``add_scaled``,
-``sgd_step``, ``sgd_l2_step`` and ``sgd_l2_steps``, which fall back to NumPy themselves,
-and ``sgd_many``, which says when the caller must. Set ``KLAYER_KERNELS=numpy`` (before
-klayer is imported) to run the NumPy code everywhere.
+The NumPy code in ``layers``, ``losses``, ``data``, ``bnstats`` and ``optim`` stays the
+reference: it is what float64 (gradient checks) and every other configuration run, and
+tests/test_kernels.py and tests/test_kernels_fused.py check each kernel against it. The
+kernels are used only for float32, C-contiguous arrays: callers ask ``enabled`` first,
+except for ``add_scaled``, ``sgd_step``, ``sgd_l2_step`` and ``sgd_l2_steps``, which fall
+back to NumPy themselves, and ``sgd_many``, which says when the caller must. Set
+``KLAYER_KERNELS=numpy`` (before klayer is imported) to run the NumPy code everywhere.
 """
 
 from __future__ import annotations
@@ -96,8 +96,14 @@ def bn_relu_forward(
     In the same call, so a layer costs one call from Python: with a bias ``b`` (m,),
     s += b first, in place (the linear map's "+ b"); with ``running`` = (mu_av, var_av,
     *``bnstats.running_rule``*), the running averages are updated in place, rounded as
-    ``bnstats.update_running`` rounds them.
+    ``bnstats.update_running`` rounds them. b, mu_av and var_av must be float32 and
+    C-contiguous (TypeError otherwise) and share no memory with s or each other.
     """
+    for name, a in (("b", b), *(() if running is None else (("mu_av", running[0]),
+                                                           ("var_av", running[1])))):
+        if a is not None and not enabled(a):
+            raise TypeError(f"bn_relu_forward: {name} must be a C-contiguous float32 array, "
+                            f"got {a.dtype}")
     *T, n, m = s.shape
     y, x_hat = np.empty_like(s), np.empty_like(s)
     mu, var, inv_std = (np.empty((*T, m), F32) for _ in range(3))

@@ -215,7 +215,8 @@ class Network:
         if not train:
             y = batchnorm_forward_eval(s, gamma, beta, mu_av, var_av, eps)
             return (relu_forward(y) if relu else y), None
-        if relu and kernels.enabled(s, gamma, beta, mu_av, var_av):
+        if relu and kernels.enabled(s, gamma, beta, mu_av, var_av,
+                                    *(() if bias is None else (bias,))):
             rule = running_rule(self.config, n, first=self.bn_updates == 0)
             y, x_hat, inv_std, mu, var = kernels.bn_relu_forward(
                 s, gamma, beta, eps, bias, (mu_av, var_av, *rule) if update_stats else None)

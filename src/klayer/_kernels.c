@@ -11,7 +11,8 @@
  * Build flags keep float32 arithmetic as NumPy's (no FMA contraction), so
  * gather_standardize, add_scaled, sgd_l2_step, the bias added in bn_relu_forward and
  * its running-average update are bit-identical to their NumPy twins; the reductions
- * (batch-norm statistics, the bias gradient, softmax) accumulate in double.
+ * (batch-norm statistics, softmax) accumulate in double, except the bias gradient,
+ * which adds in float32 row by row as NumPy's sum over rows does.
  * tests/test_kernels.py and tests/test_kernels_fused.py hold them to that.
  */
 #define PY_SSIZE_T_CLEAN
@@ -338,8 +339,9 @@ done:
 /* Backward of bn_relu_forward (relu_backward then layers.batchnorm_backward):
  * dy = dh * 1[y > 0], dbeta = sum_i dy_i, dgamma = sum_i dy_i x_hat_i (double sums),
  * ds = (n dy - dbeta - x_hat dgamma) * (gamma inv_std / n).   All (n, m) or (m,).
- * With db (m,), also db = sum_i ds_i (the bias gradient of the linear map before;
- * a double sum, so equal to NumPy's float32 sum to rounding). acc holds 3 m doubles. */
+ * With db (m,), also db = sum_i ds_i (the bias gradient of the linear map before),
+ * added in float32 row after row: NumPy's ds.sum(axis=0) for m >= 2, bit for bit (for
+ * m == 1 NumPy sums pairwise; kernels.py leaves that case to it). acc holds 2 m doubles. */
 KERNEL static void
 bn_relu_backward_impl(const float *restrict dh, const float *restrict y, const float *restrict x_hat,
                       const float *restrict inv_std, const float *restrict gamma, Py_ssize_t n, Py_ssize_t m,
@@ -368,11 +370,9 @@ bn_relu_backward_impl(const float *restrict dh, const float *restrict y, const f
         }
     if (!db)
         return;
-    double *asum = acc + 2 * m;
-    for (Py_ssize_t j = 0; j < m; j++) asum[j] = 0.0;
+    for (Py_ssize_t j = 0; j < m; j++) db[j] = 0.0f;  /* from 0, as NumPy (-0 sums to +0) */
     for (Py_ssize_t i = 0; i < n; i++)
-        for (Py_ssize_t j = 0; j < m; j++) asum[j] += ds[i * m + j];
-    for (Py_ssize_t j = 0; j < m; j++) db[j] = (float)asum[j];
+        for (Py_ssize_t j = 0; j < m; j++) db[j] += ds[i * m + j];
 }
 
 static PyObject *
@@ -402,7 +402,7 @@ bn_relu_backward(PyObject *self, PyObject *args)
         !check_len(&gamma, m4, "gamma") || !check_len(&ds, nm, "ds") ||
         !check_len(&dgamma, m4, "dgamma") || !check_len(&dbeta, m4, "dbeta"))
         goto done;
-    if (!(acc = malloc(sizeof(double) * (size_t)(m > 0 ? 3 * m : 1)))) {
+    if (!(acc = malloc(sizeof(double) * (size_t)(m > 0 ? 2 * m : 1)))) {
         PyErr_NoMemory();
         goto done;
     }

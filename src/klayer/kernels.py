@@ -118,14 +118,18 @@ def bn_relu_backward(
     """Gradients (ds, dgamma, dbeta, db) of ``bn_relu_forward`` given dh = dJ/dy ((T,) n, m).
 
     With ``want_db``, db = sum_i ds_i, the bias gradient of the linear map that feeds the
-    layer, summed in the same call (in double); else db is None.
+    layer, bit-identical to NumPy's ``ds.sum(axis=-2)`` (summed in the same call, row
+    after row in float32, as NumPy sums over rows; a single column NumPy sums pairwise,
+    so that case is left to it); else db is None.
     """
     *T, n, m = dh.shape
     ds = np.empty_like(dh)
     dgamma, dbeta = np.empty((*T, m), F32), np.empty((*T, m), F32)
-    db = np.empty((*T, m), F32) if want_db else None
+    db = np.empty((*T, m), F32) if want_db and m > 1 else None
     _C.bn_relu_backward(dh, y, x_hat, inv_std, gamma, T[0] if T else 1, n, m, ds, dgamma,
                         dbeta, db)
+    if want_db and db is None:
+        db = ds.sum(axis=-2)
     return ds, dgamma, dbeta, db
 
 

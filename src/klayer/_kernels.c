@@ -546,15 +546,6 @@ add_squares(double *restrict acc, const float *restrict p, Py_ssize_t n)
     for (Py_ssize_t j = 0; j < n; j++) acc[j] += (double)p[j] * p[j];
 }
 
-/* sum_j a[j] in four chains of additions (a different order from one running sum). */
-static double
-sum4(const double *a, Py_ssize_t n)
-{
-    double s[4] = {0.0, 0.0, 0.0, 0.0};
-    for (Py_ssize_t j = 0; j < n; j++) s[j % 4] += a[j];
-    return (s[0] + s[1]) + (s[2] + s[3]);
-}
-
 /* The update of T stacked parameters, trial t with its own lr[t] and l2[t] (float64,
  * rounded to float32 as the lone update's are):
  *     p -= (float)lr[t] * (g + (float)l2[t] * p)      (optim.SGD with its L2 term)
@@ -619,8 +610,11 @@ sgd_l2_step(PyObject *self, PyObject *args)
     }
     if (want_sq) {
         double *out = sq.buf;
-        for (Py_ssize_t t = 0; t < T; t++)
-            out[t] = acc ? sum4(acc + t * L, L) : 0.0;
+        for (Py_ssize_t t = 0; t < T; t++) {
+            double s[4] = {0.0, 0.0, 0.0, 0.0};  /* four chains of additions, not one */
+            for (Py_ssize_t j = 0; acc && j < L; j++) s[j % 4] += acc[t * L + j];
+            out[t] = (s[0] + s[1]) + (s[2] + s[3]);
+        }
     }
     Py_END_ALLOW_THREADS
     ret = Py_NewRef(Py_None);

@@ -99,8 +99,9 @@ def bn_relu_forward(
     ``bnstats.update_running`` rounds them. b, mu_av and var_av must be float32 and
     C-contiguous (TypeError otherwise) and share no memory with s or each other.
     """
-    for name, a in (("b", b), *(() if running is None else (("mu_av", running[0]),
-                                                           ("var_av", running[1])))):
+    extras = {"b": b} if running is None else {"b": b, "mu_av": running[0],
+                                               "var_av": running[1]}
+    for name, a in extras.items():  # the C code reads their bytes as float32
         if a is not None and not enabled(a):
             raise TypeError(f"bn_relu_forward: {name} must be a C-contiguous float32 array, "
                             f"got {a.dtype}")

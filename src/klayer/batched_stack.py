@@ -211,6 +211,7 @@ class Stack:
         dh = self._linear_backward(dscores, caches[-1].x, k, X, grads)
         for l in range(k - 1, 0, -1):
             c = caches[l - 1]
+            db: Array | None = None  # the bias gradient, when the fused kernel sums it
             assert dh is not None and c.relu_out is not None
             if l in pending:
                 dh = dh + pending.pop(l)
@@ -220,13 +221,13 @@ class Stack:
                 ds = dh * (c.relu_out > 0)
             elif cfg.bn_position == "before":
                 assert c.bn is not None
-                ds = self._bn_relu_backward(dh, c.relu_out, c.bn, l, grads)
+                ds, db = self._bn_relu_backward(dh, c.relu_out, c.bn, l, grads)
             else:
                 assert c.bn is not None
                 ds = self._bn_backward(dh, c.bn, l, grads) * (c.relu_out > 0)
             if l in self.skips:
                 pending[self.skips[l]] = ds
-            dh = self._linear_backward(ds, c.x, l, X, grads)
+            dh = self._linear_backward(ds, c.x, l, X, grads, db)
         return {name: grads[name] for name in p}
 
     def scratch(self, name: str, slot: str = "") -> Array:
@@ -239,7 +240,9 @@ class Stack:
         return buf
 
     def _linear_backward(self, ds: Array, x: Array, l: int, X: Array,
-                         grads: dict[str, Array]) -> Array | None:
+                         grads: dict[str, Array], db: Array | None = None) -> Array | None:
+        """Gradients of layer l's linear map into ``grads`` (db: the bias gradient when
+        the caller has it already); returns dJ/dx (None for the first layer)."""
         if l == 1:
             n = ds.shape[1]
             ds_wide = ds.transpose(1, 0, 2).reshape(n, -1)  # (n, T m_1)
@@ -247,21 +250,19 @@ class Stack:
             grads["W1"] = np.matmul(X.T, ds_wide, out=self.scratch("W1", "grad/"))
         else:
             grads[f"W{l}"] = np.matmul(x.transpose(0, 2, 1), ds)
-        if f"b{l}" not in grads:  # (the fused batch-norm backward may have summed it)
-            grads[f"b{l}"] = ds.sum(axis=1)
+        grads[f"b{l}"] = ds.sum(axis=1) if db is None else db
         return None if l == 1 else np.matmul(ds, self.params[f"W{l}"].transpose(0, 2, 1))
 
     def _bn_relu_backward(self, dh: Array, relu_out: Array, cache: tuple[Array, Array],
-                          l: int, grads: dict[str, Array]) -> Array:
-        """Backward through ReLU then batch norm of layer l (fused in C where it can be)."""
+                          l: int, grads: dict[str, Array]) -> tuple[Array, Array | None]:
+        """Backward through ReLU then batch norm of layer l: ds and, from the fused C
+        kernel, the bias gradient of the linear map before (None from the NumPy code)."""
         gamma = self.params[f"gamma{l}"]
         if kernels.enabled(dh, relu_out, *cache, gamma):
             ds, grads[f"gamma{l}"], grads[f"beta{l}"], db = kernels.bn_relu_backward(
                 dh, relu_out, *cache, gamma, want_db=True)
-            assert db is not None
-            grads[f"b{l}"] = db  # summed in the same call: _linear_backward keeps it
-            return ds
-        return self._bn_backward(dh * (relu_out > 0), cache, l, grads)
+            return ds, db
+        return self._bn_backward(dh * (relu_out > 0), cache, l, grads), None
 
     def _bn_backward(self, dy: Array, cache: tuple[Array, Array], l: int,
                      grads: dict[str, Array]) -> Array:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from pathlib import Path
 
 
@@ -68,3 +69,27 @@ def trial_configs(trials: int, n_s: int, cycles: float):  # type: ignore[no-unty
     return [TrainConfig(**{**base.__dict__, "lam": float(lam), "eta_max": float(eta),
                            "seed": trial_seed(0, i)})
             for i, (lam, eta) in enumerate(zip(lams, etas, strict=True))]
+
+
+def time_matmul(a, b, iters: int) -> float:  # type: ignore[no-untyped-def]
+    """Seconds per ``a @ b`` (into a preallocated output), after a short warm-up."""
+    import numpy as np
+
+    out = np.empty((a.shape[0], b.shape[1]), dtype=np.float32)
+    for _ in range(max(1, iters // 10)):
+        np.matmul(a, b, out=out)
+    start = time.perf_counter()
+    for _ in range(iters):
+        np.matmul(a, b, out=out)
+    return (time.perf_counter() - start) / iters
+
+
+def sgemm_peak(size: int = 2048, iters: int = 20) -> float:
+    """The machine's float32 matrix-product rate in FLOP/s: a large square product
+    (``size``^3, random data), which BLAS runs at its best."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((size, size), dtype=np.float32)
+    B = rng.standard_normal((size, size), dtype=np.float32)
+    return 2 * size**3 / time_matmul(A, B, iters)

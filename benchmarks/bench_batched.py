@@ -21,6 +21,15 @@ eta_max are trained three ways, each in a fresh process with the same BLAS threa
 So ``sequential`` and ``batched`` produce the same results per trial (curve and final
 accuracies); ``sequential-steps`` shows the cost of the curves.
 
+Each round also times a large float32 square product in a fresh process at the same
+thread count (the machine's sgemm peak, as in bench_flops.py). Every trial, alone or
+batched, must do its own first-layer products: 2 x 100 rows per step (the forward
+s = x W and dW = x^T dS; the first layer needs no dx), plus one row per image of each
+validation curve point and of the final train / val / test evaluation, each row
+2 x 3072 x m1 FLOPs. Those FLOPs at the peak rate are a floor under any batched run's
+time, so ``sequential`` seconds over that floor is a ceiling on the batched speed-up
+on this machine, whatever the code does.
+
 The modes alternate over ``--repeats`` rounds; the median wall time of each gives its
 trials per hour and the ratio to ``sequential``.
 """
@@ -37,9 +46,21 @@ import sys
 import time
 
 # benchmarks/ is on sys.path when run as a script
-from _common import trial_configs
+from _common import sgemm_peak, trial_configs
 
 MODES = ("sequential", "sequential-steps", "batched")
+
+
+def first_layer_flops(cfg, data) -> int:  # type: ignore[no-untyped-def]
+    """FLOPs of the first layer's products that one trial needs in any mode: its update
+    steps, the validation curve points before the last step and the final evaluation."""
+    from klayer.train import make_plan
+
+    n_train, n_val, n_test = len(data.train.y), len(data.val.y), len(data.test.y)
+    plan = make_plan(cfg, n_train)
+    curve = len(range(0, plan.total_steps, plan.eval_every))
+    rows = 2 * plan.total_steps * cfg.n_batch + curve * n_val + n_train + n_val + n_test
+    return 2 * data.train.X.shape[1] * cfg.hidden[0] * rows
 
 
 def load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -68,6 +89,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(args.threads)
+    if args.mode == "peak":
+        return {"flops_per_second": sgemm_peak()}
     from klayer import train
     from klayer.batched import BatchedTrainer
     from klayer.search import evaluate_trained
@@ -91,7 +114,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         nets = [n for n in bt.run() if n is not None]
         val = [r["val_accuracy"] for r in evaluate_trained(nets, cfgs, data)]
     return {"seconds": time.perf_counter() - start, "val_accuracy": val,
-            "steps": train.make_plan(cfgs[0], len(data.train.y)).total_steps}
+            "steps": train.make_plan(cfgs[0], len(data.train.y)).total_steps,
+            "first_layer_flops": sum(first_layer_flops(c, data) for c in cfgs)}
 
 
 def main() -> None:
@@ -114,9 +138,10 @@ def main() -> None:
                             ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}}
     times: dict[str, list[float]] = {m: [] for m in modes}
     vals: dict[str, list[float]] = {}
-    steps = 0
+    peaks: list[float] = []
+    steps = flops = 0
     for r in range(args.repeats):
-        for mode in modes:
+        for mode in [*modes, "peak"]:
             cmd = [sys.executable, __file__, "--mode", mode, "--trials", str(args.trials),
                    "--n-s", str(args.n_s), "--cycles", str(args.cycles),
                    "--threads", str(args.threads)]
@@ -124,8 +149,12 @@ def main() -> None:
                 cmd += ["--data-dir", args.data_dir]
             out = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True,
                                             text=True).stdout.strip().splitlines()[-1])
+            if mode == "peak":
+                peaks.append(out["flops_per_second"])
+                print(f"round {r + 1}: sgemm peak {peaks[-1] / 1e9:12.1f} GFLOP/s", flush=True)
+                continue
             times[mode].append(out["seconds"])
-            vals[mode], steps = out["val_accuracy"], out["steps"]
+            vals[mode], steps, flops = out["val_accuracy"], out["steps"], out["first_layer_flops"]
             print(f"round {r + 1}: {mode:<17} {out['seconds']:7.1f} s", flush=True)
     print(f"\n{args.trials} trials of {steps} steps each, {args.threads} BLAS thread(s), "
           f"{'CIFAR-10' if args.data_dir else 'random data'}; median of {args.repeats}")
@@ -141,12 +170,21 @@ def main() -> None:
         print(f"{mode:<18}{sec:>9.1f}{per_hour:>13.0f}{ratio:>15}{mean_val:>14.2%}")
         result[mode] = {"seconds": times[mode], "median_seconds": sec,
                         "trials_per_hour": per_hour, "val_accuracy": vals[mode]}
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+    peak = statistics.median(peaks)
+    floor = flops / peak
+    print(f"\nsgemm peak {peak / 1e9:.1f} GFLOP/s; the trials' first-layer products "
+          f"({flops / 1e9:.0f} GFLOP) take at least {floor:.1f} s at that rate")
+    ceiling = ref / floor if ref else None
+    if ceiling:
+        print(f"ceiling on the batched speed-up over sequential on this machine: {ceiling:.2f}x")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
           f"Python {platform.python_version()}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"trials": args.trials, "steps": steps, "threads": args.threads,
-                       "modes": result}, f, indent=2)
+                       "modes": result, "sgemm_peak_flops": peaks,
+                       "first_layer_flops": flops, "floor_seconds": floor,
+                       "ceiling_vs_sequential": ceiling}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 # benchmarks/ is on sys.path when run as a script
-from _common import machine, thread_env, training_data
+from _common import machine, sgemm_peak, thread_env, time_matmul, training_data
 
 N_BATCH, D_IN, M1 = 100, 3072, 50
 TARGET = 0.40
@@ -47,19 +47,6 @@ def step_flops(widths: list[tuple[int, int]], n: int) -> int:
     """FLOPs of the matrix products of one training step (forward, dW, dx but the first)."""
     return sum(2 * n * d_in * d_out * (3 if l > 1 else 2)
                for l, (d_in, d_out) in enumerate(widths, start=1))
-
-
-def time_matmul(a, b, iters: int) -> float:  # type: ignore[no-untyped-def]
-    """Seconds per ``a @ b`` (into a preallocated output), after a short warm-up."""
-    import numpy as np
-
-    out = np.empty((a.shape[0], b.shape[1]), dtype=np.float32)
-    for _ in range(max(1, iters // 10)):
-        np.matmul(a, b, out=out)
-    start = time.perf_counter()
-    for _ in range(iters):
-        np.matmul(a, b, out=out)
-    return (time.perf_counter() - start) / iters
 
 
 def run_sgemm(args: argparse.Namespace) -> dict[str, float]:
@@ -72,12 +59,9 @@ def run_sgemm(args: argparse.Namespace) -> dict[str, float]:
     flops = 2 * N_BATCH * D_IN * M1  # each of the two products
     t_fwd = time_matmul(x, W, args.gemm_iters)
     t_bwd = time_matmul(x.T, dS, args.gemm_iters)
-    p = args.peak_size
-    A = rng.standard_normal((p, p), dtype=np.float32)
-    B = rng.standard_normal((p, p), dtype=np.float32)
-    t_peak = time_matmul(A, B, args.peak_iters)
     return {"forward": flops / t_fwd / 1e9, "backward": flops / t_bwd / 1e9,
-            "first_layer": 2 * flops / (t_fwd + t_bwd) / 1e9, "peak": 2 * p**3 / t_peak / 1e9}
+            "first_layer": 2 * flops / (t_fwd + t_bwd) / 1e9,
+            "peak": sgemm_peak(args.peak_size, args.peak_iters) / 1e9}
 
 
 def run_klayer(args: argparse.Namespace, hidden: tuple[int, ...]) -> dict[str, float]:

@@ -87,16 +87,12 @@ class Stack:
     def networks(self) -> list[Network]:
         """The T networks, as separate ``Network`` objects (copies)."""
         d, m1 = self.widths[0], self.widths[1]
-        nets = []
-        for i in range(self.T):
-            net = Network(self.config, rng=0)
-            for name, p in self.params.items():
-                net.params[name] = np.array(p.reshape(d, self.T, m1)[:, i, :] if name == "W1"
-                                            else p[i])
-            net.stats = {k: np.array(v[i]) for k, v in self.stats.items()}
-            net.bn_updates = self.bn_updates
-            nets.append(net)
-        return nets
+        return [Network.from_arrays(
+                    self.config,
+                    {name: np.array(p.reshape(d, self.T, m1)[:, i, :] if name == "W1" else p[i])
+                     for name, p in self.params.items()},
+                    {k: np.array(v[i]) for k, v in self.stats.items()}, self.bn_updates)
+                for i in range(self.T)]
 
     # --- forward ------------------------------------------------------------
 

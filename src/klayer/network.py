@@ -118,18 +118,25 @@ class Network:
             p[...] = theta[offset : offset + size].reshape(p.shape)
             offset += size
 
+    @classmethod
+    def from_arrays(cls, config: NetConfig, params: dict[str, Array], stats: dict[str, Array],
+                    bn_updates: int = 0) -> Network:
+        """A network holding these arrays (not copied), without drawing initial weights;
+        the caller vouches that their names and shapes fit ``config``."""
+        net = cls.__new__(cls)
+        net.config, net.dtype = config, np.dtype(config.dtype)
+        net.params, net.stats, net.bn_updates = params, stats, bn_updates
+        net._skips = config.skip_sources()
+        return net
+
     def astype(self, dtype: str) -> Network:
         """A copy of this network with parameters and statistics in another dtype."""
         from dataclasses import replace
 
-        other = Network.__new__(Network)
-        other.config = replace(self.config, dtype=dtype)
-        other.dtype = np.dtype(dtype)
-        other.params = {k: v.astype(dtype) for k, v in self.params.items()}
-        other.stats = {k: v.astype(dtype) for k, v in self.stats.items()}
-        other.bn_updates = self.bn_updates
-        other._skips = dict(self._skips)
-        return other
+        return Network.from_arrays(replace(self.config, dtype=dtype),
+                                   {k: v.astype(dtype) for k, v in self.params.items()},
+                                   {k: v.astype(dtype) for k, v in self.stats.items()},
+                                   self.bn_updates)
 
     def copy(self) -> Network:
         return self.astype(self.config.dtype)

@@ -365,7 +365,7 @@ def test_read_only_output_folder_is_refused_before_work(
     for args in (["--resume", str(run)], [*ARGS, "--out", str(run / "new")]):
         r = subprocess.run([*prefix, sys.executable, "-m", "klayer", "train", *args],
                            capture_output=True, text=True, timeout=120)
-        assert r.returncode == 2, r.stderr
+        assert r.returncode == 5, r.stderr  # an output error, as the README's exit codes say
         assert re.search(r"(not writable|cannot create).*(Read-only|Permission denied)",
                          r.stderr), r.stderr
         assert "Traceback" not in r.stderr
@@ -404,6 +404,19 @@ def test_resume_usage_errors_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.chdir(tmp_path)
     assert main(["train", *args]) == 2
     assert match in capsys.readouterr().err
+
+
+def test_resume_may_switch_strict_checksums_on(
+        tmp_path: Path, reference: Path, killed: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = killed_at_137(killed, tmp_path)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--strict-checksums"]) == 0, capsys.readouterr()
+    assert "strict_checksums = true" in (run / "config.toml").read_text()
+    a, _, _ = modelfile.load(reference / "model.npz")  # a data check: the same training
+    b, _, _ = modelfile.load(run / "model.npz")
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k], err_msg=k)
 
 
 def test_one_process_at_a_time_writes_a_run_folder(

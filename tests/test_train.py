@@ -100,6 +100,33 @@ def test_cli_train_writes_the_run_folder(tmp_path: Path) -> None:
                                                               "accuracy.png"}
 
 
+def test_cli_length_flag_replaces_the_config_files_length(tmp_path: Path) -> None:
+    (tmp_path / "run.toml").write_text("hidden = [8]\ncycles = 3\nschedule = \"constant\"\n")
+    r = run_cli("train", "--dataset", "synthetic", "--config", "run.toml", "--steps", "20",
+                "--quiet", "--out", "o", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert int(read_metrics(tmp_path / "o" / "metrics.csv")[-1]["step"]) == 20
+    r = run_cli("train", "--dataset", "synthetic", "--steps", "20", "--epochs", "1",
+                "--out", "o2", cwd=tmp_path)  # two lengths on the command line still clash
+    assert r.returncode == 2 and "only one training length" in r.stderr
+
+
+def test_cli_train_refused_for_its_data_leaves_no_folder(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    for out in (["--out", "runs/new/run"], []):  # --out, or the default runs/<stamp>-run
+        r = run_cli("train", "--data-dir", "empty", "--quiet", *out, cwd=tmp_path)
+        assert r.returncode == 4, r.stderr
+        assert "CIFAR-10" in r.stderr and "Traceback" not in r.stderr
+        assert not (tmp_path / "runs").exists()
+
+
+def test_cli_train_out_that_is_a_file_is_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("a file")
+    r = run_cli("train", "--dataset", "synthetic", "--out", "taken", cwd=tmp_path)
+    assert r.returncode == 2 and "--out: cannot create taken" in r.stderr, r.stderr
+    assert (tmp_path / "taken").read_text() == "a file"
+
+
 @pytest.mark.parametrize(
     ("args", "match"),
     [

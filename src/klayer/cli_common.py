@@ -68,15 +68,16 @@ def _show(value: object) -> str:
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
     """TOML file (if any) overridden by the flags that were given; errors name the key."""
-    from .config import TrainConfig, key_name
+    from .config import LENGTH_KEYS, TrainConfig, key_name
 
     values: dict[str, object] = {}
     if args.config:
         values.update(read_toml(args.config))
-    for f in fields(TrainConfig):
-        given = getattr(args, f.name, None)
-        if given is not None:
-            values[key_name(f)] = given
+    flags = {key_name(f): getattr(args, f.name) for f in fields(TrainConfig)
+             if getattr(args, f.name, None) is not None}
+    if any(k in LENGTH_KEYS for k in flags):  # a length flag replaces the file's length
+        values = {k: v for k, v in values.items() if k not in LENGTH_KEYS}
+    values.update(flags)
     return config_from(values)
 
 
@@ -123,17 +124,28 @@ def toml_round_trips(cfg: TrainConfig) -> None:
 
 
 def check_writable(out: Path, flag: str = "--out") -> None:
-    """Fail before any work when the folder cannot be created or a file written in it."""
+    """Create the folder and write a probe file in it, before any output is written.
+
+    A path that cannot be a folder (a file is in the way, an invalid name) is a
+    UsageError; a folder that cannot be created or written (read-only, no permission,
+    no space) an OutputError, exit 5, as the README's exit codes say.
+    """
+    import errno
     import tempfile
+
+    from .runfolder import OutputError
 
     try:
         out.mkdir(parents=True, exist_ok=True)
     except (OSError, ValueError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else e
-        raise UsageError(f"{flag}: cannot create {out}: {reason}") from None
+        error = (OutputError if isinstance(e, OSError) and e.errno in
+                 (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+                 else UsageError)
+        raise error(f"{flag}: cannot create {out}: {reason}") from None
     try:
         fd, probe = tempfile.mkstemp(prefix=".klayer-probe-", dir=out)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise UsageError(f"{flag}: {out} is not writable: {e.strerror or e}") from None
+        raise OutputError(f"{flag}: {out} is not writable: {e.strerror or e}") from None

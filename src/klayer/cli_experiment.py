@@ -48,7 +48,6 @@ def run_experiment_cmd(args: argparse.Namespace) -> int:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     out = Path(args.out) if args.out else Path("runs") / (
         f"experiment-{args.name}-" + time.strftime("%Y%m%d-%H%M%S"))
-    check_writable(out)
     base = {"dataset": args.dataset, "seed": args.seed}
     if args.data_dir:
         base["data_dir"] = args.data_dir
@@ -61,6 +60,7 @@ def run_experiment_cmd(args: argparse.Namespace) -> int:
             from .fetch import locate_cifar10
 
             locate_cifar10(args.data_dir)
+        check_writable(out)  # after the checks: a refused run leaves no folder
         sections = [run_experiment(n, ctx) for n in names]
     except ValueError as e:
         raise UsageError(str(e)) from None

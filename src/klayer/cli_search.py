@@ -318,8 +318,8 @@ def _retrain(args: argparse.Namespace, study: optuna.Study, info: StudyInfo, num
     seeds = args.seeds or 1
     out = Path(args.out) if args.out else search.study_dir(args.study, args.runs_dir) / (
         f"best-trial-{number}" + (f"-{args.cycles:g}cycles" if args.cycles else ""))
-    check_writable(out)
     data = search.load_study_data(info, args.data_dir)
+    check_writable(out)
     plan = train.make_plan(cfg, len(data.train.y))
     print(f"retraining #{number} for {plan.total_steps} steps"
           + (f" ({args.cycles:g} cycles)" if args.cycles else "")

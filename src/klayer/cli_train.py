@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from .config import TrainConfig
     from .train import Trainer
 
-RESUME_FLAGS_ALLOWED = ("data_dir",)  # besides --quiet: where the data is, nothing else
 LOCK_NAME = ".klayer-train.lock"
 
 
@@ -38,7 +37,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", help="run folder (default runs/<timestamp>-<name>)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run from its newest checkpoint, with the "
-                   "settings in RUN_DIR/config.toml (only --data-dir and --quiet may be given)")
+                   "settings in RUN_DIR/config.toml (only --data-dir, --strict-checksums and "
+                   "--quiet may be given)")
     p.add_argument("--quiet", action="store_true", help="no progress output, only the final table")
     add_config_flags(p)
 
@@ -78,8 +78,8 @@ def _new_run(args: argparse.Namespace, held: ExitStack) -> _Run:
     _validate(cfg)
     out = Path(args.out) if args.out else Path("runs") / (
         time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.name}")
+    trainer = _trainer(cfg, out, args.quiet)  # data first: a failure leaves no folder
     check_writable(out)
-    trainer = _trainer(cfg, out, args.quiet)
     held.callback(_lock(out, "--out").release)
     if checkpoint.list_checkpoints(out / checkpoint.FOLDER):
         raise UsageError(f"--out: {out} holds the checkpoints of another run; continue it "
@@ -143,23 +143,25 @@ def _resume(args: argparse.Namespace, held: ExitStack) -> _Run:
 
     from .config import TrainConfig, key_name
     from .train import ResumeMismatch
+    from .trainstate import RESUME_MAY_CHANGE  # besides --quiet: where the data is
 
     run_dir = Path(args.resume)
     given = ["--" + key_name(f).replace("_", "-") for f in fields(TrainConfig)
-             if getattr(args, f.name, None) is not None and f.name not in RESUME_FLAGS_ALLOWED]
+             if getattr(args, f.name, None) is not None and f.name not in RESUME_MAY_CHANGE]
     given += [flag for flag, v in (("--config", args.config), ("--out", args.out)) if v]
     if given:
         raise UsageError(f"--resume continues {run_dir} with the settings recorded in its "
-                         f"config.toml; drop {', '.join(given)} (only --data-dir and --quiet "
-                         "may be given)")
+                         f"config.toml; drop {', '.join(given)} (only --data-dir, "
+                         "--strict-checksums and --quiet may be given)")
     toml = run_dir / "config.toml"
     if not toml.is_file():
         raise UsageError(f"--resume: {toml} not found ({run_dir} is not a folder started "
                          "by klayer train)")
     values = read_toml(toml, flag="--resume")
     recorded = dict(values)
-    if args.data_dir is not None:
-        values["data_dir"] = args.data_dir
+    for name in RESUME_MAY_CHANGE:
+        if getattr(args, name, None) is not None:
+            values[name] = getattr(args, name)
     cfg = config_from(values, where=f"--resume: {toml}: ")
     _validate(cfg)
     check_writable(run_dir, flag="--resume")

@@ -452,3 +452,14 @@ def test_resume_of_a_finished_run_rewrites_the_same_results(
     b, _, _ = modelfile.load(tmp_path / "old.npz")
     for k in a.params:
         np.testing.assert_array_equal(a.params[k], b.params[k])
+
+
+def test_closed_output_pipe_stops_quietly(tmp_path: Path) -> None:
+    p = subprocess.Popen([sys.executable, "-m", "klayer", "gradcheck", "--hidden", "5",
+                          "--json"], cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    p.stdout.close()  # as `klayer ... | head` does once it has read enough
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok, 2 usage (bad flag or config value), 3 diverged training,
 4 data (missing, corrupt or foreign file), 5 output (the run folder cannot be written:
-read-only, disk full), 130 / 143 interrupted by SIGINT / SIGTERM.
+read-only, disk full), 130 / 143 interrupted by SIGINT / SIGTERM, 141 the output pipe
+closed (``klayer ... | head``).
 Each subcommand lives in a ``cli_*`` module as an ``add_*_args`` / ``run_*`` pair.
 """
 
@@ -13,7 +14,15 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__, kernels
-from .cli_common import EXIT_DATA, EXIT_DIVERGED, EXIT_OUTPUT, EXIT_USAGE, Command, UsageError
+from .cli_common import (
+    EXIT_DATA,
+    EXIT_DIVERGED,
+    EXIT_OUTPUT,
+    EXIT_SIGPIPE,
+    EXIT_USAGE,
+    Command,
+    UsageError,
+)
 
 # Each cli_* module contributes a COMMANDS dict: name -> (help, add_arguments, run).
 _MODULES = ("cli_train", "cli_tools", "cli_experiment", "cli_search", "cli_gradcheck")
@@ -32,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="klayer",
         description="k-layer fully-connected networks with batch normalization, in NumPy.",
-        epilog="exit codes: 0 ok, 2 usage, 3 diverged, 4 data, 5 output, 130/143 interrupted",
+        epilog="exit codes: 0 ok, 2 usage, 3 diverged, 4 data, 5 output, 130/143 interrupted, "
+               "141 output pipe closed",
     )
     parser.add_argument("--version", action="version",
                         version=f"klayer {__version__} (kernels: {kernels.BACKEND})")
@@ -77,6 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OutputError as e:
         print(f"klayer {args.command}: output error: {e}", file=sys.stderr)
         return EXIT_OUTPUT
+    except BrokenPipeError:  # the reader went away (`klayer ... | head`): stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return EXIT_SIGPIPE
 
 
 if __name__ == "__main__":

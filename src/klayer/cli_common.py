@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
 EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_DATA, EXIT_OUTPUT = 0, 2, 3, 4, 5
-EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # 128 + the signal's number
+EXIT_SIGINT, EXIT_SIGTERM, EXIT_SIGPIPE = 130, 143, 141  # 128 + the signal's number
 
 
 class UsageError(Exception):
@@ -48,7 +48,9 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
         flag = "--" + key_name(f).replace("_", "-")
         default = f.default if f.default is not MISSING else None
-        help_text = f"{f.metadata['help']} (default: {_show(default)})"
+        help_text = f.metadata["help"]
+        if not (default is None and "default" in help_text):  # else the help says it
+            help_text += f" (default: {_show(default)})"
         kind = str(f.type).replace(" | None", "")
         common: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
         if kind == "bool":

@@ -129,7 +129,8 @@ def _add_best(sub: Any) -> None:
                         "i])) into OUT/seed-S and report the mean test accuracy (default 1)")
     b.add_argument("--data-dir", help="folder holding CIFAR-10 (or set $KLAYER_DATA_DIR)")
     b.add_argument("--out", metavar="DIR",
-                   help="--retrain: run folder (default RUNS/search/STUDY/best-trial-N)")
+                   help="--retrain: run folder (default RUNS/search/STUDY/best-trial-N, with "
+                   "-Ccycles appended when --cycles C is given)")
     b.add_argument("--quiet", action="store_true", help="no progress output")
     b.set_defaults(search_run=run_best)
 

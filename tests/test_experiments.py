@@ -71,6 +71,14 @@ def test_usage_errors(tmp_path: Path) -> None:
     assert main(["experiment", "bn-depth", "--seeds", "0", "--out", str(tmp_path / "x")]) == 2
     assert main(["experiment", "bn-depth", "--data-dir", str(tmp_path / "none"), "--quick",
                  "--out", str(tmp_path / "y")]) == 4
+    assert not (tmp_path / "y").exists()  # refused before its folder was made
+
+
+def test_the_gradient_check_needs_no_data(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    assert main(["experiment", "gradcheck", "--data-dir", str(tmp_path / "empty"), "--quick",
+                 "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "report.md").is_file()
 
 
 def test_a_diverged_training_is_a_result_not_a_crash() -> None:

@@ -404,6 +404,15 @@ def test_klayer_kernels_numpy_switches_the_extension_off() -> None:
     assert out.stdout.strip() == "numpy"
 
 
+def test_an_unknown_klayer_kernels_value_is_a_warning_not_silence() -> None:
+    code = "import klayer.kernels as k; print(k.BACKEND)"
+    env = {**os.environ, "KLAYER_KERNELS": "nmupy"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    assert "KLAYER_KERNELS='nmupy' is neither 'numpy' nor 'c'" in out.stderr
+    assert out.stdout.strip() == "c"  # the default, as unset
+
+
 def test_sgd_uses_the_same_update_either_way(numpy_only: None) -> None:
     p = np.arange(12, dtype=F32).reshape(3, 4)
     g = np.full((3, 4), 0.5, F32)

@@ -218,7 +218,10 @@ def test_load_rejects_corrupt_and_foreign_files(tmp_path: Path) -> None:
         "truncated.npz": raw[: len(raw) // 2],
         "garbage.npz": b"not a zip file at all",
         "empty.npz": b"",
+        "text.npz": b"hello\n",
     }
+    np.save(tmp_path / "array.npy", np.zeros(3))  # an .npy, not an .npz
+    (tmp_path / "array.npy").rename(tmp_path / "npy.npz")
     for name, content in cases.items():
         (tmp_path / name).write_bytes(content)
     np.savez(tmp_path / "foreign.npz", a=np.zeros(3))
@@ -234,8 +237,10 @@ def test_load_rejects_corrupt_and_foreign_files(tmp_path: Path) -> None:
     expected = {"truncated.npz": "not a readable", "garbage.npz": "not a readable",
                 "empty.npz": "not a readable", "foreign.npz": "missing key 'format'",
                 "wrong_shape.npz": "param/W1 has shape", "nan.npz": "NaN",
-                "pickled.npz": "not a readable", "missing.npz": "no such model file"}
+                "pickled.npz": "not a readable", "missing.npz": "no such model file",
+                "text.npz": "not a readable", "npy.npz": "not a readable"}
     for name, match in expected.items():
         with pytest.raises(modelfile.ModelFileError, match=match) as info:
             modelfile.load(tmp_path / name)
         assert name in str(info.value)
+        assert "allow_pickle" not in str(info.value)  # no advice to unpickle a stranger's file

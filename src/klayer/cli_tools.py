@@ -22,12 +22,10 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from . import checkpoint, modelfile, train
+    from . import modelfile, train
     from .config import TrainConfig
     from .plots import save_confusion, save_montage
 
-    if Path(args.model).is_file():  # headers that lie about their size: refused unread
-        checkpoint.read_npz(args.model)
     net, meta, extras = modelfile.load(args.model)
     dataset = meta.get("dataset", "cifar10")
     cfg = TrainConfig(dataset=dataset, data_dir=args.data_dir, seed=int(meta.get("seed", 0)),

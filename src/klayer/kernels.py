@@ -23,7 +23,8 @@ tests/test_kernels.py and tests/test_kernels_fused.py check each kernel against 
 kernels are used only for float32, C-contiguous arrays: callers ask ``enabled`` first,
 except for ``add_scaled``, ``sgd_step``, ``sgd_l2_step`` and ``sgd_l2_steps``, which fall
 back to NumPy themselves, and ``sgd_many``, which says when the caller must. Set
-``KLAYER_KERNELS=numpy`` (before klayer is imported) to run the NumPy code everywhere.
+``KLAYER_KERNELS=numpy`` (before klayer is imported) to run the NumPy code everywhere
+(``c``, or unset, is the default; any other value is ignored with a warning).
 """
 
 from __future__ import annotations
@@ -41,8 +42,14 @@ F32 = np.dtype(np.float32)
 
 
 def _load() -> ModuleType | None:
-    if os.environ.get("KLAYER_KERNELS", "").strip().lower() == "numpy":
+    choice = os.environ.get("KLAYER_KERNELS", "").strip().lower()
+    if choice == "numpy":
         return None
+    if choice not in ("", "c"):
+        import warnings
+
+        warnings.warn(f"KLAYER_KERNELS={choice!r} is neither 'numpy' nor 'c'; ignored (the C "
+                      "kernels run where they are built)", RuntimeWarning, stacklevel=2)
     try:
         return importlib.import_module("klayer._kernels")
     except ImportError:

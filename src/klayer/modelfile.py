@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -93,16 +92,12 @@ def save(
 
 def load(path: str | Path) -> tuple[Network, dict[str, Any], dict[str, Array]]:
     """Read a model file: (network, metadata, extras). Raises ModelFileError naming the file."""
+    from .checkpoint import read_npz  # here: checkpoint builds on this module
+
     path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            files = {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise ModelFileError(f"{path}: no such model file") from None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError, RuntimeError) as e:
-        raise ModelFileError(f"{path}: not a readable .npz model file ({e})") from None
-    except MemoryError:  # a forged header can claim an enormous array
-        raise ModelFileError(f"{path}: an array in it is too large to load") from None
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file")
+    files = read_npz(path)  # no pickles; headers that lie about their size refused unread
     try:
         return _from_arrays(files)
     except ModelFileError as e:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +16,24 @@ def thread_env(threads: int) -> dict[str, str]:
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(threads)
     return env
+
+
+def run_worker(cmd: list[str], env: dict[str, str]) -> str:
+    """A benchmark worker's stdout; if it fails, exit with its own error, not ours."""
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"{Path(cmd[1]).name} worker {' '.join(cmd[2:4])} failed "
+                 f"(exit {r.returncode}):\n{r.stderr.strip()[-2000:]}")
+    return r.stdout
+
+
+def require_torch() -> None:
+    """Exit with how to install PyTorch, the peer these benchmarks compare against."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        sys.exit("this benchmark compares klayer with PyTorch, which is not installed: "
+                 "pip install torch==2.13.0 (the CPU build)")
 
 
 def machine() -> str:

@@ -41,12 +41,11 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
 # benchmarks/ is on sys.path when run as a script
-from _common import sgemm_peak, trial_configs
+from _common import run_worker, sgemm_peak, trial_configs
 
 MODES = ("sequential", "sequential-steps", "batched")
 
@@ -147,8 +146,7 @@ def main() -> None:
                    "--threads", str(args.threads)]
             if args.data_dir:
                 cmd += ["--data-dir", args.data_dir]
-            out = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True,
-                                            text=True).stdout.strip().splitlines()[-1])
+            out = json.loads(run_worker(cmd, env).strip().splitlines()[-1])
             if mode == "peak":
                 peaks.append(out["flops_per_second"])
                 print(f"round {r + 1}: sgemm peak {peaks[-1] / 1e9:12.1f} GFLOP/s", flush=True)

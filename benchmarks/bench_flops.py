@@ -31,13 +31,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 # benchmarks/ is on sys.path when run as a script
-from _common import machine, sgemm_peak, thread_env, time_matmul, training_data
+from _common import machine, run_worker, sgemm_peak, thread_env, time_matmul, training_data
 
 N_BATCH, D_IN, M1 = 100, 3072, 50
 TARGET = 0.40
@@ -107,8 +106,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for kind in runs:
             cmd = [sys.executable, __file__, "--worker", kind, *sys.argv[1:]]
-            out = subprocess.run(cmd, env=thread_env(args.threads), capture_output=True,
-                                 text=True, check=True).stdout
+            out = run_worker(cmd, thread_env(args.threads))
             runs[kind].append(json.loads(out.strip().splitlines()[-1]))
 
     def med(kind: str, key: str) -> float:

@@ -25,13 +25,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 # benchmarks/ is on sys.path when run as a script
-from _common import load, machine, thread_env, training_data
+from _common import load, machine, require_torch, run_worker, thread_env, training_data
 
 LAM, ETA_MIN, ETA_MAX, N_S, N_BATCH = 0.005, 1e-5, 1e-1, 2250, 100
 MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
@@ -128,6 +127,7 @@ def main() -> None:
         run = run_klayer if args.worker == "klayer" else run_torch
         print(json.dumps({"steps_per_second": run(args, hidden)}))
         return
+    require_torch()
     rates: dict[str, list[float]] = {"klayer": [], "torch": []}
     env = thread_env(args.threads)
     if args.malloc_tuned:
@@ -135,8 +135,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for lib in rates:
             cmd = [sys.executable, __file__, "--worker", lib, *sys.argv[1:]]
-            out = subprocess.run(cmd, env=env, capture_output=True,
-                                 text=True, check=True).stdout
+            out = run_worker(cmd, env)
             rates[lib].append(json.loads(out.strip().splitlines()[-1])["steps_per_second"])
     med = {lib: statistics.median(v) for lib, v in rates.items()}
     import numpy

@@ -321,6 +321,26 @@ def test_disk_full_at_the_start_is_a_clear_error(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("command", [["plot", "REF", "--out", "o"],
+                                     ["evaluate", "REF/model.npz", "--out", "o"]])
+def test_disk_full_while_writing_plots_is_a_clear_error(
+        tmp_path: Path, reference: Path, command: list[str]) -> None:
+    args = [str(reference) + a[3:] if a.startswith("REF") else a for a in command]
+    r = klayer(*args, cwd=tmp_path, preexec_fn=limit_file_size)  # PNGs are > 16 kB
+    assert r.returncode == 5, r.stderr
+    assert "output error: cannot write" in r.stderr and "Traceback" not in r.stderr
+    assert not [p.name for p in (tmp_path / "o").iterdir()]  # no partial PNG, no temp file
+
+
+def test_train_never_replaces_another_runs_files(tmp_path: Path, reference: Path) -> None:
+    run = Path(shutil.copytree(reference, tmp_path / "done"))
+    shutil.rmtree(run / "checkpoints")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    r = klayer("train", *ARGS, "--out", "done", cwd=tmp_path)
+    assert r.returncode == 2 and "already holds config.toml, metrics.csv" in r.stderr, r.stderr
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
 def _read_only_runner(folder: Path) -> list[str] | None:
     """A command prefix under which ``folder`` is read-only, or None if none works here."""
     if os.geteuid() != 0:
@@ -463,3 +483,15 @@ def test_closed_output_pipe_stops_quietly(tmp_path: Path) -> None:
     _, err = p.communicate(timeout=120)
     assert p.returncode == 141, err
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_ctrl_c_outside_train_is_a_one_line_stop(tmp_path: Path) -> None:
+    p = subprocess.Popen([sys.executable, "-m", "klayer", "gradcheck", "--hidden", "300,300",
+                          "--dim", "200"], cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(3)  # well into the check (minutes long)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert err.strip() == "klayer gradcheck: interrupted", err

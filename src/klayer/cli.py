@@ -18,6 +18,7 @@ from .cli_common import (
     EXIT_DATA,
     EXIT_DIVERGED,
     EXIT_OUTPUT,
+    EXIT_SIGINT,
     EXIT_SIGPIPE,
     EXIT_USAGE,
     Command,
@@ -87,6 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OutputError as e:
         print(f"klayer {args.command}: output error: {e}", file=sys.stderr)
         return EXIT_OUTPUT
+    except KeyboardInterrupt:  # Ctrl-C where no command stops more gracefully
+        print(f"\nklayer {args.command}: interrupted", file=sys.stderr)
+        return EXIT_SIGINT
     except BrokenPipeError:  # the reader went away (`klayer ... | head`): stop quietly
         import os
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli_common import EXIT_OK, Command, UsageError, check_writable
+from .cli_common import EXIT_OK, Command, UsageError, check_writable, output_errors
 
 
 def add_evaluate_args(p: argparse.ArgumentParser) -> None:
@@ -35,6 +35,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.model} expects d = {net.config.d} inputs, {dataset} has {data.d}")
     if "mean" in extras and "std" in extras:  # the standardization the model was trained with
         data = data.with_standardization(extras["mean"], extras["std"])
+    out = Path(args.out) if args.out else Path(args.model).resolve().parent
+    check_writable(out, flag="--out" if args.out else "the model's folder (or give --out)")
     split = getattr(data, args.split)
     scores = np.concatenate([net.scores(c.astype(net.dtype), check=False)
                              for c in train.batches(data, split.X)])
@@ -48,11 +50,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(" " * (width + 1) + " ".join(f"{c[:5]:>5}" for c in classes) + "   <- predicted")
     for i, c in enumerate(classes):
         print(f"{c:>{width}} " + " ".join(f"{v:>5}" for v in cm[i]))
-    out = Path(args.out) if args.out else Path(args.model).resolve().parent
-    check_writable(out)
-    written = [save_confusion(out / f"confusion_{args.split}.png", cm, classes)]
-    if data.image_shape is not None:
-        written.append(save_montage(out / "weights.png", net.params["W1"], data.image_shape))
+    with output_errors(out):
+        written = [save_confusion(out / f"confusion_{args.split}.png", cm, classes)]
+        if data.image_shape is not None:
+            written.append(save_montage(out / "weights.png", net.params["W1"], data.image_shape))
     print("\nwrote " + ", ".join(str(p) for p in written))
     return EXIT_OK
 
@@ -78,8 +79,9 @@ def run_plot(args: argparse.Namespace) -> int:
         runs.append((label, read_metrics(path)))
     out = Path(args.out)
     check_writable(out)
-    for path in save_overlay(out, runs):
-        print(f"wrote {path}")
+    with output_errors(out):
+        for path in save_overlay(out, runs):
+            print(f"wrote {path}")
     return EXIT_OK
 
 

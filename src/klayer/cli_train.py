@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from .train import Trainer
 
 LOCK_NAME = ".klayer-train.lock"
+# what a run writes into its folder (besides checkpoints/ and the plots)
+RUN_FILES = ("config.toml", "metrics.csv", "summary.json", "model.npz")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -84,6 +86,12 @@ def _new_run(args: argparse.Namespace, held: ExitStack) -> _Run:
     if checkpoint.list_checkpoints(out / checkpoint.FOLDER):
         raise UsageError(f"--out: {out} holds the checkpoints of another run; continue it "
                          f"with `klayer train --resume {_quote(out)}` or choose another --out")
+    taken = [name for name in RUN_FILES if (out / name).exists()]
+    if taken:  # a finished run, or someone's files: never replaced silently
+        resume = (f", or continue it with `klayer train --resume {_quote(out)}` if it was "
+                  "interrupted" if "model.npz" not in taken and "config.toml" in taken else "")
+        raise UsageError(f"--out: {out} already holds {', '.join(taken)} of another run; "
+                         f"choose another --out{resume}")
     _write(out / "config.toml", cfg)
     return _Run(trainer, out)
 

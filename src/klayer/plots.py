@@ -169,7 +169,12 @@ def save_panels(path: Path, panels: Sequence[tuple[str, Callable[[Axes], None]]]
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
+    """Save ``fig`` as ``path`` atomically: a failed write (disk full) leaves no partial PNG."""
+    from .modelfile import atomic_write
+
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, dpi=100, format=path.suffix.lstrip(".")))
+    finally:
+        plt.close(fig)
     return path

@@ -38,6 +38,8 @@ def test_defaults_are_the_assignment_recipe() -> None:
         ({"schedule": "constant", "cycles": 2}, "cycles only applies"),
         ({"dataset": "mnist"}, "unknown dataset 'mnist'"),
         ({"translate": -1}, "translate must be an integer >= 0"),
+        ({"optimizer": "bogus"}, "unknown optimizer 'bogus'"),
+        ({"schedule": "cosine"}, "unknown schedule 'cosine'"),
     ],
 )
 def test_bad_values_name_the_key(values: dict, match: str) -> None:
@@ -51,3 +53,10 @@ def test_toml_round_trip() -> None:
     text = to_toml(c.to_dict())
     assert TrainConfig.from_dict(tomllib.loads(text)) == c
     assert "lambda = 0.0123" in text
+
+
+def test_the_configs_choices_are_the_implemented_ones() -> None:
+    from klayer import config, optim, schedules
+
+    assert set(config.OPTIMIZERS) == set(optim.OPTIMIZERS)
+    assert set(config.SCHEDULES) == set(schedules.SCHEDULES)

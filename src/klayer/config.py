@@ -127,6 +127,8 @@ def _check_open_interval(name: str, value: Any, lo: float, hi: float) -> None:
 DATASETS = ("cifar10", "digits", "synthetic")
 SPLITS = ("full", "assignment")
 BN_STATS = ("ema", "precise")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")  # optim.OPTIMIZERS' keys
+SCHEDULES = ("cyclic", "constant", "step", "exponential", "one_cycle")  # schedules.SCHEDULES'
 LENGTH_KEYS = ("cycles", "epochs", "steps")
 
 
@@ -169,13 +171,14 @@ class TrainConfig:
     label_smoothing: float = _f(0.0, "label smoothing epsilon")
     # optimization
     n_batch: int = _f(100, "mini-batch size")
-    optimizer: str = _f("sgd", "sgd, momentum, nesterov, adam or adamw")
+    optimizer: str = _f("sgd", "sgd, momentum, nesterov, adam or adamw", choices=OPTIMIZERS)
     momentum: float = _f(0.9, "momentum coefficient (momentum, nesterov)")
     beta1: float = _f(0.9, "Adam beta1")
     beta2: float = _f(0.999, "Adam beta2")
     adam_eps: float = _f(1e-8, "Adam epsilon")
     weight_decay: float = _f(0.0, "decoupled weight decay (adamw)")
-    schedule: str = _f("cyclic", "cyclic, constant, step, exponential or one_cycle")
+    schedule: str = _f("cyclic", "cyclic, constant, step, exponential or one_cycle",
+                       choices=SCHEDULES)
     eta_min: float = _f(1e-5, "cyclic: lowest learning rate")
     eta_max: float = _f(1e-1, "cyclic and one_cycle: highest learning rate")
     n_s: int | None = _f(None, "cyclic: half-cycle length in steps (default 5 n_train / n_batch)")
@@ -211,6 +214,8 @@ class TrainConfig:
         _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("split", self.split, SPLITS)
         _check_choice("bn_stats", self.bn_stats, BN_STATS)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("schedule", self.schedule, SCHEDULES)
         for name in ("val_size", "n_batch", "decay_every", "evals_per_cycle"):
             _check_int(name, getattr(self, name), 1)
         for name in ("precise_per_epoch", "precise_examples", "translate", "seed",

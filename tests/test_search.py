@@ -482,3 +482,19 @@ def test_a_grid_search_ends_cleanly_at_its_last_point(tmp_path: Path) -> None:
     ts = trials(tmp_path, "g")
     assert [t.state for t in ts] == [TrialState.COMPLETE] * 3
     assert len({t.params["lambda"] for t in ts}) == 3
+
+
+@pytest.mark.parametrize(("args", "match"), [
+    (["status", "--study", "s", "--storage", "folder"], "folder is a folder; name a journal"),
+    (["status", "--study", "s", "--storage", "notes.txt"], "not an Optuna journal file"),
+    (["worker", "--study", "s", "--poll", "nan"], "--poll must be"),
+    (["worker", "--study", "s", "--sampler-seed", "-1"], "--sampler-seed must be in"),
+])
+def test_bad_storage_and_worker_flags_are_usage_errors(tmp_path: Path, args: list[str],
+                                                      match: str) -> None:
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "notes.txt").write_text("some notes\nnot a journal\n")
+    r = klayer("search", *args, cwd=tmp_path)
+    assert r.returncode == 2 and match in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert (tmp_path / "notes.txt").read_text() == "some notes\nnot a journal\n"

@@ -250,6 +250,10 @@ def run_worker(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag} must be >= {low}, got {value}")
     if args.grace_period <= args.heartbeat_interval:
         raise UsageError("--grace-period must exceed --heartbeat-interval")
+    if args.sampler_seed is not None and not 0 <= args.sampler_seed < 2**32:
+        raise UsageError(f"--sampler-seed must be in [0, 2^32), got {args.sampler_seed}")
+    if not 0 < args.poll < 86400:  # NaN fails too
+        raise UsageError(f"--poll must be a number of seconds in (0, 86400), got {args.poll}")
     overrides = explicit_values(args)
     data_dir = overrides.pop("data_dir", None)
     opts = search.WorkerOptions(

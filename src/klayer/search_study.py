@@ -83,10 +83,17 @@ def open_storage(spec: str, heartbeat_interval: int = HEARTBEAT_INTERVAL,
 
 
 def _journal_storage(path: Path) -> optuna.storages.BaseStorage:
+    """Optuna's journal file at ``path``; a folder, a file that is not a journal or an
+    unwritable place is a clear error before any trial."""
+    from .runfolder import OutputError
+
+    if path.is_dir():
+        raise SearchError(f"--storage: {path} is a folder; name a journal file in it, "
+                          f"e.g. {path / 'journal.log'}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise SearchError(f"--storage: cannot create {path.parent}: {e.strerror}") from None
+        raise OutputError(f"--storage: cannot create {path.parent}: {e.strerror}") from None
     from optuna.storages import JournalStorage
 
     # An absolute path: the lock is a symlink to the journal, and Optuna frees a lock
@@ -94,13 +101,19 @@ def _journal_storage(path: Path) -> optuna.storages.BaseStorage:
     # against the lock's own folder, so a dead writer's lock would block every worker.
     target = str(path.absolute())
     try:
-        from optuna.storages.journal import JournalFileBackend
-        backend: Any = JournalFileBackend(target)
-    except ImportError:  # optuna < 4
-        from optuna.storages import JournalFileStorage
+        try:
+            from optuna.storages.journal import JournalFileBackend
+            backend: Any = JournalFileBackend(target)
+        except ImportError:  # optuna < 4
+            from optuna.storages import JournalFileStorage
 
-        backend = JournalFileStorage(target)
-    return JournalStorage(backend)
+            backend = JournalFileStorage(target)
+        return JournalStorage(backend)  # replays the file: a foreign one fails here
+    except OSError as e:
+        raise OutputError(f"--storage: cannot open {path} for writing: {e.strerror or e}"
+                          ) from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise SearchError(f"--storage: {path} is not an Optuna journal file ({e})") from None
 
 
 def _rdb_storage(spec: str, heartbeat_interval: int,

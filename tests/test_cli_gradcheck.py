@@ -30,5 +30,11 @@ def test_table_output_and_usage_errors() -> None:
     assert r.returncode == 0 and "max relative error" in r.stdout and "W2" in r.stdout
     bad = klayer("gradcheck", "--hidden", "8,0")
     assert bad.returncode == 2 and "--hidden" in bad.stderr
-    bad = klayer("gradcheck", "--lambda", "-1")
-    assert bad.returncode == 2 and "--lambda must be >= 0" in bad.stderr
+    for args, match in ((["--lambda", "-1"], "--lambda must be a finite number >= 0"),
+                        (["--lambda", "nan"], "--lambda must be"),
+                        (["--sample", "0"], "--sample must be >= 1"),
+                        (["--seed", "-1"], "--seed must be >= 0"),
+                        (["--h", "0"], "--h must be"), (["--h", "nan"], "--h must be")):
+        bad = klayer("gradcheck", "--hidden", "8", *args)
+        assert bad.returncode == 2 and match in bad.stderr, (args, bad.stderr)
+        assert "Traceback" not in bad.stderr

@@ -65,11 +65,15 @@ def run_gradcheck(args: argparse.Namespace) -> int:
         ("--dim", args.dim, 1),
         ("--n", args.n, 1),
         ("--classes", args.classes, 2),
+        ("--sample", args.sample, 1),
+        ("--seed", args.seed, 0),
     ):
-        if value < low:
+        if value is not None and value < low:
             raise UsageError(f"{flag} must be >= {low}, got {value}")
-    if args.lam < 0:
-        raise UsageError(f"--lambda must be >= 0, got {args.lam}")
+    if not 0 <= args.lam < float("inf"):  # NaN fails too
+        raise UsageError(f"--lambda must be a finite number >= 0, got {args.lam}")
+    if args.h is not None and not 0 < args.h < 1:
+        raise UsageError(f"--h must be a small positive step, in (0, 1), got {args.h}")
     try:
         cfg = NetConfig(
             d=args.dim,

@@ -332,6 +332,22 @@ def test_disk_full_while_writing_plots_is_a_clear_error(
     assert not [p.name for p in (tmp_path / "o").iterdir()]  # no partial PNG, no temp file
 
 
+@pytest.mark.parametrize(("cut", "match"), [
+    (lambda text: text[:500], "is not a row of numbers"),  # cut mid-row
+    (lambda text: "", "no header with a 'step' column"),
+    (lambda text: text.splitlines()[0] + "\n", "no rows"),
+    (lambda text: "hello,world\n1,2\n", "no header with a 'step' column"),
+])
+def test_plot_of_a_damaged_metrics_file_is_a_data_error(
+        tmp_path: Path, reference: Path, cut: Any, match: str) -> None:
+    run = tmp_path / "damaged"
+    run.mkdir()
+    (run / "metrics.csv").write_text(cut((reference / "metrics.csv").read_text()))
+    r = klayer("plot", "damaged", "--out", "o", cwd=tmp_path)
+    assert r.returncode == 4 and match in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_train_never_replaces_another_runs_files(tmp_path: Path, reference: Path) -> None:
     run = Path(shutil.copytree(reference, tmp_path / "done"))
     shutil.rmtree(run / "checkpoints")

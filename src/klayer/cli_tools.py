@@ -65,6 +65,7 @@ def add_plot_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_plot(args: argparse.Namespace) -> int:
+    from .data import DataError
     from .plots import save_overlay
     from .train import read_metrics
 
@@ -76,7 +77,10 @@ def run_plot(args: argparse.Namespace) -> int:
         path = Path(run) / "metrics.csv"
         if not path.is_file():
             raise UsageError(f"{run}: no metrics.csv (is it a klayer run folder?)")
-        runs.append((label, read_metrics(path)))
+        try:
+            runs.append((label, read_metrics(path)))
+        except ValueError as e:
+            raise DataError(f"{path}: cannot plot it ({e})") from None
     out = Path(args.out)
     check_writable(out)
     with output_errors(out):

@@ -73,7 +73,20 @@ def csv_text(rows: list[dict[str, float]]) -> str:
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
-    """metrics.csv back as a list of rows of floats."""
+    """metrics.csv back as a list of rows of floats; ValueError, saying what is wrong, for
+    a file that is not one (empty, cut short, edited by hand)."""
     with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        reader = csv.DictReader(f)
+        header, rows = reader.fieldnames, list(reader)
+    if not header or "step" not in header:
+        raise ValueError("no header with a 'step' column")
+    if not rows:
+        raise ValueError("no rows")
+    out = []
+    for line, row in enumerate(rows, start=2):
+        try:
+            out.append({k: float(v) for k, v in row.items()})
+        except (TypeError, ValueError):  # a missing field (None), extra fields (a list), text
+            raise ValueError(f"line {line} is not a row of numbers under the header") from None
+    return out
 

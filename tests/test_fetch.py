@@ -222,6 +222,14 @@ def test_locate_missing_says_how_to_fetch(tmp_path: Path) -> None:
     assert "--data-dir" in str(e.value)
 
 
+def test_locate_names_the_missing_batch_files(tmp_path: Path) -> None:
+    make_cifar_folder(tmp_path / FOLDER_NAME)
+    (tmp_path / FOLDER_NAME / "data_batch_3").unlink()
+    (tmp_path / FOLDER_NAME / "test_batch").unlink()
+    with pytest.raises(DataNotFoundError, match="incomplete, data_batch_3, test_batch missing"):
+        locate_cifar10(tmp_path)
+
+
 def test_checksums_warn_or_fail_and_are_remembered(tmp_path: Path, no_env: None,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     folder = tmp_path / FOLDER_NAME

@@ -301,6 +301,11 @@ def locate_cifar10(data_dir: str | Path | None = None, strict_checksums: bool = 
     root = resolve_data_dir(data_dir)
     folder = _find_batches(root, strict_checksums)
     if folder is None:
+        for place in (root, root / FOLDER_NAME):  # some batches there, not all: say which
+            missing = [name for name in REQUIRED if not (place / name).is_file()]
+            if len(missing) < len(REQUIRED):
+                raise DataNotFoundError(f"CIFAR-10 in {place} is incomplete, "
+                                        f"{', '.join(missing)} missing: {HOW_TO_GET}")
         raise DataNotFoundError(f"CIFAR-10 not found in {root}: {HOW_TO_GET}")
     differ = [name for name, ok in _file_verdicts(folder).items() if not ok]
     if differ:

@@ -39,6 +39,7 @@ def test_defaults_are_the_assignment_recipe() -> None:
         ({"dataset": "mnist"}, "unknown dataset 'mnist'"),
         ({"translate": -1}, "translate must be an integer >= 0"),
         ({"optimizer": "bogus"}, "unknown optimizer 'bogus'"),
+        ({"dtype": "float16"}, "unknown dtype 'float16'; valid: float32, float64$"),
         ({"schedule": "cosine"}, "unknown schedule 'cosine'"),
     ],
 )

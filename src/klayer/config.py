@@ -210,6 +210,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", _widths(self.hidden))
         _check_types(self)
+        _check_choice("dtype", self.dtype, DTYPES[:2])  # longdouble is for gradient checks
         self.net_config(d=1)  # validates the architecture fields
         _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("split", self.split, SPLITS)

@@ -511,3 +511,22 @@ def test_ctrl_c_outside_train_is_a_one_line_stop(tmp_path: Path) -> None:
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err
     assert err.strip() == "klayer gradcheck: interrupted", err
+
+
+def test_train_into_a_closed_pipe_checkpoints_and_stops(tmp_path: Path, reference: Path,
+                                                        capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    args = [a for a in ARGS if a != "--quiet"]  # a line per evaluation on stdout
+    p = subprocess.Popen([sys.executable, "-m", "klayer", "train", *args, "--out", "run"],
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    assert p.stdout is not None
+    p.stdout.readline()
+    p.stdout.close()  # `klayer train ... | head -1`
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 141, err
+    assert "interrupted by SIGPIPE" in err and "Traceback" not in err, err
+    assert steps(tmp_path / "run")  # its progress is kept ...
+    rc, _, err = resume(tmp_path / "run", capsys)  # ... and it carries on to the same end
+    assert rc == 0, err
+    assert_same_run(reference, tmp_path / "run")

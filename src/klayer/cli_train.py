@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -206,6 +207,8 @@ def _train(trainer: Trainer, out: Path, stop: StopOnSignal) -> int:
     from .plots import save_run_plots
 
     progress = trainer.callback
+    if isinstance(progress, Progress):  # `klayer train | head`: checkpoint and stop
+        progress.on_broken_pipe = lambda: stop.request(signal.SIGPIPE)
     try:
         try:
             trainer.write_metrics()  # on resume: exactly the checkpoint's rows
@@ -225,7 +228,7 @@ def _train(trainer: Trainer, out: Path, stop: StopOnSignal) -> int:
         print(f"\nklayer train: interrupted by {_signame(e.signum)} after step {e.step} of "
               f"{e.total}; checkpoint {e.path}\nresume with: klayer train --resume {_quote(out)}",
               file=sys.stderr, flush=True)
-        return EXIT_SIGTERM if e.signum == signal.SIGTERM else EXIT_SIGINT
+        return 128 + e.signum  # 130 SIGINT, 143 SIGTERM, 141 SIGPIPE
     except train.OutputError as e:
         last = trainer.last_checkpoint
         then = (f"; free space or fix the folder, then resume from {last.name} with "
@@ -254,6 +257,11 @@ class StopOnSignal:
 
     def __call__(self) -> int | None:
         return self.received
+
+    def request(self, signum: int) -> None:
+        """Ask for a stop as ``signum`` would (for a closed output pipe)."""
+        if self.received is None:
+            self.received = signum
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.received is not None:
@@ -309,6 +317,7 @@ class Progress:
 
             self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
         self.val_acc = float("nan")
+        self.on_broken_pipe: Callable[[], None] | None = None  # the reader went away
 
     def start_at(self, step: int) -> None:
         """Continue counting from ``step`` (on resume)."""
@@ -321,10 +330,16 @@ class Progress:
         if kind == "eval":
             self.val_acc = info["val_accuracy"]
             if self.bar is None:
-                print(f"step {int(info['step']):>6}  epoch {info['epoch']:6.2f}  "
-                      f"lr {info['lr']:.2e}  train loss {info['train_loss']:.4f}  "
-                      f"val loss {info['val_loss']:.4f}  val acc {info['val_accuracy']:.2%}",
-                      flush=True)
+                try:
+                    print(f"step {int(info['step']):>6}  epoch {info['epoch']:6.2f}  "
+                          f"lr {info['lr']:.2e}  train loss {info['train_loss']:.4f}  "
+                          f"val loss {info['val_loss']:.4f}  "
+                          f"val acc {info['val_accuracy']:.2%}", flush=True)
+                except BrokenPipeError:
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                    self.quiet = True
+                    if self.on_broken_pipe is not None:
+                        self.on_broken_pipe()
         elif self.bar is not None:
             self.bar.update(1)
             if int(info["step"]) % 50 == 0:

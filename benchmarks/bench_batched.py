@@ -18,8 +18,10 @@ eta_max are trained three ways, each in a fresh process with the same BLAS threa
   mini-batches), its validation curves at the same steps and the shared final
   evaluation of train / val / test, as ``klayer search worker --batch-trials T`` does.
 
-So ``sequential`` and ``batched`` produce the same results per trial (curve and final
-accuracies); ``sequential-steps`` shows the cost of the curves.
+So ``sequential`` and ``batched`` do the same work per trial (curve and final
+evaluation); a batched trial trains on the shared mini-batch order, so its accuracies
+are those of a lone run with that order (the tests check this), not of the sequential
+runs here. ``sequential-steps`` shows the cost of the curves.
 
 Each round also times a large float32 square product in a fresh process at the same
 thread count (the machine's sgemm peak, as in bench_flops.py). Every trial, alone or
@@ -27,8 +29,8 @@ batched, must do its own first-layer products: 2 x 100 rows per step (the forwar
 s = x W and dW = x^T dS; the first layer needs no dx), plus one row per image of each
 validation curve point and of the final train / val / test evaluation, each row
 2 x 3072 x m1 FLOPs. Those FLOPs at the peak rate are a floor under any batched run's
-time, so ``sequential`` seconds over that floor is a ceiling on the batched speed-up
-on this machine, whatever the code does.
+time as long as the products go through BLAS, so ``sequential`` seconds over that
+floor is a ceiling on the batched speed-up with this machine's BLAS.
 
 The modes alternate over ``--repeats`` rounds; the median wall time of each gives its
 trials per hour and the ratio to ``sequential``.
@@ -174,7 +176,7 @@ def main() -> None:
           f"({flops / 1e9:.0f} GFLOP) take at least {floor:.1f} s at that rate")
     ceiling = ref / floor if ref else None
     if ceiling:
-        print(f"ceiling on the batched speed-up over sequential on this machine: {ceiling:.2f}x")
+        print(f"ceiling on the batched speed-up over sequential with this BLAS: {ceiling:.2f}x")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
           f"Python {platform.python_version()}")
     if args.json:

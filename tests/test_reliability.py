@@ -334,9 +334,10 @@ def test_disk_full_while_writing_plots_is_a_clear_error(
 
 @pytest.mark.parametrize(("cut", "match"), [
     (lambda text: text[:500], "is not a row of numbers"),  # cut mid-row
-    (lambda text: "", "no header with a 'step' column"),
+    (lambda text: "", "no header with the columns step, train_loss"),
     (lambda text: text.splitlines()[0] + "\n", "no rows"),
-    (lambda text: "hello,world\n1,2\n", "no header with a 'step' column"),
+    (lambda text: "hello,world\n1,2\n", "no header with the columns step, train_loss"),
+    (lambda text: "step,loss\n0,1.5\n10,1.2\n", "no header with the columns train_loss"),
 ])
 def test_plot_of_a_damaged_metrics_file_is_a_data_error(
         tmp_path: Path, reference: Path, cut: Any, match: str) -> None:
@@ -353,8 +354,19 @@ def test_train_never_replaces_another_runs_files(tmp_path: Path, reference: Path
     shutil.rmtree(run / "checkpoints")
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     r = klayer("train", *ARGS, "--out", "done", cwd=tmp_path)
-    assert r.returncode == 2 and "already holds config.toml, metrics.csv" in r.stderr, r.stderr
+    assert r.returncode == 2, r.stderr
+    assert "already holds the model.npz and summary.json of a finished run" in r.stderr
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_train_may_start_again_in_a_diverged_runs_folder(tmp_path: Path) -> None:
+    base = ["--dataset", "synthetic", "--hidden", "8", "--steps", "30", "--schedule",
+            "constant", "--checkpoint-every", "0", "--quiet", "--out", "run"]
+    r = klayer("train", *base, "--eta", "1e6", cwd=tmp_path)
+    assert r.returncode == 3, r.stderr  # diverged: config.toml and metrics.csv remain
+    r = klayer("train", *base, "--eta", "0.01", cwd=tmp_path)  # as the message advises
+    assert r.returncode == 0, r.stderr
+    assert "eta = 0.01" in (tmp_path / "run" / "config.toml").read_text()
 
 
 def _read_only_runner(folder: Path) -> list[str] | None:
@@ -502,15 +514,26 @@ def test_closed_output_pipe_stops_quietly(tmp_path: Path) -> None:
 
 
 def test_ctrl_c_outside_train_is_a_one_line_stop(tmp_path: Path) -> None:
-    p = subprocess.Popen([sys.executable, "-m", "klayer", "gradcheck", "--hidden", "300,300",
-                          "--dim", "200"], cwd=tmp_path, stdout=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "-m", "klayer", "experiment", "bn-depth", "--dataset",
+                          "synthetic", "--out", "rep"], cwd=tmp_path, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    time.sleep(3)  # well into the check (minutes long)
+    assert p.stdout is not None
+    assert p.stdout.readline().startswith("experiment bn-depth")  # at work (for minutes)
+    time.sleep(0.5)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err
-    assert err.strip() == "klayer gradcheck: interrupted", err
+    assert err.strip().splitlines()[-1] == "klayer experiment: interrupted", err
+    assert "Traceback" not in err
+
+
+def test_disk_full_during_an_experiment_is_a_clear_error(tmp_path: Path) -> None:
+    r = klayer("experiment", "bn-placement", "--dataset", "synthetic", "--quick", "--out", "rep",
+               cwd=tmp_path, preexec_fn=limit_file_size)  # its figure is > 16 kB
+    assert r.returncode == 5, r.stderr
+    assert "output error: cannot write" in r.stderr and "Traceback" not in r.stderr
+    assert not list((tmp_path / "rep").rglob("*.png"))  # no partial figure
 
 
 def test_train_into_a_closed_pipe_checkpoints_and_stops(tmp_path: Path, reference: Path,

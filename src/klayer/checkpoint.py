@@ -158,8 +158,11 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     with zipfile.ZipFile(path) as zf:
         for info in zf.infolist():
             name = info.filename
-            if not name.endswith(".npy") or info.compress_type != zipfile.ZIP_STORED:
+            if not name.endswith(".npy"):
                 raise ModelFileError(f"unexpected member {name!r}")
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise ModelFileError(f"member {name!r} is compressed; klayer reads only "
+                                     "uncompressed .npz files (np.savez, not savez_compressed)")
             with zf.open(info) as f:
                 major, minor = np.lib.format.read_magic(f)
                 if (major, minor) == (1, 0):

@@ -32,8 +32,9 @@ if TYPE_CHECKING:
     from .train import Trainer
 
 LOCK_NAME = ".klayer-train.lock"
-# what a run writes into its folder (besides checkpoints/ and the plots)
-RUN_FILES = ("config.toml", "metrics.csv", "summary.json", "model.npz")
+# what a finished run leaves (a diverged or stopped one may leave config.toml and
+# metrics.csv, which a new run in the same folder may replace)
+FINISHED_FILES = ("model.npz", "summary.json")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -87,12 +88,10 @@ def _new_run(args: argparse.Namespace, held: ExitStack) -> _Run:
     if checkpoint.list_checkpoints(out / checkpoint.FOLDER):
         raise UsageError(f"--out: {out} holds the checkpoints of another run; continue it "
                          f"with `klayer train --resume {_quote(out)}` or choose another --out")
-    taken = [name for name in RUN_FILES if (out / name).exists()]
-    if taken:  # a finished run, or someone's files: never replaced silently
-        resume = (f", or continue it with `klayer train --resume {_quote(out)}` if it was "
-                  "interrupted" if "model.npz" not in taken and "config.toml" in taken else "")
-        raise UsageError(f"--out: {out} already holds {', '.join(taken)} of another run; "
-                         f"choose another --out{resume}")
+    results = [name for name in FINISHED_FILES if (out / name).exists()]
+    if results:  # a finished run's results are never replaced silently
+        raise UsageError(f"--out: {out} already holds the {' and '.join(results)} of a "
+                         "finished run; choose another --out")
     _write(out / "config.toml", cfg)
     return _Run(trainer, out)
 

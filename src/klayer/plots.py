@@ -169,12 +169,17 @@ def save_panels(path: Path, panels: Sequence[tuple[str, Callable[[Axes], None]]]
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
-    """Save ``fig`` as ``path`` atomically: a failed write (disk full) leaves no partial PNG."""
+    """Save ``fig`` as ``path`` atomically; a failed write (disk full) leaves no partial PNG
+    and is an OutputError naming the file."""
     from .modelfile import atomic_write
+    from .runfolder import OutputError, cannot_write
 
     fig.tight_layout()
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda f: fig.savefig(f, dpi=100, format=path.suffix.lstrip(".")))
+    except OSError as e:
+        raise OutputError(cannot_write(path, e)) from None
     finally:
         plt.close(fig)
     return path

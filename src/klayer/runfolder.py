@@ -72,14 +72,20 @@ def csv_text(rows: list[dict[str, float]]) -> str:
     return text.getvalue()
 
 
+# the columns the curves are drawn from (older run folders may lack later ones)
+PLOTTED = ("step", *(f"{split}_{m}" for m in ("loss", "cost", "accuracy")
+                     for split in ("train", "val")))
+
+
 def read_metrics(path: Path) -> list[dict[str, float]]:
     """metrics.csv back as a list of rows of floats; ValueError, saying what is wrong, for
     a file that is not one (empty, cut short, edited by hand)."""
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         header, rows = reader.fieldnames, list(reader)
-    if not header or "step" not in header:
-        raise ValueError("no header with a 'step' column")
+    missing = [k for k in PLOTTED if k not in (header or ())]
+    if missing:
+        raise ValueError(f"no header with the columns {', '.join(missing)}")
     if not rows:
         raise ValueError("no rows")
     out = []

@@ -111,6 +111,17 @@ def test_cli_length_flag_replaces_the_config_files_length(tmp_path: Path) -> Non
     assert r.returncode == 2 and "only one training length" in r.stderr
 
 
+def test_cli_train_says_which_settings_the_dataset_ignores(tmp_path: Path) -> None:
+    r = run_cli("train", "--dataset", "digits", "--val-size", "100", "--flip", "--translate", "2",
+                "--steps", "5", "--schedule", "constant", "--quiet", "--out", "o", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "ignored for the digits data: val_size (CIFAR-10 only)" in r.stderr
+    assert "ignored for the digits data, which are not images: flip, translate" in r.stderr
+    r = run_cli("train", "--dataset", "digits", "--steps", "5", "--schedule", "constant",
+                "--quiet", "--out", "o2", cwd=tmp_path)
+    assert r.returncode == 0 and "ignored" not in r.stderr, r.stderr
+
+
 def test_cli_train_refused_for_its_data_leaves_no_folder(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     for out in (["--out", "runs/new/run"], []):  # --out, or the default runs/<stamp>-run

@@ -83,6 +83,7 @@ def _new_run(args: argparse.Namespace, held: ExitStack) -> _Run:
     out = Path(args.out) if args.out else Path("runs") / (
         time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.name}")
     trainer = _trainer(cfg, out, args.quiet)  # data first: a failure leaves no folder
+    _warn_unused(cfg, trainer.data.image_shape is not None)
     check_writable(out)
     held.callback(_lock(out, "--out").release)
     if checkpoint.list_checkpoints(out / checkpoint.FOLDER):
@@ -94,6 +95,24 @@ def _new_run(args: argparse.Namespace, held: ExitStack) -> _Run:
                          "finished run; choose another --out")
     _write(out / "config.toml", cfg)
     return _Run(trainer, out)
+
+
+def _warn_unused(cfg: TrainConfig, images: bool) -> None:
+    """Say which settings this dataset has no use for, rather than drop them silently."""
+    import warnings
+
+    from .config import TrainConfig
+
+    default = TrainConfig()
+    cifar_only = [k for k in ("split", "val_size", "data_dir", "strict_checksums")
+                  if cfg.dataset != "cifar10" and getattr(cfg, k) != getattr(default, k)]
+    if cifar_only:
+        warnings.warn(f"ignored for the {cfg.dataset} data: {', '.join(cifar_only)} "
+                      "(CIFAR-10 only)", stacklevel=2)
+    augment = [k for k in ("flip", "translate", "tta_flip") if not images and getattr(cfg, k)]
+    if augment:
+        warnings.warn(f"ignored for the {cfg.dataset} data, which are not images: "
+                      f"{', '.join(augment)}", stacklevel=2)
 
 
 def _lock(out: Path, flag: str) -> Any:

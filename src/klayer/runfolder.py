@@ -72,7 +72,7 @@ def csv_text(rows: list[dict[str, float]]) -> str:
     return text.getvalue()
 
 
-# the columns the curves are drawn from (older run folders may lack later ones)
+# the columns the curves are drawn from; a metrics file must have them (others are optional)
 PLOTTED = ("step", *(f"{split}_{m}" for m in ("loss", "cost", "accuracy")
                      for split in ("train", "val")))
 

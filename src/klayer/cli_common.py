@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -124,20 +123,6 @@ def toml_round_trips(cfg: TrainConfig) -> None:
     if back != cfg:
         differ = [k for k, v in cfg.to_dict().items() if back.to_dict().get(k) != v]
         raise UsageError(f"these settings cannot be recorded in config.toml: {differ}")
-
-
-@contextmanager
-def output_errors(out: Path) -> Iterator[None]:
-    """An OSError while writing into ``out`` (disk full, removed folder) becomes an
-    OutputError, exit 5, naming the file; the files are written atomically, so none is
-    left half-written."""
-    from .runfolder import OutputError
-
-    try:
-        yield
-    except OSError as e:
-        raise OutputError(f"cannot write {e.filename or 'into ' + str(out)}: "
-                          f"{e.strerror or e}") from None
 
 
 def check_writable(out: Path, flag: str = "--out") -> None:

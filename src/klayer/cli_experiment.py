@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .cli_common import EXIT_OK, Command, UsageError, check_writable, output_errors
+from .cli_common import EXIT_OK, Command, UsageError, check_writable
 
 # experiments.EXPERIMENTS' keys, spelled out so that building the parser does not import
 # matplotlib (a test checks the two agree).
@@ -75,12 +75,12 @@ def run_experiment_cmd(args: argparse.Namespace) -> int:
                     args.seeds, time.strftime("%Y-%m-%d %H:%M:%S"))
     from .train import write_text
 
-    with output_errors(out):  # the results first: the smallest file, and the one to keep
-        write_text(out / "results.json", json.dumps(
-            [{k: v for k, v in asdict(s).items() if k not in ("figures",)} for s in sections],
-            indent=2, default=str) + "\n")
-        write_text(out / "report.md", to_markdown(report, out))
-        write_text(out / "report.html", to_html(report))
+    # the results first (the smallest file, and the one to keep); each write is atomic
+    write_text(out / "results.json", json.dumps(
+        [{k: v for k, v in asdict(s).items() if k not in ("figures",)} for s in sections],
+        indent=2, default=str) + "\n")
+    write_text(out / "report.md", to_markdown(report, out))
+    write_text(out / "report.html", to_html(report))
     print(f"\nreport: {out / 'report.html'} (and report.md)")
     return EXIT_OK
 

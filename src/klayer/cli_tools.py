@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli_common import EXIT_OK, Command, UsageError, check_writable, output_errors
+from .cli_common import EXIT_OK, Command, UsageError, check_writable
 
 
 def add_evaluate_args(p: argparse.ArgumentParser) -> None:
@@ -50,10 +50,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(" " * (width + 1) + " ".join(f"{c[:5]:>5}" for c in classes) + "   <- predicted")
     for i, c in enumerate(classes):
         print(f"{c:>{width}} " + " ".join(f"{v:>5}" for v in cm[i]))
-    with output_errors(out):
-        written = [save_confusion(out / f"confusion_{args.split}.png", cm, classes)]
-        if data.image_shape is not None:
-            written.append(save_montage(out / "weights.png", net.params["W1"], data.image_shape))
+    written = [save_confusion(out / f"confusion_{args.split}.png", cm, classes)]
+    if data.image_shape is not None:
+        written.append(save_montage(out / "weights.png", net.params["W1"], data.image_shape))
     print("\nwrote " + ", ".join(str(p) for p in written))
     return EXIT_OK
 
@@ -83,9 +82,8 @@ def run_plot(args: argparse.Namespace) -> int:
             raise DataError(f"{path}: cannot plot it ({e})") from None
     out = Path(args.out)
     check_writable(out)
-    with output_errors(out):
-        for path in save_overlay(out, runs):
-            print(f"wrote {path}")
+    for path in save_overlay(out, runs):
+        print(f"wrote {path}")
     return EXIT_OK
 
 

@@ -157,12 +157,9 @@ def _trainer(cfg: TrainConfig, out: Path, quiet: bool) -> Trainer:
 
 def _write(path: Path, cfg: TrainConfig) -> None:
     from .config import to_toml
-    from .train import OutputError, write_text
+    from .train import write_text
 
-    try:
-        write_text(path, to_toml(cfg.to_dict()))
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+    write_text(path, to_toml(cfg.to_dict()))  # OutputError naming the file if it fails
 
 
 def _resume(args: argparse.Namespace, held: ExitStack) -> _Run:
@@ -236,12 +233,8 @@ def _train(trainer: Trainer, out: Path, stop: StopOnSignal) -> int:
                 progress.close()
         plan = trainer.plan
         train.save_run(result, out)
-        try:
-            save_run_plots(out, result.rows, [plan.lr(t) for t in range(plan.total_steps)],
-                           trainer.cfg.name)
-        except OSError as e:
-            raise train.OutputError(f"cannot write the plots into {out}: "
-                                    f"{e.strerror or e}") from None
+        save_run_plots(out, result.rows, [plan.lr(t) for t in range(plan.total_steps)],
+                       trainer.cfg.name)  # an OutputError naming the PNG if one fails
     except train.Interrupted as e:
         print(f"\nklayer train: interrupted by {_signame(e.signum)} after step {e.step} of "
               f"{e.total}; checkpoint {e.path}\nresume with: klayer train --resume {_quote(out)}",

@@ -54,13 +54,17 @@ def save_run(result: Result, out: Path) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write a text file atomically (old file or complete new one, never a part)."""
+    """Write a text file atomically (old file or complete new one, never a part);
+    OutputError naming the file if it cannot be written."""
     data = text.encode()
 
     def write(f: IO[bytes]) -> None:
         f.write(data)
 
-    modelfile.atomic_write(path, write)
+    try:
+        modelfile.atomic_write(path, write)
+    except OSError as e:
+        raise OutputError(cannot_write(path, e)) from None
 
 
 def csv_text(rows: list[dict[str, float]]) -> str:

@@ -308,11 +308,7 @@ class Trainer:
         """Rewrite run_dir/metrics.csv (atomically) with the rows so far."""
         if self.run_dir is None:
             return
-        path = self.run_dir / "metrics.csv"
-        try:
-            write_text(path, csv_text(self.rows))
-        except OSError as e:
-            raise OutputError(cannot_write(path, e)) from None
+        write_text(self.run_dir / "metrics.csv", csv_text(self.rows))
 
 
 def train(cfg: TrainConfig, data: Data,

@@ -47,7 +47,7 @@ import sys
 import time
 
 # benchmarks/ is on sys.path when run as a script
-from _common import run_worker, sgemm_peak, trial_configs
+from _common import run_worker, sgemm_peak, thread_env, trial_configs
 
 MODES = ("sequential", "sequential-steps", "batched")
 
@@ -135,8 +135,7 @@ def main() -> None:
         print(json.dumps(run(args)))
         return
     modes = args.modes.split(",")
-    env = {**os.environ, **{v: str(args.threads) for v in
-                            ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}}
+    env = thread_env(args.threads)
     times: dict[str, list[float]] = {m: [] for m in modes}
     vals: dict[str, list[float]] = {}
     peaks: list[float] = []

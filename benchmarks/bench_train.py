@@ -14,9 +14,9 @@ up, then times ``--steps`` update steps (no evaluation). The libraries alternate
 ``--malloc-tuned`` runs both libraries with glibc's malloc told to keep freed memory
 (MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ at 1 GB) instead of handing large
 blocks back to the system between steps. PyTorch allocates its tensors afresh every
-step and pays page faults for them by default (on this machine, in the README's runs,
-399-568 steps/s that way and 687-711 tuned); klayer reuses its mini-batch buffer, and its
-figure hardly moves.
+step and pays page faults for them by default (on this machine, in the README's table
+run, 397-516 steps/s that way and 684-699 tuned); klayer reuses its mini-batch buffer, and
+its figure hardly moves.
 """
 
 from __future__ import annotations

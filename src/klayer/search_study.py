@@ -100,15 +100,13 @@ def _journal_storage(path: Path) -> optuna.storages.BaseStorage:
     # whose writer died only if that symlink resolves; a relative target resolves
     # against the lock's own folder, so a dead writer's lock would block every worker.
     target = str(path.absolute())
+    backend_cls: Any
     try:
-        try:
-            from optuna.storages.journal import JournalFileBackend
-            backend: Any = JournalFileBackend(target)
-        except ImportError:  # optuna < 4
-            from optuna.storages import JournalFileStorage
-
-            backend = JournalFileStorage(target)
-        return JournalStorage(backend)  # replays the file: a foreign one fails here
+        from optuna.storages.journal import JournalFileBackend as backend_cls
+    except ImportError:  # optuna < 4
+        from optuna.storages import JournalFileStorage as backend_cls
+    try:
+        return JournalStorage(backend_cls(target))  # replays the file: a foreign one fails here
     except OSError as e:
         raise OutputError(f"--storage: cannot open {path} for writing: {e.strerror or e}"
                           ) from None

@@ -474,7 +474,7 @@ def test_one_process_at_a_time_writes_a_run_folder(
     run = killed_at_137(killed, tmp_path)
     with filelock.FileLock(str(run / ".klayer-train.lock")):  # as a running klayer would
         rc, _, err = resume(run, capsys)
-    assert rc == 2 and "another klayer train is writing" in err, err
+    assert rc == 2 and "another klayer process is writing" in err, err
     assert steps(run) == [100, 50]
 
 

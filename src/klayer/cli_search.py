@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import signal
+import sys
+from contextlib import ExitStack, closing
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -316,9 +320,14 @@ def run_best(args: argparse.Namespace) -> int:
 
 def _retrain(args: argparse.Namespace, study: optuna.Study, info: StudyInfo, number: int,
              cfg: TrainConfig) -> int:
-    """``search best --retrain``: train the best configuration again, print the results."""
+    """``search best --retrain``: train the best configuration again, print the results.
+
+    Its run folders checkpoint like ``klayer train``'s: SIGINT / SIGTERM (or a closed
+    output pipe) stop at a step boundary with a checkpoint, and the same command run
+    again continues from there.
+    """
     from . import search, train
-    from .cli_train import Progress, print_summary
+    from .cli_train import Progress, StopOnSignal, lock_run_folder, print_summary
 
     seeds = args.seeds or 1
     out = Path(args.out) if args.out else search.study_dir(args.study, args.runs_dir) / (
@@ -326,15 +335,33 @@ def _retrain(args: argparse.Namespace, study: optuna.Study, info: StudyInfo, num
     data = search.load_study_data(info, args.data_dir)
     check_writable(out)
     plan = train.make_plan(cfg, len(data.train.y))
-    print(f"retraining #{number} for {plan.total_steps} steps"
-          + (f" ({args.cycles:g} cycles)" if args.cycles else "")
-          + (f" with {seeds} seeds" if seeds > 1 else "") + f" into {out}")
-    progress = Progress(plan.total_steps * seeds, quiet=args.quiet)
-    try:
-        _, results = search.retrain_best(study, info, args.cycles, out, args.data_dir,
-                                         callback=progress, data=data, seeds=seeds)
-    finally:
-        progress.close()
+    with StopOnSignal("search best") as stop, ExitStack() as held:
+        held.callback(lock_run_folder(out, "--out").release)
+        print(f"retraining #{number} for {plan.total_steps} steps"
+              + (f" ({args.cycles:g} cycles)" if args.cycles else "")
+              + (f" with {seeds} seeds" if seeds > 1 else "") + f" into {out}", flush=True)
+        progress = held.enter_context(closing(Progress(plan.total_steps * seeds,
+                                                       quiet=args.quiet)))
+        progress.on_broken_pipe = lambda: stop.request(signal.SIGPIPE)
+
+        def callback(kind: str, event: dict[str, float]) -> None:
+            if kind == "resume" and not args.quiet:
+                done = event["step"] >= event["steps"]
+                print(f"seed {event['seed']:.0f}: " + ("trained before; its results are read "
+                      "again" if done else f"continuing from its checkpoint at step "
+                      f"{event['step']:.0f} of {event['steps']:.0f}"), flush=True)
+            progress(kind, event)
+
+        try:
+            _, results = search.retrain_best(study, info, args.cycles, out, args.data_dir,
+                                             callback=callback, data=data, seeds=seeds,
+                                             should_stop=stop, warn=_warn)
+        except train.Interrupted as e:
+            again = shlex.join(["klayer", *sys.argv[1:]])
+            print(f"\nklayer search best: interrupted after step {e.step} of {e.total}; "
+                  f"checkpoint {e.path}\ncontinue with the same command: {again}",
+                  file=sys.stderr, flush=True)
+            return 128 + e.signum  # 130 SIGINT, 143 SIGTERM, 141 SIGPIPE
     for r in results:
         print_summary(r.summary)
     if seeds > 1:
@@ -344,6 +371,10 @@ def _retrain(args: argparse.Namespace, study: optuna.Study, info: StudyInfo, num
               f"mean {r['test_accuracy']:.2%} +- {r['test_std']:.2%}")
     print(f"run folder: {out}")
     return EXIT_OK
+
+
+def _warn(message: str) -> None:
+    print(f"klayer search: warning: {message}", file=sys.stderr, flush=True)
 
 
 COMMANDS: dict[str, Command] = {

@@ -32,9 +32,6 @@ if TYPE_CHECKING:
     from .train import Trainer
 
 LOCK_NAME = ".klayer-train.lock"
-# what a finished run leaves (a diverged or stopped one may leave config.toml and
-# metrics.csv, which a new run in the same folder may replace)
-FINISHED_FILES = ("model.npz", "summary.json")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -77,6 +74,7 @@ def _new_run(args: argparse.Namespace, held: ExitStack) -> _Run:
     import time
 
     from . import checkpoint
+    from .runfolder import FINISHED_FILES
 
     cfg = resolve_config(args)
     _validate(cfg)
@@ -85,7 +83,7 @@ def _new_run(args: argparse.Namespace, held: ExitStack) -> _Run:
     trainer = _trainer(cfg, out, args.quiet)  # data first: a failure leaves no folder
     _warn_unused(cfg, trainer.data.image_shape is not None)
     check_writable(out)
-    held.callback(_lock(out, "--out").release)
+    held.callback(lock_run_folder(out, "--out").release)
     if checkpoint.list_checkpoints(out / checkpoint.FOLDER):
         raise UsageError(f"--out: {out} holds the checkpoints of another run; continue it "
                          f"with `klayer train --resume {_quote(out)}` or choose another --out")
@@ -115,15 +113,16 @@ def _warn_unused(cfg: TrainConfig, images: bool) -> None:
                       f"{', '.join(augment)}", stacklevel=2)
 
 
-def _lock(out: Path, flag: str) -> Any:
-    """Hold RUN_DIR/.klayer-train.lock: one process at a time writes a run folder."""
+def lock_run_folder(out: Path, flag: str) -> Any:
+    """Hold RUN_DIR/.klayer-train.lock: one process at a time writes a run folder
+    (``klayer train`` or ``klayer search best --retrain``)."""
     import filelock
 
     lock = filelock.FileLock(str(out / LOCK_NAME))
     try:
         lock.acquire(timeout=0)
     except filelock.Timeout:
-        raise UsageError(f"{flag}: another klayer train is writing {out}") from None
+        raise UsageError(f"{flag}: another klayer process is writing {out}") from None
     except OSError as e:
         raise UsageError(f"{flag}: cannot lock {out}: {e.strerror or e}") from None
     return lock
@@ -190,7 +189,7 @@ def _resume(args: argparse.Namespace, held: ExitStack) -> _Run:
     _validate(cfg)
     check_writable(run_dir, flag="--resume")
     trainer = _trainer(cfg, run_dir, args.quiet)
-    held.callback(_lock(run_dir, "--resume").release)
+    held.callback(lock_run_folder(run_dir, "--resume").release)
 
     def warn(message: str) -> None:
         print(f"klayer train: warning: {message}", file=sys.stderr, flush=True)
@@ -262,7 +261,8 @@ class StopOnSignal:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, command: str = "train") -> None:
+        self.command = command  # for the message: klayer COMMAND: got SIGINT ...
         self.received: int | None = None
         self._old: dict[int, Any] = {}
 
@@ -278,7 +278,7 @@ class StopOnSignal:
         if self.received is not None:
             raise KeyboardInterrupt
         self.received = signum
-        os.write(2, f"\nklayer train: got {_signame(signum)}: finishing the "
+        os.write(2, f"\nklayer {self.command}: got {_signame(signum)}: finishing the "
                  "current step and writing a checkpoint (again to stop at once)\n".encode())
 
     def __enter__(self) -> StopOnSignal:
@@ -338,7 +338,9 @@ class Progress:
     def __call__(self, kind: str, info: dict[str, float]) -> None:
         if self.quiet:
             return
-        if kind == "eval":
+        if kind == "resume":  # a run continued from a checkpoint at this step
+            self.start_at(int(info["step"]))
+        elif kind == "eval":
             self.val_acc = info["val_accuracy"]
             if self.bar is None:
                 try:

@@ -18,6 +18,9 @@ from .config import to_toml
 if TYPE_CHECKING:
     from .train import Result
 
+# what a finished run leaves (a diverged or stopped one may leave config.toml and
+# metrics.csv, which a new run in the same folder may replace)
+FINISHED_FILES = ("model.npz", "summary.json")
 METRIC_FIELDS = ("step", "epoch", "lr", "train_loss", "train_cost", "train_accuracy",
                  "val_loss", "val_cost", "val_accuracy", "seconds")
 
@@ -54,14 +57,15 @@ def save_run(result: Result, out: Path) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write a text file atomically (old file or complete new one, never a part);
-    OutputError naming the file if it cannot be written."""
+    """Write a text file atomically (old file or complete new one, never a part), its
+    folder created if needed; OutputError naming the file if it cannot be written."""
     data = text.encode()
 
     def write(f: IO[bytes]) -> None:
         f.write(data)
 
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         modelfile.atomic_write(path, write)
     except OSError as e:
         raise OutputError(cannot_write(path, e)) from None

@@ -42,8 +42,10 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from . import train
-from .config import TrainConfig
+from .checkpoint import CheckpointError
+from .config import TrainConfig, to_toml
 from .data import Data
+from .runfolder import FINISHED_FILES
 from .search_pool import run_workers
 from .search_space import (
     SearchError,
@@ -124,8 +126,10 @@ def load_study_data(info: StudyInfo, data_dir: str | None = None) -> Data:
 def retrain_best(study: optuna.Study, info: StudyInfo, cycles: float | None, out: Path,
                  data_dir: str | None = None,
                  callback: Callable[[str, dict[str, float]], None] | None = None,
-                 data: Data | None = None,
-                 seeds: int = 1) -> tuple[FrozenTrial, list[train.Result]]:
+                 data: Data | None = None, seeds: int = 1,
+                 should_stop: Callable[[], int | None] | None = None,
+                 warn: Callable[[str], None] | None = None,
+                 ) -> tuple[FrozenTrial, list[train.Result]]:
     """Train the best trial's configuration again (for ``cycles`` cycles) into ``out``.
 
     With ``seeds`` > 1 it trains that many times (``retrain_seeds``), into
@@ -133,16 +137,24 @@ def retrain_best(study: optuna.Study, info: StudyInfo, cycles: float | None, out
     so a mean says more. The data must be the study's (fingerprint). The results are
     also recorded as the study attribute ``retrain`` (trial, cycles, seeds, accuracies
     and their mean, folder).
+
+    Each retraining is a run folder as ``klayer train`` writes it, checkpoints
+    included, so a stop costs little: ``should_stop`` (as in ``Trainer.run``) makes
+    it checkpoint and raise ``train.Interrupted``, and calling this again continues
+    every run where it stopped (a finished one is not trained again). A folder that
+    holds another run raises SearchError before anything trains; ``warn`` hears of
+    unusable checkpoints that were skipped.
     """
     best, cfg = best_config(study, info, cycles, data_dir)
     if data is None:
         data = load_study_data(info, data_dir)
     check_compatible(info, {}, data_fingerprint(data))
     results = []
-    for i, seed in enumerate(retrain_seeds(cfg.seed, seeds)):
-        run = cfg if i == 0 else replace(cfg, seed=seed, order_seed=info.config.order_seed)
-        result = train.train(replace(run, checkpoint_every=0), data, callback=callback)
-        train.save_run(result, out if seeds == 1 else out / f"seed-{seed}")
+    for trainer in _retrainers(cfg, info.config, data, out, seeds, callback, warn):
+        assert trainer.run_dir is not None
+        train.write_text(trainer.run_dir / "config.toml", to_toml(trainer.cfg.to_dict()))
+        result = trainer.run(should_stop)
+        train.save_run(result, trainer.run_dir)
         results.append(result)
     acc = {k: [r.summary[k] for r in results]
            for k in ("train_accuracy", "val_accuracy", "test_accuracy")}
@@ -152,6 +164,33 @@ def retrain_best(study: optuna.Study, info: StudyInfo, cycles: float | None, out
         "test_accuracies": acc["test_accuracy"],
         "test_std": float(np.std(acc["test_accuracy"], ddof=1)) if seeds > 1 else 0.0})
     return best, results
+
+
+def _retrainers(cfg: TrainConfig, base: TrainConfig, data: Data, out: Path, seeds: int,
+                callback: Callable[[str, dict[str, float]], None] | None,
+                warn: Callable[[str], None] | None) -> list[train.Trainer]:
+    """One Trainer per retraining seed, each restored from the checkpoints its folder
+    holds (if any): every folder is checked before anything trains."""
+    trainers = []
+    for i, seed in enumerate(retrain_seeds(cfg.seed, seeds)):
+        run = cfg if i == 0 else replace(cfg, seed=seed, order_seed=base.order_seed)
+        folder = out if seeds == 1 else out / f"seed-{seed}"
+        trainer = train.Trainer(run, data, callback, run_dir=folder)
+        try:
+            found = trainer.resume(warn or (lambda message: None))
+        except (train.ResumeMismatch, CheckpointError) as e:
+            raise SearchError(f"{folder} holds another run's checkpoints ({e}); choose "
+                              "another --out") from None
+        if found is None:
+            left = [n for n in FINISHED_FILES if (folder / n).exists()]
+            if left:
+                raise SearchError(f"{folder} holds the {' and '.join(left)} of another run; "
+                                  "choose another --out")
+        elif callback is not None:
+            callback("resume", {"step": found[0], "steps": trainer.plan.total_steps,
+                                "seed": seed})
+        trainers.append(trainer)
+    return trainers
 
 
 def run_study(name: str, config: TrainConfig, space: dict[str, Any] | None = None,

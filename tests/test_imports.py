@@ -16,7 +16,7 @@ LEVEL = {**dict.fromkeys(CORE, 0), "fetch": 1, "train": 1, "experiments": 2, "se
 CLI_PARTS = {"cli_common", "cli_gradcheck", "cli_train", "cli_tools", "cli_experiment",
              "cli_search"}
 LEVEL.update(dict.fromkeys(CLI_PARTS, 3))
-LEVEL.update({"runner": 2, "lambda_search": 2, "checkpoint": 0, "best": 2})
+LEVEL.update({"runner": 2, "jobcache": 2, "lambda_search": 2, "checkpoint": 0, "best": 2})
 LEVEL.update(dict.fromkeys(("plan", "evaluation", "runfolder", "trainstate", "batched",
                             "batched_stack"), 1))
 LEVEL.update(dict.fromkeys(("search_space", "search_study", "search_faults", "search_worker",

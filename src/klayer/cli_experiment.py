@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 from .cli_common import EXIT_OK, Command, UsageError, check_writable
+from .cli_train import lock_run_folder
 
 # experiments.EXPERIMENTS' keys, spelled out so that building the parser does not import
 # matplotlib (a test checks the two agree).
@@ -55,16 +59,22 @@ def run_experiment_cmd(args: argparse.Namespace) -> int:
                   log=lambda m: print(m, flush=True))
     names = list(ASSIGNMENT) if args.name == "all" else [args.name]
     try:
-        ctx.config({}, args.seed)  # the base configuration is valid
-        needs_data = names != ["gradcheck"]  # the gradient check runs on random data
-        if args.dataset == "cifar10" and needs_data:  # find it before any work (exit 4)
-            from .fetch import locate_cifar10
+        with ExitStack() as held:
+            ctx.config({}, args.seed)  # the base configuration is valid
+            needs_data = names != ["gradcheck"]  # the gradient check runs on random data
+            if args.dataset == "cifar10" and needs_data:  # find it before any work (exit 4)
+                from .fetch import locate_cifar10
 
-            locate_cifar10(args.data_dir)
-        check_writable(out)  # after the checks: a refused run leaves no folder
-        sections = [run_experiment(n, ctx) for n in names]
+                locate_cifar10(args.data_dir)
+            check_writable(out)  # after the checks: a refused run leaves no folder
+            held.callback(lock_run_folder(out, "--out").release)
+            held.enter_context(_sigterm_raises())
+            sections = [run_experiment(n, ctx) for n in names]
     except ValueError as e:
         raise UsageError(str(e)) from None
+    except (KeyboardInterrupt, _Terminated) as e:
+        ctx.close(abort=True)
+        return _stopped(args, out, signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT)
     finally:
         ctx.close()
     if args.name == "all":
@@ -83,6 +93,37 @@ def run_experiment_cmd(args: argparse.Namespace) -> int:
     write_text(out / "report.html", to_html(report))
     print(f"\nreport: {out / 'report.html'} (and report.md)")
     return EXIT_OK
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived: stop like Ctrl-C."""
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While active, SIGTERM raises _Terminated in the main thread (as SIGINT raises
+    KeyboardInterrupt), so the workers are stopped and the stop reported."""
+    def handle(signum: int, frame: object) -> None:
+        raise _Terminated
+
+    old = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _stopped(args: argparse.Namespace, out: Path, signum: int) -> int:
+    """Report a stopped experiment (the trainings it finished are kept); 130 or 143."""
+    from .jobcache import FOLDER
+
+    kept = len(list((out / FOLDER).glob("*.json")))
+    again = shlex.join(["klayer", *sys.argv[1:]]) + (
+        "" if args.out else f" --out {shlex.quote(str(out))}")
+    print(f"\nklayer experiment: stopped by {signal.Signals(signum).name}; {kept} finished "
+          f"training(s) are kept in {out / FOLDER}\ncontinue with: {again}",
+          file=sys.stderr, flush=True)
+    return 128 + signum
 
 
 COMMANDS: dict[str, Command] = {

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from . import jobcache
 from .config import TrainConfig
 from .data import Data, Split
 from .plots import plot_spread, save_panels
@@ -90,28 +91,43 @@ class Context:
     def map_jobs(self, jobs: Sequence[tuple[str, dict[str, Any], str | None, bool]]) -> list[
         Outcome
     ]:
-        """Run (label, config values, post, quick) jobs, in parallel when jobs > 1."""
-        start = time.perf_counter()
-        if self.jobs == 1 or len(jobs) == 1:
-            outcomes = []
-            for j in jobs:
-                outcomes.append(_job(*j))
-                self._progress(outcomes[-1], len(outcomes), len(jobs))
-        else:
-            futures = {self._executor().submit(_job, *j): i for i, j in enumerate(jobs)}
-            done: dict[int, Outcome] = {}
-            for f in as_completed(futures):  # report each training as it ends
-                done[futures[f]] = f.result()
-                self._progress(done[futures[f]], len(done), len(jobs))
-            outcomes = [done[i] for i in range(len(jobs))]
-        self.log(f"  {len(jobs)} training(s) in {time.perf_counter() - start:.0f} s")
-        return outcomes
+        """Run (label, config values, post, quick) jobs, in parallel when jobs > 1.
 
-    def _progress(self, o: Outcome, k: int, n: int) -> None:
+        Each finished training is kept in OUT/trainings (``jobcache``) as soon as it
+        ends; one kept there by an earlier run of the same experiment is read back
+        instead of trained again.
+        """
+        start = time.perf_counter()
+        folder = self.out / jobcache.FOLDER
+        outcomes: dict[int, Outcome] = {}
+        for i, j in enumerate(jobs):
+            kept = jobcache.load(folder, j, lambda m: self.log(f"  warning: {m}"))
+            if kept is not None:
+                outcomes[i] = kept
+                self._progress(kept, len(outcomes), len(jobs), "read back: trained before")
+        todo = [i for i in range(len(jobs)) if i not in outcomes]
+
+        def finished(i: int, outcome: Outcome) -> None:
+            jobcache.save(folder, jobs[i], outcome)
+            outcomes[i] = outcome
+            self._progress(outcome, len(outcomes), len(jobs))
+
+        if self.jobs == 1 or len(todo) <= 1:
+            for i in todo:
+                finished(i, _job(*jobs[i]))
+        else:
+            futures = {self._executor().submit(_job, *jobs[i]): i for i in todo}
+            for f in as_completed(futures):  # report each training as it ends
+                finished(futures[f], f.result())
+        self.log(f"  {len(jobs)} training(s) in {time.perf_counter() - start:.0f} s"
+                 + (f" ({len(jobs) - len(todo)} read back)" if len(todo) < len(jobs) else ""))
+        return [outcomes[i] for i in range(len(jobs))]
+
+    def _progress(self, o: Outcome, k: int, n: int, note: str = "") -> None:
         if n > 1:
+            note = note or f"{o.summary.get('wall_seconds', float('nan')):.0f} s"
             self.log(f"  [{k}/{n}] {o.label}, seed {o.seed}: test "
-                     f"{fmt_pct([o.summary.get('test_accuracy', float('nan'))])} "
-                     f"({o.summary.get('wall_seconds', float('nan')):.0f} s)")
+                     f"{fmt_pct([o.summary.get('test_accuracy', float('nan'))])} ({note})")
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -124,11 +140,23 @@ class Context:
             self._saved_env = {v: os.environ.get(v) for v in BLAS_VARS}
             os.environ.update({v: str(threads) for v in BLAS_VARS})
             self._pool = ProcessPoolExecutor(
-                self.jobs, mp_context=multiprocessing.get_context("spawn"))
+                self.jobs, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_ignore_sigint)  # Ctrl-C is the parent's to handle
         return self._pool
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """Shut the worker processes down: after their work, or (``abort``, on a stop)
+        at once, the queued trainings dropped and the running ones killed."""
         if self._pool is not None:
+            if abort:
+                import multiprocessing
+
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                workers = multiprocessing.active_children()
+                for w in workers:
+                    w.terminate()
+                for w in workers:
+                    w.join(10)
             self._pool.shutdown()
             self._pool = None
             for v, old in self._saved_env.items():
@@ -136,6 +164,12 @@ class Context:
                     os.environ.pop(v, None)
                 else:
                     os.environ[v] = old
+
+
+def _ignore_sigint() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # --- the worker side ---------------------------------------------------------------------

@@ -1,0 +1,81 @@
+"""An experiment's finished trainings, kept so that a stopped experiment loses only the
+trainings that were running.
+
+Each training of ``klayer experiment`` (a label, its configuration values, an optional
+post-evaluation, quick or not) is written, as soon as it ends, to
+``OUT/trainings/<label>-seed<S>-<key>.json``: the job that made it and its ``Outcome``
+(summary, metrics rows, extra values). ``key`` hashes the job and the klayer version,
+so the same command run again with the same ``--out`` reads those trainings back
+instead of training them again, and a job with any other setting (or another klayer)
+never matches. Trainings are seeded, so a training read back is the one a new run
+would produce. A file that cannot be read back is reported and trained again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+from .runfolder import write_text
+
+if TYPE_CHECKING:
+    from .runner import Outcome
+
+FOLDER = "trainings"
+Job = tuple[str, dict[str, Any], "str | None", bool]  # label, config values, post, quick
+
+
+def describe(job: Job) -> dict[str, Any]:
+    """What identifies a training, as plain JSON values."""
+    label, values, post, quick = job
+    plain = json.loads(json.dumps({"label": label, "config": values, "post": post,
+                                   "quick": quick, "klayer_version": __version__},
+                                  sort_keys=True, default=str))
+    assert isinstance(plain, dict)
+    return plain
+
+
+def path_for(folder: Path, job: Job) -> Path:
+    """``folder/<label>-seed<S>-<key>.json``: readable, and unique to the job."""
+    ident = describe(job)
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", job[0]).strip("-") or "training"
+    return folder / f"{slug}-seed{job[1].get('seed', 0)}-{key}.json"
+
+
+def save(folder: Path, job: Job, outcome: Outcome) -> Path:
+    """Write one finished training (atomically; OutputError if it cannot be)."""
+    path = path_for(folder, job)
+    write_text(path, json.dumps({"job": describe(job), "outcome": asdict(outcome)},
+                                default=str) + "\n")
+    return path
+
+
+def load(folder: Path, job: Job, warn: Callable[[str], None]) -> Outcome | None:
+    """The training of ``job`` finished by an earlier run, or None (never kept, or a
+    file that cannot be used: ``warn`` says why, and it will be trained again)."""
+    from .runner import Outcome
+
+    path = path_for(folder, job)
+    if not path.is_file():
+        return None
+    try:
+        payload = json.loads(path.read_text())
+        if payload["job"] != describe(job):
+            raise ValueError("it was made by another training")
+        o = payload["outcome"]
+        fields = (o["label"], o["seed"], o["config"], o["summary"], o["rows"], o["extra"])
+        kinds = (str, int, dict, dict, list, dict)
+        if not all(isinstance(v, k) for v, k in zip(fields, kinds, strict=True)) or not all(
+                isinstance(r, dict) for r in o["rows"]):
+            raise ValueError("its outcome has the wrong shape")
+        return Outcome(*fields)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        warn(f"{path} cannot be read back ({e}); training it again")
+        return None

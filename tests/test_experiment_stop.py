@@ -1,0 +1,134 @@
+"""A stopped `klayer experiment` stops its workers at once, keeps the trainings it
+finished, and the same command goes on from them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from klayer.runner import Context
+
+# 4 configurations x 4 seeds of quick trainings on synthetic data, 2 at a time
+ARGS = ("experiment", "bn-depth", "--dataset", "synthetic", "--quick", "--seeds", "4",
+        "--jobs", "2", "--out", "o")
+
+
+def start(cwd: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "klayer", *ARGS], cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # its own process group, as in a shell
+
+
+def stop_after(p: subprocess.Popen[str], done: int, signum: int, group: bool) -> str:
+    """Signal the run once ``done`` trainings have ended; its whole output."""
+    assert p.stdout is not None
+    seen, lines = 0, []
+    for line in p.stdout:
+        lines.append(line)
+        seen += line.lstrip().startswith("[")
+        if seen == done:
+            os.killpg(p.pid, signum) if group else p.send_signal(signum)
+            break
+    lines.append(p.stdout.read())
+    p.wait(timeout=30)
+    return "".join(lines)
+
+
+def group_ends(pgid: int, timeout: float = 15.0) -> bool:
+    """Whether every process of the group (the workers included) is gone in time."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def kept(cwd: Path) -> dict[str, float]:
+    return {p.name: json.loads(p.read_text())["outcome"]["summary"]["test_accuracy"]
+            for p in (cwd / "o" / "trainings").glob("*.json")}
+
+
+def test_ctrl_c_and_sigterm_stop_the_workers_and_the_run_goes_on(tmp_path: Path) -> None:
+    p = start(tmp_path)
+    out = stop_after(p, 3, signal.SIGINT, group=True)  # Ctrl-C reaches the whole group
+    assert p.returncode == 130, out
+    assert group_ends(p.pid), "worker processes outlived the stop"
+    first = kept(tmp_path)
+    assert 3 <= len(first) < 16
+    again = "klayer " + " ".join(ARGS)
+    assert f"{len(first)} finished training(s) are kept" in out and f"continue with: {again}" in out
+
+    p = start(tmp_path)
+    out = stop_after(p, len(first) + 2, signal.SIGTERM, group=False)  # the parent alone
+    assert p.returncode == 143, out
+    assert out.count("read back: trained before") == len(first)
+    assert group_ends(p.pid), "worker processes outlived SIGTERM"
+    second = kept(tmp_path)
+    assert len(second) >= len(first) + 2 and first.items() <= second.items()
+
+    p = start(tmp_path)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    assert out.count("read back: trained before") == len(second)
+    assert "16 training(s)" in out and (tmp_path / "o" / "report.html").is_file()
+
+    whole = tmp_path / "whole"  # never stopped: the same trainings, the same results
+    whole.mkdir()
+    r = subprocess.run([sys.executable, "-m", "klayer", *ARGS], cwd=whole, text=True,
+                       capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert kept(whole) == kept(tmp_path)
+
+
+def test_a_kept_training_is_read_back_and_a_damaged_one_trained_again(tmp_path: Path) -> None:
+    logs: list[str] = []
+    ctx = Context(base={"dataset": "synthetic", "seed": 0}, quick=True, out=tmp_path,
+                  log=logs.append)
+    jobs = [(f"seed {s}", ctx.config({}, s), None, True) for s in (0, 1, 2)]
+    first = ctx.map_jobs(jobs)
+    files = sorted((tmp_path / "trainings").glob("*.json"))
+    assert len(files) == 3
+
+    logs.clear()
+    assert [o.summary for o in ctx.map_jobs(jobs)] == [o.summary for o in first]
+    assert sum("read back: trained before" in m for m in logs) == 3
+
+    files[0].write_text(files[0].read_text()[:40])  # cut short, as by a full disk
+    files[1].write_text(files[2].read_text())  # another training's file under its name
+    logs.clear()
+    again = ctx.map_jobs(jobs)
+    assert sum("read back: trained before" in m for m in logs) == 1
+    assert sum("cannot be read back" in m for m in logs) == 2, logs
+    assert any("made by another training" in m for m in logs)
+    assert [o.summary["test_accuracy"] for o in again] == [
+        o.summary["test_accuracy"] for o in first]
+    assert json.loads(files[0].read_text())["outcome"]["seed"] == first[0].seed  # rewritten
+
+    other = [("seed 0", ctx.config({"lambda": 0.1}, 0), None, True)]  # any other setting
+    ctx.map_jobs(other)
+    assert len(list((tmp_path / "trainings").glob("*.json"))) == 4
+
+
+def test_an_aborted_pool_drops_its_queue_and_stops_its_workers_at_once(tmp_path: Path) -> None:
+    import multiprocessing
+
+    ctx = Context(base={}, jobs=2, out=tmp_path)
+    pool = ctx._executor()
+    work = [pool.submit(time.sleep, 60) for _ in range(4)]  # two running, two queued
+    end = time.monotonic() + 60
+    while len(multiprocessing.active_children()) < 2 and time.monotonic() < end:
+        time.sleep(0.05)
+    assert len(multiprocessing.active_children()) == 2
+    start = time.monotonic()
+    ctx.close(abort=True)
+    assert time.monotonic() - start < 10  # not the 2 x 60 s the work would take
+    assert not multiprocessing.active_children()
+    assert all(f.done() for f in work)

@@ -56,7 +56,7 @@ def run_experiment_cmd(args: argparse.Namespace) -> int:
     if args.data_dir:
         base["data_dir"] = args.data_dir
     ctx = Context(base=base, seeds=args.seeds, jobs=args.jobs, quick=args.quick, out=out,
-                  log=lambda m: print(m, flush=True))
+                  log=lambda m: print(m, flush=True), keep=True)
     names = list(ASSIGNMENT) if args.name == "all" else [args.name]
     try:
         with ExitStack() as held:

@@ -69,6 +69,7 @@ class Context:
     quick: bool = False
     out: Path = Path(".")
     log: Callable[[str], None] = print
+    keep: bool = False  # keep each finished training in OUT/trainings, read back on a re-run
     _pool: ProcessPoolExecutor | None = field(default=None, repr=False)
     _saved_env: dict[str, str | None] = field(default_factory=dict, repr=False)
 
@@ -93,14 +94,14 @@ class Context:
     ]:
         """Run (label, config values, post, quick) jobs, in parallel when jobs > 1.
 
-        Each finished training is kept in OUT/trainings (``jobcache``) as soon as it
-        ends; one kept there by an earlier run of the same experiment is read back
-        instead of trained again.
+        With ``keep``, each finished training is kept in OUT/trainings (``jobcache``)
+        as soon as it ends, and one kept there by an earlier run of the same experiment
+        is read back instead of trained again.
         """
         start = time.perf_counter()
         folder = self.out / jobcache.FOLDER
         outcomes: dict[int, Outcome] = {}
-        for i, j in enumerate(jobs):
+        for i, j in enumerate(jobs if self.keep else ()):
             kept = jobcache.load(folder, j, lambda m: self.log(f"  warning: {m}"))
             if kept is not None:
                 outcomes[i] = kept
@@ -108,7 +109,8 @@ class Context:
         todo = [i for i in range(len(jobs)) if i not in outcomes]
 
         def finished(i: int, outcome: Outcome) -> None:
-            jobcache.save(folder, jobs[i], outcome)
+            if self.keep:
+                jobcache.save(folder, jobs[i], outcome)
             outcomes[i] = outcome
             self._progress(outcome, len(outcomes), len(jobs))
 

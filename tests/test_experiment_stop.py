@@ -64,7 +64,8 @@ def test_ctrl_c_and_sigterm_stop_the_workers_and_the_run_goes_on(tmp_path: Path)
     first = kept(tmp_path)
     assert 3 <= len(first) < 16
     again = "klayer " + " ".join(ARGS)
-    assert f"{len(first)} finished training(s) are kept" in out and f"continue with: {again}" in out
+    assert f"the {len(first)} finished training(s) in o/trainings are kept" in out
+    assert f"continue with: {again}" in out
 
     p = start(tmp_path)
     out = stop_after(p, len(first) + 2, signal.SIGTERM, group=False)  # the parent alone
@@ -132,3 +133,63 @@ def test_an_aborted_pool_drops_its_queue_and_stops_its_workers_at_once(tmp_path:
     ctx.close(abort=True)
     assert time.monotonic() - start < 10  # not the 2 x 60 s the work would take
     assert not multiprocessing.active_children()  # and the queued ones never start
+
+
+def test_a_second_sigterm_during_the_stop_changes_nothing(tmp_path: Path) -> None:
+    p = start(tmp_path)
+    assert p.stdout is not None
+    for line in p.stdout:
+        if line.lstrip().startswith("["):
+            p.send_signal(signal.SIGTERM)
+            p.send_signal(signal.SIGTERM)  # as from an impatient supervisor
+            break
+    out = line + p.stdout.read()
+    assert p.wait(timeout=30) == 143, out
+    assert "continue with: klayer experiment" in out
+    assert group_ends(p.pid), "worker processes outlived a double SIGTERM"
+
+
+def test_an_output_error_stops_the_workers_at_once(tmp_path: Path) -> None:
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "trainings").write_text("a file where the folder goes")
+    args = [a if a != "4" else "40" for a in ARGS]  # 160 trainings: minutes if all ran
+    begin = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "klayer", *args], cwd=tmp_path, text=True,
+                       capture_output=True, timeout=600)
+    assert r.returncode == 5 and "trainings" in r.stderr, r.stderr
+    assert time.monotonic() - begin < 20, "the queued trainings ran before the error"
+
+
+def test_kept_trainings_of_other_data_are_not_read_back(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from conftest_data_helpers import make_cifar_folder
+
+    from klayer.cli import main
+
+    folder = tmp_path / "cifar" / "cifar-10-batches-py"
+    make_cifar_folder(folder, rows=400)
+    args = ["experiment", "bn-placement", "--quick", "--data-dir", str(tmp_path / "cifar"),
+            "--out", str(tmp_path / "o")]
+    assert main(args) == 0
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("read back: trained before") == 4
+    make_cifar_folder(folder, rows=400, seed=1)  # other images in the same files
+    assert main(args) == 0
+    assert "read back" not in capsys.readouterr().out
+
+
+def test_only_the_first_stop_signal_raises_the_rest_wait_for_the_clean_up() -> None:
+    from klayer.cli_experiment import _Stopped, _StopSignals
+
+    before = signal.getsignal(signal.SIGTERM)
+    caught = None
+    with _StopSignals():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs here
+        except _Stopped as e:
+            caught = e.signum
+            os.kill(os.getpid(), signal.SIGTERM)  # during the clean-up: ignored
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+    assert caught == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before  # restored afterwards

@@ -122,3 +122,20 @@ def test_a_multi_seed_retrain_stopped_in_its_second_seed_goes_on(study: Path) ->
         for k in a.net.params:
             np.testing.assert_array_equal(a.net.params[k], b.net.params[k], err_msg=k)
         assert a.summary["test_accuracy"] == b.summary["test_accuracy"]
+
+
+def test_a_retraining_kept_without_checkpoints_is_trained_again(study: Path) -> None:
+    import shutil
+
+    old = study / "old"  # as an older klayer left it: results, config.toml, no checkpoints
+    shutil.copytree(study / "whole", old, ignore=shutil.ignore_patterns("checkpoints"))
+    r = klayer(*RETRAIN, "--out", "old", "--quiet", cwd=study)
+    assert r.returncode == 0, r.stderr
+    assert "holds this retraining's results but no checkpoints" in r.stderr
+    assert summary(old) == summary(study / "whole")
+
+    (old / "config.toml").write_text((old / "config.toml").read_text().replace(
+        "cycles = 100", "cycles = 99"))  # another run's results: refused
+    shutil.rmtree(old / "checkpoints")
+    r = klayer(*RETRAIN, "--out", "old", cwd=study)
+    assert r.returncode == 2 and "of another run" in r.stderr

@@ -7,14 +7,18 @@ import json
 import shlex
 import signal
 import sys
+import threading
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .cli_common import EXIT_OK, Command, UsageError, check_writable
 from .cli_train import lock_run_folder
+
+if TYPE_CHECKING:
+    from .runner import Context
 
 # experiments.EXPERIMENTS' keys, spelled out so that building the parser does not import
 # matplotlib (a test checks the two agree).
@@ -41,8 +45,12 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_experiment_cmd(args: argparse.Namespace) -> int:
-    from .experiments import ASSIGNMENT, EXPERIMENTS, run_experiment, summary_section
-    from .report import Report, to_html, to_markdown
+    """Check everything, run the experiments, write the report.
+
+    SIGINT and SIGTERM stop it at any point after the checks: the worker processes are
+    stopped at once (the trainings they were running are lost, the finished ones are
+    kept in OUT/trainings) and the command that continues is printed; exit 130 / 143.
+    """
     from .runner import Context
 
     for flag, value in (("--seeds", args.seeds), ("--jobs", args.jobs)):
@@ -57,60 +65,96 @@ def run_experiment_cmd(args: argparse.Namespace) -> int:
         base["data_dir"] = args.data_dir
     ctx = Context(base=base, seeds=args.seeds, jobs=args.jobs, quick=args.quick, out=out,
                   log=lambda m: print(m, flush=True), keep=True)
-    names = list(ASSIGNMENT) if args.name == "all" else [args.name]
-    try:
-        with ExitStack() as held:
-            ctx.config({}, args.seed)  # the base configuration is valid
-            needs_data = names != ["gradcheck"]  # the gradient check runs on random data
-            if args.dataset == "cifar10" and needs_data:  # find it before any work (exit 4)
-                from .fetch import locate_cifar10
+    with _StopSignals(), ExitStack() as held:
+        try:
+            _check(args, ctx, out)
+            held.callback(lock_run_folder(out, "--out").release)  # released last
+            _run(args, ctx, out)
+        except BaseException as e:  # workers must not outlive the command, whatever stops it
+            ctx.close(abort=True)
+            if isinstance(e, _Stopped):
+                return _stopped(args, out, e.signum)
+            if isinstance(e, ValueError):
+                raise UsageError(str(e)) from None
+            raise
+        finally:
+            ctx.close()
+    return EXIT_OK
 
-                locate_cifar10(args.data_dir)
-            check_writable(out)  # after the checks: a refused run leaves no folder
-            held.callback(lock_run_folder(out, "--out").release)
-            held.enter_context(_sigterm_raises())
-            sections = [run_experiment(n, ctx) for n in names]
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    except (KeyboardInterrupt, _Terminated) as e:
-        ctx.close(abort=True)
-        return _stopped(args, out, signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT)
-    finally:
-        ctx.close()
+
+def _check(args: argparse.Namespace, ctx: Context, out: Path) -> None:
+    """Validate before any work: the configuration, the data, the report folder. What
+    identifies the data and the code goes into the kept trainings' keys."""
+    from .jobcache import identity
+
+    ctx.config({}, args.seed)  # the base configuration is valid
+    data_folder = None
+    needs_data = args.name != "gradcheck"  # the gradient check runs on random data
+    if args.dataset == "cifar10" and needs_data:  # find it before any work (exit 4)
+        from .fetch import locate_cifar10
+
+        data_folder = locate_cifar10(args.data_dir)
+    ctx.identity = identity(data_folder)
+    check_writable(out)  # after the checks: a refused run leaves no folder
+
+
+def _run(args: argparse.Namespace, ctx: Context, out: Path) -> None:
+    """The experiments, then results.json, report.md and report.html (each atomic)."""
+    from .experiments import ASSIGNMENT, EXPERIMENTS, run_experiment, summary_section
+    from .report import Report, to_html, to_markdown
+    from .train import write_text
+
+    names = list(ASSIGNMENT) if args.name == "all" else [args.name]
+    sections = [run_experiment(n, ctx) for n in names]
     if args.name == "all":
         sections.insert(0, summary_section(sections))
     title = ("DD2424 Assignment 3: k-layer networks with batch normalization" if args.name == "all"
              else f"klayer experiment {args.name}: {EXPERIMENTS[args.name][0]}")
     report = Report(title, sections, args.quick, "klayer " + shlex.join(sys.argv[1:]),
                     args.seeds, time.strftime("%Y-%m-%d %H:%M:%S"))
-    from .train import write_text
-
-    # the results first (the smallest file, and the one to keep); each write is atomic
+    # the results first (the smallest file, and the one to keep)
     write_text(out / "results.json", json.dumps(
         [{k: v for k, v in asdict(s).items() if k not in ("figures",)} for s in sections],
         indent=2, default=str) + "\n")
     write_text(out / "report.md", to_markdown(report, out))
     write_text(out / "report.html", to_html(report))
     print(f"\nreport: {out / 'report.html'} (and report.md)")
-    return EXIT_OK
 
 
-class _Terminated(Exception):
-    """SIGTERM arrived: stop like Ctrl-C."""
+class _Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived (a KeyboardInterrupt, so that one escaping the command
+    still ends in the CLI's plain "interrupted", exit 130)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
-@contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """While active, SIGTERM raises _Terminated in the main thread (as SIGINT raises
-    KeyboardInterrupt), so the workers are stopped and the stop reported."""
-    def handle(signum: int, frame: object) -> None:
-        raise _Terminated
+class _StopSignals:
+    """While active (in the main thread), the first SIGINT or SIGTERM raises _Stopped and
+    later ones are ignored, so the stop's own clean-up (a few seconds at most) is not cut
+    short and leaves no worker process behind."""
 
-    old = signal.signal(signal.SIGTERM, handle)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self._old: dict[int, Any] = {}
+        self._raised = False
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if not self._raised:
+            self._raised = True
+            raise _Stopped(signum)
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
 
 
 def _stopped(args: argparse.Namespace, out: Path, signum: int) -> int:
@@ -120,9 +164,10 @@ def _stopped(args: argparse.Namespace, out: Path, signum: int) -> int:
     kept = len(list((out / FOLDER).glob("*.json")))
     again = shlex.join(["klayer", *sys.argv[1:]]) + (
         "" if args.out else f" --out {shlex.quote(str(out))}")
-    print(f"\nklayer experiment: stopped by {signal.Signals(signum).name}; {kept} finished "
-          f"training(s) are kept in {out / FOLDER}\ncontinue with: {again}",
-          file=sys.stderr, flush=True)
+    saved = (f"the {kept} finished training(s) in {out / FOLDER} are kept" if kept
+             else "no training had finished")
+    print(f"\nklayer experiment: stopped by {signal.Signals(signum).name}; {saved}\n"
+          f"continue with: {again}", file=sys.stderr, flush=True)
     return 128 + signum
 
 

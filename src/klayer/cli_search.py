@@ -358,8 +358,9 @@ def _retrain(args: argparse.Namespace, study: optuna.Study, info: StudyInfo, num
                                              should_stop=stop, warn=_warn)
         except train.Interrupted as e:
             again = shlex.join(["klayer", *sys.argv[1:]])
-            print(f"\nklayer search best: interrupted after step {e.step} of {e.total}; "
-                  f"checkpoint {e.path}\ncontinue with the same command: {again}",
+            print(f"\nklayer search best: interrupted by {signal.Signals(e.signum).name} "
+                  f"after step {e.step} of {e.total}; checkpoint {e.path}\n"
+                  f"continue with the same command: {again}",
                   file=sys.stderr, flush=True)
             return 128 + e.signum  # 130 SIGINT, 143 SIGTERM, 141 SIGPIPE
     for r in results:

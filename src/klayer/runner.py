@@ -70,7 +70,9 @@ class Context:
     out: Path = Path(".")
     log: Callable[[str], None] = print
     keep: bool = False  # keep each finished training in OUT/trainings, read back on a re-run
+    identity: dict[str, Any] = field(default_factory=dict)  # jobcache.identity, for the keys
     _pool: ProcessPoolExecutor | None = field(default=None, repr=False)
+    _other_children: set[Any] = field(default_factory=set, repr=False)  # not the pool's
     _saved_env: dict[str, str | None] = field(default_factory=dict, repr=False)
 
     def config(self, overrides: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -102,7 +104,8 @@ class Context:
         folder = self.out / jobcache.FOLDER
         outcomes: dict[int, Outcome] = {}
         for i, j in enumerate(jobs if self.keep else ()):
-            kept = jobcache.load(folder, j, lambda m: self.log(f"  warning: {m}"))
+            kept = jobcache.load(folder, j, self.identity,
+                                 lambda m: self.log(f"  warning: {m}"))
             if kept is not None:
                 outcomes[i] = kept
                 self._progress(kept, len(outcomes), len(jobs), "read back: trained before")
@@ -110,7 +113,7 @@ class Context:
 
         def finished(i: int, outcome: Outcome) -> None:
             if self.keep:
-                jobcache.save(folder, jobs[i], outcome)
+                jobcache.save(folder, jobs[i], self.identity, outcome)
             outcomes[i] = outcome
             self._progress(outcome, len(outcomes), len(jobs))
 
@@ -141,6 +144,7 @@ class Context:
             threads = max(1, (os.cpu_count() or 1) // self.jobs)
             self._saved_env = {v: os.environ.get(v) for v in BLAS_VARS}
             os.environ.update({v: str(threads) for v in BLAS_VARS})
+            self._other_children = set(multiprocessing.active_children())
             self._pool = ProcessPoolExecutor(
                 self.jobs, mp_context=multiprocessing.get_context("spawn"),
                 initializer=_ignore_sigint)  # Ctrl-C is the parent's to handle
@@ -154,11 +158,15 @@ class Context:
                 import multiprocessing
 
                 self._pool.shutdown(wait=False, cancel_futures=True)
-                workers = multiprocessing.active_children()
+                workers = [w for w in multiprocessing.active_children()
+                           if w not in self._other_children]
                 for w in workers:
                     w.terminate()
                 for w in workers:
-                    w.join(10)
+                    w.join(5)
+                    if w.is_alive():  # SIGTERM not honoured in time
+                        w.kill()
+                        w.join(5)
             self._pool.shutdown()
             self._pool = None
             for v, old in self._saved_env.items():

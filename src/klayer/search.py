@@ -178,19 +178,35 @@ def _retrainers(cfg: TrainConfig, base: TrainConfig, data: Data, out: Path, seed
         trainer = train.Trainer(run, data, callback, run_dir=folder)
         try:
             found = trainer.resume(warn or (lambda message: None))
-        except (train.ResumeMismatch, CheckpointError) as e:
+        except train.ResumeMismatch as e:
             raise SearchError(f"{folder} holds another run's checkpoints ({e}); choose "
                               "another --out") from None
+        except CheckpointError as e:
+            raise SearchError(f"{folder}: {e}; move its checkpoints away to train it from "
+                              "the start, or choose another --out") from None
         if found is None:
-            left = [n for n in FINISHED_FILES if (folder / n).exists()]
-            if left:
-                raise SearchError(f"{folder} holds the {' and '.join(left)} of another run; "
-                                  "choose another --out")
+            _check_no_results(folder, run, warn)
         elif callback is not None:
             callback("resume", {"step": found[0], "steps": trainer.plan.total_steps,
                                 "seed": seed})
         trainers.append(trainer)
     return trainers
+
+
+def _check_no_results(folder: Path, cfg: TrainConfig, warn: Callable[[str], None] | None) -> None:
+    """A folder without checkpoints may hold no results, or this very run's (retrained
+    by a klayer that kept no checkpoints; its config.toml tells): never another run's."""
+    left = [n for n in FINISHED_FILES if (folder / n).exists()]
+    if not left:
+        return
+    toml = folder / "config.toml"
+    if toml.is_file() and toml.read_text() == to_toml(cfg.to_dict()):
+        if warn is not None:
+            warn(f"{folder} holds this retraining's results but no checkpoints (an older "
+                 "klayer's): training it again, to the same results")
+        return
+    raise SearchError(f"{folder} holds the {' and '.join(left)} of another run; choose "
+                      "another --out")
 
 
 def run_study(name: str, config: TrainConfig, space: dict[str, Any] | None = None,

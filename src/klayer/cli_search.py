@@ -357,12 +357,16 @@ def _retrain(args: argparse.Namespace, study: optuna.Study, info: StudyInfo, num
                                              callback=callback, data=data, seeds=seeds,
                                              should_stop=stop, warn=_warn)
         except train.Interrupted as e:
-            again = shlex.join(["klayer", *sys.argv[1:]])
             print(f"\nklayer search best: interrupted by {signal.Signals(e.signum).name} "
                   f"after step {e.step} of {e.total}; checkpoint {e.path}\n"
-                  f"continue with the same command: {again}",
-                  file=sys.stderr, flush=True)
+                  f"continue with the same command: {_again()}", file=sys.stderr, flush=True)
             return 128 + e.signum  # 130 SIGINT, 143 SIGTERM, 141 SIGPIPE
+        except KeyboardInterrupt:  # a second signal: stopped at once
+            signum = stop.received or signal.SIGINT
+            print(f"\nklayer search best: stopped at once by {signal.Signals(signum).name}; "
+                  "the checkpoints already written are intact\ncontinue with the same "
+                  f"command: {_again()}", file=sys.stderr, flush=True)
+            return 128 + signum
     for r in results:
         print_summary(r.summary)
     if seeds > 1:
@@ -372,6 +376,11 @@ def _retrain(args: argparse.Namespace, study: optuna.Study, info: StudyInfo, num
               f"mean {r['test_accuracy']:.2%} +- {r['test_std']:.2%}")
     print(f"run folder: {out}")
     return EXIT_OK
+
+
+def _again() -> str:
+    """This command line, to run again."""
+    return shlex.join(["klayer", *sys.argv[1:]])
 
 
 def _warn(message: str) -> None:

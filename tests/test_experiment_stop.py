@@ -51,6 +51,21 @@ def group_ends(pgid: int, timeout: float = 15.0) -> bool:
     return False
 
 
+def gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie not yet reaped counts as ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+    return state in ("Z", "X")
+
+
 def kept(cwd: Path) -> dict[str, float]:
     return {p.name: json.loads(p.read_text())["outcome"]["summary"]["test_accuracy"]
             for p in (cwd / "o" / "trainings").glob("*.json")}
@@ -128,11 +143,12 @@ def test_an_aborted_pool_drops_its_queue_and_stops_its_workers_at_once(tmp_path:
     end = time.monotonic() + 60
     while len(multiprocessing.active_children()) < 2 and time.monotonic() < end:
         time.sleep(0.05)
-    assert len(multiprocessing.active_children()) == 2
+    workers = [w.pid for w in multiprocessing.active_children()]
+    assert len(workers) == 2
     start = time.monotonic()
     ctx.close(abort=True)
     assert time.monotonic() - start < 10  # not the 2 x 60 s the work would take
-    assert not multiprocessing.active_children()  # and the queued ones never start
+    assert all(gone(pid) for pid in workers)  # (a process object may not know yet)
 
 
 def test_a_second_sigterm_during_the_stop_changes_nothing(tmp_path: Path) -> None:
@@ -193,3 +209,54 @@ def test_only_the_first_stop_signal_raises_the_rest_wait_for_the_clean_up() -> N
             time.sleep(0.1)
     assert caught == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) == before  # restored afterwards
+
+
+def test_a_signal_once_the_work_is_done_changes_nothing() -> None:
+    from klayer.cli_experiment import _StopSignals
+
+    with _StopSignals() as signals:
+        signals.disarm()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)  # ignored: nothing raised
+
+
+def test_an_interrupted_wait_for_the_pool_still_stops_its_workers(tmp_path: Path) -> None:
+    import multiprocessing
+
+    ctx = Context(base={}, jobs=2, out=tmp_path)
+    pool = ctx._executor()
+    for _ in range(2):
+        pool.submit(time.sleep, 60)
+    end = time.monotonic() + 60
+    while len(multiprocessing.active_children()) < 2 and time.monotonic() < end:
+        time.sleep(0.05)
+    workers = [w.pid for w in multiprocessing.active_children()]
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)  # Ctrl-C while close() waits for the work
+        start = time.monotonic()
+        try:
+            ctx.close()
+        except KeyboardInterrupt:
+            pass
+        else:
+            raise AssertionError("close() returned before the interrupt")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert time.monotonic() - start < 15
+    assert len(workers) == 2 and all(gone(pid) for pid in workers)
+
+
+def test_seed_moves_the_first_seed(tmp_path: Path) -> None:
+    from klayer.cli import main
+
+    out = tmp_path / "o"
+    assert main(["experiment", "bn-placement", "--dataset", "synthetic", "--quick",
+                 "--seed", "5", "--seeds", "2", "--out", str(out)]) == 0
+    assert "| 5,6 |" in (out / "report.md").read_text()
+    assert Context(base={"seed": 5}, seeds=2).seed_range() == range(5, 7)

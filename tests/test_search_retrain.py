@@ -129,6 +129,10 @@ def test_a_retraining_kept_without_checkpoints_is_trained_again(study: Path) -> 
 
     old = study / "old"  # as an older klayer left it: results, config.toml, no checkpoints
     shutil.copytree(study / "whole", old, ignore=shutil.ignore_patterns("checkpoints"))
+    toml = (old / "config.toml").read_text()  # and it trained with other checkpoint settings
+    assert "checkpoint_every = 0\n" in toml
+    (old / "config.toml").write_text(toml.replace("checkpoint_every = 0\n",
+                                                  "checkpoint_every = 1000\n"))
     r = klayer(*RETRAIN, "--out", "old", "--quiet", cwd=study)
     assert r.returncode == 0, r.stderr
     assert "holds this retraining's results but no checkpoints" in r.stderr

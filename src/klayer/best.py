@@ -72,8 +72,8 @@ def ablation_specs(recipe: dict[str, Any]) -> list[RunSpec]:
 def best(ctx: Context) -> Section:
     recipe = {**load_recipe(), **(QUICK_RECIPE if ctx.quick else {})}
     specs = ablation_specs(recipe)
-    seeds = {s.label: range(ctx.seeds) for s in specs[:-1]}
-    seeds[specs[-1].label] = range(max(ctx.seeds, FINAL_SEEDS))
+    seeds = {s.label: ctx.seed_range() for s in specs[:-1]}
+    seeds[specs[-1].label] = ctx.seed_range(max(ctx.seeds, FINAL_SEEDS))
     groups = by_label(ctx.map_jobs([(s.label, ctx.config(s.overrides, seed), s.post, ctx.quick)
                                     for s in specs for seed in seeds[s.label]]))
     rows, previous = [], None

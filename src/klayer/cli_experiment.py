@@ -65,20 +65,20 @@ def run_experiment_cmd(args: argparse.Namespace) -> int:
         base["data_dir"] = args.data_dir
     ctx = Context(base=base, seeds=args.seeds, jobs=args.jobs, quick=args.quick, out=out,
                   log=lambda m: print(m, flush=True), keep=True)
-    with _StopSignals(), ExitStack() as held:
+    with _StopSignals() as signals, ExitStack() as held:
         try:
             _check(args, ctx, out)
             held.callback(lock_run_folder(out, "--out").release)  # released last
             _run(args, ctx, out)
+            ctx.close()  # the pool's end, still under the stop handlers
+            signals.disarm()  # done: a signal now changes nothing
         except BaseException as e:  # workers must not outlive the command, whatever stops it
             ctx.close(abort=True)
             if isinstance(e, _Stopped):
-                return _stopped(args, out, e.signum)
+                return _stopped(args, out, e.signum, len(ctx.kept))
             if isinstance(e, ValueError):
                 raise UsageError(str(e)) from None
             raise
-        finally:
-            ctx.close()
     return EXIT_OK
 
 
@@ -146,6 +146,10 @@ class _StopSignals:
             self._raised = True
             raise _Stopped(signum)
 
+    def disarm(self) -> None:
+        """From now on every signal is ignored (the work is done)."""
+        self._raised = True
+
     def __enter__(self) -> _StopSignals:
         if threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
@@ -157,11 +161,10 @@ class _StopSignals:
             signal.signal(s, old)
 
 
-def _stopped(args: argparse.Namespace, out: Path, signum: int) -> int:
-    """Report a stopped experiment (the trainings it finished are kept); 130 or 143."""
+def _stopped(args: argparse.Namespace, out: Path, signum: int, kept: int) -> int:
+    """Report a stopped experiment (its ``kept`` finished trainings are); 130 or 143."""
     from .jobcache import FOLDER
 
-    kept = len(list((out / FOLDER).glob("*.json")))
     again = shlex.join(["klayer", *sys.argv[1:]]) + (
         "" if args.out else f" --out {shlex.quote(str(out))}")
     saved = (f"the {kept} finished training(s) in {out / FOLDER} are kept" if kept

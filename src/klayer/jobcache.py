@@ -42,7 +42,9 @@ def identity(data_folder: Path | None) -> dict[str, Any]:
     are), klayer's source (a hash of its .py, .c and .toml files), NumPy and kernels."""
     package = Path(__file__).resolve().parent
     code = hashlib.sha256()
-    for path in sorted(p for p in package.rglob("*") if p.suffix in (".py", ".c", ".toml")):
+    sources = (p for p in package.rglob("*") if p.suffix in (".py", ".c", ".toml")
+               and not p.name.startswith(".") and p.is_file())  # not an editor's lock link
+    for path in sorted(sources):
         code.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
     data = None
     if data_folder is not None:  # the batch files (not the decoded cache klayer adds)
@@ -58,6 +60,9 @@ def identity(data_folder: Path | None) -> dict[str, Any]:
 def describe(job: Job, ident: dict[str, Any]) -> dict[str, Any]:
     """What identifies a training, as plain JSON values."""
     label, values, post, quick = job
+    if ident.get("data") is not None:  # the resolved folder says where the data was found,
+        values = {k: v for k, v in values.items()  # however --data-dir spelled it
+                  if k not in ("data_dir", "strict_checksums")}
     plain = json.loads(json.dumps({"label": label, "config": values, "post": post,
                                    "quick": quick, "identity": ident},
                                   sort_keys=True, default=str))

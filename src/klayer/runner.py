@@ -73,6 +73,7 @@ class Context:
     identity: dict[str, Any] = field(default_factory=dict)  # jobcache.identity, for the keys
     _pool: ProcessPoolExecutor | None = field(default=None, repr=False)
     _other_children: set[Any] = field(default_factory=set, repr=False)  # not the pool's
+    kept: set[Path] = field(default_factory=set, repr=False)  # this run's kept trainings
     _saved_env: dict[str, str | None] = field(default_factory=dict, repr=False)
 
     def config(self, overrides: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -85,9 +86,16 @@ class Context:
         """Training-length overrides for full and for quick runs."""
         return quick if self.quick else full
 
+    def seed_range(self, n: int | None = None) -> range:
+        """``n`` seeds (default ``seeds``) from the base seed up: --seed S --seeds N gives
+        S .. S + N - 1."""
+        first = int(self.base.get("seed", 0))
+        return range(first, first + (self.seeds if n is None else n))
+
     def run(self, specs: Sequence[RunSpec], seeds: Sequence[int] | None = None) -> list[Outcome]:
-        """Train every spec with every seed (default 0 .. seeds - 1); results in spec order."""
-        seeds = list(range(self.seeds)) if seeds is None else list(seeds)
+        """Train every spec with every seed (default ``seed_range()``); results in spec
+        order."""
+        seeds = list(self.seed_range()) if seeds is None else list(seeds)
         return self.map_jobs([(s.label, self.config(s.overrides, seed), s.post, self.quick)
                               for s in specs for seed in seeds])
 
@@ -108,12 +116,13 @@ class Context:
                                  lambda m: self.log(f"  warning: {m}"))
             if kept is not None:
                 outcomes[i] = kept
+                self.kept.add(jobcache.path_for(folder, j, self.identity))
                 self._progress(kept, len(outcomes), len(jobs), "read back: trained before")
         todo = [i for i in range(len(jobs)) if i not in outcomes]
 
         def finished(i: int, outcome: Outcome) -> None:
             if self.keep:
-                jobcache.save(folder, jobs[i], self.identity, outcome)
+                self.kept.add(jobcache.save(folder, jobs[i], self.identity, outcome))
             outcomes[i] = outcome
             self._progress(outcome, len(outcomes), len(jobs))
 
@@ -153,27 +162,37 @@ class Context:
     def close(self, abort: bool = False) -> None:
         """Shut the worker processes down: after their work, or (``abort``, on a stop)
         at once, the queued trainings dropped and the running ones killed."""
-        if self._pool is not None:
+        if self._pool is None:
+            return
+        try:
             if abort:
-                import multiprocessing
-
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                workers = [w for w in multiprocessing.active_children()
-                           if w not in self._other_children]
-                for w in workers:
-                    w.terminate()
-                for w in workers:
-                    w.join(5)
-                    if w.is_alive():  # SIGTERM not honoured in time
-                        w.kill()
-                        w.join(5)
+                self._stop_workers()
             self._pool.shutdown()
+        except BaseException:  # interrupted while waiting: stop them all the same
+            self._stop_workers()
+            raise
+        finally:
             self._pool = None
             for v, old in self._saved_env.items():
                 if old is None:
                     os.environ.pop(v, None)
                 else:
                     os.environ[v] = old
+
+    def _stop_workers(self) -> None:
+        """Drop the queued trainings and end the pool's processes (SIGTERM, then SIGKILL)."""
+        import multiprocessing
+
+        assert self._pool is not None
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        workers = [w for w in multiprocessing.active_children() if w not in self._other_children]
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            w.join(5)
+            if w.is_alive():  # SIGTERM not honoured in time
+                w.kill()
+                w.join(5)
 
 
 def _ignore_sigint() -> None:

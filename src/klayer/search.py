@@ -76,6 +76,7 @@ from .search_study import (
     trial_seed,
 )
 from .search_worker import WorkerOptions, evaluate_trained
+from .trainstate import config_differences
 
 __all__ = [
     "A_DATA", "SearchError", "Space", "StudyInfo", "WorkerOptions", "best_config",
@@ -182,8 +183,8 @@ def _retrainers(cfg: TrainConfig, base: TrainConfig, data: Data, out: Path, seed
             raise SearchError(f"{folder} holds another run's checkpoints ({e}); choose "
                               "another --out") from None
         except CheckpointError as e:
-            raise SearchError(f"{folder}: {e}; move its checkpoints away to train it from "
-                              "the start, or choose another --out") from None
+            raise SearchError(f"{e}; move them away to train it from the start, or choose "
+                              "another --out") from None
         if found is None:
             _check_no_results(folder, run, warn)
         elif callback is not None:
@@ -199,14 +200,28 @@ def _check_no_results(folder: Path, cfg: TrainConfig, warn: Callable[[str], None
     left = [n for n in FINISHED_FILES if (folder / n).exists()]
     if not left:
         return
-    toml = folder / "config.toml"
-    if toml.is_file() and toml.read_text() == to_toml(cfg.to_dict()):
+    if _same_run(folder / "config.toml", cfg):
         if warn is not None:
             warn(f"{folder} holds this retraining's results but no checkpoints (an older "
                  "klayer's): training it again, to the same results")
         return
     raise SearchError(f"{folder} holds the {' and '.join(left)} of another run; choose "
                       "another --out")
+
+
+def _same_run(toml: Path, cfg: TrainConfig) -> bool:
+    """Whether ``toml`` records ``cfg``'s run, but for where the data was found and how
+    often it checkpointed (an older klayer retrained with no checkpoints)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11
+        import tomli as tomllib
+    try:
+        recorded = tomllib.loads(toml.read_text())
+        differ = config_differences(recorded, cfg.to_dict())
+    except (OSError, UnicodeDecodeError, ValueError, CheckpointError):
+        return False
+    return set(differ) <= {"checkpoint_every"}
 
 
 def run_study(name: str, config: TrainConfig, space: dict[str, Any] | None = None,

@@ -72,8 +72,8 @@ def describe(job: Job, ident: dict[str, Any]) -> dict[str, Any]:
 
 def path_for(folder: Path, job: Job, ident: dict[str, Any]) -> Path:
     """``folder/<label>-seed<S>-<key>.json``: readable, and unique to the job."""
-    ident = describe(job, ident)
-    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    described = describe(job, ident)
+    key = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
     slug = re.sub(r"[^A-Za-z0-9.]+", "-", job[0]).strip("-") or "training"
     return folder / f"{slug}-seed{job[1].get('seed', 0)}-{key}.json"
 

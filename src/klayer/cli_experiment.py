@@ -7,14 +7,13 @@ import json
 import shlex
 import signal
 import sys
-import threading
 import time
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from .cli_common import EXIT_OK, Command, UsageError, check_writable
+from .cli_common import EXIT_OK, Command, SignalHandlers, UsageError, check_writable
 from .cli_train import lock_run_folder
 
 if TYPE_CHECKING:
@@ -130,15 +129,13 @@ class _Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
-class _StopSignals:
+class _StopSignals(SignalHandlers):
     """While active (in the main thread), the first SIGINT or SIGTERM raises _Stopped and
     later ones are ignored, so the stop's own clean-up (a few seconds at most) is not cut
     short and leaves no worker process behind."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
     def __init__(self) -> None:
-        self._old: dict[int, Any] = {}
+        super().__init__()
         self._raised = False
 
     def _handle(self, signum: int, frame: object) -> None:
@@ -149,16 +146,6 @@ class _StopSignals:
     def disarm(self) -> None:
         """From now on every signal is ignored (the work is done)."""
         self._raised = True
-
-    def __enter__(self) -> _StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for s in self.SIGNALS:
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for s, old in self._old.items():
-            signal.signal(s, old)
 
 
 def _stopped(args: argparse.Namespace, out: Path, signum: int, kept: int) -> int:

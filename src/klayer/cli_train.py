@@ -6,7 +6,6 @@ import argparse
 import os
 import signal
 import sys
-import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -18,6 +17,7 @@ from .cli_common import (
     EXIT_SIGINT,
     EXIT_SIGTERM,
     Command,
+    SignalHandlers,
     UsageError,
     add_config_flags,
     check_writable,
@@ -250,7 +250,7 @@ def _train(trainer: Trainer, out: Path, stop: StopOnSignal) -> int:
     return EXIT_OK
 
 
-class StopOnSignal:
+class StopOnSignal(SignalHandlers):
     """While active, SIGINT and SIGTERM ask for a stop instead of killing the process.
 
     Calling the object returns the first signal's number (or None): the Trainer asks
@@ -259,12 +259,10 @@ class StopOnSignal:
     Only the main thread can install handlers; elsewhere this does nothing.
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
     def __init__(self, command: str = "train") -> None:
+        super().__init__()
         self.command = command  # for the message: klayer COMMAND: got SIGINT ...
         self.received: int | None = None
-        self._old: dict[int, Any] = {}
 
     def __call__(self) -> int | None:
         return self.received
@@ -280,17 +278,6 @@ class StopOnSignal:
         self.received = signum
         os.write(2, f"\nklayer {self.command}: got {_signame(signum)}: finishing the "
                  "current step and writing a checkpoint (again to stop at once)\n".encode())
-
-    def __enter__(self) -> StopOnSignal:
-        if threading.current_thread() is threading.main_thread():
-            for s in self.SIGNALS:
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for s, old in self._old.items():
-            signal.signal(s, old)
-        self._old.clear()
 
 
 def _signame(signum: int) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -181,3 +182,8 @@ class SignalHandlers:
         for s, old in self._old.items():
             signal.signal(s, old)
         self._old.clear()
+
+
+def command_line() -> str:
+    """This command line, quoted for a shell (to print, or to run again)."""
+    return shlex.join(["klayer", *sys.argv[1:]])

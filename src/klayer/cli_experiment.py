@@ -13,7 +13,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .cli_common import EXIT_OK, Command, SignalHandlers, UsageError, check_writable
+from .cli_common import (
+    EXIT_OK,
+    Command,
+    SignalHandlers,
+    UsageError,
+    check_writable,
+    command_line,
+)
 from .cli_train import lock_run_folder
 
 if TYPE_CHECKING:
@@ -109,7 +116,7 @@ def _run(args: argparse.Namespace, ctx: Context, out: Path) -> None:
         sections.insert(0, summary_section(sections))
     title = ("DD2424 Assignment 3: k-layer networks with batch normalization" if args.name == "all"
              else f"klayer experiment {args.name}: {EXPERIMENTS[args.name][0]}")
-    report = Report(title, sections, args.quick, "klayer " + shlex.join(sys.argv[1:]),
+    report = Report(title, sections, args.quick, command_line(),
                     args.seeds, time.strftime("%Y-%m-%d %H:%M:%S"))
     # the results first (the smallest file, and the one to keep)
     write_text(out / "results.json", json.dumps(
@@ -152,7 +159,7 @@ def _stopped(args: argparse.Namespace, out: Path, signum: int, kept: int) -> int
     """Report a stopped experiment (its ``kept`` finished trainings are); 130 or 143."""
     from .jobcache import FOLDER
 
-    again = shlex.join(["klayer", *sys.argv[1:]]) + (
+    again = command_line() + (
         "" if args.out else f" --out {shlex.quote(str(out))}")
     saved = (f"the {kept} finished training(s) in {out / FOLDER} are kept" if kept
              else "no training had finished")

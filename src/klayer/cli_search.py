@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import signal
 import sys
 from contextlib import ExitStack, closing
@@ -18,6 +17,7 @@ from .cli_common import (
     UsageError,
     add_config_flags,
     check_writable,
+    command_line,
     read_toml,
     resolve_config,
 )
@@ -359,13 +359,13 @@ def _retrain(args: argparse.Namespace, study: optuna.Study, info: StudyInfo, num
         except train.Interrupted as e:
             print(f"\nklayer search best: interrupted by {signal.Signals(e.signum).name} "
                   f"after step {e.step} of {e.total}; checkpoint {e.path}\n"
-                  f"continue with the same command: {_again()}", file=sys.stderr, flush=True)
+                  f"continue with the same command: {command_line()}", file=sys.stderr, flush=True)
             return 128 + e.signum  # 130 SIGINT, 143 SIGTERM, 141 SIGPIPE
         except KeyboardInterrupt:  # a second signal: stopped at once
             signum = stop.received or signal.SIGINT
             print(f"\nklayer search best: stopped at once by {signal.Signals(signum).name}; "
                   "the checkpoints already written are intact\ncontinue with the same "
-                  f"command: {_again()}", file=sys.stderr, flush=True)
+                  f"command: {command_line()}", file=sys.stderr, flush=True)
             return 128 + signum
     for r in results:
         print_summary(r.summary)
@@ -376,11 +376,6 @@ def _retrain(args: argparse.Namespace, study: optuna.Study, info: StudyInfo, num
               f"mean {r['test_accuracy']:.2%} +- {r['test_std']:.2%}")
     print(f"run folder: {out}")
     return EXIT_OK
-
-
-def _again() -> str:
-    """This command line, to run again."""
-    return shlex.join(["klayer", *sys.argv[1:]])
 
 
 def _warn(message: str) -> None:

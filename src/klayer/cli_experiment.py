@@ -81,7 +81,7 @@ def run_experiment_cmd(args: argparse.Namespace) -> int:
         except BaseException as e:  # workers must not outlive the command, whatever stops it
             ctx.close(abort=True)
             if isinstance(e, _Stopped):
-                return _stopped(args, out, e.signum, len(ctx.kept))
+                return _stopped(args, out, e.signum, sum(p.is_file() for p in ctx.kept))
             if isinstance(e, ValueError):
                 raise UsageError(str(e)) from None
             raise

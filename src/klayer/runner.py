@@ -74,6 +74,7 @@ class Context:
     _pool: ProcessPoolExecutor | None = field(default=None, repr=False)
     _other_children: set[Any] = field(default_factory=set, repr=False)  # not the pool's
     kept: set[Path] = field(default_factory=set, repr=False)  # this run's kept trainings
+    # (read back, or written or being written: count those that exist)
     _saved_env: dict[str, str | None] = field(default_factory=dict, repr=False)
 
     def config(self, overrides: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -121,8 +122,9 @@ class Context:
         todo = [i for i in range(len(jobs)) if i not in outcomes]
 
         def finished(i: int, outcome: Outcome) -> None:
-            if self.keep:
-                self.kept.add(jobcache.save(folder, jobs[i], self.identity, outcome))
+            if self.keep:  # noted first: a stop during the write counts it if it landed
+                self.kept.add(jobcache.path_for(folder, jobs[i], self.identity))
+                jobcache.save(folder, jobs[i], self.identity, outcome)
             outcomes[i] = outcome
             self._progress(outcome, len(outcomes), len(jobs))
 

@@ -163,3 +163,19 @@ def test_sigterm_marks_the_trial_failed_not_running(postgres: str, tmp_path: Pat
     ts = study.get_trials(deepcopy=False)
     assert [t.state for t in ts] == [TrialState.FAIL], out
     assert "SIGTERM" in ts[0].user_attrs["fail_reason"]
+
+
+def test_grid_points_each_run_once_by_concurrent_workers(postgres: str, tmp_path: Path) -> None:
+    quick = [a if a != "1500" else "20" for a in TRAIN]
+    r = klayer("search", "init", "--study", "grid", "--storage", postgres, "--sampler", "grid",
+               "--param", "lambda=0.01..0.08:points=8", *quick, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    procs = [spawn("search", "worker", "--study", "grid", "--storage", postgres, *HEARTBEAT,
+                   *extra, cwd=tmp_path) for extra in ([], [], ["--batch-trials", "2"])]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outs
+    study, _ = search.load_study("grid", postgres)
+    ts = study.get_trials(deepcopy=False)
+    assert all(t.state == TrialState.COMPLETE for t in ts), outs
+    assert sorted(t.params["lambda"] for t in ts) == pytest.approx(
+        [0.01 * i for i in range(1, 9)], rel=1e-12), outs  # each point once, no other

@@ -57,10 +57,12 @@ def _add_init(sub: Any) -> None:
     q.add_argument("--param", action="append", default=[], metavar="KEY=SPEC",
                    help="a search-space entry: KEY=LOW..HIGH[:log][:step=S][:points=N] or "
                         "KEY=A|B|C (repeatable; overrides --space)")
-    q.add_argument("--trials", type=int, default=16,
-                   help="COMPLETE trials the workers stop at (default 16)")
+    q.add_argument("--trials", type=int,
+                   help="COMPLETE trials the workers stop at (default 16; a grid study runs "
+                        "each of its points once instead)")
     q.add_argument("--sampler", choices=("random", "tpe", "grid"), default="random",
-                   help="Optuna sampler (default random)")
+                   help="Optuna sampler (default random); grid: every point of the grid is "
+                        "queued once and the workers stop when all have run")
     q.add_argument("--grid-points", type=int, default=5,
                    help="grid sampler: values per range without points (default 5)")
     q.add_argument("--parent", metavar="STUDY",
@@ -77,8 +79,10 @@ def _add_init(sub: Any) -> None:
 def _add_worker(sub: Any) -> None:
     w = sub.add_parser("worker", help="train trials of a study until its budget is met",
                        description="Join a study and train its trials until it has the "
-                       "requested number of COMPLETE trials. Training flags, if given, must "
-                       "equal the study's (only --data-dir may differ).")
+                       "requested number of COMPLETE trials (a grid study: until each of its "
+                       "queued points has run once). Each trial's line shows its validation "
+                       "accuracy (--show-test adds the test accuracy). Training flags, if "
+                       "given, must equal the study's (only --data-dir may differ).")
     _study_flags(w)
     w.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     w.add_argument("--threads", type=int, default=1,
@@ -99,17 +103,22 @@ def _add_worker(sub: Any) -> None:
     w.add_argument("--max-failures", type=int, default=10,
                    help="stop after this many failed trials in a row (default 10)")
     w.add_argument("--quiet", action="store_true", help="no line per trial")
+    _show_test_flag(w, "print each trial's test accuracy too")
     add_config_flags(w)
     w.set_defaults(search_run=run_worker)
 
 
 def _add_status(sub: Any) -> None:
-    s = sub.add_parser("status", help="the trials of a study, its best trial, stuck trials")
+    s = sub.add_parser("status", help="the trials of a study, its best trial, stuck trials",
+                       description="A study's trials with their validation accuracies, its "
+                       "best trial, trials stuck in RUNNING and, for a grid study, each grid "
+                       "point with its state (done / running / waiting / failed).")
     _study_flags(s)
     s.add_argument("--stuck-after", metavar="DURATION",
                    help="warn about trials RUNNING longer than this (default 3x the median "
                         "trial, at least 5m)")
     s.add_argument("--json", action="store_true", help="the trials as JSON")
+    _show_test_flag(s, "show the trials' test accuracies (and test losses in --json) too")
     s.set_defaults(search_run=run_status)
 
 
@@ -136,7 +145,17 @@ def _add_best(sub: Any) -> None:
                    help="--retrain: run folder (default RUNS/search/STUDY/best-trial-N, with "
                    "-Ccycles appended when --cycles C is given)")
     b.add_argument("--quiet", action="store_true", help="no progress output")
+    _show_test_flag(b, "show the best trial's test accuracy from the search too (--retrain "
+                       "always reports the retraining's)")
     b.set_defaults(search_run=run_best)
+
+
+def _show_test_flag(p: argparse.ArgumentParser, what: str) -> None:
+    """--show-test: test accuracies stay hidden during a search unless asked for, since
+    seeing them invites choosing hyperparameters on the test set."""
+    p.add_argument("--show-test", action="store_true",
+                   help=f"{what}; by default only validation accuracies are shown, so that "
+                        "nothing is chosen on the test set")
 
 
 def run_search(args: argparse.Namespace) -> int:
@@ -188,6 +207,7 @@ def run_init(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     if args.grid_points < 2:
         raise UsageError(f"--grid-points must be >= 2, got {args.grid_points}")
+    trials = 16 if args.trials is None else args.trials
     space = search.normalize_space(raw, base)
     if args.sampler == "grid":
         for spec in space.values():
@@ -197,17 +217,31 @@ def run_init(args: argparse.Namespace) -> int:
     if parent_fp is not None and search.data_fingerprint(data) != parent_fp:
         raise UsageError(f"--parent {args.parent} was searched on other data "
                          f"({parent_fp[:19]}...); use the same data set")
-    info = search.create_study(args.study, storage, base, data, space, args.trials,
+    info = search.create_study(args.study, storage, base, data, space, trials,
                                args.sampler, parent)
-    hint = "" if not args.storage else f" --storage {search.masked(storage)}"
-    print(f"created study {info.name} in {search.masked(storage)}")
-    print(f"  {info.n_trials} COMPLETE trials wanted, sampler {info.sampler}")
-    print(f"  space: {search.describe_space(info.space)}")
-    if parent is not None:
-        print(f"  from the top {args.top_k} trials of {args.parent}: {parent['trials']}")
-    print(f"  data {info.fingerprint[:23]}..., klayer {info.version}")
-    print(f"next: klayer search worker --study {info.name}{hint} --jobs 2")
+    _print_created(args, info)
     return EXIT_OK
+
+
+def _print_created(args: argparse.Namespace, info: StudyInfo) -> None:
+    """What ``search init`` made, with a note when a grid overrides --trials."""
+    from . import search
+
+    storage = search.masked(info.storage)
+    print(f"created study {info.name} in {storage}")
+    if info.grid is not None:
+        print(f"  grid of {len(info.grid)} points, each queued once, sampler grid")
+        if args.trials is not None and args.trials != len(info.grid):
+            print(f"  note: grid has {len(info.grid)} points: the study runs "
+                  f"{len(info.grid)} trials, not the {args.trials} asked")
+    else:
+        print(f"  {info.n_trials} COMPLETE trials wanted, sampler {info.sampler}")
+    print(f"  space: {search.describe_space(info.space)}")
+    if info.parent is not None:
+        print(f"  from the top {args.top_k} trials of {args.parent}: {info.parent['trials']}")
+    print(f"  data {info.fingerprint[:23]}..., klayer {info.version}")
+    hint = "" if not args.storage else f" --storage {storage}"
+    print(f"next: klayer search worker --study {info.name}{hint} --jobs 2")
 
 
 def _from_parent(args: argparse.Namespace, raw: dict[str, Any]) -> tuple[
@@ -264,7 +298,8 @@ def run_worker(args: argparse.Namespace) -> int:
         study=args.study, storage=_storage(args), batch_trials=args.batch_trials,
         sampler_seed=args.sampler_seed, data_dir=data_dir, overrides=overrides,
         heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period,
-        poll=args.poll, max_failures=args.max_failures, quiet=args.quiet)
+        poll=args.poll, max_failures=args.max_failures, quiet=args.quiet,
+        show_test=args.show_test)
     return search.run_workers(opts, jobs=args.jobs, threads=args.threads)
 
 
@@ -276,10 +311,10 @@ def run_status(args: argparse.Namespace) -> int:
 
     study, info = search.load_study(args.study, _storage(args))
     if args.json:
-        print(json.dumps(search.trials_json(study), indent=1, default=str))
+        print(json.dumps(search.trials_json(study, args.show_test), indent=1, default=str))
         return EXIT_OK
     stuck = search.parse_duration(args.stuck_after) if args.stuck_after else None
-    print(search.status_text(study, info, stuck))
+    print(search.status_text(study, info, stuck, args.show_test))
     return EXIT_OK
 
 
@@ -307,7 +342,7 @@ def run_best(args: argparse.Namespace) -> int:
         raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
     study, info = search.load_study(args.study, _storage(args))
     best, cfg = search.best_config(study, info, args.cycles, args.data_dir)
-    test = best.user_attrs.get("test_accuracy")
+    test = best.user_attrs.get("test_accuracy") if args.show_test else None
     print(f"best trial #{best.number}: val {best.value:.2%}"
           + (f", test {test:.2%}" if isinstance(test, float) else "")
           + f"  {search.fmt_params(best.params)}  (seed {cfg.seed})")

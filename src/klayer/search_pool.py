@@ -28,8 +28,8 @@ from optuna.trial import TrialState
 
 from .data import Data
 from .search_faults import labelled, recover, unlabelled
-from .search_study import A_TRIALS, trial_seed
-from .search_worker import Worker, WorkerOptions
+from .search_study import StudyInfo, study_finished, trial_seed
+from .search_worker import Worker, WorkerOptions, grid_summary
 
 # Seconds after a worker's death before RUNNING trials with no worker label count as its.
 # Longer than Optuna's 30 s grace for a journal lock a dead writer left behind: a sibling
@@ -63,13 +63,11 @@ def run_workers(opts: WorkerOptions, jobs: int = 1, threads: int = 1,
         with blas_threads(threads):
             return Worker(opts, log, data).run()
     first = Worker(replace(opts, quiet=True))  # checks study, configuration and data once
-    c = first.counts()
-    if c[TrialState.COMPLETE] >= first.info.n_trials:
-        say(f"study {opts.study!r} already has {c[TrialState.COMPLETE]}/{first.info.n_trials} "
-            "COMPLETE trials; nothing to do")
-        return 0
-    study = first.study
+    study, info = first.study, first.info
     del first
+    if study_finished(study, info):
+        say(f"study {opts.study!r} already {_progress(study, info)}; nothing to do")
+        return 0
     children = [spawn_worker(opts, threads, j) for j in range(jobs)]
     say(f"started {jobs} workers (pids {', '.join(str(p.pid) for p in children)}), "
         f"{threads} BLAS thread(s) each")
@@ -82,13 +80,20 @@ def run_workers(opts: WorkerOptions, jobs: int = 1, threads: int = 1,
             signal.signal(s, h)
     if pool.forwarded:
         return 128 + pool.forwarded
-    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    if done >= int(study.user_attrs[A_TRIALS]):
+    if study_finished(study, info):
         return 0
     bad = [rc for rc in pool.codes.values() if rc > 0]
-    say(f"the workers stopped with {done}/{study.user_attrs[A_TRIALS]} COMPLETE trials; "
+    say(f"the workers stopped: study {opts.study!r} {_progress(study, info)}; "
         "run klayer search worker again")
     return bad[0] if bad else 1
+
+
+def _progress(study: optuna.Study, info: StudyInfo) -> str:
+    """'has 5/8 COMPLETE trials', or a grid study's points done and not done."""
+    if info.sampler == "grid":
+        return f"has {grid_summary(study, info)}"
+    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    return f"has {done}/{info.n_trials} COMPLETE trials"
 
 
 def spawn_worker(opts: WorkerOptions, threads: int, j: int) -> subprocess.Popen[bytes]:
@@ -104,6 +109,8 @@ def spawn_worker(opts: WorkerOptions, threads: int, j: int) -> subprocess.Popen[
         argv += ["--sampler-seed", str(trial_seed(opts.sampler_seed, j))]
     if opts.quiet:
         argv.append("--quiet")
+    if opts.show_test:
+        argv.append("--show-test")
     # the storage goes by the environment: a PostgreSQL password stays out of `ps`
     env = {**os.environ, **dict.fromkeys(BLAS_VARS, str(threads)), "KLAYER_STORAGE": opts.storage}
     return subprocess.Popen(argv, start_new_session=True, env=env)

@@ -1,8 +1,10 @@
 """Looking at a study: the trial table, the best trial, stuck trials, and reaping them.
 
-``status_text`` is ``klayer search status``: a table of trials (number, state,
-accuracies, parameters, host:pid, age), the best trial, and a warning about trials
-RUNNING for much longer than the others took. On a journal file nothing fails the
+``status_text`` is ``klayer search status``: a grid study's points and their states,
+a table of trials (number, state, validation accuracy, parameters, host:pid, age), the
+best trial, and a warning about trials RUNNING for much longer than the others took.
+Test accuracies appear only when asked (``show_test``): a search that shows them
+invites choosing on the test set. On a journal file nothing fails the
 trials of a worker that vanished on another machine, so ``reap`` (``klayer search
 reap``) marks trials RUNNING for longer than a given time FAIL and queues them again.
 """
@@ -20,7 +22,17 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from .search_space import SearchError, describe_space, fmt_params, fmt_value
-from .search_study import StudyInfo, mark_failed, masked, retry_trial, top_trials
+from .search_study import (
+    GRID_STATES,
+    StudyInfo,
+    grid_progress,
+    mark_failed,
+    masked,
+    retry_trial,
+    top_trials,
+)
+
+TEST_KEYS = ("test_accuracy", "test_loss")  # trial user attributes shown with show_test
 
 
 def reap(study: optuna.Study, older_than: float, retry: bool = True) -> list[FrozenTrial]:
@@ -76,8 +88,10 @@ def stuck_after(trials: Sequence[FrozenTrial]) -> float:
     return max(3 * statistics.median(took), 300.0) if took else 3600.0
 
 
-def status_text(study: optuna.Study, info: StudyInfo, stuck: float | None = None) -> str:
-    """The trial table, the best trial and a warning about trials stuck in RUNNING."""
+def status_text(study: optuna.Study, info: StudyInfo, stuck: float | None = None,
+                show_test: bool = False) -> str:
+    """A grid study's points, the trial table, the best trial and a warning about trials
+    stuck in RUNNING; test accuracies only with ``show_test``."""
     trials = study.get_trials(deepcopy=False)
     now = datetime.now()
     lines = [f"study {info.name} ({masked(info.storage)}), sampler {info.sampler}, "
@@ -90,10 +104,13 @@ def status_text(study: optuna.Study, info: StudyInfo, stuck: float | None = None
     lines.append(f"{counts[TrialState.COMPLETE]}/{info.n_trials} COMPLETE, "
                  f"{counts[TrialState.RUNNING]} RUNNING, {counts[TrialState.WAITING]} WAITING, "
                  f"{counts[TrialState.FAIL]} FAIL")
+    if info.grid is not None:
+        lines.append("")
+        lines += _grid_lines(info.grid, trials, show_test)
     lines.append("")
-    lines += _trial_table(trials, list(info.space), now)
+    lines += _trial_table(trials, list(info.space), now, show_test)
     lines.append("")
-    lines.append(_best_line(study))
+    lines.append(_best_line(study, show_test))
     limit = stuck if stuck is not None else stuck_after(trials)
     warning = _stuck_warning(trials, limit, now, info.name)
     if warning:
@@ -101,9 +118,35 @@ def status_text(study: optuna.Study, info: StudyInfo, stuck: float | None = None
     return "\n".join(lines)
 
 
-def _trial_table(trials: Sequence[FrozenTrial], keys: list[str], now: datetime) -> list[str]:
-    """One line per trial under a header, columns padded to their widest cell."""
-    header = ["#", "state", "val acc", "test acc", *keys, "worker", "age", "note"]
+def _grid_lines(points: list[dict[str, Any]], trials: Sequence[FrozenTrial],
+                show_test: bool) -> list[str]:
+    """A grid study's points: how many are in each state, then one line per point with
+    its state and trials (the COMPLETE one with its accuracy)."""
+    progress = grid_progress(points, list(trials))
+    counts = ", ".join(f"{sum(s == name for _, s, _ in progress)} {name}"
+                       for name in GRID_STATES)
+    rows = []
+    for point, state, ts in progress:
+        done = [t for t in ts if t.state == TrialState.COMPLETE]
+        result = f"val {done[0].value:.2%}" if done and done[0].value is not None else ""
+        if result and show_test:
+            result += _test_text(done[0])
+        rows.append([fmt_params(point), state, " ".join(f"#{t.number}" for t in ts), result])
+    return [f"grid: {len(points)} points: {counts}", *_columns(rows, indent="  ")]
+
+
+def _test_text(t: FrozenTrial) -> str:
+    """'  test 41.20%' for a trial that recorded its test accuracy, else ''."""
+    test = t.user_attrs.get("test_accuracy")
+    return f"  test {test:.2%}" if isinstance(test, float) else ""
+
+
+def _trial_table(trials: Sequence[FrozenTrial], keys: list[str], now: datetime,
+                 show_test: bool = False) -> list[str]:
+    """One line per trial under a header, columns padded to their widest cell; the test
+    accuracy column only with ``show_test``."""
+    header = ["#", "state", "val acc", *(["test acc"] if show_test else []), *keys,
+              "worker", "age", "note"]
     rows = []
     for t in trials:
         age = (now - t.datetime_start).total_seconds() if t.datetime_start else 0.0
@@ -113,24 +156,29 @@ def _trial_table(trials: Sequence[FrozenTrial], keys: list[str], now: datetime) 
             note = (note + " " if note else "") + f"retry of #{t.system_attrs['failed_trial']}"
         rows.append([str(t.number), t.state.name,
                      f"{t.value:.2%}" if t.value is not None else "",
-                     f"{test:.2%}" if isinstance(test, float) else "",
+                     *([f"{test:.2%}" if isinstance(test, float) else ""] if show_test else []),
                      *[fmt_value(t.params[k]) if k in t.params else "" for k in keys],
                      str(t.user_attrs.get("worker", "")),
                      fmt_duration(age) if t.datetime_start else "", note[:60]])
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(header)]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-            for r in [header, *rows]]
+    return _columns([header, *rows])
 
 
-def _best_line(study: optuna.Study) -> str:
+def _columns(rows: list[list[str]], indent: str = "") -> list[str]:
+    """Rows of cells as lines, each column padded to its widest cell."""
+    if not rows:
+        return []
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+            for r in rows]
+
+
+def _best_line(study: optuna.Study, show_test: bool = False) -> str:
+    """The best trial by validation accuracy (its test accuracy with ``show_test``)."""
     best = top_trials(study, 1)
     if not best:
         return "best: none yet (no COMPLETE trial)"
     b = best[0]
-    test = b.user_attrs.get("test_accuracy")
-    return (f"best: #{b.number}  val {b.value:.2%}"
-            + (f"  test {test:.2%}" if isinstance(test, float) else "")
+    return (f"best: #{b.number}  val {b.value:.2%}" + (_test_text(b) if show_test else "")
             + f"  {fmt_params(b.params)}")
 
 
@@ -150,10 +198,12 @@ def _stuck_warning(trials: Sequence[FrozenTrial], limit: float, now: datetime,
             "marks them FAIL and queues them again")
 
 
-def trials_json(study: optuna.Study) -> list[dict[str, Any]]:
-    """Every trial as a JSON-ready dict (``klayer search status --json``)."""
+def trials_json(study: optuna.Study, show_test: bool = False) -> list[dict[str, Any]]:
+    """Every trial as a JSON-ready dict (``klayer search status --json``); the test
+    accuracy and loss only with ``show_test``."""
     return [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
-             "user_attrs": t.user_attrs,
+             "user_attrs": {k: v for k, v in t.user_attrs.items()
+                            if show_test or k not in TEST_KEYS},
              "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
              "datetime_complete": (t.datetime_complete.isoformat()
                                    if t.datetime_complete else None),

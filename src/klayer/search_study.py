@@ -9,18 +9,25 @@ trial budget, a fingerprint of the data and the klayer version; ``load_study`` r
 them back and ``check_compatible`` refuses a worker whose configuration or data
 differ. Also here: the per-trial seed rule and the trial operations the fault
 handling builds on (fail a RUNNING trial, queue a copy of it again).
+
+A grid study queues every grid point at creation (``enqueue_trial``); workers only
+claim queued trials (``claim_queued``), never sample new ones. The storage hands each
+queued trial to one worker alone (its WAITING -> RUNNING update succeeds once, on a
+journal file as on PostgreSQL), so every point is tried exactly once across any number
+of workers and machines, and a point whose trial failed is run again from its queued
+copy.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
-import math
 import os
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,7 +36,7 @@ from typing import Any
 
 import numpy as np
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial, Trial, TrialState
 
 from . import __version__
 from .config import TrainConfig
@@ -47,6 +54,7 @@ LOCAL_KEYS = ("data_dir", "strict_checksums", "checkpoint_every")
 # Study user attributes.
 A_CONFIG, A_SPACE, A_SAMPLER, A_TRIALS = "config", "space", "sampler", "n_trials"
 A_DATA, A_VERSION, A_PARENT, A_CREATED = "data_fingerprint", "klayer_version", "parent", "created"
+A_GRID = "grid"  # the grid sampler's points, each queued once at creation
 
 
 # --- storage ---------------------------------------------------------------------------------
@@ -137,8 +145,10 @@ def _rdb_storage(spec: str, heartbeat_interval: int,
         raise SearchError(f"--storage: cannot open {masked(spec)}: {e}") from None
 
 
-def retry_trial(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Enqueue a copy of a failed trial (same parameters), as Optuna's retry callback does."""
+def retry_trial(study: optuna.Study, trial: FrozenTrial, max_retry: int | None = MAX_RETRY
+                ) -> None:
+    """Enqueue a copy of a failed trial (same parameters), as Optuna's retry callback does;
+    nothing once the trial's point has been retried ``max_retry`` times (None: no limit)."""
     retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
         optuna.storages.RetryFailedTrialCallback
     # the retry copies user_attrs: drop this attempt's worker label and failure reason, or
@@ -147,7 +157,7 @@ def retry_trial(study: optuna.Study, trial: FrozenTrial) -> None:
     trial.user_attrs = {k: v for k, v in trial.user_attrs.items()
                         if k not in ("worker", "fail_reason", "batch", "order_seed")}
     with no_experimental_warnings():
-        retry_cls(max_retry=MAX_RETRY)(study, trial)
+        retry_cls(max_retry=max_retry)(study, trial)
 
 
 @contextmanager
@@ -216,6 +226,7 @@ class StudyInfo:
     version: str
     parent: dict[str, Any] | None = None
     attrs: dict[str, Any] = field(default_factory=dict, repr=False)
+    grid: list[dict[str, Any]] | None = None  # a grid study's points (None: not queued)
 
 
 def load_study(name: str, storage: str, sampler: optuna.samplers.BaseSampler | None = None,
@@ -240,24 +251,27 @@ def load_study(name: str, storage: str, sampler: optuna.samplers.BaseSampler | N
                           f"(no {', '.join(missing)} attributes)")
     info = StudyInfo(name, storage, TrainConfig.from_dict(attrs[A_CONFIG]), attrs[A_SPACE],
                      attrs[A_SAMPLER], int(attrs[A_TRIALS]), attrs[A_DATA],
-                     attrs.get(A_VERSION, "?"), attrs.get(A_PARENT), attrs)
+                     attrs.get(A_VERSION, "?"), attrs.get(A_PARENT), attrs, attrs.get(A_GRID))
     return study, info
 
 
 def create_study(name: str, storage: str, config: TrainConfig, data: Data, space: Space,
                  n_trials: int = 16, sampler: str = "random",
                  parent: dict[str, Any] | None = None) -> StudyInfo:
-    """Create the study once, with its set-up as user attributes; SearchError if it exists."""
+    """Create the study once, with its set-up as user attributes; SearchError if it exists.
+
+    A grid study runs each point of its grid once, whatever ``n_trials`` says: every
+    point is queued here, and its budget is the number of points.
+    """
     if not STUDY_NAME.match(name):
         raise SearchError(f"--study {name!r}: use letters, digits, '_', '.', '-' (max 100)")
     if sampler not in SAMPLERS:
         raise SearchError(f"--sampler {sampler!r}: valid: {', '.join(SAMPLERS)}")
     if n_trials < 1:
         raise SearchError(f"--trials must be >= 1, got {n_trials}")
-    if sampler == "grid":
-        size = math.prod(len(v) for v in grid(space).values())
-        if n_trials > size:
-            n_trials = size  # the grid has no more distinct points
+    points = grid_points(space) if sampler == "grid" else None
+    if points is not None:
+        n_trials = len(points)
     st = open_storage(storage)
     try:
         study = optuna.create_study(study_name=name, storage=st, direction="maximize")
@@ -273,8 +287,89 @@ def create_study(name: str, storage: str, config: TrainConfig, data: Data, space
         attrs[A_PARENT] = parent
     for key, value in attrs.items():
         study.set_user_attr(key, value)
+    if points is not None:
+        _queue_grid(study, points)
+        attrs[A_GRID] = points
     return StudyInfo(name, storage, config, space, sampler, n_trials, attrs[A_DATA],
-                     __version__, parent, attrs)
+                     __version__, parent, attrs, points)
+
+
+# --- grid studies ----------------------------------------------------------------------------
+
+
+def _queue_grid(study: optuna.Study, points: list[dict[str, Any]]) -> None:
+    """Queue each grid point once, then record the grid: workers join a grid study only
+    once its grid attribute is set, so none finds a half-filled queue."""
+    for point in points:
+        study.enqueue_trial(point)
+    study.set_user_attr(A_GRID, points)
+
+
+def grid_points(space: Space) -> list[dict[str, Any]]:
+    """Every point of the grid sampler's grid (the product of ``grid``'s values)."""
+    values = grid(space)
+    return [dict(zip(values, combo, strict=True))
+            for combo in itertools.product(*values.values())]
+
+
+def point_key(params: dict[str, Any]) -> str:
+    """A grid point as a key: its parameters as sorted JSON (as the storage keeps them)."""
+    return json.dumps(params, sort_keys=True)
+
+
+def queued_params(trial: FrozenTrial) -> dict[str, Any]:
+    """The parameters a trial was queued with (its grid point, copied by retries), else
+    those it has (a point is known before its trial suggests anything)."""
+    return dict(trial.system_attrs.get("fixed_params") or trial.params)
+
+
+def claim_queued(study: optuna.Study, accept: Callable[[FrozenTrial], bool] | None = None
+                 ) -> Trial | None:
+    """A queued (WAITING) trial that ``accept`` takes, now RUNNING for this worker; None
+    when there is none. Never a new trial: unlike ``study.ask`` it samples nothing.
+
+    The storage changes a trial from WAITING to RUNNING for one caller only (journal
+    lock, PostgreSQL row lock), so each queued trial goes to exactly one worker.
+    """
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if accept is not None and not accept(t):
+            continue
+        try:
+            if study._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                return Trial(study, t._trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # claimed and finished by another worker since we looked
+    return None
+
+
+GRID_STATES = ("done", "running", "waiting", "failed")
+
+
+def grid_progress(points: list[dict[str, Any]], trials: list[FrozenTrial]
+                  ) -> list[tuple[dict[str, Any], str, list[FrozenTrial]]]:
+    """Each grid point, its state and its trials: done (a COMPLETE trial), else running,
+    else waiting (queued), else failed; "missing" if no trial has its parameters."""
+    mine: dict[str, list[FrozenTrial]] = {point_key(p): [] for p in points}
+    for t in trials:
+        mine.setdefault(point_key(queued_params(t)), []).append(t)
+    order = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING, TrialState.FAIL)
+    out = []
+    for p in points:
+        ts = mine[point_key(p)]
+        states = {t.state for t in ts}
+        state = next((name for s, name in zip(order, GRID_STATES, strict=True) if s in states),
+                     "missing")
+        out.append((p, state, ts))
+    return out
+
+
+def study_finished(study: optuna.Study, info: StudyInfo) -> bool:
+    """Whether the workers are done: a grid study once no trial is queued or running
+    (every point has its outcome), any other once it has its COMPLETE trials."""
+    trials = study.get_trials(deepcopy=False)
+    if info.sampler == "grid":
+        return not any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in trials)
+    return sum(t.state == TrialState.COMPLETE for t in trials) >= info.n_trials
 
 
 def top_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
@@ -284,6 +379,8 @@ def top_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
 
 
 def make_sampler(name: str, space: Space, seed: int | None) -> optuna.samplers.BaseSampler:
+    """A worker's sampler. A grid study's workers sample nothing (they claim its queued
+    points); its GridSampler only refuses a trial queued by hand without every parameter."""
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":

@@ -9,6 +9,14 @@ trial user attributes. With ``batch_trials`` T > 1 the worker asks for T trials 
 once that share the architecture and trains them together (``batched``). A diverged
 training fails its trial with the reason and the worker goes on; SIGINT / SIGTERM
 fail the running trials and stop it.
+
+A grid study's worker samples nothing: it claims the points queued at the study's
+creation (``claim_queued``), so no point is tried twice or left out however many
+workers share the study, and it stops once no point is queued or running. A grid
+trial stopped by a signal or an error is queued again with its point (a diverged or
+invalid one is not: with the same seed it would end the same way). A worker prints
+validation accuracies only; test accuracies with ``show_test`` (choosing on test
+would make the test set a validation set).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import optuna
-from optuna.trial import Trial, TrialState
+from optuna.trial import FrozenTrial, Trial, TrialState
 
 from . import __version__, train
 from .batched import BatchedTrainer, batch_key, evaluate_many
@@ -42,17 +50,23 @@ from .search_faults import (
     recover,
     unlabelled,
 )
-from .search_space import config_for, fmt_params, suggest
+from .search_space import SearchError, config_for, fmt_params, suggest
 from .search_study import (
     GRACE_PERIOD,
     HEARTBEAT_INTERVAL,
     LOCAL_KEYS,
+    StudyInfo,
     check_compatible,
+    claim_queued,
     data_fingerprint,
+    grid_progress,
     load_study,
     make_sampler,
     masked,
     original_number,
+    point_key,
+    queued_params,
+    retry_trial,
     trial_seed,
 )
 
@@ -80,6 +94,7 @@ class WorkerOptions:
     poll: float = 5.0  # seconds between looks at the study while others finish
     max_failures: int = 10  # consecutive failed trials before the worker gives up
     quiet: bool = False
+    show_test: bool = False  # print each trial's test accuracy too
 
 
 @dataclass
@@ -122,6 +137,7 @@ class Worker:
         self.sampler = make_sampler(self.info.sampler, self.info.space, seed)
         self.study = optuna.load_study(study_name=opts.study, storage=study._storage,
                                        sampler=self.sampler)
+        self.grid = grid_keys(self.info)
         self.failures = 0
 
     def log(self, text: str) -> None:
@@ -151,15 +167,15 @@ class Worker:
         waiting_said = False
         while not self.guard.signum:
             self._housekeep()
-            c = self.counts()
-            done, running = c[TrialState.COMPLETE], c[TrialState.RUNNING]
-            if done >= n:
+            free = self._free()
+            if free is None:
                 break
-            free = n - done - running
-            if free <= 0:
+            if free == 0:
                 if not waiting_said:
-                    self.log(f"{done}/{n} COMPLETE; waiting for {running} running trial(s) of "
-                             "other workers (klayer search reap frees abandoned ones)")
+                    c = self.counts()
+                    self.log(f"{c[TrialState.COMPLETE]}/{n} COMPLETE; waiting for "
+                             f"{c[TrialState.RUNNING]} running trial(s) of other workers "
+                             "(klayer search reap frees abandoned ones)")
                     waiting_said = True
                 if not self._sleep():
                     break
@@ -174,6 +190,19 @@ class Worker:
                 self.log(f"stopping: {self.failures} trials in a row failed")
                 return 1
         return self._stopped()
+
+    def _free(self) -> int | None:
+        """Trials to ask for now; 0 to wait for other workers' trials, None when done.
+
+        A grid study takes only its queued points and is done when none is queued or
+        running; any other asks for what its budget lacks beyond the running trials.
+        """
+        c = self.counts()
+        running = c[TrialState.RUNNING]
+        if self.grid is not None:
+            return c[TrialState.WAITING] or (0 if running else None)
+        left = self.info.n_trials - c[TrialState.COMPLETE]
+        return None if left <= 0 else max(left - running, 0)
 
     def _housekeep(self) -> None:
         """Fail and queue again the trials of workers that died (heartbeat or no label)."""
@@ -199,6 +228,9 @@ class Worker:
             name = signal.Signals(self.guard.signum).name
             self.log(f"stopped by {name}")
             return 128 + self.guard.signum
+        if self.grid is not None:
+            self.log(f"done: study {self.opts.study!r}: {grid_summary(self.study, self.info)}")
+            return 0
         c = self.counts()
         self.log(f"done: study {self.opts.study!r} has {c[TrialState.COMPLETE]}/"
                  f"{self.info.n_trials} COMPLETE trials")
@@ -207,25 +239,11 @@ class Worker:
     # --- asking --------------------------------------------------------------------------
 
     def _ask(self, k: int) -> list[_Job]:
-        """k trials; after the first, the non-batchable parameters are fixed to its values."""
+        """Up to k trials, labelled with this worker and their seeds, as jobs."""
         with self.guard.held():
-            trials = [self.study.ask()]
-            beat(self.study, trials[0])
-            params = [suggest(trials[0], self.info.space)]
-            if k > 1:
-                fixed = {key: v for key, v in params[0].items() if key not in BATCHABLE_PARAMS}
-                sampler = self.study.sampler
-                if fixed:
-                    self.study.sampler = optuna.samplers.PartialFixedSampler(fixed, sampler)
-                try:
-                    for _ in range(k - 1):
-                        trials.append(self.study.ask())
-                        beat(self.study, trials[-1])
-                        params.append(suggest(trials[-1], self.info.space))
-                finally:
-                    self.study.sampler = sampler
+            asked = self._claim_grid(k) if self.grid is not None else self._ask_sampled(k)
             jobs = []
-            for trial, p in zip(trials, params, strict=True):
+            for trial, p in asked:
                 frozen = self.study._storage.get_trial(trial._trial_id)
                 seed = trial_seed(self.info.config.seed, original_number(frozen))
                 trial.set_user_attr("worker", self.id)
@@ -237,6 +255,50 @@ class Worker:
                 except (ValueError, TypeError) as e:
                     self._fail(trial, p, f"invalid configuration: {e}")
             return jobs
+
+    def _ask_sampled(self, k: int) -> list[tuple[Trial, dict[str, Any]]]:
+        """k trials from the sampler (or the queue of retries); after the first, the
+        non-batchable parameters are fixed to its values."""
+        trials = [self.study.ask()]
+        beat(self.study, trials[0])
+        params = [suggest(trials[0], self.info.space)]
+        if k > 1:
+            fixed = {key: v for key, v in params[0].items() if key not in BATCHABLE_PARAMS}
+            sampler = self.study.sampler
+            if fixed:
+                self.study.sampler = optuna.samplers.PartialFixedSampler(fixed, sampler)
+            try:
+                for _ in range(k - 1):
+                    trials.append(self.study.ask())
+                    beat(self.study, trials[-1])
+                    params.append(suggest(trials[-1], self.info.space))
+            finally:
+                self.study.sampler = sampler
+        return list(zip(trials, params, strict=True))
+
+    def _claim_grid(self, k: int) -> list[tuple[Trial, dict[str, Any]]]:
+        """Up to k queued grid points (after the first, only points that share its
+        non-batchable parameters); none is sampled, so none repeats or leaves the grid."""
+        assert self.grid is not None
+        done = {point_key(queued_params(t)) for t in self.study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE,))}
+        out: list[tuple[Trial, dict[str, Any]]] = []
+        fixed: dict[str, Any] | None = None
+        while len(out) < k:
+            trial = claim_queued(self.study, None if fixed is None else _sharing(fixed))
+            if trial is None:
+                break
+            beat(self.study, trial)
+            point = queued_params(self.study._storage.get_trial(trial._trial_id))
+            problem = ("not a point of the study's grid" if point_key(point) not in self.grid
+                       else "its grid point is done already" if point_key(point) in done
+                       else None)
+            if problem is not None:  # queued by hand: never trained
+                self._fail(trial, point, problem, count=False)
+                continue
+            out.append((trial, suggest(trial, self.info.space)))  # the queued values
+            fixed = fixed or {key: v for key, v in point.items() if key not in BATCHABLE_PARAMS}
+        return out
 
     # --- training ------------------------------------------------------------------------
 
@@ -259,11 +321,12 @@ class Worker:
             name = signal.Signals(e.signum).name
             for job in pending:
                 self._fail(job.trial, job.params, f"interrupted by {name} (worker {self.id} "
-                           "stopped)", count=False)
+                           "stopped)", count=False, retry=True)
             raise
         except Exception as e:  # an unexpected error: no trial may stay RUNNING
             for job in pending:
-                self._fail(job.trial, job.params, f"error: {type(e).__name__}: {e}")
+                self._fail(job.trial, job.params, f"error: {type(e).__name__}: {e}",
+                           retry=True)
             raise
 
     def _run_one(self, job: _Job) -> None:
@@ -328,15 +391,22 @@ class Worker:
         with self.guard.held():
             if self._finish(trial, TrialState.COMPLETE, attrs["val_accuracy"], attrs):
                 self.failures = 0
-                self.log(f"#{trial.number} COMPLETE  val {attrs['val_accuracy']:.2%}  test "
-                         f"{attrs['test_accuracy']:.2%}  {fmt_params(params)}  "
-                         f"({attrs['seconds']:.1f} s)")
+                test = f"  test {attrs['test_accuracy']:.2%}" if self.opts.show_test else ""
+                self.log(f"#{trial.number} COMPLETE  val {attrs['val_accuracy']:.2%}{test}  "
+                         f"{fmt_params(params)}  ({attrs['seconds']:.1f} s)")
 
-    def _fail(self, trial: Trial, params: dict[str, Any], reason: str, count: bool = True) -> None:
+    def _fail(self, trial: Trial, params: dict[str, Any], reason: str, count: bool = True,
+              retry: bool = False) -> None:
+        """Fail the trial with ``reason``; with ``retry`` (a fault, not the trial's own
+        outcome) a grid trial is queued again, so its point is still tried."""
         with self.guard.held():
             if self._finish(trial, TrialState.FAIL, None, {"fail_reason": reason}):
                 self.failures += count
                 self.log(f"#{trial.number} FAIL  {reason}  {fmt_params(params)}")
+                if retry and self.grid is not None:
+                    retry_trial(self.study, self.study._storage.get_trial(trial._trial_id),
+                                max_retry=None)
+                    self.log(f"#{trial.number}'s grid point is queued again")
 
     def _finish(self, trial: Trial, state: TrialState, value: float | None,
                 attrs: dict[str, Any]) -> bool:
@@ -355,6 +425,33 @@ class Worker:
             self.log(f"#{trial.number} was marked {now.name} while it ran (reaped?); its "
                      "result is not recorded")
             return False
+
+
+def grid_keys(info: StudyInfo) -> set[str] | None:
+    """A grid study's points as ``point_key``s; None for other samplers. SearchError for a
+    grid study whose points were never queued (an older klayer's, or one being created)."""
+    if info.sampler != "grid":
+        return None
+    if info.grid is None:
+        raise SearchError(f"grid study {info.name!r} has no queued grid points (made by an "
+                          "older klayer, whose workers could repeat points, or still being "
+                          "created); create it again with klayer search init")
+    return {point_key(p) for p in info.grid}
+
+
+def _sharing(fixed: dict[str, Any]) -> Callable[[FrozenTrial], bool]:
+    """Queued trials whose point has these (non-batchable) values: trainable together."""
+    return lambda t: all(queued_params(t).get(k) == v for k, v in fixed.items())
+
+
+def grid_summary(study: optuna.Study, info: StudyInfo) -> str:
+    """How far a grid study is: points done, and those that failed or are not queued."""
+    assert info.grid is not None
+    progress = grid_progress(info.grid, study.get_trials(deepcopy=False))
+    done = sum(state == "done" for _, state, _ in progress)
+    text = f"{done}/{len(progress)} grid points COMPLETE"
+    left = [f"{fmt_params(p)} ({state})" for p, state, _ in progress if state != "done"]
+    return text + (f"; not done: {', '.join(left)}" if left else "")
 
 
 def evaluate_trained(nets: Sequence[Network], cfgs: Sequence[TrainConfig],

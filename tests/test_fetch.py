@@ -6,12 +6,14 @@ may leave in the data folder is the lock file (.klayer-fetch.lock), which is har
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
 import tarfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -242,9 +244,9 @@ def test_checksums_warn_or_fail_and_are_remembered(tmp_path: Path, no_env: None,
     with pytest.raises(ChecksumError, match="data_batch_1"):
         locate_cifar10(tmp_path, strict_checksums=True)
     monkeypatch.setattr(fetch, "_md5", lambda p: pytest.fail("hashed again"))
-    with pytest.warns(ChecksumWarning) as caught:  # the stamp remembers the verdict
-        locate_cifar10(tmp_path)
-    assert len(caught) == 1
+    with warnings.catch_warnings():  # the stamp remembers the verdict, the marker the warning
+        warnings.simplefilter("error")
+        assert locate_cifar10(tmp_path) == folder
     official = {n: md5((folder / n).read_bytes()) for n in fetch.CIFAR10_FILE_MD5}
     monkeypatch.setattr(fetch, "CIFAR10_FILE_MD5", official)
     monkeypatch.setattr(fetch, "_md5", lambda p: official[p.name])
@@ -254,11 +256,112 @@ def test_checksums_warn_or_fail_and_are_remembered(tmp_path: Path, no_env: None,
         assert locate_cifar10(tmp_path, strict_checksums=True) == folder
 
 
+LOCATE = "import sys; from klayer.fetch import locate_cifar10; locate_cifar10(sys.argv[1])"
+
+
+def _warnings_of_a_new_process(root: Path) -> int:
+    """How many checksum warnings a fresh process locating CIFAR-10 in ``root`` shows."""
+    r = subprocess.run([sys.executable, "-c", LOCATE, str(root)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stderr.count("ChecksumWarning")
+
+
+def test_checksum_warning_shows_once_per_folder_across_processes(tmp_path: Path) -> None:
+    folder = tmp_path / FOLDER_NAME
+    make_cifar_folder(folder)
+    assert [_warnings_of_a_new_process(tmp_path) for _ in range(3)] == [1, 0, 0]
+    assert _warnings_of_a_new_process(folder) == 0  # the same folder, however it is named
+    with pytest.raises(ChecksumError):  # strict still refuses what was only warned about
+        locate_cifar10(tmp_path, strict_checksums=True)
+    st = (folder / "data_batch_2").stat()
+    os.utime(folder / "data_batch_2", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert [_warnings_of_a_new_process(tmp_path) for _ in range(2)] == [1, 0]  # changed: again
+    other = tmp_path / "other" / FOLDER_NAME  # another folder warns for itself
+    make_cifar_folder(other)
+    assert _warnings_of_a_new_process(other.parent) == 1
+
+
+def test_checksum_warning_repeats_where_it_cannot_be_remembered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_cifar_folder(tmp_path / FOLDER_NAME)
+    real_open = os.open
+
+    def read_only(path: str | Path, *args: Any, **kw: Any) -> int:
+        if Path(path).name.startswith(fetch.WARNED_PREFIX):
+            raise PermissionError(13, "Read-only file system", str(path))
+        return real_open(path, *args, **kw)
+
+    monkeypatch.setattr(fetch.os, "open", read_only)
+    for _ in range(2):
+        with pytest.warns(ChecksumWarning):
+            locate_cifar10(tmp_path)
+
+
 def test_strict_refuses_a_foreign_archive(tmp_path: Path) -> None:
     (tmp_path / ARCHIVE_NAME).write_bytes(cifar_archive(tmp_path))
     with pytest.raises(ChecksumError, match=ARCHIVE_NAME):
         locate_cifar10(tmp_path, strict_checksums=True)
     assert not (tmp_path / FOLDER_NAME).exists()
+
+
+# --- a data folder that is not there; klayer data where ------------------------------------
+
+
+def test_a_data_dir_that_does_not_exist_says_so(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    gone = tmp_path / "no" / "such"
+    r = subprocess.run([sys.executable, "-m", "klayer", "train", "--data-dir", str(gone),
+                        "--quiet", "--out", str(tmp_path / "run")], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 4, r.stderr
+    assert f"data folder {gone} (from --data-dir) does not exist" in r.stderr, r.stderr
+    assert f"klayer data fetch --data-dir {gone}" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(DataNotFoundError, match=r"\(from --data-dir\) is a file, not a folder"):
+        locate_cifar10(tmp_path / "file")
+    monkeypatch.setenv("KLAYER_DATA_DIR", str(gone))
+    with pytest.raises(DataNotFoundError, match=r"\(from \$KLAYER_DATA_DIR\) does not exist"):
+        locate_cifar10()
+
+
+def where(capsys: pytest.CaptureFixture[str], *args: str) -> list[str]:
+    """The lines `klayer data where` prints, run in-process; it always exits 0."""
+    from klayer.cli import main
+
+    assert main(["data", "where", *args]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_data_where_says_whether_cifar_is_there(tmp_path: Path, no_env: None,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "data"
+    assert where(capsys, "--data-dir", str(root)) == [
+        str(root), f"CIFAR-10 missing: data folder {root} (from --data-dir) does not exist; "
+        f"check the path, or run `klayer data fetch --data-dir {root}` to download CIFAR-10 "
+        "(170 MB) into it"]
+    root.mkdir()
+    folder, line = where(capsys, "--data-dir", str(root))
+    assert folder == str(root) and line.startswith("CIFAR-10 missing: run `klayer data fetch")
+    (root / ARCHIVE_NAME).write_bytes(b"an archive")
+    assert where(capsys, "--data-dir", str(root))[1].startswith("CIFAR-10 archive only")
+    (root / ARCHIVE_NAME).unlink()
+    make_cifar_folder(root / FOLDER_NAME)
+    (root / FOLDER_NAME / "test_batch").unlink()
+    assert where(capsys, "--data-dir", str(root))[1].startswith(
+        f"CIFAR-10 incomplete in {root / FOLDER_NAME} (test_batch missing): run `klayer")
+    make_cifar_folder(root / FOLDER_NAME)
+    expected = [str(root), f"CIFAR-10 batches found in {root / FOLDER_NAME}"]
+    assert where(capsys, "--data-dir", str(root)) == expected
+    assert [p.name for p in root.iterdir()] == [FOLDER_NAME]  # it only looked
+
+
+def test_data_where_follows_the_env_var(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("KLAYER_DATA_DIR", str(tmp_path))
+    make_cifar_folder(tmp_path)  # the batches folder itself
+    assert where(capsys) == [str(tmp_path), f"CIFAR-10 batches found in {tmp_path}"]
 
 
 # --- digits ----------------------------------------------------------------------------------

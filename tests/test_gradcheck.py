@@ -6,9 +6,16 @@ import numpy as np
 import pytest
 
 from klayer.config import NetConfig
-from klayer.gradcheck import check_gradients, make_check_problem, rel_error
+from klayer.gradcheck import (
+    GradCheckRow,
+    check_gradients,
+    default_tol,
+    judge,
+    make_check_problem,
+    rel_error,
+)
 
-BOUND = 1e-6  # max relative error allowed on every parameter tensor
+BOUND = default_tol()  # klayer gradcheck's default --tol must pass every correct net below
 
 HIDDEN = {
     1: (),
@@ -97,3 +104,27 @@ def test_rel_error_definition() -> None:
     assert rel_error(np.array([1.0]), np.array([1.0])) == 0.0
     assert rel_error(np.array([1.0]), np.array([3.0])) == pytest.approx(0.5)
     assert rel_error(np.array([0.0]), np.array([1e-9]), floor=1e-6) == pytest.approx(1e-3)
+
+
+def _row(name: str, err: float) -> GradCheckRow:
+    return GradCheckRow(name, (2,), 2, err, err * 1e-6, 1.0)
+
+
+def test_verdict_names_the_worst_tensor_and_the_tolerance() -> None:
+    rows = [_row("W1", 3e-9), _row("b1", 2e-7), _row("W2", 1e-8)]
+    ok = judge(rows, 1e-6)
+    assert (ok.passed, ok.worst, ok.max_rel_error, ok.tol) == (True, "b1", 2e-7, 1e-6)
+    assert ok.line() == "PASS: max relative error 2.000e-07 (b1) <= tol 1e-06"
+    bad = judge(rows, 1e-7)
+    assert not bad.passed and bad.line() == "FAIL: max relative error 2.000e-07 (b1) > tol 1e-07"
+    assert judge(rows, 2e-7).passed  # the tolerance itself passes
+
+
+def test_a_nan_error_fails() -> None:
+    v = judge([_row("W1", 1e-9), _row("gamma1", float("nan")), _row("W2", 1e-8)], 1e-6)
+    assert not v.passed and v.worst == "gamma1"
+
+
+def test_default_tol_matches_the_precision() -> None:
+    extended = np.finfo(np.longdouble).eps < 1e-18
+    assert default_tol() == (1e-6 if extended else 1e-3)

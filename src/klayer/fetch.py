@@ -11,6 +11,7 @@ import hashlib
 import http.client
 import json
 import os
+import shlex
 import shutil
 import tarfile
 import tempfile
@@ -19,7 +20,7 @@ import urllib.request
 import warnings
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -54,6 +55,7 @@ REQUIRED = (*TRAIN_BATCHES, TEST_BATCH)
 LOCK_NAME = ".klayer-fetch.lock"
 TMP_PREFIX = ".klayer-tmp-"
 STAMP_NAME = ".klayer-md5-v1.json"
+WARNED_PREFIX = ".klayer-md5-warned-v1-"  # + a digest of the files' sizes and mtimes
 ENV_VAR = "KLAYER_DATA_DIR"
 HOW_TO_GET = ("run `klayer data fetch` (downloads 170 MB) or pass --data-dir "
               "(or set $KLAYER_DATA_DIR) to a folder holding cifar-10-batches-py/ "
@@ -239,17 +241,23 @@ def fetch_cifar10(data_dir: str | Path | None = None, url: str = CIFAR10_URL,
 # --- locating and verifying -------------------------------------------------------------
 
 
-def _file_verdicts(folder: Path) -> dict[str, bool]:
-    """For each official file present, whether its MD5 matches; remembered in a stamp.
-
-    The stamp is keyed by each file's size and mtime, so batches are hashed once rather
-    than on every training start; an unwritable folder only means hashing again.
-    """
+def _file_stats(folder: Path) -> dict[str, list[int]]:
+    """Size and mtime of each official file present in ``folder``: what the stamps key on."""
     stats = {}
     for n in CIFAR10_FILE_MD5:
         if (folder / n).is_file():
             st = (folder / n).stat()
             stats[n] = [st.st_size, st.st_mtime_ns]
+    return stats
+
+
+def _file_verdicts(folder: Path, stats: dict[str, list[int]]) -> dict[str, bool]:
+    """For each official file present, whether its MD5 matches; remembered in a stamp.
+
+    The stamp is keyed by each file's size and mtime (``stats``), so batches are hashed
+    once rather than on every training start; an unwritable folder only means hashing
+    again.
+    """
     names = list(stats)
     stamp = folder / STAMP_NAME
     try:
@@ -270,6 +278,39 @@ def _checksum_problem(message: str, strict: bool) -> None:
     if strict:
         raise ChecksumError(message)
     warnings.warn(ChecksumWarning(message), stacklevel=3)
+
+
+def _first_warning(folder: Path, stats: dict[str, list[int]]) -> bool:
+    """True the first time the checksum warning for these files is due; remembers it.
+
+    Every command, and every worker process of one, locates the data again; the warning
+    is worth showing once per folder. The marker's name carries a digest of the files'
+    sizes and mtimes and is created exclusively, so of several processes on unchanged
+    files one warns, and changed files warn again. Where no marker can be written (a
+    read-only folder) every load warns.
+    """
+    digest = hashlib.sha256(json.dumps(stats, sort_keys=True).encode()).hexdigest()[:16]
+    marker = folder / f"{WARNED_PREFIX}{digest}"
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        return False
+    except OSError:
+        return True
+    for old in folder.glob(f"{WARNED_PREFIX}*"):  # markers of earlier versions of the files
+        if old != marker:
+            with suppress(OSError):
+                old.unlink()
+    return True
+
+
+def _incomplete(root: Path) -> tuple[Path, list[str]] | None:
+    """(folder, the batch files missing there) where some batches are but not all."""
+    for place in (root, root / FOLDER_NAME):
+        missing = [name for name in REQUIRED if not (place / name).is_file()]
+        if len(missing) < len(REQUIRED):
+            return place, missing
+    return None
 
 
 def _find_batches(root: Path, strict: bool) -> Path | None:
@@ -296,22 +337,75 @@ def locate_cifar10(data_dir: str | Path | None = None, strict_checksums: bool = 
 
     ``data_dir`` may be that folder itself, a folder holding it, or a folder holding only
     ``cifar-10-python.tar.gz`` (unpacked in place, once). Files that differ from the
-    official ones give a ChecksumWarning, or a ChecksumError when ``strict_checksums``.
+    official ones give a ChecksumWarning (once per folder, see ``_first_warning``), or
+    a ChecksumError when ``strict_checksums``.
     """
     root = resolve_data_dir(data_dir)
+    if not root.is_dir() and _named_by(data_dir):
+        raise _no_data_dir(root, data_dir)
     folder = _find_batches(root, strict_checksums)
     if folder is None:
-        for place in (root, root / FOLDER_NAME):  # some batches there, not all: say which
-            missing = [name for name in REQUIRED if not (place / name).is_file()]
-            if len(missing) < len(REQUIRED):
-                raise DataNotFoundError(f"CIFAR-10 in {place} is incomplete, "
-                                        f"{', '.join(missing)} missing: {HOW_TO_GET}")
+        if partial := _incomplete(root):  # some batches there, not all: say which
+            place, missing = partial
+            raise DataNotFoundError(f"CIFAR-10 in {place} is incomplete, "
+                                    f"{', '.join(missing)} missing: {HOW_TO_GET}")
         raise DataNotFoundError(f"CIFAR-10 not found in {root}: {HOW_TO_GET}")
-    differ = [name for name, ok in _file_verdicts(folder).items() if not ok]
-    if differ:
+    stats = _file_stats(folder)
+    differ = [name for name, ok in _file_verdicts(folder, stats).items() if not ok]
+    if differ and (strict_checksums or _first_warning(folder, stats)):
         _checksum_problem(f"{folder}: MD5 of {', '.join(differ)} differs from the official "
                           "CIFAR-10 files (a modified or stand-in copy?)", strict_checksums)
     return folder
+
+
+def _named_by(data_dir: str | Path | None) -> str | None:
+    """Who named the data folder: "--data-dir", "$KLAYER_DATA_DIR", or None (the default)."""
+    if data_dir:
+        return "--data-dir"
+    return f"${ENV_VAR}" if os.environ.get(ENV_VAR) else None
+
+
+def _fetch_command(root: Path, data_dir: str | Path | None) -> str:
+    """The ``klayer data fetch`` command line that downloads into ``root``."""
+    return "klayer data fetch" + (f" --data-dir {shlex.quote(str(root))}" if data_dir else "")
+
+
+def _no_data_dir(root: Path, data_dir: str | Path | None) -> DataNotFoundError:
+    """The error for a named data folder that does not exist (or is a file), naming it.
+
+    A typo in --data-dir or $KLAYER_DATA_DIR should read as one, not as missing data.
+    """
+    where = f"data folder {root} (from {_named_by(data_dir)})"
+    if root.exists():
+        return DataNotFoundError(f"{where} is a file, not a folder; name the folder that "
+                                 f"holds {FOLDER_NAME}/ or {ARCHIVE_NAME}")
+    return DataNotFoundError(
+        f"{where} does not exist; check the path, or run "
+        f"`{_fetch_command(root, data_dir)}` to download CIFAR-10 (170 MB) into it")
+
+
+def cifar10_presence(data_dir: str | Path | None = None) -> tuple[Path, str]:
+    """The data folder and one line saying whether CIFAR-10 is there and what to run.
+
+    For ``klayer data where``: batches found (and where), an archive only (unpacked
+    on first use), an incomplete folder (naming what is missing), or nothing. Reads
+    no file's contents, so it is instant even for the real 170 MB.
+    """
+    root = resolve_data_dir(data_dir)
+    fetch_it = f"run `{_fetch_command(root, data_dir)}`"
+    if not root.is_dir() and _named_by(data_dir):
+        return root, f"CIFAR-10 missing: {_no_data_dir(root, data_dir)}"
+    for place in (root, root / FOLDER_NAME):
+        if _has_batches(place):
+            return root, f"CIFAR-10 batches found in {place}"
+    if (root / ARCHIVE_NAME).is_file():
+        return root, (f"CIFAR-10 archive only ({ARCHIVE_NAME}): the first training "
+                      f"command unpacks it, or {fetch_it} to verify and unpack it now")
+    if partial := _incomplete(root):
+        place, missing = partial
+        return root, f"CIFAR-10 incomplete in {place} ({', '.join(missing)} missing): {fetch_it}"
+    return root, (f"CIFAR-10 missing: {fetch_it} (downloads 170 MB), or pass --data-dir "
+                  "with a folder that holds it")
 
 
 # --- digits -----------------------------------------------------------------------------

@@ -46,6 +46,19 @@ REL_FLOOR = 1e-6
 NUMERIC_DTYPE = "longdouble"
 
 
+def default_tol() -> float:
+    """The max relative error that still passes: a margin above what correct code measures.
+
+    With extended precision, correct gradients of 2- to 9-layer nets (d = 20, n = 10,
+    with and without batch norm, dropout, skips) measure at most ~2.2e-7: a bias feeding
+    batch norm, whose exactly-zero gradient is measured against REL_FLOOR; a backward-pass
+    bug of 0.1 % measures 5e-4 to 1e-3. In the float64 fallback round-off alone gives
+    ~9e-5 on those biases, and deep batch-norm nets can exceed any bound that still
+    catches bugs (see the README).
+    """
+    return 1e-6 if np.finfo(np.longdouble).eps < 1e-18 else 1e-3
+
+
 def rel_error(a: Array, b: Array, floor: float = REL_FLOOR) -> float:
     """max |a - b| / max(floor, |a| + |b|) over all elements."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -171,3 +184,26 @@ def format_table(rows: list[GradCheckRow]) -> str:
             f"{r.max_rel_error:>12.3e} {r.max_abs_error:>12.3e}"
         )
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether every tensor's max relative error is within ``tol``, and the worst tensor."""
+
+    passed: bool
+    worst: str  # name of the tensor with the largest max relative error
+    max_rel_error: float
+    tol: float
+
+    def line(self) -> str:
+        """The final ``PASS`` / ``FAIL`` line of ``klayer gradcheck``."""
+        word, cmp = ("PASS", "<=") if self.passed else ("FAIL", ">")
+        return (f"{word}: max relative error {self.max_rel_error:.3e} ({self.worst}) "
+                f"{cmp} tol {self.tol:g}")
+
+
+def judge(rows: list[GradCheckRow], tol: float) -> Verdict:
+    """PASS when every tensor's max relative error is <= ``tol``; a NaN error fails."""
+    worst = max(rows, key=lambda r: np.inf if np.isnan(r.max_rel_error) else r.max_rel_error)
+    return Verdict(passed=all(r.max_rel_error <= tol for r in rows), worst=worst.name,
+                   max_rel_error=worst.max_rel_error, tol=tol)

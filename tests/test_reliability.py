@@ -355,7 +355,14 @@ def test_train_never_replaces_another_runs_files(tmp_path: Path, reference: Path
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     r = klayer("train", *ARGS, "--out", "done", cwd=tmp_path)
     assert r.returncode == 2, r.stderr
-    assert "already holds the model.npz and summary.json of a finished run" in r.stderr
+    # issue 20: the same run, finished, is named as such with its test accuracy
+    accuracy = json.loads((run / "summary.json").read_text())["test_accuracy"]
+    assert f"already holds this run, finished (test accuracy {accuracy:.2%}); choose " \
+        "another --out" in r.stderr, r.stderr
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    r = klayer("train", *ARGS, "--seed", "3", "--out", "done", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "the model.npz and summary.json of another, finished run" in r.stderr, r.stderr
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
 
 
@@ -443,7 +450,9 @@ def test_divergence_exits_3_and_keeps_the_last_good_checkpoint(
     (["--resume", "run", "--out", "x"], "drop --out"),
     (["--resume", "run", "--config", "c.toml"], "drop --config"),
     (["--resume", "nowhere"], "nowhere/config.toml not found"),
-    (["--dataset", "synthetic", "--out", "run"], "holds the checkpoints of another run"),
+    (["--dataset", "synthetic", "--out", "run"], "holds another run's checkpoints"),
+    ([*ARGS, "--out", "run"], "holds this run, stopped before its end; continue it with "
+                              "`klayer train --resume run`"),
 ])
 def test_resume_usage_errors_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                     capsys: pytest.CaptureFixture[str], killed: Path,

@@ -113,17 +113,17 @@ def test_make_schedule_errors(name: str, kwargs: dict[str, object], match: str) 
         make_schedule(name, **kwargs)
 
 
-def test_resolve_total_steps_cyclic_rounds_up_to_whole_cycles() -> None:
-    # 3 epochs of 450 steps = 1350 steps; n_s = 500 -> a cycle is 1000 -> 2 cycles.
-    total = resolve_total_steps("cyclic", steps_per_epoch=450, n_s=500, epochs=3)
-    assert total == 2000
-    lr = make_schedule("cyclic", eta_min=ETA_MIN, eta_max=ETA_MAX, n_s=500)
-    assert lr(total) == pytest.approx(ETA_MIN, rel=1e-12)  # ends at eta_min
+def test_resolve_total_steps_cyclic_runs_the_length_asked() -> None:
+    # Issue 20: a length is never rounded up to whole cycles (3 epochs ran 4 before).
+    assert resolve_total_steps("cyclic", steps_per_epoch=450, n_s=500, epochs=3) == 1350
     assert resolve_total_steps("cyclic", steps_per_epoch=450, n_s=500, cycles=2) == 2000
-    assert resolve_total_steps("cyclic", steps_per_epoch=450, n_s=500, cycles=1.5) == 2000
+    assert resolve_total_steps("cyclic", steps_per_epoch=450, n_s=500, cycles=1.5) == 1500
     assert resolve_total_steps("cyclic", steps_per_epoch=450, n_s=500, steps=1000) == 1000
-    assert resolve_total_steps("cyclic", steps_per_epoch=450, n_s=500, steps=1001) == 2000
+    assert resolve_total_steps("cyclic", steps_per_epoch=450, n_s=500, steps=10) == 10
+    assert resolve_total_steps("cyclic", steps_per_epoch=450, n_s=500, steps=1001) == 1001
     assert resolve_total_steps("cyclic", steps_per_epoch=100, n_s=50, epochs=1) == 100
+    lr = make_schedule("cyclic", eta_min=ETA_MIN, eta_max=ETA_MAX, n_s=500)
+    assert lr(2000) == pytest.approx(ETA_MIN, rel=1e-12)  # whole cycles end at eta_min
 
 
 def test_resolve_total_steps_other_schedules() -> None:

@@ -8,7 +8,8 @@ import shlex
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -24,6 +25,31 @@ EXIT_SIGINT, EXIT_SIGTERM, EXIT_SIGPIPE = 130, 143, 141  # 128 + the signal's nu
 
 class UsageError(Exception):
     """A flag or configuration value is invalid (exit code 2)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse without prefix matching (``--epoch 3`` is not ``--epochs``), whose
+    unknown flags are named by the subcommand that met them, with its usage and a
+    'did you mean' (difflib). Subcommand parsers are of this class too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:  # klayer never takes unknown arguments: say so where they were met
+            self.error("unrecognized arguments: " + " ".join(self._suggest(a) for a in extras))
+        return namespace, extras
+
+    def _suggest(self, arg: str) -> str:
+        import difflib
+
+        if not arg.startswith("-"):
+            return arg
+        flags = [o for action in self._actions for o in action.option_strings]
+        close = difflib.get_close_matches(arg.split("=", 1)[0], flags, n=1, cutoff=0.6)
+        return f"{arg} (did you mean {close[0]}?)" if close else arg
 
 
 def parse_widths(text: str) -> tuple[int, ...]:
@@ -154,6 +180,25 @@ def check_writable(out: Path, flag: str = "--out") -> None:
         os.unlink(probe)
     except OSError as e:
         raise OutputError(f"{flag}: {out} is not writable: {e.strerror or e}") from None
+
+
+@contextmanager
+def removed_if_refused(out: Path, leave: tuple[str, ...] = ()) -> Iterator[None]:
+    """Remove the folders of ``out`` made inside the block if the block raises (a run
+    refused on a full disk writing config.toml leaves no empty folder behind); files
+    named in ``leave`` (a lock) are removed with them, any other file keeps its folder."""
+    made = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
+    try:
+        yield
+    except BaseException:
+        for folder in made:
+            for name in leave:
+                (folder / name).unlink(missing_ok=True)
+            try:
+                folder.rmdir()
+            except OSError:  # not empty, or already gone: keep what is there
+                break
+        raise
 
 
 _Handlers = TypeVar("_Handlers", bound="SignalHandlers")

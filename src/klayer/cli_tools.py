@@ -10,8 +10,10 @@ from .cli_common import EXIT_OK, Command, UsageError, check_writable
 
 
 def add_evaluate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL.npz", help="a model file written by klayer train")
-    p.add_argument("--data-dir", help="folder holding CIFAR-10 (or set $KLAYER_DATA_DIR)")
+    p.add_argument("model", metavar="MODEL.npz|RUN_DIR",
+                   help="a model file written by klayer train, or its run folder")
+    p.add_argument("--data-dir", help="folder holding CIFAR-10 (default: the one the run's "
+                   "config.toml records, else $KLAYER_DATA_DIR or the cache folder)")
     p.add_argument("--split", choices=("test", "val", "train"), default="test",
                    help="which split to evaluate (default test)")
     p.add_argument("--out", metavar="DIR", help="where to write the PNGs (default: beside MODEL)")
@@ -26,16 +28,25 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .config import TrainConfig
     from .plots import save_confusion, save_montage
 
-    net, meta, extras = modelfile.load(args.model)
-    dataset = meta.get("dataset", "cifar10")
-    cfg = TrainConfig(dataset=dataset, data_dir=args.data_dir, seed=int(meta.get("seed", 0)),
-                      strict_checksums=args.strict_checksums)
+    model, recorded = _model_and_config(Path(args.model))
+    net, meta, extras = modelfile.load(model)
+    where: dict[str, object] = {k: recorded[k] for k in (
+        "dataset", "seed", "split", "val_size", "data_dir") if k in recorded}  # the data and split the model was trained on
+    where.setdefault("dataset", meta.get("dataset", "cifar10"))
+    where.setdefault("seed", int(meta.get("seed", 0)))
+    if args.data_dir:
+        where["data_dir"] = args.data_dir
+    try:
+        cfg = TrainConfig.from_dict({**where, "strict_checksums": args.strict_checksums})
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"{model.parent / 'config.toml'}: {e}") from None
+    dataset = cfg.dataset
     data = train.load_data(cfg)
     if data.d != net.config.d:
         raise UsageError(f"{args.model} expects d = {net.config.d} inputs, {dataset} has {data.d}")
     if "mean" in extras and "std" in extras:  # the standardization the model was trained with
         data = data.with_standardization(extras["mean"], extras["std"])
-    out = Path(args.out) if args.out else Path(args.model).resolve().parent
+    out = Path(args.out) if args.out else model.resolve().parent
     check_writable(out, flag="--out" if args.out else "the model's folder (or give --out)")
     split = getattr(data, args.split)
     scores = np.concatenate([net.scores(c.astype(net.dtype), check=False)
@@ -55,6 +66,18 @@ def run_evaluate(args: argparse.Namespace) -> int:
         written.append(save_montage(out / "weights.png", net.params["W1"], data.image_shape))
     print("\nwrote " + ", ".join(str(p) for p in written))
     return EXIT_OK
+
+
+def _model_and_config(path: Path) -> tuple[Path, dict[str, object]]:
+    """The model file and its run's recorded settings (config.toml beside it, if any):
+    the data a model was trained on is found again without --data-dir."""
+    from .cli_common import read_toml
+
+    model = path / "model.npz" if path.is_dir() else path
+    if path.is_dir() and not model.is_file():
+        raise UsageError(f"{path}: no model.npz (is it a finished klayer run folder?)")
+    toml = model.parent / "config.toml"
+    return model, (read_toml(toml, flag=str(toml)) if toml.is_file() else {})
 
 
 def add_plot_args(p: argparse.ArgumentParser) -> None:
@@ -80,6 +103,7 @@ def run_plot(args: argparse.Namespace) -> int:
             runs.append((label, read_metrics(path)))
         except ValueError as e:
             raise DataError(f"{path}: cannot plot it ({e})") from None
+    _warn_mixed_datasets(labels, [Path(r) for r in args.runs])
     out = Path(args.out)
     check_writable(out)
     for path in save_overlay(out, runs):
@@ -87,18 +111,43 @@ def run_plot(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _warn_mixed_datasets(labels: list[str], runs: list[Path]) -> None:
+    """Warn when the runs were trained on different datasets (as their config.toml
+    say): their curves share axes but are not comparable."""
+    import warnings
+
+    from .cli_common import UsageError as Unreadable
+    from .cli_common import read_toml
+
+    datasets: dict[str, list[str]] = {}
+    for label, run in zip(labels, runs, strict=True):
+        try:
+            dataset = str(read_toml(run / "config.toml").get("dataset", "cifar10"))
+        except Unreadable:  # no config.toml: nothing to compare
+            continue
+        datasets.setdefault(dataset, []).append(label)
+    if len(datasets) > 1:
+        which = "; ".join(f"{d}: {', '.join(names)}" for d, names in sorted(datasets.items()))
+        warnings.warn(f"these runs were trained on different datasets ({which}): their "
+                      "curves are not comparable", stacklevel=2)
+
+
 def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=("fetch", "where"),
-                   help="fetch: download and verify CIFAR-10; where: print the data folder")
+                   help="fetch: download and verify CIFAR-10; where: print the data folder "
+                   "(first line, alone) and whether CIFAR-10 is there and what to run")
     p.add_argument("--data-dir", help="target folder (default $KLAYER_DATA_DIR, else the "
                    "user cache folder, e.g. ~/.cache/klayer)")
 
 
 def run_data(args: argparse.Namespace) -> int:
+    """``data fetch`` downloads into the data folder; ``data where`` reports on it (exit 0)."""
     from . import fetch
 
     if args.action == "where":
-        print(fetch.resolve_data_dir(args.data_dir))
+        folder, presence = fetch.cifar10_presence(args.data_dir)
+        print(folder)
+        print(presence)
         return EXIT_OK
     folder = fetch.fetch_cifar10(args.data_dir, progress=sys.stderr.isatty())
     print(f"CIFAR-10 ready in {folder}")

@@ -23,6 +23,7 @@ from .cli_common import (
     check_writable,
     config_from,
     read_toml,
+    removed_if_refused,
     resolve_config,
     toml_round_trips,
 )
@@ -41,6 +42,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    "settings in RUN_DIR/config.toml (only --data-dir, --strict-checksums and "
                    "--quiet may be given)")
     p.add_argument("--quiet", action="store_true", help="no progress output, only the final table")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="train N times, with seeds S..S+N-1 (S = --seed), each into "
+                   "OUT/seed-S, and report the mean and std of the accuracies (default 1); "
+                   "the same command again reads finished seeds back")
     add_config_flags(p)
 
 
@@ -50,6 +55,8 @@ def run_train(args: argparse.Namespace) -> int:
     The signal handlers are in place from the start, so a signal during the set-up
     stops at the first step boundary (writing a checkpoint) like one during training.
     """
+    if args.seeds != 1:
+        return _run_seeds(args)
     run: _Run | None = None
     with StopOnSignal() as stop, ExitStack() as held:
         try:
@@ -65,6 +72,60 @@ def run_train(args: argparse.Namespace) -> int:
             return EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT
 
 
+def _run_seeds(args: argparse.Namespace) -> int:
+    """--seeds N: N runs with seeds S..S+N-1 into OUT/seed-S, then their mean and std
+    (printed, and written to OUT/seeds.json). A seed whose folder holds this run,
+    finished, is read back, so the same command continues after a stop."""
+    import json
+    import time
+    from dataclasses import replace
+
+    if args.seeds < 1:
+        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.resume:
+        raise UsageError("--seeds and --resume: resume one seed's folder, OUT/seed-S, "
+                         "then run the --seeds command again")
+    base = resolve_config(args)
+    _validate(base)
+    out = Path(args.out) if args.out else Path("runs") / (
+        time.strftime("%Y%m%d-%H%M%S") + f"-{base.name}")
+    summaries = []
+    for seed in range(base.seed, base.seed + args.seeds):
+        folder = out / f"seed-{seed}"
+        if _records(folder / "config.toml", replace(base, seed=seed)) and \
+                (folder / "summary.json").is_file():
+            print(f"seed {seed}: finished before, read back from {folder}", flush=True)
+        else:
+            print(f"seed {seed}: training into {folder}", flush=True)
+            code = run_train(argparse.Namespace(**{**vars(args), "seeds": 1, "seed": seed,
+                                                   "out": str(folder)}))
+            if code != EXIT_OK:
+                return code
+        summaries.append(json.loads((folder / "summary.json").read_text()))
+    _write_seeds(out, summaries)
+    return EXIT_OK
+
+
+def _write_seeds(out: Path, summaries: list[dict[str, Any]]) -> None:
+    """Print the seeds' mean ± std per accuracy and write them to OUT/seeds.json."""
+    import json
+
+    import numpy as np
+
+    from .train import write_text
+
+    keys = [k for k in summaries[0] if k.endswith("accuracy") or "accuracy_" in k]
+    stats = {k: {"mean": float(np.mean([s[k] for s in summaries])),
+                 "std": float(np.std([s[k] for s in summaries], ddof=1)),
+                 "values": [s[k] for s in summaries]} for k in keys}
+    print(f"\n{len(summaries)} seeds ({', '.join(str(s['seed']) for s in summaries)}):")
+    for k, v in stats.items():
+        print(f"{k:<42}{v['mean']:>8.2%} ± {v['std']:.2%}")
+    write_text(out / "seeds.json", json.dumps(
+        {"seeds": [s["seed"] for s in summaries], **stats}, indent=2) + "\n")
+    print(f"wrote {out / 'seeds.json'}")
+
+
 class _Run(NamedTuple):
     trainer: Trainer
     out: Path
@@ -73,26 +134,66 @@ class _Run(NamedTuple):
 def _new_run(args: argparse.Namespace, held: ExitStack) -> _Run:
     import time
 
-    from . import checkpoint
-    from .runfolder import FINISHED_FILES
-
     cfg = resolve_config(args)
     _validate(cfg)
     out = Path(args.out) if args.out else Path("runs") / (
         time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.name}")
     trainer = _trainer(cfg, out, args.quiet)  # data first: a failure leaves no folder
     _warn_unused(cfg, trainer.data.image_shape is not None)
-    check_writable(out)
-    held.callback(lock_run_folder(out, "--out").release)
-    if checkpoint.list_checkpoints(out / checkpoint.FOLDER):
-        raise UsageError(f"--out: {out} holds the checkpoints of another run; continue it "
-                         f"with `klayer train --resume {_quote(out)}` or choose another --out")
-    results = [name for name in FINISHED_FILES if (out / name).exists()]
-    if results:  # a finished run's results are never replaced silently
-        raise UsageError(f"--out: {out} already holds the {' and '.join(results)} of a "
-                         "finished run; choose another --out")
-    _write(out / "config.toml", cfg)
+    with removed_if_refused(out, leave=(LOCK_NAME,)):
+        check_writable(out)
+        held.callback(lock_run_folder(out, "--out").release)
+        _refuse_used_out(out, trainer.cfg)
+        _write(out / "config.toml", trainer.cfg)  # with n_s and the length written out
     return _Run(trainer, out)
+
+
+def _refuse_used_out(out: Path, cfg: TrainConfig) -> None:
+    """UsageError if ``out`` already holds a run: a finished one (its results are never
+    replaced) or a stopped one (continued with --resume, not started again)."""
+    from . import checkpoint
+    from .runfolder import FINISHED_FILES
+
+    same = _records(out / "config.toml", cfg)
+    results = [name for name in FINISHED_FILES if (out / name).exists()]
+    if results:
+        if not same:
+            raise UsageError(f"--out: {out} already holds the {' and '.join(results)} of "
+                             "another, finished run; choose another --out")
+        raise UsageError(f"--out: {out} already holds this run, finished"
+                         f"{_test_accuracy(out)}; choose another --out to train it again")
+    if checkpoint.list_checkpoints(out / checkpoint.FOLDER):
+        whose = "this run, stopped before its end" if same else "another run's checkpoints"
+        raise UsageError(f"--out: {out} holds {whose}; continue it with "
+                         f"`klayer train --resume {_quote(out)}` or choose another --out")
+
+
+def _records(toml: Path, cfg: TrainConfig) -> bool:
+    """Whether ``toml`` (a run folder's config.toml) records ``cfg``'s settings."""
+    from .config import TrainConfig
+    from .trainstate import RESUME_MAY_CHANGE
+
+    try:
+        recorded = TrainConfig.from_dict(read_toml(toml, flag="--out")).to_dict()
+    except (UsageError, ValueError, TypeError):
+        return False
+    mine = cfg.to_dict()  # n_s or the length unset here: config.toml has them resolved
+    return all(recorded[k] == mine[k] for k in mine
+               if k not in RESUME_MAY_CHANGE and not (mine[k] is None and k in _RESOLVED))
+
+
+_RESOLVED = ("n_s", "cycles", "epochs")  # unset, they are written out by resolve_length
+
+
+def _test_accuracy(out: Path) -> str:
+    """' (test accuracy 53.24 %)' from out/summary.json, or '' if it cannot be read."""
+    import json
+
+    try:
+        accuracy = json.loads((out / "summary.json").read_text())["test_accuracy"]
+        return f" (test accuracy {accuracy:.2%})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def _warn_unused(cfg: TrainConfig, images: bool) -> None:
@@ -294,12 +395,18 @@ def _quote(path: Path) -> str:
 
 
 def print_summary(summary: dict[str, object]) -> None:
-    print(f"\n{'split':<12}{'accuracy':>10}")
-    for split in ("train", "val", "test"):
-        print(f"{split:<12}{summary[split + '_accuracy']:>10.2%}")
-    for key in ("test_accuracy_adaptive_bn", "test_accuracy_adaptive_bn_flip"):
-        if key in summary:
-            print(f"{key[5:]:<12}{summary[key]:>10.2%}")
+    """The accuracy table at the end of a run (and of each seed of --seeds)."""
+    pct = f"{float(summary.get('flip_fraction', 0)):.0%} mirrored"  # type: ignore[arg-type]
+    labels = {"train_accuracy": "train", "val_accuracy": "val", "test_accuracy": "test",
+              "test_accuracy_adaptive_bn": "test, adaptive BN",
+              "test_accuracy_adaptive_bn_flip": "test, adaptive BN of the mirrored set",
+              "test_accuracy_partly_flipped": f"test {pct}",
+              "test_accuracy_adaptive_bn_partly_flipped": f"test {pct}, adaptive BN"}
+    rows = [(label, summary[key]) for key, label in labels.items() if key in summary]
+    width = max(len(label) for label, _ in rows) + 2
+    print(f"\n{'split':<{width}}{'accuracy':>10}")
+    for label, value in rows:
+        print(f"{label:<{width}}{value:>10.2%}")
     print(f"\n{summary['steps']} steps in {summary['wall_seconds']:.1f} s "
           f"({summary['steps_per_second']:.0f} steps/s), seed {summary['seed']}")
 
@@ -315,6 +422,7 @@ class Progress:
 
             self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
         self.val_acc = float("nan")
+        self.last: dict[str, float] = {}  # the latest step's lr and loss
         self.on_broken_pipe: Callable[[], None] | None = None  # the reader went away
 
     def start_at(self, step: int) -> None:
@@ -342,12 +450,23 @@ class Progress:
                         self.on_broken_pipe()
         elif self.bar is not None:
             self.bar.update(1)
+            self.last = info
             if int(info["step"]) % 50 == 0:
-                self.bar.set_postfix(lr=f"{info['lr']:.1e}", loss=f"{info['loss']:.3f}",
-                                     val_acc=f"{self.val_acc:.2%}", refresh=False)
+                self._postfix(refresh=False)
+        if kind == "eval" and self.bar is not None:
+            self._postfix(refresh=True)  # the bar shows each evaluation, the last one too
+
+    def _postfix(self, refresh: bool) -> None:
+        assert self.bar is not None
+        values = {"val_acc": f"{self.val_acc:.2%}"}
+        if self.last:
+            values = {"lr": f"{self.last['lr']:.1e}", "loss": f"{self.last['loss']:.3f}",
+                      **values}
+        self.bar.set_postfix(values, refresh=refresh)
 
     def close(self) -> None:
         if self.bar is not None:
+            self._postfix(refresh=True)  # the final values, not those of 50 steps before
             self.bar.close()
 
 

@@ -7,6 +7,7 @@ values raise ``ValueError`` naming the field, before any work starts.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -153,6 +154,8 @@ class TrainConfig:
                     "batch 1 train, batch 2 validation", choices=SPLITS)
     val_size: int = _f(5000, "validation examples taken from the end of the training batches")
     strict_checksums: bool = _f(False, "refuse CIFAR-10 files whose checksums differ")
+    n_train: int | None = _f(None, "train on the first N training examples only (e.g. 100: "
+                             "the assignment's overfitting check); default all")
     # architecture (see NetConfig)
     hidden: tuple[int, ...] = _f((50, 50), "hidden widths, comma-separated")
     batch_norm: bool = _f(True, "batch norm in every hidden layer")
@@ -195,6 +198,9 @@ class TrainConfig:
     precise_per_epoch: int = _f(0, "PreciseBN recomputations per epoch (0: only at the end)")
     precise_examples: int = _f(10000, "training examples PreciseBN averages over (0: all)")
     adaptive_bn: bool = _f(False, "also report test accuracy with statistics of the test set")
+    flip_fraction: float = _f(0.0, "adaptive_bn: also test on the test set with this fraction "
+                              "of its images mirrored (the bonus: 0.5), with the running "
+                              "and with adaptive statistics")
     flip: bool = _f(False, "augment: random horizontal flips (images only)")
     translate: int = _f(0, "augment: random translations of up to this many pixels")
     tta_flip: bool = _f(False, "test-time flip averaging (images only)")
@@ -237,6 +243,10 @@ class TrainConfig:
             raise ValueError(f"lambda must be >= 0, got {self.lam!r}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if self.n_train is not None:
+            _check_int("n_train", self.n_train, 1)
+        if not 0 <= self.flip_fraction <= 1:
+            raise ValueError(f"flip_fraction must be in [0, 1], got {self.flip_fraction!r}")
         for name in ("cycles", "epochs"):
             value = getattr(self, name)
             if value is not None:
@@ -271,9 +281,18 @@ class TrainConfig:
         by_key = {key_name(f): f.name for f in fields(cls)}
         unknown = sorted(set(values) - set(by_key))
         if unknown:
-            raise ValueError(f"unknown key(s) {', '.join(unknown)}; valid keys: "
-                             f"{', '.join(sorted(by_key))}")
+            raise ValueError("; ".join(unknown_key(k, by_key) for k in unknown))
         return cls(**{by_key[k]: v for k, v in values.items()})
+
+
+def unknown_key(key: str, valid: Iterable[str], what: str = "key") -> str:
+    """'unknown key hiden (did you mean hidden?)': the closest valid names, not all 48."""
+    import difflib
+
+    close = difflib.get_close_matches(key, list(valid), n=2, cutoff=0.6)
+    hint = (f" (did you mean {' or '.join(close)}?)" if close else
+            " (the keys are klayer train's flags, with _ for -)")
+    return f"unknown {what} {key}{hint}"
 
 
 def key_name(f: Any) -> str:

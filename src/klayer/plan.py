@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .config import TrainConfig
-from .data import Data, make_synthetic
+from .data import Data, Split, make_synthetic
 from .evaluation import EVAL_CHUNK
 from .optim import make_optimizer
 from .schedules import make_schedule, resolve_total_steps
@@ -39,15 +39,29 @@ class Plan:
 def load_data(cfg: TrainConfig) -> Data:
     """The dataset the config names (CIFAR-10 found via data_dir / $KLAYER_DATA_DIR / cache)."""
     if cfg.dataset == "synthetic":
-        return make_synthetic(seed=cfg.seed)
+        return first_examples(make_synthetic(seed=cfg.seed), cfg.n_train)
     from . import fetch  # platformdirs, filelock, scikit-learn: only when needed
 
     if cfg.dataset == "digits":
-        return fetch.load_digits_data(seed=cfg.seed)
+        return first_examples(fetch.load_digits_data(seed=cfg.seed), cfg.n_train)
     from .data import load_cifar10
 
     folder = fetch.locate_cifar10(cfg.data_dir, strict_checksums=cfg.strict_checksums)
-    return load_cifar10(folder, split=cfg.split, val_size=cfg.val_size)
+    return first_examples(load_cifar10(folder, split=cfg.split, val_size=cfg.val_size),
+                          cfg.n_train)
+
+
+def first_examples(data: Data, n_train: int | None) -> Data:
+    """``data`` with its training split cut to the first ``n_train`` examples (None: all),
+    standardized with their own statistics; validation and test unchanged."""
+    if n_train is None:
+        return data
+    if n_train > len(data.train.y):
+        raise ValueError(f"n_train ({n_train}) exceeds the {data.name} training set "
+                         f"({len(data.train.y)} examples)")
+    train = Split(np.asarray(data.train.X[:n_train]), np.asarray(data.train.y[:n_train]))
+    return Data(train, data.val, data.test, data.num_classes, data.name, data.image_shape,
+                classes=data.classes)
 
 
 def make_plan(cfg: TrainConfig, n_train: int) -> Plan:
@@ -71,6 +85,23 @@ def make_plan(cfg: TrainConfig, n_train: int) -> Plan:
     period = 2 * n_s if cfg.schedule == "cyclic" else total
     eval_every = max(1, round(period / cfg.evals_per_cycle))
     return Plan(per_epoch, total, n_s if cfg.schedule == "cyclic" else None, eval_every, lr)
+
+
+def resolve_length(cfg: TrainConfig, n_train: int) -> TrainConfig:
+    """``cfg`` with every setting that decides the run's length written out: n_s
+    (cyclic; its default depends on the training set size) and the length itself
+    (cycles = 2 for a cyclic run, epochs = 10 otherwise, when none was given), so
+    that config.toml records everything that determines the run."""
+    from dataclasses import replace
+
+    plan = make_plan(cfg, n_train)
+    changes: dict[str, Any] = {}
+    if cfg.schedule == "cyclic" and cfg.n_s is None:
+        changes["n_s"] = plan.n_s
+    if all(getattr(cfg, k) is None for k in ("cycles", "epochs", "steps")):
+        changes["cycles" if cfg.schedule == "cyclic" else "epochs"] = (
+            2.0 if cfg.schedule == "cyclic" else 10.0)
+    return replace(cfg, **changes) if changes else cfg
 
 
 def make_optimizer_for(cfg: TrainConfig) -> Any:

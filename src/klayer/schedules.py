@@ -157,9 +157,9 @@ def resolve_total_steps(
 ) -> int:
     """Training length in update steps from exactly one of cycles, epochs or steps.
 
-    epochs -> ceil(epochs * steps_per_epoch). A cyclic schedule (which needs n_s)
-    always runs whole cycles of 2 n_s steps, rounding up, so training ends where the
-    rate is back at eta_min; cycles may only be given for it.
+    epochs -> ceil(epochs * steps_per_epoch); cycles (cyclic only, which needs n_s) ->
+    round(cycles * 2 n_s); steps as given. The length asked for is the length that runs:
+    a cyclic run that ends mid-cycle simply stops where its rate is then.
     """
     given = {k: v for k, v in (("cycles", cycles), ("epochs", epochs), ("steps", steps))
              if v is not None}
@@ -179,8 +179,6 @@ def resolve_total_steps(
         return int(steps) if steps is not None else _ceil(value * steps_per_epoch)
     if n_s is None or not isinstance(n_s, numbers.Integral) or n_s < 1:
         raise ValueError(f"the cyclic schedule needs n_s, an integer >= 1, got {n_s!r}")
-    cycle = 2 * int(n_s)
     if key == "cycles":
-        return _ceil(value) * cycle
-    total = int(steps) if steps is not None else _ceil(value * steps_per_epoch)
-    return -(-total // cycle) * cycle
+        return max(1, round(value * 2 * int(n_s)))
+    return int(steps) if steps is not None else _ceil(value * steps_per_epoch)

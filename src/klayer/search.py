@@ -8,7 +8,9 @@ base training configuration, the search space, the sampler, the trial budget, a
 fingerprint of the data and the klayer version. Workers (``run_workers``) never
 create a study; they refuse to join one whose configuration or data differ from theirs.
 
-A worker asks Optuna for trials until the study has its budget of COMPLETE trials.
+A worker asks Optuna for trials until the study has its budget of COMPLETE trials; in
+a grid study it only claims the points queued at creation, each by one worker, until
+every point has run.
 Each trial trains with the seed SeedSequence([base seed, trial number]) (a retry uses
 its original trial's number), and its validation accuracy is the objective
 (maximized); test accuracy and the rest are trial user attributes. With
@@ -186,7 +188,7 @@ def _retrainers(cfg: TrainConfig, base: TrainConfig, data: Data, out: Path, seed
             raise SearchError(f"{e}; move them away to train it from the start, or choose "
                               "another --out") from None
         if found is None:
-            _check_no_results(folder, run, warn)
+            _check_no_results(folder, trainer.cfg, warn)
         elif callback is not None:
             callback("resume", {"step": found[0], "steps": trainer.plan.total_steps,
                                 "seed": seed})

@@ -27,13 +27,21 @@ from typing import Any
 import numpy as np
 
 from . import __version__, checkpoint, kernels, trainstate
-from .augment import random_flip, random_translate
+from .augment import hflip, random_flip, random_translate
 from .config import TrainConfig
 from .data import Data, DataError
 from .evaluation import EVAL_CHUNK, batches, evaluate, population_stats
 from .layers import Array
 from .network import Metrics, Network
-from .plan import Plan, load_data, make_optimizer_for, make_plan, validate, validate_for_data
+from .plan import (
+    Plan,
+    load_data,
+    make_optimizer_for,
+    make_plan,
+    resolve_length,
+    validate,
+    validate_for_data,
+)
 from .runfolder import (
     METRIC_FIELDS,
     OutputError,
@@ -103,6 +111,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, data: Data,
                  callback: Callable[[str, dict[str, float]], None] | None = None,
                  run_dir: str | Path | None = None, train_curve: bool = True) -> None:
+        cfg = resolve_length(cfg, len(data.train.y))  # n_s and the length, written out
         self.cfg, self.data, self.callback = cfg, data, callback
         self.train_curve = train_curve  # False: evaluations before the last skip the train set
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -381,5 +390,23 @@ def _summary(net: Network, data: Data, cfg: TrainConfig, plan: Plan,
             population_stats(adapted, data, data.test.X, 0, flip=flip)
             key = "test_accuracy_adaptive_bn" + ("_flip" if flip else "")
             summary[key] = evaluate(adapted, data, data.test.X, data.test.y).accuracy
+        if cfg.flip_fraction > 0 and data.image_shape is not None:
+            summary.update(_partly_flipped(net, data, cfg))
     return summary
+
+
+def _partly_flipped(net: Network, data: Data, cfg: TrainConfig) -> dict[str, float]:
+    """The bonus' shifted test set: a fraction of the test images mirrored (which ones,
+    from the seed), tested with the running statistics and with adaptive ones."""
+    assert data.image_shape is not None
+    X = np.array(data.test.X)  # (n, d), a copy
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 20]))
+    rows = np.sort(rng.permutation(len(X))[: round(cfg.flip_fraction * len(X))])
+    X[rows] = hflip(X[rows], data.image_shape)
+    adapted = net.copy()
+    population_stats(adapted, data, X, 0)
+    return {"flip_fraction": cfg.flip_fraction,
+            "test_accuracy_partly_flipped": evaluate(net, data, X, data.test.y).accuracy,
+            "test_accuracy_adaptive_bn_partly_flipped":
+                evaluate(adapted, data, X, data.test.y).accuracy}
 

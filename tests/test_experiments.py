@@ -33,6 +33,10 @@ def test_each_experiment_quick(tmp_path: Path, name: str) -> None:
         assert (out / link).stat().st_size > 1000
     assert md.count("data:image") == 0 and html.count("data:image/png;base64,") == md.count("![")
     assert (out / "results.json").is_file()
+    tables = re.findall(r"\]\((tables/[^)]+)\.csv\) or \[LaTeX\]\(\1\.tex\)", md)
+    assert len(tables) == md.count("\n|---|") > 0  # every table, as CSV and as LaTeX
+    assert all((out / f"{t}.csv").is_file() and (out / f"{t}.tex").is_file() for t in tables)
+    assert not (out / "models").exists()  # only with --keep-models
 
 
 def test_bn_stats_on_images_reports_the_2x2x2_table(tmp_path: Path) -> None:
@@ -81,13 +85,17 @@ def test_the_gradient_check_needs_no_data(tmp_path: Path) -> None:
     assert (tmp_path / "rep" / "report.md").is_file()
 
 
-def test_a_diverged_training_is_a_result_not_a_crash() -> None:
+def test_a_diverged_training_is_a_result_not_a_crash(tmp_path: Path) -> None:
     from klayer.runner import Context, RunSpec, fmt_pct, values
 
-    ctx = Context({"dataset": "synthetic"}, quick=True)
+    ctx = Context({"dataset": "synthetic"}, quick=True, out=tmp_path, keep_models=True)
+    stale = tmp_path / "models" / "huge-eta-seed0.npz"  # an earlier run's model of that name
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"x")
     spec = RunSpec("huge eta", {"hidden": [20], "schedule": "constant", "eta": 1e6})
     [outcome] = ctx.run([spec])
     assert "smaller eta" in outcome.summary["diverged"]
+    assert not stale.exists()  # a diverged training has no model
     assert fmt_pct(values([outcome], "test_accuracy")) == "diverged"
     assert fmt_pct([0.5, float("nan")]) == "50.00 % (1 diverged)"
 
@@ -137,3 +145,129 @@ def test_every_parallel_worker_gets_its_share_of_blas_threads(monkeypatch: pytes
     busy.result(timeout=60)
     ctx.close()
     assert all(v not in os.environ for v in BLAS_VARS)  # restored after the pool
+
+
+# --- issue 20: init-sensitivity's curves, --keep-models, tables as CSV and LaTeX ------------
+
+
+def _fake_outcomes(specs: list, seeds: object = None) -> list:
+    """One made-up training per spec (3 evaluations), instead of training."""
+    from klayer.runner import Outcome
+
+    rows = [{"step": float(s), **{f"{split}_{m}": 0.5 for split in ("train", "val")
+                                  for m in ("loss", "cost", "accuracy")}} for s in range(3)]
+    summary = {"test_accuracy": 0.5, "val_accuracy": 0.5, "train_accuracy": 0.5,
+               "wall_seconds": 1.0}
+    return [Outcome(s.label, 0, {}, summary, rows) for s in specs]
+
+
+def test_init_sensitivity_draws_validation_curves_at_3_and_9_layers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import matplotlib.pyplot as plt
+
+    from klayer import runner
+    from klayer.experiments import INITS, NINE, init_sensitivity
+
+    drawn: dict[str, list[list[tuple[str, str]]]] = {}  # figure -> per panel (label, style)
+
+    def save_panels(path: Path, panels: list, **kw: object) -> Path:
+        for _, draw in panels:
+            fig, ax = plt.subplots()
+            draw(ax)
+            drawn.setdefault(path.stem, []).append(
+                [(str(line.get_label()), str(line.get_linestyle())) for line in ax.get_lines()])
+            plt.close(fig)
+        return path
+
+    monkeypatch.setattr(runner, "save_panels", save_panels)
+    ctx = runner.Context({"dataset": "synthetic"}, quick=True, out=tmp_path)
+    specs: list = []
+    monkeypatch.setattr(ctx, "run", lambda s, seeds=None: specs.extend(s) or _fake_outcomes(s))
+    section = init_sensitivity(ctx)
+    for hidden in ([50, 50], list(NINE)):  # He and each sigma, with and without BN
+        runs = [s.overrides for s in specs if s.overrides.get("hidden") == hidden]
+        assert sorted((o["batch_norm"], o["init"], o.get("init_sigma", 0)) for o in runs) == \
+            sorted((bn, o["init"], o.get("init_sigma", 0)) for bn in (True, False)
+                   for _, o in INITS)
+    assert len(section.figures) == len(drawn) == 2
+    for fig in section.figures:  # the caption's promise, kept in every panel
+        assert "solid: validation" in fig.caption and "Dashed: training" in fig.caption
+        for lines in drawn[fig.path.stem]:
+            assert sum(style == "-" and "(val)" in label for label, style in lines) == 4
+            assert sum(style == "--" and "(train)" in label for label, style in lines) == 4
+    assert [r[0] for r in section.tables[0].rows] == ["3-layer"] * 4 + ["9-layer"] * 4
+    assert {"bn9_1e-4", "nobn9_1e-4", "bn_1e-4", "nobn_1e-4"} <= set(section.facts)
+
+
+def test_keep_models_saves_loadable_nets_and_reads_them_back_only_with_them(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from klayer import modelfile
+
+    args = ["experiment", "bn-placement", "--dataset", "synthetic", "--quick",
+            "--out", str(tmp_path / "r")]
+    assert main([*args, "--keep-models"]) == 0
+    models = tmp_path / "r" / "models" / "bn-placement"
+    files = sorted(models.glob("*.npz"))
+    assert [p.name for p in files] == sorted(f"{d}-layer-BN-{pos}-ReLU-seed0.npz"
+                                             for d in (3, 9) for pos in ("before", "after"))
+    for p in files:
+        net, meta, extras = modelfile.load(p)
+        assert meta["experiment"] == "bn-placement" and meta["seed"] == 0
+        assert meta["config"]["bn_position"] in p.name and {"mean", "std"} <= set(extras)
+    assert main(["evaluate", str(files[0]), "--out", str(tmp_path / "ev")]) == 0
+    # read back on a re-run, except a training whose model is gone or is another's
+    files[0].unlink()
+    files[1].write_bytes(files[2].read_bytes())
+    capsys.readouterr()
+    assert main([*args, "--keep-models"]) == 0
+    log = capsys.readouterr().out
+    assert log.count("kept without its model") == 2 and "(2 read back)" in log
+    assert all(modelfile.load(p)[1]["label"].replace(", ", "-").replace(" ", "-")
+               in p.name for p in files)
+    assert main([*args]) == 0 and "(4 read back)" in capsys.readouterr().out
+
+
+def test_every_table_is_also_csv_and_latex(tmp_path: Path) -> None:
+    import csv
+
+    from klayer.report import Report, Section, Table, to_markdown, write_tables
+
+    odd = Table("100% & more", ["name_x", "acc #"],
+                [["a_b", "53.49 ± 0.21 %"], ["c & d", "$5 {x} ~^\\"], ["σ = 1e-4", "λ, η"]])
+    runs = Table("Trainings", ["configuration"], [["x|y"]])
+    report = Report("t", [Section("sec", tables=[odd], runs=runs)], False, "cmd", 1, "now")
+    written = write_tables(report, tmp_path)
+    assert [p.name for p in written] == ["sec-100-more.csv", "sec-100-more.tex",
+                                         "sec-trainings.csv", "sec-trainings.tex"]
+    for table, (csv_path, tex_path) in ((odd, written[:2]), (runs, written[2:])):
+        with open(csv_path, newline="") as f:
+            assert list(csv.reader(f)) == [table.header, *table.rows]
+        tex = tex_path.read_text()
+        assert tex.count("\\\\\n") == 1 + len(table.rows)
+        assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex
+    tex = written[1].read_text()
+    for escaped in (r"name\_x & acc \#", r"a\_b & 53.49 $\pm$ 0.21 \%", r"c \& d",
+                    r"\$5 \{x\} \textasciitilde{}\textasciicircum{}\textbackslash{}",
+                    r"$\sigma$ = 1e-4 & $\lambda$, $\eta$"):
+        assert escaped in tex
+    md = to_markdown(report, tmp_path)
+    assert "(tables/sec-100-more.csv)" in md and "(tables/sec-trainings.tex)" in md
+
+
+def test_a_failed_table_write_leaves_no_part_of_a_file(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    from klayer.report import Report, Section, Table, write_tables
+    from klayer.runfolder import OutputError
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    report = Report("t", [Section("sec", tables=[Table("T", ["a"], [["1"]])])], False, "c", 1,
+                    "now")
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OutputError, match="sec-t.csv"):
+        write_tables(report, tmp_path)
+    assert list((tmp_path / "tables").iterdir()) == []

@@ -46,7 +46,7 @@ def test_report_figures_load_without_console_errors(tmp_path: Path) -> None:
     finally:
         driver.quit()
     assert "init-sensitivity" in title
-    assert len(images) == 1  # the figure of this experiment
+    assert len(images) == 2  # the figures of this experiment: 3 and 9 layers
     assert all(complete and width > 0 for complete, width in images), images
     assert errors == [], errors
     assert (tmp_path / "report.png").stat().st_size > 10_000

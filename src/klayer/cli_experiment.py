@@ -48,6 +48,9 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
                    help="a slice of the data and short runs (~1-2 min); marked in the report")
     p.add_argument("--out", metavar="DIR",
                    help="report folder (default runs/experiment-<name>-<timestamp>)")
+    p.add_argument("--keep-models", action="store_true",
+                   help="also save every trained network as OUT/models/<experiment>/"
+                        "<configuration>-seed<S>.npz, for klayer evaluate (default: none)")
 
 
 def run_experiment_cmd(args: argparse.Namespace) -> int:
@@ -70,7 +73,8 @@ def run_experiment_cmd(args: argparse.Namespace) -> int:
     if args.data_dir:
         base["data_dir"] = args.data_dir
     ctx = Context(base=base, seeds=args.seeds, jobs=args.jobs, quick=args.quick, out=out,
-                  log=lambda m: print(m, flush=True), keep=True)
+                  log=lambda m: print(m, flush=True), keep=True,
+                  keep_models=args.keep_models)
     with _StopSignals() as signals, ExitStack() as held:
         try:
             _check(args, ctx, out)
@@ -105,9 +109,11 @@ def _check(args: argparse.Namespace, ctx: Context, out: Path) -> None:
 
 
 def _run(args: argparse.Namespace, ctx: Context, out: Path) -> None:
-    """The experiments, then results.json, report.md and report.html (each atomic)."""
+    """The experiments, then results.json, the tables (tables/*.csv and *.tex), report.md
+    and report.html (each file atomic)."""
     from .experiments import ASSIGNMENT, EXPERIMENTS, run_experiment, summary_section
-    from .report import Report, to_html, to_markdown
+    from .report import TABLES, Report, to_html, to_markdown, write_tables
+    from .runner import MODELS
     from .train import write_text
 
     names = list(ASSIGNMENT) if args.name == "all" else [args.name]
@@ -122,9 +128,13 @@ def _run(args: argparse.Namespace, ctx: Context, out: Path) -> None:
     write_text(out / "results.json", json.dumps(
         [{k: v for k, v in asdict(s).items() if k not in ("figures",)} for s in sections],
         indent=2, default=str) + "\n")
+    write_tables(report, out)
     write_text(out / "report.md", to_markdown(report, out))
     write_text(out / "report.html", to_html(report))
-    print(f"\nreport: {out / 'report.html'} (and report.md)")
+    print(f"\nreport: {out / 'report.html'} (and report.md; tables as CSV and LaTeX in "
+          f"{out / TABLES})")
+    if args.keep_models:
+        print(f"models: {out / MODELS}")
 
 
 class _Stopped(KeyboardInterrupt):

@@ -17,10 +17,11 @@ from .best import best
 from .config import NetConfig
 from .gradcheck import check_gradients, make_check_problem
 from .lambda_search import lambda_search
-from .report import Section, Table
+from .report import Figure, Section, Table
 from .runner import (
     POST_EVALUATIONS,
     Context,
+    Outcome,
     RunSpec,
     accuracy_table,
     by_label,
@@ -101,27 +102,46 @@ def bn_depth(ctx: Context) -> Section:
 
 INITS = [("He", {"init": "he"})] + [
     (f"sigma={s:g}", {"init": "normal", "init_sigma": s}) for s in (1e-1, 1e-3, 1e-4)]
+INIT_NETS = ((3, (50, 50)), (9, NINE))  # depth, hidden widths
+
+
+def _init_label(depth: int, init: str, bn: bool) -> str:
+    return f"{depth}-layer, {init}, {'BN' if bn else 'no BN'}"
+
+
+def _init_figure(ctx: Context, groups: dict[str, list[Outcome]], depth: int) -> Figure:
+    """Loss and accuracy of every initialization at one depth, with and without BN:
+    validation (solid) and training (dashed) curves, as the caption says."""
+    panels = [(f"{depth}-layer, {'with' if bn else 'without'} batch norm: {m}",
+               [_init_label(depth, n, bn) for n, _ in INITS], m)
+              for m in ("loss", "accuracy") for bn in (True, False)]
+    return curves(ctx, f"init-sensitivity-{depth}-layer", groups, panels)
 
 
 def init_sensitivity(ctx: Context) -> Section:
-    specs = [RunSpec(f"{name}, {'BN' if bn else 'no BN'}", {**o, "batch_norm": bn})
-             for bn in (True, False) for name, o in INITS]
+    """He vs fixed sigma in {1e-1, 1e-3, 1e-4}, with and without batch norm, at 3 and 9
+    layers: does batch norm make training robust to the initial weight scale?"""
+    specs = [RunSpec(_init_label(d, name, bn), {"hidden": list(h), **o, "batch_norm": bn})
+             for d, h in INIT_NETS for bn in (True, False) for name, o in INITS]
     groups = by_label(ctx.run(specs))
-    panels = [(f"{'with' if bn else 'without'} batch norm: {m}",
-               [f"{n}, {'BN' if bn else 'no BN'}" for n, _ in INITS], m)
-              for m in ("loss", "accuracy") for bn in (True, False)]
-    fig = curves(ctx, "init-sensitivity", groups, panels, splits=("train",))
-    table = Table("Test accuracy by initialization", ["initialization", "with BN", "without BN"],
-                  [[n, fmt_pct(values(groups[f"{n}, BN"], "test_accuracy")),
-                    fmt_pct(values(groups[f"{n}, no BN"], "test_accuracy"))] for n, _ in INITS])
-    bn4, no4 = mean_of(groups, "sigma=0.0001, BN"), mean_of(groups, "sigma=0.0001, no BN")
-    text = [f"With σ = 1e-4 the batch-norm net reaches **{100 * bn4:.2f} %** test accuracy "
-            f"while the net without batch norm ends at **{100 * no4:.2f} %** (chance is 10 %): "
-            "without normalization the tiny initial weights shrink the signal layer after "
-            "layer, so gradients vanish; batch norm rescales every layer's pre-activations."]
+    table = Table("Test accuracy by initialization",
+                  ["net", "initialization", "with BN", "without BN"],
+                  [[f"{d}-layer", n, *(fmt_pct(values(groups[_init_label(d, n, bn)],
+                                                      "test_accuracy")) for bn in (True, False))]
+                   for d, _ in INIT_NETS for n, _ in INITS])
+    facts = {f"{'bn' if bn else 'nobn'}{'' if d == 3 else d}_1e-4":
+             mean_of(groups, _init_label(d, "sigma=0.0001", bn))
+             for d, _ in INIT_NETS for bn in (True, False)}
+    text = [f"With σ = 1e-4 the 3-layer batch-norm net reaches **{100 * facts['bn_1e-4']:.2f} %** "
+            f"test accuracy while the net without batch norm ends at "
+            f"**{100 * facts['nobn_1e-4']:.2f} %** (chance is 10 %); at 9 layers: "
+            f"{100 * facts['bn9_1e-4']:.2f} % with batch norm, {100 * facts['nobn9_1e-4']:.2f} % "
+            "without. Without normalization the tiny initial weights shrink the signal layer "
+            "after layer, so gradients vanish; batch norm rescales every layer's "
+            "pre-activations."]
     s = finish("init-sensitivity", specs, groups, text=text, tables=[table],
-                figures=[fig])
-    s.facts = {"bn_1e-4": bn4, "nobn_1e-4": no4}
+               figures=[_init_figure(ctx, groups, d) for d, _ in INIT_NETS])
+    s.facts = facts
     return s
 
 
@@ -269,7 +289,8 @@ EXPERIMENTS: dict[str, Experiment] = {
                       "Which range of lambda was searched, which was best, and its test "
                       "accuracy after 3 cycles?", lambda_search),
     "init-sensitivity": ("Sensitivity to initialization",
-                         "Does batch norm make training robust to the initial weight scale?",
+                         "Does batch norm make training robust to the initial weight scale, "
+                         "at 3 and at 9 layers?",
                          init_sensitivity),
     "eta-study": ("Learning rate with and without batch norm",
                   "2-layer net, constant learning rates 0.001, 0.09 and 0.2, 10 epochs.",
@@ -295,6 +316,7 @@ def run_experiment(name: str, ctx: Context) -> Section:
 
     title, question, fn = EXPERIMENTS[name]
     ctx.log(f"experiment {name}: {title}")
+    ctx.experiment = name  # the kept models' subfolder
     start = time.perf_counter()
     s = fn(ctx)
     s.title, s.question, s.wall_seconds = title, question, time.perf_counter() - start
@@ -328,7 +350,9 @@ def summary_section(sections: list[Section]) -> Section:
         d = f["init-sensitivity"]
         items.append(["iv. Sensitivity to initialization",
                       f"σ = 1e-4: {100 * d['bn_1e-4']:.2f} % with batch norm, "
-                      f"{100 * d['nobn_1e-4']:.2f} % without"])
+                      f"{100 * d['nobn_1e-4']:.2f} % without (3 layers); "
+                      f"{100 * d['bn9_1e-4']:.2f} % and {100 * d['nobn9_1e-4']:.2f} % "
+                      "(9 layers)"])
     return Section("summary", "Summary: the report items", "What the experiments show, item "
                    "by item (test accuracy, mean over seeds).",
                    tables=[Table("Answers", ["item", "finding"], items)])

@@ -70,12 +70,21 @@ def describe(job: Job, ident: dict[str, Any]) -> dict[str, Any]:
     return plain
 
 
+def key(job: Job, ident: dict[str, Any]) -> str:
+    """16 hex digits unique to the job: a hash of its description."""
+    described = describe(job, ident)
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stem(job: Job) -> str:
+    """``<label>-seed<S>``, the label reduced to letters, digits, dots and hyphens."""
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", job[0]).strip("-") or "training"
+    return f"{slug}-seed{job[1].get('seed', 0)}"
+
+
 def path_for(folder: Path, job: Job, ident: dict[str, Any]) -> Path:
     """``folder/<label>-seed<S>-<key>.json``: readable, and unique to the job."""
-    described = describe(job, ident)
-    key = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
-    slug = re.sub(r"[^A-Za-z0-9.]+", "-", job[0]).strip("-") or "training"
-    return folder / f"{slug}-seed{job[1].get('seed', 0)}-{key}.json"
+    return folder / f"{stem(job)}-{key(job, ident)}.json"
 
 
 def save(folder: Path, job: Job, ident: dict[str, Any], outcome: Outcome) -> Path:

@@ -3,11 +3,14 @@
 An experiment describes its trainings as ``RunSpec``s: a label and overrides of the
 default configuration. ``Context.run`` expands them over the seeds, trains them in
 ``jobs`` local processes (each with BLAS threads = cores // jobs, so the cores are not
-oversubscribed) and returns one ``Outcome`` per (spec, seed).
+oversubscribed) and returns one ``Outcome`` per (spec, seed). With ``keep_models`` each
+worker also saves its trained network as ``OUT/models/<experiment>/<label>-seed<S>.npz``
+(``klayer train``'s model format, for ``klayer evaluate``).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
@@ -20,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from . import jobcache
+from . import jobcache, modelfile
 from .config import TrainConfig
 from .data import Data, Split
 from .plots import plot_spread, save_panels
@@ -32,6 +35,9 @@ QUICK_OVERRIDES: dict[str, Any] = {"n_s": 40, "val_size": 1000, "evals_per_cycle
                                    "precise_examples": 2000, "checkpoint_every": 0}
 ACCURACIES = ("test_accuracy", "val_accuracy", "train_accuracy")
 BLAS_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+MODELS = "models"  # the report folder's subfolder for the kept networks (--keep-models)
+# where a worker saves its trained network, and the metadata the file gets
+ModelTarget = tuple[str, dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -70,12 +76,15 @@ class Context:
     out: Path = Path(".")
     log: Callable[[str], None] = print
     keep: bool = False  # keep each finished training in OUT/trainings, read back on a re-run
+    keep_models: bool = False  # save each trained network in OUT/models (--keep-models)
+    experiment: str = ""  # the experiment running now: the models' subfolder
     identity: dict[str, Any] = field(default_factory=dict)  # jobcache.identity, for the keys
     _pool: ProcessPoolExecutor | None = field(default=None, repr=False)
     _other_children: set[Any] = field(default_factory=set, repr=False)  # not the pool's
     kept: set[Path] = field(default_factory=set, repr=False)  # this run's kept trainings
     # (read back, or written or being written: count those that exist)
     _saved_env: dict[str, str | None] = field(default_factory=dict, repr=False)
+    _model_owners: dict[Path, str] = field(default_factory=dict, repr=False)  # path -> job key
 
     def config(self, overrides: dict[str, Any], seed: int) -> dict[str, Any]:
         values = {**self.base, **(QUICK_OVERRIDES if self.quick else {}), **overrides}
@@ -107,18 +116,12 @@ class Context:
 
         With ``keep``, each finished training is kept in OUT/trainings (``jobcache``)
         as soon as it ends, and one kept there by an earlier run of the same experiment
-        is read back instead of trained again.
+        is read back instead of trained again (with ``keep_models``, only if its model
+        file is there too). With ``keep_models`` the workers save the trained networks.
         """
         start = time.perf_counter()
         folder = self.out / jobcache.FOLDER
-        outcomes: dict[int, Outcome] = {}
-        for i, j in enumerate(jobs if self.keep else ()):
-            kept = jobcache.load(folder, j, self.identity,
-                                 lambda m: self.log(f"  warning: {m}"))
-            if kept is not None:
-                outcomes[i] = kept
-                self.kept.add(jobcache.path_for(folder, j, self.identity))
-                self._progress(kept, len(outcomes), len(jobs), "read back: trained before")
+        outcomes = self._read_back(jobs, folder)
         todo = [i for i in range(len(jobs)) if i not in outcomes]
 
         def finished(i: int, outcome: Outcome) -> None:
@@ -130,14 +133,60 @@ class Context:
 
         if self.jobs == 1 or len(todo) <= 1:
             for i in todo:
-                finished(i, _job(*jobs[i]))
+                finished(i, _job(*jobs[i], self._model_target(jobs[i])))
         else:
-            futures = {self._executor().submit(_job, *jobs[i]): i for i in todo}
+            futures = {self._executor().submit(_job, *jobs[i], self._model_target(jobs[i])): i
+                       for i in todo}
             for f in as_completed(futures):  # report each training as it ends
                 finished(futures[f], f.result())
         self.log(f"  {len(jobs)} training(s) in {time.perf_counter() - start:.0f} s"
                  + (f" ({len(jobs) - len(todo)} read back)" if len(todo) < len(jobs) else ""))
         return [outcomes[i] for i in range(len(jobs))]
+
+    def _read_back(self, jobs: Sequence[jobcache.Job], folder: Path) -> dict[int, Outcome]:
+        """The jobs' trainings kept in ``folder`` by an earlier run (with ``keep``), by
+        index; one whose model ``keep_models`` wants but cannot find is left out (trained
+        again), so that no kept training silently lacks its model."""
+        outcomes: dict[int, Outcome] = {}
+        for i, j in enumerate(jobs if self.keep else ()):
+            kept = jobcache.load(folder, j, self.identity,
+                                 lambda m: self.log(f"  warning: {m}"))
+            if kept is not None and not self._has_model(j, kept):
+                self.log(f"  {kept.label}, seed {kept.seed}: kept without its model (no "
+                         "--keep-models before, or the file changed); training it again")
+            elif kept is not None:
+                outcomes[i] = kept
+                self.kept.add(jobcache.path_for(folder, j, self.identity))
+                self._progress(kept, len(outcomes), len(jobs), "read back: trained before")
+        return outcomes
+
+    def _model_target(self, job: jobcache.Job) -> ModelTarget | None:
+        """With ``keep_models``: where the job's network goes, OUT/models/<experiment>/
+        <label>-seed<S>.npz (its key appended if another job of this run has that name),
+        and the metadata that ties the file to the job."""
+        if not self.keep_models:
+            return None
+        key = jobcache.key(job, self.identity)
+        folder = self.out / MODELS / self.experiment
+        path = folder / f"{jobcache.stem(job)}.npz"
+        if self._model_owners.setdefault(path, key) != key:
+            path = folder / f"{jobcache.stem(job)}-{key}.npz"
+        config = json.loads(json.dumps(job[1], default=str))  # its settings, as JSON
+        meta = {"label": job[0], "experiment": self.experiment, "training": key,
+                "config": config}
+        return str(path), meta
+
+    def _has_model(self, job: jobcache.Job, outcome: Outcome) -> bool:
+        """Whether a training read back has all ``keep_models`` asks for: its own model
+        file, readable (a diverged training has none)."""
+        target = self._model_target(job)
+        if target is None or "diverged" in outcome.summary:
+            return True
+        try:
+            meta = modelfile.load(target[0])[1]
+        except (modelfile.ModelFileError, OSError):
+            return False
+        return bool(meta.get("training") == target[1]["training"])
 
     def _progress(self, o: Outcome, k: int, n: int, note: str = "") -> None:
         if n > 1:
@@ -210,7 +259,7 @@ _DATA_CACHE: dict[tuple[Any, ...], Data] = {}
 
 def load_data_for(cfg: TrainConfig, quick: bool) -> Data:
     """The dataset of ``cfg`` (cached per process), sliced for quick runs."""
-    key = (cfg.dataset, cfg.data_dir, cfg.split, cfg.val_size, cfg.strict_checksums,
+    key = (cfg.dataset, cfg.data_dir, cfg.split, cfg.val_size, cfg.n_train, cfg.strict_checksums,
            cfg.seed if cfg.dataset != "cifar10" else 0, quick)
     if key not in _DATA_CACHE:
         from .train import load_data
@@ -230,7 +279,10 @@ def subsample(data: Data) -> Data:
                 data.image_shape, classes=data.classes)
 
 
-def _job(label: str, values: dict[str, Any], post: str | None, quick: bool) -> Outcome:
+def _job(label: str, values: dict[str, Any], post: str | None, quick: bool,
+         model: ModelTarget | None = None) -> Outcome:
+    """Train one configuration (in a worker process); save its network to ``model``'s
+    path when given (a diverged one has none), then run the ``post`` evaluation."""
     import warnings
 
     from .fetch import ChecksumWarning
@@ -246,13 +298,33 @@ def _job(label: str, values: dict[str, Any], post: str | None, quick: bool) -> O
         nan = float("nan")
         summary = {"diverged": str(e), "wall_seconds": time.perf_counter() - start,
                    **dict.fromkeys(ACCURACIES, nan)}
+        if model is not None:  # no model, nor an earlier run's under its name
+            Path(model[0]).unlink(missing_ok=True)
         return Outcome(label, cfg.seed, values, summary, trainer.rows)
+    if model is not None:
+        _save_model(result, Path(model[0]), model[1])
     if post and post not in POST_EVALUATIONS:  # a fresh worker process: register them
         import importlib
 
         importlib.import_module(f"{__package__}.experiments")
     extra = POST_EVALUATIONS[post](result) if post else {}
     return Outcome(label, cfg.seed, values, result.summary, result.rows, extra)
+
+
+def _save_model(result: Any, path: Path, meta: dict[str, Any]) -> None:
+    """Save the trained network as ``klayer train`` does (metadata and the input
+    standardization), atomically; OutputError naming the file if it cannot be."""
+    from .runfolder import OutputError, cannot_write
+
+    data = result.data
+    meta = {**meta, "dataset": data.name, "seed": result.config.seed,
+            "image_shape": list(data.image_shape) if data.image_shape else None}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        modelfile.save(result.net, path, metadata=meta,
+                       extras={"mean": data.mean, "std": data.std})
+    except OSError as e:
+        raise OutputError(cannot_write(path, e)) from None
 
 
 # --- aggregation -----------------------------------------------------------------------------
@@ -309,6 +381,9 @@ def _show(v: Any) -> str:
     return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
 
 
+CURVE_STYLES = {"train": "dashed: training", "val": "solid: validation"}
+
+
 def curves(ctx: Context, name: str, groups: dict[str, list[Outcome]],
            panels: Sequence[tuple[str, Sequence[str], str]],
            splits: Sequence[str] = ("train", "val")) -> Figure:
@@ -320,8 +395,9 @@ def curves(ctx: Context, name: str, groups: dict[str, list[Outcome]],
     path.parent.mkdir(parents=True, exist_ok=True)
     save_panels(path, [(t, draw(lbs, m)) for t, lbs, m in panels])
     captions = "; ".join(t for t, _, _ in panels)
+    styles = ", ".join(CURVE_STYLES[s] for s in splits)  # what plot_spread draws, no more
     spread = " Shaded: min-max over seeds." if ctx.seeds > 1 else ""
-    return Figure(f"{captions}. Dashed: training, solid: validation.{spread}", path)
+    return Figure(f"{captions}. {styles[0].upper()}{styles[1:]}.{spread}", path)
 
 
 def mean_of(groups: dict[str, list[Outcome]], label: str, key: str = "test_accuracy") -> float:

@@ -1,9 +1,9 @@
 """The ``klayer`` command line. The only module that exits; nothing imports it.
 
-Exit codes: 0 ok, 1 a check failed (``klayer gradcheck``'s FAIL), 2 usage (bad flag or config value), 3 diverged training,
-4 data (missing, corrupt or foreign file), 5 output (the run folder cannot be written:
-read-only, disk full), 130 / 143 interrupted by SIGINT / SIGTERM, 141 the output pipe
-closed (``klayer ... | head``).
+Exit codes: 0 ok, 1 a check failed (``klayer gradcheck``'s FAIL), 2 usage (bad flag or
+config value), 3 diverged training, 4 data (missing, corrupt or foreign file), 5 output
+(the run folder cannot be written: read-only, disk full), 130 / 143 interrupted by
+SIGINT / SIGTERM, 141 the output pipe closed (``klayer ... | head``).
 Each subcommand lives in a ``cli_*`` module as an ``add_*_args`` / ``run_*`` pair.
 """
 
@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="klayer",
         description="k-layer fully-connected networks with batch normalization, in NumPy.",
-        epilog="exit codes: 0 ok, 1 check failed, 2 usage, 3 diverged, 4 data, 5 output, 130/143 interrupted, "
-               "141 output pipe closed",
+        epilog="exit codes: 0 ok, 1 check failed, 2 usage, 3 diverged, 4 data, 5 output, "
+               "130/143 interrupted, 141 output pipe closed",
     )
     parser.add_argument("--version", action="version",
                         version=f"klayer {__version__} (kernels: {kernels.BACKEND})")

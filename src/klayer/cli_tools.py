@@ -30,8 +30,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     model, recorded = _model_and_config(Path(args.model))
     net, meta, extras = modelfile.load(model)
-    where: dict[str, object] = {k: recorded[k] for k in (
-        "dataset", "seed", "split", "val_size", "data_dir") if k in recorded}  # the data and split the model was trained on
+    if not recorded and isinstance(meta.get("config"), dict):  # a kept experiment model
+        recorded = meta["config"]
+    where: dict[str, object] = {k: recorded[k] for k in (  # the data the model was trained on
+        "dataset", "seed", "split", "val_size", "data_dir") if k in recorded}
     where.setdefault("dataset", meta.get("dataset", "cifar10"))
     where.setdefault("seed", int(meta.get("seed", 0)))
     if args.data_dir:

@@ -14,7 +14,7 @@ flags = [] if sys.platform == "win32" else ["-O3", "-ffp-contract=off", "-fno-tr
 
 setup(
     ext_modules=[
-        Extension("klayer._kernels", ["src/klayer/_kernels.c"], extra_compile_args=flags,
+        Extension("klayer.core._kernels", ["src/klayer/core/_kernels.c"], extra_compile_args=flags,
                   optional=True),
     ]
 )

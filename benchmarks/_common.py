@@ -54,8 +54,8 @@ def load(data_dir: str | None):  # type: ignore[no-untyped-def]
     import numpy as np
 
     if data_dir:
-        from klayer.data import load_cifar10
-        from klayer.fetch import locate_cifar10
+        from klayer.data.datasets import load_cifar10
+        from klayer.data.fetch import locate_cifar10
 
         data = load_cifar10(locate_cifar10(data_dir))
         return data.train.X, data.train.y, data.mean, data.std
@@ -68,7 +68,7 @@ def load(data_dir: str | None):  # type: ignore[no-untyped-def]
 def training_data(data_dir: str | None):  # type: ignore[no-untyped-def]
     """klayer ``Data`` over ``load``'s training split, with 200-image validation and test
     splits (the throughput benchmarks time update steps, not evaluations)."""
-    from klayer.data import Data, Split
+    from klayer.data.datasets import Data, Split
 
     X, y, mean, std = load(data_dir)
     small = Split(X[:200], y[:200])
@@ -80,8 +80,8 @@ def trial_configs(trials: int, n_s: int, cycles: float):  # type: ignore[no-unty
     over 1e-5 .. 1e-1, eta_max over 0.05 .. 0.1, and each trial's search seed."""
     import numpy as np
 
-    from klayer.config import TrainConfig
-    from klayer.search import trial_seed
+    from klayer.core.config import TrainConfig
+    from klayer.search.storage import trial_seed
 
     base = TrainConfig(n_s=n_s, cycles=cycles, checkpoint_every=0)
     lams = np.geomspace(1e-5, 1e-1, trials)

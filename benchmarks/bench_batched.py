@@ -55,7 +55,7 @@ MODES = ("sequential", "sequential-steps", "batched")
 def first_layer_flops(cfg, data) -> int:  # type: ignore[no-untyped-def]
     """FLOPs of the first layer's products that one trial needs in any mode: its update
     steps, the validation curve points before the last step and the final evaluation."""
-    from klayer.train import make_plan
+    from klayer.training.plan import make_plan
 
     n_train, n_val, n_test = len(data.train.y), len(data.val.y), len(data.test.y)
     plan = make_plan(cfg, n_train)
@@ -67,11 +67,11 @@ def first_layer_flops(cfg, data) -> int:  # type: ignore[no-untyped-def]
 def load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     import numpy as np
 
-    from klayer.data import Data, Split
+    from klayer.data.datasets import Data, Split
 
     if args.data_dir:
-        from klayer.data import load_cifar10
-        from klayer.fetch import locate_cifar10
+        from klayer.data.datasets import load_cifar10
+        from klayer.data.fetch import locate_cifar10
 
         return load_cifar10(locate_cifar10(args.data_dir))
     rng = np.random.default_rng(0)
@@ -92,9 +92,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     threadpool_limits(args.threads)
     if args.mode == "peak":
         return {"flops_per_second": sgemm_peak()}
-    from klayer import train
-    from klayer.batched import BatchedTrainer
-    from klayer.search import evaluate_trained
+    from klayer.search.worker import evaluate_trained
+    from klayer.training import trainer as train
+    from klayer.training.batched import BatchedTrainer
+    from klayer.training.plan import make_plan
 
     data = load(args)
     cfgs = trial_configs(args.trials, args.n_s, args.cycles)
@@ -109,13 +110,13 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 tr.step()
             val.append(evaluate_trained([tr.net], [c], data)[0]["val_accuracy"])
     else:
-        plans = [train.make_plan(c, len(data.train.y)) for c in cfgs]
+        plans = [make_plan(c, len(data.train.y)) for c in cfgs]
         bt = BatchedTrainer(cfgs, data, [p.lr for p in plans], plans[0].steps_per_epoch,
                             plans[0].total_steps, eval_every=plans[0].eval_every)
         nets = [n for n in bt.run() if n is not None]
         val = [r["val_accuracy"] for r in evaluate_trained(nets, cfgs, data)]
     return {"seconds": time.perf_counter() - start, "val_accuracy": val,
-            "steps": train.make_plan(cfgs[0], len(data.train.y)).total_steps,
+            "steps": make_plan(cfgs[0], len(data.train.y)).total_steps,
             "first_layer_flops": sum(first_layer_flops(c, data) for c in cfgs)}
 
 

@@ -64,8 +64,8 @@ def run_sgemm(args: argparse.Namespace) -> dict[str, float]:
 
 
 def run_klayer(args: argparse.Namespace, hidden: tuple[int, ...]) -> dict[str, float]:
-    from klayer.config import TrainConfig
-    from klayer.train import Trainer
+    from klayer.core.config import TrainConfig
+    from klayer.training.trainer import Trainer
 
     data = training_data(args.data_dir)
     cfg = TrainConfig(hidden=hidden, n_batch=N_BATCH, dtype="float32", seed=0)

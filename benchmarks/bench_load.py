@@ -42,11 +42,11 @@ LOAD_TARGET, EVAL_TARGET = 2.0, 0.1
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     import warnings
 
-    from klayer.config import TrainConfig
-    from klayer.data import load_cifar10
-    from klayer.evaluation import evaluate
-    from klayer.fetch import ChecksumWarning, locate_cifar10
-    from klayer.train import Trainer
+    from klayer.core.config import TrainConfig
+    from klayer.data.datasets import load_cifar10
+    from klayer.data.fetch import ChecksumWarning, locate_cifar10
+    from klayer.training.evaluation import evaluate
+    from klayer.training.trainer import Trainer
 
     warnings.simplefilter("ignore", ChecksumWarning)  # a stand-in copy is fine here
     start = time.perf_counter()
@@ -72,7 +72,7 @@ def link_batches(data_dir: str, tmp: Path) -> Path:
     """A folder in ``tmp`` linking DIR's CIFAR-10 batch files, without klayer's own files."""
     import warnings
 
-    from klayer.fetch import ChecksumWarning, locate_cifar10
+    from klayer.data.fetch import ChecksumWarning, locate_cifar10
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ChecksumWarning)

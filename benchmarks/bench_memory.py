@@ -77,7 +77,8 @@ def main() -> None:
     p.add_argument("extra", nargs="*", help="more `klayer train` flags, after --")
     args = p.parse_args()
     env = thread_env(args.threads)
-    base = measure([sys.executable, "-c", "import klayer.cli, klayer.train, klayer.fetch"],
+    base = measure([sys.executable, "-c",
+                    "import klayer.cli.main, klayer.training.trainer, klayer.data.fetch"],
                    env, args.interval)
     runs = []
     for _ in range(args.repeats):

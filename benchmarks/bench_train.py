@@ -37,8 +37,8 @@ MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
 def run_klayer(args: argparse.Namespace, hidden: tuple[int, ...]) -> float:
-    from klayer.config import TrainConfig
-    from klayer.train import Trainer
+    from klayer.core.config import TrainConfig
+    from klayer.training.trainer import Trainer
 
     data = training_data(args.data_dir)
     cfg = TrainConfig(hidden=hidden, lam=LAM, eta_min=ETA_MIN, eta_max=ETA_MAX, n_s=N_S,

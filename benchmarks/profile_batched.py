@@ -28,8 +28,8 @@ PHASES = ("mini-batch", "forward", "loss", "backward", "update")
 
 
 def trainer(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from klayer.batched import BatchedTrainer
-    from klayer.train import make_plan
+    from klayer.training.batched import BatchedTrainer
+    from klayer.training.plan import make_plan
 
     data = training_data(args.data_dir)
     cfgs = trial_configs(args.trials, n_s=2250, cycles=2)  # bench_batched.py's trials
@@ -41,7 +41,7 @@ def trainer(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def profile(args: argparse.Namespace) -> dict[str, float]:
     import numpy as np
 
-    from klayer.batched import softmax_cross_entropy
+    from klayer.training.batched_stack import softmax_cross_entropy
 
     bt, data = trainer(args)
     for _ in range(args.warmup):

@@ -31,11 +31,11 @@ PHASES = ("mini-batch", "forward", "loss", "l2 penalty", "backward", "update")
 def profile(args: argparse.Namespace) -> dict[str, float]:
     import numpy as np
 
-    from klayer import kernels
-    from klayer.config import TrainConfig
-    from klayer.losses import l2_penalty
-    from klayer.network import training_loss
-    from klayer.train import Trainer
+    from klayer.core import kernels
+    from klayer.core.config import TrainConfig
+    from klayer.core.losses import l2_penalty
+    from klayer.core.network import training_loss
+    from klayer.training.trainer import Trainer
 
     data = training_data(args.data_dir)
     hidden = tuple(int(w) for w in args.hidden.split(","))

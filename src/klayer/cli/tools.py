@@ -1,0 +1,166 @@
+"""``klayer evaluate``, ``plot`` and ``data``: a saved model, run folders, the data folder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from klayer.cli.common import EXIT_OK, Command, UsageError, check_writable
+
+
+def add_evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL.npz|RUN_DIR",
+                   help="a model file written by klayer train, or its run folder")
+    p.add_argument("--data-dir", help="folder holding CIFAR-10 (default: the one the run's "
+                   "config.toml records, else $KLAYER_DATA_DIR or the cache folder)")
+    p.add_argument("--split", choices=("test", "val", "train"), default="test",
+                   help="which split to evaluate (default test)")
+    p.add_argument("--out", metavar="DIR", help="where to write the PNGs (default: beside MODEL)")
+    p.add_argument("--strict-checksums", action="store_true",
+                   help="refuse CIFAR-10 files whose checksums differ from the official ones")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from klayer.core.config import TrainConfig
+    from klayer.report.plots import save_confusion, save_montage
+    from klayer.training import evaluation, modelfile
+    from klayer.training.plan import load_data
+
+    model, recorded = _model_and_config(Path(args.model))
+    net, meta, extras = modelfile.load(model)
+    if not recorded and isinstance(meta.get("config"), dict):  # a kept experiment model
+        recorded = meta["config"]
+    where: dict[str, object] = {k: recorded[k] for k in (  # the data the model was trained on
+        "dataset", "seed", "split", "val_size", "data_dir") if k in recorded}
+    where.setdefault("dataset", meta.get("dataset", "cifar10"))
+    where.setdefault("seed", int(meta.get("seed", 0)))
+    if args.data_dir:
+        where["data_dir"] = args.data_dir
+    try:
+        cfg = TrainConfig.from_dict({**where, "strict_checksums": args.strict_checksums})
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"{model.parent / 'config.toml'}: {e}") from None
+    dataset = cfg.dataset
+    data = load_data(cfg)
+    if data.d != net.config.d:
+        raise UsageError(f"{args.model} expects d = {net.config.d} inputs, {dataset} has {data.d}")
+    if "mean" in extras and "std" in extras:  # the standardization the model was trained with
+        data = data.with_standardization(extras["mean"], extras["std"])
+    out = Path(args.out) if args.out else model.resolve().parent
+    check_writable(out, flag="--out" if args.out else "the model's folder (or give --out)")
+    split = getattr(data, args.split)
+    scores = np.concatenate([net.scores(c.astype(net.dtype), check=False)
+                             for c in evaluation.batches(data, split.X)])
+    pred = scores.argmax(axis=1)
+    K = net.config.num_classes
+    cm = np.zeros((K, K), dtype=np.int64)
+    np.add.at(cm, (split.y, pred), 1)
+    classes = data.classes if len(data.classes) == K else [str(i) for i in range(K)]
+    print(f"{args.split} accuracy: {np.mean(pred == split.y):.2%} ({len(split.y)} examples)\n")
+    width = max(len(c) for c in classes)
+    print(" " * (width + 1) + " ".join(f"{c[:5]:>5}" for c in classes) + "   <- predicted")
+    for i, c in enumerate(classes):
+        print(f"{c:>{width}} " + " ".join(f"{v:>5}" for v in cm[i]))
+    written = [save_confusion(out / f"confusion_{args.split}.png", cm, classes)]
+    if data.image_shape is not None:
+        written.append(save_montage(out / "weights.png", net.params["W1"], data.image_shape))
+    print("\nwrote " + ", ".join(str(p) for p in written))
+    return EXIT_OK
+
+
+def _model_and_config(path: Path) -> tuple[Path, dict[str, object]]:
+    """The model file and its run's recorded settings (config.toml beside it, if any):
+    the data a model was trained on is found again without --data-dir."""
+    from klayer.cli.common import read_toml
+
+    model = path / "model.npz" if path.is_dir() else path
+    if path.is_dir() and not model.is_file():
+        raise UsageError(f"{path}: no model.npz (is it a finished klayer run folder?)")
+    toml = model.parent / "config.toml"
+    return model, (read_toml(toml, flag=str(toml)) if toml.is_file() else {})
+
+
+def add_plot_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders written by klayer train")
+    p.add_argument("--out", metavar="DIR", default=".", help="where to write the PNGs (default .)")
+    p.add_argument("--labels", help="comma-separated legend labels (default: folder names)")
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from klayer.data.batchfile import DataError
+    from klayer.report.plots import save_overlay
+    from klayer.training.runfolder import read_metrics
+
+    labels = args.labels.split(",") if args.labels else [Path(r).name for r in args.runs]
+    if len(labels) != len(args.runs):
+        raise UsageError(f"--labels has {len(labels)} names for {len(args.runs)} runs")
+    runs = []
+    for label, run in zip(labels, args.runs, strict=True):
+        path = Path(run) / "metrics.csv"
+        if not path.is_file():
+            raise UsageError(f"{run}: no metrics.csv (is it a klayer run folder?)")
+        try:
+            runs.append((label, read_metrics(path)))
+        except ValueError as e:
+            raise DataError(f"{path}: cannot plot it ({e})") from None
+    _warn_mixed_datasets(labels, [Path(r) for r in args.runs])
+    out = Path(args.out)
+    check_writable(out)
+    for path in save_overlay(out, runs):
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
+def _warn_mixed_datasets(labels: list[str], runs: list[Path]) -> None:
+    """Warn when the runs were trained on different datasets (as their config.toml
+    say): their curves share axes but are not comparable."""
+    import warnings
+
+    from klayer.cli.common import UsageError as Unreadable
+    from klayer.cli.common import read_toml
+
+    datasets: dict[str, list[str]] = {}
+    for label, run in zip(labels, runs, strict=True):
+        try:
+            dataset = str(read_toml(run / "config.toml").get("dataset", "cifar10"))
+        except Unreadable:  # no config.toml: nothing to compare
+            continue
+        datasets.setdefault(dataset, []).append(label)
+    if len(datasets) > 1:
+        which = "; ".join(f"{d}: {', '.join(names)}" for d, names in sorted(datasets.items()))
+        warnings.warn(f"these runs were trained on different datasets ({which}): their "
+                      "curves are not comparable", stacklevel=2)
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=("fetch", "where"),
+                   help="fetch: download and verify CIFAR-10; where: print the data folder "
+                   "(first line, alone) and whether CIFAR-10 is there and what to run")
+    p.add_argument("--data-dir", help="target folder (default $KLAYER_DATA_DIR, else the "
+                   "user cache folder, e.g. ~/.cache/klayer)")
+
+
+def run_data(args: argparse.Namespace) -> int:
+    """``data fetch`` downloads into the data folder; ``data where`` prints it and says on
+    stderr whether CIFAR-10 is there (exit 0 either way: it is a question, not a check)."""
+    from klayer.data import fetch
+
+    if args.action == "where":
+        folder, presence = fetch.cifar10_presence(args.data_dir)
+        print(folder)  # alone on stdout: $(klayer data where) is the folder
+        print(presence, file=sys.stderr)
+        return EXIT_OK
+    folder = fetch.fetch_cifar10(args.data_dir, progress=sys.stderr.isatty())
+    print(f"CIFAR-10 ready in {folder}")
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Command] = {
+    "evaluate": ("accuracy, confusion matrix and first-layer weights of a saved model",
+                 add_evaluate_args, run_evaluate),
+    "plot": ("overlay the curves of several runs", add_plot_args, run_plot),
+    "data": ("download CIFAR-10 or show where it is", add_data_args, run_data),
+}

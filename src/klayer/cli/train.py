@@ -1,0 +1,482 @@
+"""``klayer train``: a new run, or the resumption of an interrupted one."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from klayer.cli.common import (
+    EXIT_OK,
+    EXIT_OUTPUT,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    Command,
+    SignalHandlers,
+    UsageError,
+    add_config_flags,
+    check_writable,
+    config_from,
+    read_toml,
+    removed_if_refused,
+    resolve_config,
+    toml_round_trips,
+)
+
+if TYPE_CHECKING:
+    from klayer.core.config import TrainConfig
+    from klayer.training.trainer import Trainer
+
+LOCK_NAME = ".klayer-train.lock"
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", metavar="DIR", help="run folder (default runs/<timestamp>-<name>)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run from its newest checkpoint, with the "
+                   "settings in RUN_DIR/config.toml (only --data-dir, --strict-checksums and "
+                   "--quiet may be given)")
+    p.add_argument("--quiet", action="store_true", help="no progress output, only the final table")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="train N times, with seeds S..S+N-1 (S = --seed), each into "
+                   "OUT/seed-S, and report the mean and std of the accuracies (default 1); "
+                   "the same command again reads finished seeds back")
+    add_config_flags(p)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """A new run (or --resume): checks, then training with stops on SIGINT / SIGTERM.
+
+    The signal handlers are in place from the start, so a signal during the set-up
+    stops at the first step boundary (writing a checkpoint) like one during training.
+    """
+    if args.seeds != 1:
+        return _run_seeds(args)
+    run: _Run | None = None
+    with StopOnSignal() as stop, ExitStack() as held:
+        try:
+            run = _resume(args, held) if args.resume else _new_run(args, held)
+            return _train(run.trainer, run.out, stop)
+        except KeyboardInterrupt:  # a second signal (or Ctrl-C with no handler): stop at once
+            signum = stop.received or signal.SIGINT
+            last = run.trainer.last_checkpoint if run is not None else None
+            how = (f"resume from {last.name} with `klayer train --resume {_quote(run.out)}`"
+                   if last is not None and run is not None else "no checkpoint was written")
+            print(f"\nklayer train: stopped at once by {_signame(signum)}; {how}",
+                  file=sys.stderr, flush=True)
+            return EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT
+
+
+def _run_seeds(args: argparse.Namespace) -> int:
+    """--seeds N: N runs with seeds S..S+N-1 into OUT/seed-S, then their mean and std
+    (printed, and written to OUT/seeds.json). A seed whose folder holds this run,
+    finished, is read back, so the same command continues after a stop."""
+    import json
+    import time
+    from dataclasses import replace
+
+    if args.seeds < 1:
+        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.resume:
+        raise UsageError("--seeds and --resume: resume one seed's folder, OUT/seed-S, "
+                         "then run the --seeds command again")
+    base = resolve_config(args)
+    _validate(base)
+    out = Path(args.out) if args.out else Path("runs") / (
+        time.strftime("%Y%m%d-%H%M%S") + f"-{base.name}")
+    summaries = []
+    for seed in range(base.seed, base.seed + args.seeds):
+        folder = out / f"seed-{seed}"
+        if _records(folder / "config.toml", replace(base, seed=seed)) and \
+                (folder / "summary.json").is_file():
+            print(f"seed {seed}: finished before, read back from {folder}", flush=True)
+        else:
+            print(f"seed {seed}: training into {folder}", flush=True)
+            code = run_train(argparse.Namespace(**{**vars(args), "seeds": 1, "seed": seed,
+                                                   "out": str(folder)}))
+            if code != EXIT_OK:
+                return code
+        summaries.append(json.loads((folder / "summary.json").read_text()))
+    _write_seeds(out, summaries)
+    return EXIT_OK
+
+
+def _write_seeds(out: Path, summaries: list[dict[str, Any]]) -> None:
+    """Print the seeds' mean ± std per accuracy and write them to OUT/seeds.json."""
+    import json
+
+    import numpy as np
+
+    from klayer.training.runfolder import write_text
+
+    keys = [k for k in summaries[0] if k.endswith("accuracy") or "accuracy_" in k]
+    stats = {k: {"mean": float(np.mean([s[k] for s in summaries])),
+                 "std": float(np.std([s[k] for s in summaries], ddof=1)),
+                 "values": [s[k] for s in summaries]} for k in keys}
+    print(f"\n{len(summaries)} seeds ({', '.join(str(s['seed']) for s in summaries)}):")
+    for k, v in stats.items():
+        print(f"{k:<42}{v['mean']:>8.2%} ± {v['std']:.2%}")
+    write_text(out / "seeds.json", json.dumps(
+        {"seeds": [s["seed"] for s in summaries], **stats}, indent=2) + "\n")
+    print(f"wrote {out / 'seeds.json'}")
+
+
+class _Run(NamedTuple):
+    trainer: Trainer
+    out: Path
+
+
+def _new_run(args: argparse.Namespace, held: ExitStack) -> _Run:
+    import time
+
+    cfg = resolve_config(args)
+    _validate(cfg)
+    out = Path(args.out) if args.out else Path("runs") / (
+        time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.name}")
+    trainer = _trainer(cfg, out, args.quiet)  # data first: a failure leaves no folder
+    _warn_unused(cfg, trainer.data.image_shape is not None)
+    with removed_if_refused(out, leave=(LOCK_NAME,)):
+        check_writable(out)
+        held.callback(lock_run_folder(out, "--out").release)
+        _refuse_used_out(out, trainer.cfg)
+        _write(out / "config.toml", trainer.cfg)  # with n_s and the length written out
+    return _Run(trainer, out)
+
+
+def _refuse_used_out(out: Path, cfg: TrainConfig) -> None:
+    """UsageError if ``out`` already holds a run: a finished one (its results are never
+    replaced) or a stopped one (continued with --resume, not started again)."""
+    from klayer.training import checkpoint
+    from klayer.training.runfolder import FINISHED_FILES
+
+    same = _records(out / "config.toml", cfg)
+    results = [name for name in FINISHED_FILES if (out / name).exists()]
+    stopped = checkpoint.list_checkpoints(out / checkpoint.FOLDER)
+    if results and not (stopped and same and len(results) < len(FINISHED_FILES)):
+        if not same:
+            raise UsageError(f"--out: {out} already holds the {' and '.join(results)} of "
+                             "another, finished run; choose another --out")
+        raise UsageError(f"--out: {out} already holds this run, finished"
+                         f"{_test_accuracy(out)}; choose another --out to train it again")
+    if stopped:  # (or this run, stopped while writing its results: --resume ends it)
+        whose = "this run, stopped before its end" if same else "another run's checkpoints"
+        raise UsageError(f"--out: {out} holds {whose}; continue it with "
+                         f"`klayer train --resume {_quote(out)}` or choose another --out")
+
+
+def _records(toml: Path, cfg: TrainConfig) -> bool:
+    """Whether ``toml`` (a run folder's config.toml) records ``cfg``'s settings."""
+    from klayer.core.config import TrainConfig
+    from klayer.training.trainstate import RESUME_MAY_CHANGE
+
+    try:
+        recorded = TrainConfig.from_dict(read_toml(toml, flag="--out")).to_dict()
+    except (UsageError, ValueError, TypeError):
+        return False
+    mine = cfg.to_dict()  # n_s or the length unset here: config.toml has them resolved
+    return all(recorded[k] == mine[k] for k in mine
+               if k not in RESUME_MAY_CHANGE and not (mine[k] is None and k in _RESOLVED))
+
+
+_RESOLVED = ("n_s", "cycles", "epochs")  # unset, they are written out by resolve_length
+
+
+def _test_accuracy(out: Path) -> str:
+    """' (test accuracy 53.24 %)' from out/summary.json, or '' if it cannot be read."""
+    import json
+
+    try:
+        accuracy = json.loads((out / "summary.json").read_text())["test_accuracy"]
+        return f" (test accuracy {accuracy:.2%})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
+def _warn_unused(cfg: TrainConfig, images: bool) -> None:
+    """Say which settings this dataset has no use for, rather than drop them silently."""
+    import warnings
+
+    from klayer.core.config import TrainConfig
+
+    default = TrainConfig()
+    cifar_only = [k for k in ("split", "val_size", "data_dir", "strict_checksums")
+                  if cfg.dataset != "cifar10" and getattr(cfg, k) != getattr(default, k)]
+    if cifar_only:
+        warnings.warn(f"ignored for the {cfg.dataset} data: {', '.join(cifar_only)} "
+                      "(CIFAR-10 only)", stacklevel=2)
+    augment = [k for k in ("flip", "translate", "tta_flip") if not images and getattr(cfg, k)]
+    if augment:
+        warnings.warn(f"ignored for the {cfg.dataset} data, which are not images: "
+                      f"{', '.join(augment)}", stacklevel=2)
+
+
+def lock_run_folder(out: Path, flag: str) -> Any:
+    """Hold RUN_DIR/.klayer-train.lock: one process at a time writes a run folder
+    (``klayer train`` or ``klayer search best --retrain``)."""
+    import filelock
+
+    lock = filelock.FileLock(str(out / LOCK_NAME))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise UsageError(f"{flag}: another klayer process is writing {out}") from None
+    except OSError as e:
+        raise UsageError(f"{flag}: cannot lock {out}: {e.strerror or e}") from None
+    return lock
+
+
+def _validate(cfg: TrainConfig) -> None:
+    from klayer.training.plan import validate
+
+    try:
+        validate(cfg)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    toml_round_trips(cfg)
+
+
+def _trainer(cfg: TrainConfig, out: Path, quiet: bool) -> Trainer:
+    """Load the data, check what needs it, build the Trainer (nothing trained yet)."""
+    from klayer.training import trainer as train
+    from klayer.training.plan import load_data, make_plan, validate_for_data
+
+    try:
+        data = load_data(cfg)
+    except ValueError as e:  # e.g. val_size too large for the batches found
+        raise UsageError(str(e)) from None
+    try:
+        validate_for_data(cfg, data)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    progress = Progress(make_plan(cfg, len(data.train.y)).total_steps, quiet=quiet)
+    return train.Trainer(cfg, data, callback=progress, run_dir=out)
+
+
+def _write(path: Path, cfg: TrainConfig) -> None:
+    from klayer.core.config import to_toml
+    from klayer.training.runfolder import write_text
+
+    write_text(path, to_toml(cfg.to_dict()))  # OutputError naming the file if it fails
+
+
+def _resume(args: argparse.Namespace, held: ExitStack) -> _Run:
+    from dataclasses import fields
+
+    from klayer.core.config import TrainConfig, key_name
+    from klayer.training.trainer import ResumeMismatch
+    from klayer.training.trainstate import RESUME_MAY_CHANGE  # besides --quiet: where the data is
+
+    run_dir = Path(args.resume)
+    given = ["--" + key_name(f).replace("_", "-") for f in fields(TrainConfig)
+             if getattr(args, f.name, None) is not None and f.name not in RESUME_MAY_CHANGE]
+    given += [flag for flag, v in (("--config", args.config), ("--out", args.out)) if v]
+    if given:
+        raise UsageError(f"--resume continues {run_dir} with the settings recorded in its "
+                         f"config.toml; drop {', '.join(given)} (only --data-dir, "
+                         "--strict-checksums and --quiet may be given)")
+    toml = run_dir / "config.toml"
+    if not toml.is_file():
+        raise UsageError(f"--resume: {toml} not found ({run_dir} is not a folder started "
+                         "by klayer train)")
+    values = read_toml(toml, flag="--resume")
+    recorded = dict(values)
+    for name in RESUME_MAY_CHANGE:
+        if getattr(args, name, None) is not None:
+            values[name] = getattr(args, name)
+    cfg = config_from(values, where=f"--resume: {toml}: ")
+    _validate(cfg)
+    check_writable(run_dir, flag="--resume")
+    trainer = _trainer(cfg, run_dir, args.quiet)
+    held.callback(lock_run_folder(run_dir, "--resume").release)
+
+    def warn(message: str) -> None:
+        print(f"klayer train: warning: {message}", file=sys.stderr, flush=True)
+
+    try:
+        found = trainer.resume(warn)
+    except ResumeMismatch as e:
+        raise UsageError(f"--resume: {e} (in {toml}); start a new run instead") from None
+    if found is None:
+        if (run_dir / "model.npz").is_file():
+            raise UsageError(f"--resume: {run_dir} has a model.npz but no checkpoints: it "
+                             "finished before checkpoints existed; nothing to resume")
+        warn(f"no checkpoint in {trainer.checkpoint_dir} (stopped before the first was "
+             "written): starting from step 0")
+    else:
+        print(f"resuming {run_dir} from step {found[0]} of {trainer.plan.total_steps} "
+              f"({found[1].name})", flush=True)
+    if values != recorded:
+        _write(toml, cfg)
+    progress = trainer.callback
+    if isinstance(progress, Progress):
+        progress.start_at(trainer.t)
+    return _Run(trainer, run_dir)
+
+
+def _train(trainer: Trainer, out: Path, stop: StopOnSignal) -> int:
+    """Run (or continue) the trainer, then write the run folder; map stops to exit codes."""
+    from klayer.report.plots import save_run_plots
+    from klayer.training import runfolder
+    from klayer.training import trainer as train
+
+    progress = trainer.callback
+    if isinstance(progress, Progress):  # `klayer train | head`: checkpoint and stop
+        progress.on_broken_pipe = lambda: stop.request(signal.SIGPIPE)
+    try:
+        try:
+            trainer.write_metrics()  # on resume: exactly the checkpoint's rows
+            result = trainer.run(should_stop=stop)
+        finally:
+            if isinstance(progress, Progress):
+                progress.close()
+        plan = trainer.plan
+        runfolder.save_run(result, out)
+        save_run_plots(out, result.rows, [plan.lr(t) for t in range(plan.total_steps)],
+                       trainer.cfg.name)  # an OutputError naming the PNG if one fails
+    except train.Interrupted as e:
+        print(f"\nklayer train: interrupted by {_signame(e.signum)} after step {e.step} of "
+              f"{e.total}; checkpoint {e.path}\nresume with: klayer train --resume {_quote(out)}",
+              file=sys.stderr, flush=True)
+        return 128 + e.signum  # 130 SIGINT, 143 SIGTERM, 141 SIGPIPE
+    except runfolder.OutputError as e:
+        last = trainer.last_checkpoint
+        then = (f"; free space or fix the folder, then resume from {last.name} with "
+                f"`klayer train --resume {_quote(out)}`" if last else "")
+        print(f"klayer train: output error: {e}{then}", file=sys.stderr, flush=True)
+        return EXIT_OUTPUT
+    print_summary(result.summary)
+    print(f"run folder: {out}")
+    return EXIT_OK
+
+
+class StopOnSignal(SignalHandlers):
+    """While active, SIGINT and SIGTERM ask for a stop instead of killing the process.
+
+    Calling the object returns the first signal's number (or None): the Trainer asks
+    after every step, checkpoints and stops. A second signal raises KeyboardInterrupt
+    at once (files are written atomically, so nothing is left half-written).
+    Only the main thread can install handlers; elsewhere this does nothing.
+    """
+
+    def __init__(self, command: str = "train") -> None:
+        super().__init__()
+        self.command = command  # for the message: klayer COMMAND: got SIGINT ...
+        self.received: int | None = None
+
+    def __call__(self) -> int | None:
+        return self.received
+
+    def request(self, signum: int) -> None:
+        """Ask for a stop as ``signum`` would (for a closed output pipe)."""
+        if self.received is None:
+            self.received = signum
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        os.write(2, f"\nklayer {self.command}: got {_signame(signum)}: finishing the "
+                 "current step and writing a checkpoint (again to stop at once)\n".encode())
+
+
+def _signame(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _quote(path: Path) -> str:
+    import shlex
+
+    return shlex.quote(str(path))
+
+
+def print_summary(summary: dict[str, object]) -> None:
+    """The accuracy table at the end of a run (and of each seed of --seeds)."""
+    pct = f"{float(summary.get('flip_fraction', 0)):.0%} mirrored"  # type: ignore[arg-type]
+    labels = {"train_accuracy": "train", "val_accuracy": "val", "test_accuracy": "test",
+              "test_accuracy_adaptive_bn": "test, adaptive BN",
+              "test_accuracy_adaptive_bn_flip": "test, adaptive BN of the mirrored set",
+              "test_accuracy_partly_flipped": f"test {pct}",
+              "test_accuracy_adaptive_bn_partly_flipped": f"test {pct}, adaptive BN"}
+    rows = [(label, summary[key]) for key, label in labels.items() if key in summary]
+    width = max(len(label) for label, _ in rows) + 2
+    print(f"\n{'split':<{width}}{'accuracy':>10}")
+    for label, value in rows:
+        print(f"{label:<{width}}{value:>10.2%}")
+    print(f"\n{summary['steps']} steps in {summary['wall_seconds']:.1f} s "
+          f"({summary['steps_per_second']:.0f} steps/s), seed {summary['seed']}")
+
+
+class Progress:
+    """A progress bar on a terminal; otherwise one line per evaluation."""
+
+    def __init__(self, total: int, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.bar = None
+        if not quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
+        self.val_acc = float("nan")
+        self.last: dict[str, float] = {}  # the latest step's lr and loss
+        self.on_broken_pipe: Callable[[], None] | None = None  # the reader went away
+
+    def start_at(self, step: int) -> None:
+        """Continue counting from ``step`` (on resume)."""
+        if self.bar is not None:
+            self.bar.update(step)
+
+    def __call__(self, kind: str, info: dict[str, float]) -> None:
+        if self.quiet:
+            return
+        if kind == "resume":  # a run continued from a checkpoint at this step
+            self.start_at(int(info["step"]))
+        elif kind == "eval":
+            self.val_acc = info["val_accuracy"]
+            if self.bar is None:
+                try:
+                    print(f"step {int(info['step']):>6}  epoch {info['epoch']:6.2f}  "
+                          f"lr {info['lr']:.2e}  train loss {info['train_loss']:.4f}  "
+                          f"val loss {info['val_loss']:.4f}  "
+                          f"val acc {info['val_accuracy']:.2%}", flush=True)
+                except BrokenPipeError:
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                    self.quiet = True
+                    if self.on_broken_pipe is not None:
+                        self.on_broken_pipe()
+        elif self.bar is not None:
+            self.bar.update(1)
+            self.last = info
+            if int(info["step"]) % 50 == 0:
+                self._postfix(refresh=False)
+        if kind == "eval" and self.bar is not None:
+            self._postfix(refresh=True)  # the bar shows each evaluation, the last one too
+
+    def _postfix(self, refresh: bool) -> None:
+        assert self.bar is not None
+        values = {"val_acc": f"{self.val_acc:.2%}"}
+        if self.last:
+            values = {"lr": f"{self.last['lr']:.1e}", "loss": f"{self.last['loss']:.3f}",
+                      **values}
+        self.bar.set_postfix(values, refresh=refresh)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self._postfix(refresh=True)  # the final values, not those of 50 steps before
+            self.bar.close()
+
+
+# --- evaluate, plot, data ----------------------------------------------------------
+
+
+COMMANDS: dict[str, Command] = {
+    "train": ("train a network (defaults: the assignment's CIFAR-10 recipe)",
+              add_train_args, run_train),
+}

@@ -1,0 +1,270 @@
+"""Optimizers that update a dict of parameter arrays in place, with PyTorch's conventions.
+
+``opt.step(params, grads, lr)`` applies one update to every array in ``params`` (names
+like W1, b1, gamma1, beta1, ...; a leading "W" marks a weight matrix) from the
+same-named gradients. The learning rate is an argument, not state, so that a schedule
+(a pure function of the step) drives it. The update rules are torch.optim's, term for
+term, so results agree with SGD / SGD(momentum, nesterov) / Adam / AdamW to rounding.
+
+State buffers are allocated lazily on the first step with each parameter's shape and
+dtype (float32 stays float32), and every update is computed in place through a
+per-parameter scratch buffer, so a step allocates nothing after the first.
+``state_dict`` / ``load_state_dict`` save and restore the state bit-exactly.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from klayer.core import kernels
+
+Array = npt.NDArray[np.floating]
+Params = dict[str, Array]
+
+
+def _check(key: str, value: Any, lo: float, hi: float = math.inf, lo_open: bool = False) -> float:
+    """``value`` as a float if it lies in [lo, hi) (or (lo, hi)); else ValueError naming key."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not (lo < x if lo_open else lo <= x) or not x < hi:
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g})"
+        raise ValueError(f"{key} must be in {interval}, got {value!r}")
+    return x
+
+
+class Optimizer:
+    """Base class: the step counter, per-parameter state slots and scratch buffers.
+
+    ``t`` counts the steps taken (torch's "step" state); ``state[slot][name]`` holds
+    the buffers named in ``slots`` (e.g. "m" and "v" for Adam).
+    """
+
+    slots: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.t = 0
+        self.state: dict[str, dict[str, Array]] = {s: {} for s in self.slots}
+        self._scratch: dict[str, Array] = {}
+
+    def step(self, params: Params, grads: Params, lr: float, l2: float = 0.0) -> None:
+        """Update every array in ``params`` in place from ``grads`` with learning rate lr.
+
+        ``l2`` > 0 first adds the L2 term l2 W to the gradient of every weight matrix W
+        (names starting with "W"), as ``Network.backward`` does with l2 = 2 lambda: the
+        trainer leaves the term to the optimizer, so plain SGD can fuse it into its
+        update. The parameters come out the same either way, to the last bit; the
+        gradient arrays may or may not hold the term afterwards.
+        """
+        self.t += 1
+        lr = float(lr)  # a NumPy float64 scalar would make float32 updates go via float64
+        for name, p in params.items():
+            if l2 and name.startswith("W"):
+                self._update_l2(name, p, grads[name], lr, self._buffer(name, p), l2)
+            else:
+                self._update(name, p, grads[name], lr, self._buffer(name, p))
+
+    def _update(self, name: str, p: Array, g: Array, lr: float, buf: Array) -> None:
+        """Update parameter ``p`` in place; ``buf`` is scratch space shaped like p."""
+        raise NotImplementedError
+
+    def _update_l2(self, name: str, p: Array, g: Array, lr: float, buf: Array,
+                   l2: float) -> None:
+        """``_update`` with the L2 term l2 p added to g first (in place)."""
+        kernels.add_scaled(g, p, l2)
+        self._update(name, p, g, lr, buf)
+
+    def _buffer(self, name: str, p: Array) -> Array:
+        """The scratch buffer for ``name``, (re)allocated to match p."""
+        buf = self._scratch.get(name)
+        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
+            buf = self._scratch[name] = np.empty_like(p)
+        return buf
+
+    def _slot(self, slot: str, name: str, p: Array, init: Array | None = None) -> Array:
+        """State buffer ``slot`` of ``name``: on first use a copy of init, or zeros, like p."""
+        bufs = self.state[slot]
+        buf = bufs.get(name)
+        if buf is None:
+            buf = bufs[name] = np.zeros_like(p) if init is None else init.astype(p.dtype)
+        elif buf.shape != p.shape:
+            raise ValueError(f"optimizer state {slot}/{name} has shape {buf.shape}, "
+                             f"parameter has {p.shape}")
+        return buf
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """A flat copy of the state: "t" (0-d int64) and "slot/name" buffers."""
+        out: dict[str, np.ndarray] = {"t": np.array(self.t, dtype=np.int64)}
+        for slot, bufs in self.state.items():
+            out.update({f"{slot}/{name}": buf.copy() for name, buf in bufs.items()})
+        return out
+
+    def load_state_dict(self, d: dict[str, np.ndarray]) -> None:
+        """Restore a ``state_dict`` (copying it), so training continues bit-identically."""
+        if "t" not in d:
+            raise ValueError("optimizer state has no step counter 't'")
+        state: dict[str, dict[str, Array]] = {s: {} for s in self.slots}
+        for key, value in d.items():
+            if key == "t":
+                continue
+            slot, _, name = key.partition("/")
+            if slot not in state or not name:
+                raise ValueError(f"unexpected optimizer state {key!r} for "
+                                 f"{type(self).__name__}; slots: {', '.join(self.slots)}")
+            state[slot][name] = np.array(value, copy=True)
+        self.t, self.state = int(d["t"]), state
+
+
+class SGD(Optimizer):
+    """Plain gradient descent: p <- p - lr g."""
+
+    def step(self, params: Params, grads: Params, lr: float, l2: float = 0.0) -> None:
+        """``Optimizer.step``; for float32 with the C kernels, every parameter in one call."""
+        names = list(params)
+        if np.ndim(l2) == 0 and kernels.sgd_many(
+                [params[n] for n in names], [grads[n] for n in names], lr,
+                [float(l2) if n.startswith("W") else 0.0 for n in names]):
+            self.t += 1
+            return
+        super().step(params, grads, lr, l2)
+
+    def _update(self, name: str, p: Array, g: Array, lr: float, buf: Array) -> None:
+        kernels.sgd_step(p, g, lr, buf)  # one C pass for float32, else NumPy's
+
+    def _update_l2(self, name: str, p: Array, g: Array, lr: float, buf: Array,
+                   l2: float) -> None:
+        kernels.sgd_l2_step(p, g, lr, l2, buf)  # p -= lr (g + l2 p)
+
+
+class Momentum(Optimizer):
+    """Heavy-ball momentum in torch's form (SGD(momentum=mu), no dampening).
+
+    v <- mu v + g (v = g on the first step, as torch does), p <- p - lr v.
+    The learning rate stays outside the velocity: v accumulates raw gradients, so a
+    change of lr mid-run rescales the whole step at once. In the CS231n form
+    v <- mu v - lr g, p <- p + v, the velocity carries the old learning rates, and
+    the two forms agree only while lr is constant.
+    """
+
+    slots = ("v",)
+
+    def __init__(self, mu: float = 0.9) -> None:
+        super().__init__()
+        self.mu = _check("mu", mu, 0.0, 1.0)
+
+    def _velocity(self, name: str, p: Array, g: Array) -> Array:
+        """Advance and return the velocity of ``name``."""
+        first = name not in self.state["v"]
+        v = self._slot("v", name, p, init=g)
+        if not first:
+            v *= self.mu
+            v += g
+        return v
+
+    def _update(self, name: str, p: Array, g: Array, lr: float, buf: Array) -> None:
+        np.multiply(self._velocity(name, p, g), lr, out=buf)
+        p -= buf
+
+
+class Nesterov(Momentum):
+    """Nesterov momentum in torch's form (SGD(momentum=mu, nesterov=True)).
+
+    v as in Momentum (v <- mu v + g), then p <- p - lr (g + mu v): the step looks
+    ahead along the updated velocity. lr again stays outside the velocity.
+    """
+
+    def _update(self, name: str, p: Array, g: Array, lr: float, buf: Array) -> None:
+        np.multiply(self._velocity(name, p, g), self.mu, out=buf)
+        buf += g
+        buf *= lr
+        p -= buf
+
+
+class Adam(Optimizer):
+    """Adam with bias correction (torch.optim.Adam); weight_decay > 0 makes it AdamW.
+
+    m <- b1 m + (1 - b1) g,  v <- b2 v + (1 - b2) g^2  (both start at 0),
+    p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps),  t = 1, 2, ...
+    With weight_decay = wd > 0 the decay is decoupled, as torch.optim.AdamW:
+    p <- p (1 - lr wd) before the Adam update, and here only for weight matrices
+    (names starting with "W"), never biases or batch-norm gamma/beta. The L2 penalty
+    lambda of the cost is separate and lives in the gradients, not here.
+    """
+
+    slots = ("m", "v")
+
+    def __init__(self, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                 weight_decay: float = 0.0) -> None:
+        super().__init__()
+        self.beta1 = _check("beta1", beta1, 0.0, 1.0)
+        self.beta2 = _check("beta2", beta2, 0.0, 1.0)
+        self.eps = _check("eps", eps, 0.0, lo_open=True)
+        self.weight_decay = _check("weight_decay", weight_decay, 0.0)
+
+    def _update(self, name: str, p: Array, g: Array, lr: float, buf: Array) -> None:
+        if self.weight_decay and name.startswith("W"):
+            p *= 1 - lr * self.weight_decay
+        m, v = self._slot("m", name, p), self._slot("v", name, p)
+        adam_moments(m, v, g, buf, self.beta1, self.beta2, self.eps, self.t)
+        buf *= lr / (1 - self.beta1**self.t)
+        p -= buf
+
+
+def adam_moments(m: Array, v: Array, g: Array, buf: Array, beta1: float, beta2: float,
+                 eps: float, t: int) -> None:
+    """In place: update the moments m, v with g and write m / (sqrt(v / (1 - b2^t)) + eps)
+    into buf: Adam's step before its scale lr / (1 - b1^t)."""
+    m *= beta1
+    np.multiply(g, 1 - beta1, out=buf)
+    m += buf
+    v *= beta2
+    np.multiply(g, g, out=buf)
+    buf *= 1 - beta2
+    v += buf
+    np.sqrt(v, out=buf)
+    buf /= (1 - beta2**t) ** 0.5
+    buf += eps
+    np.divide(m, buf, out=buf)
+
+
+def adamw(beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+          weight_decay: float = 1e-2) -> Adam:
+    """AdamW: Adam with decoupled weight decay on the weight matrices, default 1e-2."""
+    return Adam(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+
+
+OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
+    "sgd": SGD,
+    "momentum": Momentum,
+    "nesterov": Nesterov,
+    "adam": Adam,
+    "adamw": adamw,
+}
+
+
+def optimizer_kwargs(name: str) -> list[str]:
+    """The keyword arguments the optimizer ``name`` takes (from its signature)."""
+    return list(inspect.signature(OPTIMIZERS[name]).parameters)
+
+
+def make_optimizer(name: str, **kwargs: Any) -> Optimizer:
+    """The optimizer ``name`` with validated settings.
+
+    Raises ValueError for an unknown name (listing the valid ones), an unknown
+    keyword (naming it and listing the valid ones) or an out-of-range value
+    (naming the key): mu, beta1, beta2 in [0, 1), eps > 0, weight_decay >= 0.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+    valid = optimizer_kwargs(name)
+    if unknown := sorted(set(kwargs) - set(valid)):
+        raise ValueError(f"optimizer {name!r} takes no {', '.join(unknown)}; "
+                         f"valid: {', '.join(valid) or 'none'}")
+    return OPTIMIZERS[name](**kwargs)

@@ -1,0 +1,298 @@
+"""Datasets: CIFAR-10 with a decoded cache, a synthetic stand-in, splits, standardization.
+
+CIFAR-10's "python version" is six pickled dicts, read safely by ``batchfile.load_batch``
+(whose errors, ``DataError`` and its kinds, this module re-exports).
+Images stay uint8 (60,000 x 3072 is 184 MB; float64 would be 1.5 GB): ``Data.standardize``
+turns the rows the training loop asks for into floats, one mini-batch at a time.
+The first load writes the decoded pixels beside the batches as ``.npy`` files, so later
+loads map them from disk in well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from klayer.core import kernels
+from klayer.data.batchfile import (
+    D_CIFAR,
+    load_batch,
+    not_found,
+)
+from klayer.data.files import atomic_write
+
+log = logging.getLogger(__name__)
+Decoded = tuple[np.ndarray, np.ndarray, list[int]]  # X (N, 3072) uint8, y (N,), rows per batch
+
+CIFAR_SHAPE = (3, 32, 32)
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+                 "dog", "frog", "horse", "ship", "truck")
+TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_BATCH = "test_batch"
+CACHE_X = "klayer-decoded-v1-X.npy"
+CACHE_Y = "klayer-decoded-v1-y.npy"
+CACHE_KEY = "klayer-decoded-v1.json"
+STD_FLOOR = 1e-8  # a constant feature then standardizes to 0 instead of dividing by 0
+SPLITS = ("full", "assignment")
+SYNTH_SPREAD = 1.1  # blob spread vs unit noise: an MLP gets ~90 %, a linear model ~65 %
+SYNTH_MODES = 5  # blobs per class
+
+
+# --- splits and standardization ------------------------------------------------------------
+
+
+def feature_stats(X: np.ndarray, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and (population) std of X (n, d), as float64 (d,) arrays.
+
+    Integer inputs are summed exactly in int64, ``chunk`` rows at a time, so uint8
+    images (even a memory map) never exist as one big float array.
+    """
+    n = X.shape[0]
+    if X.dtype.kind not in "iu":
+        return X.mean(axis=0, dtype=np.float64), X.std(axis=0, dtype=np.float64)
+    s1 = np.zeros(X.shape[1], dtype=np.int64)
+    s2 = np.zeros(X.shape[1], dtype=np.int64)
+    for i in range(0, n, chunk):
+        c = X[i : i + chunk].astype(np.int64)
+        s1 += c.sum(axis=0)
+        s2 += np.einsum("ij,ij->j", c, c)
+    var = (n * s2 - s1 * s1) / float(n) ** 2  # exact numerator: no cancellation
+    return s1 / n, np.sqrt(np.maximum(var, 0.0))
+
+
+@dataclass(eq=False)
+class Split:
+    """One part of a dataset: raw inputs X (n, d) (uint8 images or floats), labels y (n,)."""
+
+    X: np.ndarray
+    y: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.y = np.asarray(self.y, dtype=np.int64)
+        if self.X.ndim != 2 or self.y.shape != (self.X.shape[0],):
+            raise ValueError(f"Split needs X (n, d) and y (n,), got {self.X.shape} "
+                             f"and {self.y.shape}")
+
+    @property
+    def n(self) -> int:
+        """Number of examples."""
+        return int(self.X.shape[0])
+
+
+def _empty() -> npt.NDArray[np.float64]:
+    return np.empty(0, dtype=np.float64)
+
+
+@dataclass(eq=False)
+class Data:
+    """Train/val/test splits plus the training split's per-feature mean and std.
+
+    Leave ``mean``/``std`` out to compute them from ``train``; ``classes`` defaults to
+    "0", "1", ... . Standardization uses training statistics only, so no information
+    leaks from validation or test data.
+    """
+
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+    name: str = "custom"
+    image_shape: tuple[int, int, int] | None = None
+    mean: npt.NDArray[np.float64] = field(default_factory=_empty)
+    std: npt.NDArray[np.float64] = field(default_factory=_empty)
+    classes: tuple[str, ...] = ()
+    _scale: dict[Any, tuple[np.ndarray, np.ndarray]] = field(
+        default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        d = self.d
+        for part in (self.val, self.test):
+            if part.X.shape[1] != d:
+                raise ValueError(f"splits differ in width: {part.X.shape[1]} != {d}")
+        if self.mean.size == 0 or self.std.size == 0:
+            self.mean, self.std = feature_stats(self.train.X)
+        self.mean = np.asarray(self.mean, dtype=np.float64)
+        self.std = np.maximum(np.asarray(self.std, dtype=np.float64), STD_FLOOR)
+        if self.mean.shape != (d,) or self.std.shape != (d,):
+            raise ValueError(f"mean/std must have shape ({d},), got {self.mean.shape} "
+                             f"and {self.std.shape}")
+        if not self.classes:
+            self.classes = tuple(str(i) for i in range(self.num_classes))
+
+    @property
+    def d(self) -> int:
+        """Input dimension."""
+        return int(self.train.X.shape[1])
+
+    @property
+    def n_train(self) -> int:
+        """Number of training examples."""
+        return self.train.n
+
+    def standardize(self, X_raw: np.ndarray, dtype: npt.DTypeLike = np.float32) -> np.ndarray:
+        """(X_raw - mean) / std as a new (n, d) array of ``dtype``.
+
+        Called once per mini-batch, so the shift and 1/std are kept per dtype.
+        """
+        shift, inv_std = self._scaling(dtype)
+        out = np.array(X_raw, dtype=shift.dtype)  # a plain copy, even of a memmap slice
+        out -= shift
+        out *= inv_std
+        return out
+
+    def standardize_rows(self, X_raw: np.ndarray, idx: np.ndarray,
+                         dtype: npt.DTypeLike = np.float32,
+                         out: np.ndarray | None = None) -> np.ndarray:
+        """``standardize(X_raw[idx])``: a mini-batch, in one fused pass where it can be.
+
+        With the C kernels, float32 and uint8 rows, the rows are gathered, converted and
+        standardized in one pass, with the same float32 rounding as ``standardize``,
+        into ``out`` when it fits (a training loop's buffer, reused every step: a new
+        1.2 MB array per step costs page faults whenever the C library hands the memory
+        back to the system between steps).
+        """
+        shift, inv_std = self._scaling(dtype)
+        if (X_raw.dtype == np.uint8 and X_raw.ndim == 2 and X_raw.flags.c_contiguous
+                and kernels.enabled(shift, inv_std)):
+            return kernels.gather_standardize(X_raw, idx, shift, inv_std, out)
+        return self.standardize(X_raw[idx], dtype)
+
+    def _scaling(self, dtype: npt.DTypeLike) -> tuple[np.ndarray, np.ndarray]:
+        """The shift (mean) and scale (1 / std) in ``dtype``, made once per dtype."""
+        key = np.dtype(dtype)
+        if key not in self._scale:
+            self._scale[key] = (self.mean.astype(key), (1.0 / self.std).astype(key))
+        return self._scale[key]
+
+    def with_standardization(self, mean: np.ndarray, std: np.ndarray) -> Data:
+        """A copy (sharing the splits) that standardizes with the given statistics."""
+        return replace(self, mean=np.asarray(mean), std=np.asarray(std))
+
+
+# --- CIFAR-10 -----------------------------------------------------------------------------
+
+
+def _source_key(folder: Path) -> dict[str, list[int]]:
+    """Size and mtime of each source batch: the decoded cache is valid while these match."""
+    key = {}
+    for name in (*TRAIN_BATCHES, TEST_BATCH):
+        try:
+            st = (folder / name).stat()
+        except FileNotFoundError:
+            raise not_found(folder / name) from None
+        key[name] = [st.st_size, st.st_mtime_ns]
+    return key
+
+
+def _read_cache(folder: Path, files: dict[str, list[int]]) -> Decoded | None:
+    """The cached (X memmap, y, rows per batch) if made from exactly these ``files``.
+
+    Anything stale, unreadable or malformed gives None, so the caller rebuilds it.
+    """
+    try:
+        key = json.loads((folder / CACHE_KEY).read_text())
+        rows = [int(r) for r in key["rows"]]
+        if key["files"] != files or len(rows) != len(files) or min(rows) < 1:
+            return None
+        X = np.load(folder / CACHE_X, mmap_mode="r", allow_pickle=False)
+        y = np.load(folder / CACHE_Y, allow_pickle=False)
+    except (OSError, ValueError, EOFError, TypeError, KeyError) as e:
+        log.debug("ignoring decoded cache in %s: %s", folder, e)
+        return None
+    n = sum(rows)
+    if (X.shape != (n, D_CIFAR) or X.dtype != np.uint8 or y.shape != (n,)
+            or y.dtype != np.int64 or y.min() < 0 or y.max() > 9):
+        log.debug("ignoring malformed decoded cache in %s", folder)
+        return None
+    return X, y, rows
+
+
+def _write_cache(folder: Path, key: dict[str, Any], X: np.ndarray, y: np.ndarray) -> bool:
+    """Store the decoded arrays; False (never an error) if the folder is not writable."""
+    try:
+        (folder / CACHE_KEY).unlink(missing_ok=True)  # invalid until both arrays are in
+        atomic_write(folder / CACHE_X, lambda f: np.save(f, X))
+        atomic_write(folder / CACHE_Y, lambda f: np.save(f, y))
+        atomic_write(folder / CACHE_KEY, lambda f: f.write(json.dumps(key).encode()))
+        return True
+    except OSError as e:
+        log.debug("not caching decoded CIFAR-10 in %s: %s", folder, e)
+        return False
+
+
+def _load_all(folder: Path) -> Decoded:
+    """Every image, batches 1-5 then test, with each batch's row count.
+
+    Maps the decoded cache when it matches the batch files; otherwise decodes the
+    batches, (re)writes the cache and maps that, so both paths use memory alike.
+    """
+    files = _source_key(folder)
+    cached = _read_cache(folder, files)
+    if cached is not None:
+        return cached
+    parts = [load_batch(folder / name) for name in (*TRAIN_BATCHES, TEST_BATCH)]
+    rows = [len(y) for _, y in parts]
+    X = np.concatenate([x for x, _ in parts])
+    y = np.concatenate([y for _, y in parts])
+    del parts
+    if _write_cache(folder, {"files": files, "rows": rows}, X, y):
+        cached = _read_cache(folder, files)
+    return cached or (X, y, rows)
+
+
+def load_cifar10(folder: str | Path, split: str = "full", val_size: int = 5000) -> Data:
+    """CIFAR-10 from a ``cifar-10-batches-py`` folder, pixels kept as uint8.
+
+    split="full": train on batches 1-5 except their last ``val_size`` images, which
+    validate (45,000 / 5,000 by default). split="assignment": train on data_batch_1,
+    validate on data_batch_2. Both test on test_batch.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    X, y, rows = _load_all(Path(folder))
+    n_train = sum(rows[:-1])
+    if split == "full":
+        if not 1 <= val_size <= n_train - 1:
+            raise ValueError(f"val_size must be in [1, {n_train - 1}], got {val_size}")
+        cuts = [0, n_train - val_size, n_train]
+    else:
+        cuts = [0, rows[0], rows[0] + rows[1]]
+    train, val = (Split(X[a:b], y[a:b]) for a, b in pairwise(cuts))
+    test = Split(X[n_train:], y[n_train:])
+    return Data(train, val, test, num_classes=10, name="cifar10", image_shape=CIFAR_SHAPE,
+                classes=CIFAR_CLASSES)
+
+
+# --- synthetic ----------------------------------------------------------------------------
+
+
+def make_synthetic(n_train: int = 2000, n_val: int = 500, n_test: int = 500, d: int = 32,
+                   num_classes: int = 10, seed: int = 0) -> Data:
+    """A seeded, learnable stand-in for CIFAR-10 that needs no files.
+
+    Each class is a union of a few Gaussian blobs scattered among the other classes'
+    blobs, so a hidden layer helps: a linear classifier cannot wrap one class's blobs
+    without taking in others'. Inputs are float64 (n, d).
+    """
+    if min(n_train, n_val, n_test, d) < 1 or num_classes < 2:
+        raise ValueError("make_synthetic needs n_train, n_val, n_test, d >= 1 and "
+                         "num_classes >= 2")
+    rng = np.random.default_rng(seed)
+    modes = SYNTH_MODES
+    centers = rng.normal(0.0, SYNTH_SPREAD, size=(num_classes, modes, d))
+    n = n_train + n_val + n_test
+    y = rng.integers(0, num_classes, size=n)
+    mode = rng.integers(0, modes, size=n)
+    X = centers[y, mode] + rng.normal(0.0, 1.0, size=(n, d))
+    X += np.sin(X)  # the twist: blobs bend, so even one per class is not exactly linear
+    cuts = (n_train, n_train + n_val)
+    Xs, ys = np.split(X, cuts), np.split(y, cuts)
+    train, val, test = (Split(a, b) for a, b in zip(Xs, ys, strict=True))
+    return Data(train, val, test, num_classes=num_classes, name="synthetic")

@@ -1,0 +1,119 @@
+"""Files written and read safely: the one atomic writer and the one defensive ``.npz`` reader.
+
+Every file klayer writes (run folders, checkpoints, model files, figures, reports, the
+decoded data cache) goes through ``atomic_write``: readers see the old file or the
+complete new one, never a part. Every ``.npz`` it reads (model files, checkpoints) goes
+through ``read_npz``: no pickles, no array header trusted before the bytes are counted.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+_MAX_HEADER = 1 << 16
+
+
+class ModelFileError(ValueError):
+    """A model file or checkpoint is missing, corrupt, truncated or not klayer's."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Write a file so that readers see the old file or the complete new one, never a part.
+
+    Writes to a temporary file in the same folder, fsyncs it, renames it over ``path``
+    and fsyncs the folder. On any error the temporary file is removed and ``path``
+    is left as it was.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # some platforms cannot open folders; the rename is still atomic
+        return
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """Every array of an uncompressed ``.npz`` without pickles, read defensively.
+
+    Unlike ``np.load``, which allocates whatever shape a (corrupt) header claims before
+    noticing the data is short, each member's header must account for exactly the
+    bytes stored before anything is allocated; the zip CRCs are checked. Raises
+    ModelFileError naming the file for anything else: missing, truncated, corrupt,
+    compressed, object arrays.
+    """
+    path = Path(path)
+    try:
+        return _read_npz(path)
+    except FileNotFoundError:
+        raise ModelFileError(f"{path}: no such file") from None
+    except ModelFileError as e:
+        raise ModelFileError(f"{path}: {e}") from None
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zipfile.LargeZipFile,
+            RuntimeError, NotImplementedError, MemoryError, OverflowError) as e:
+        raise ModelFileError(f"{path}: not a readable npz file "
+                             f"({type(e).__name__}: {e})") from None
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            name = info.filename
+            if not name.endswith(".npy"):
+                raise ModelFileError(f"unexpected member {name!r}")
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise ModelFileError(f"member {name!r} is compressed; klayer reads only "
+                                     "uncompressed .npz files (np.savez, not savez_compressed)")
+            with zf.open(info) as f:
+                major, minor = np.lib.format.read_magic(f)
+                if (major, minor) == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(
+                        f, max_header_size=_MAX_HEADER)
+                elif (major, minor) == (2, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(
+                        f, max_header_size=_MAX_HEADER)
+                else:
+                    raise ModelFileError(f"{name}: unsupported .npy version {major}.{minor}")
+                if dtype.hasobject or dtype.itemsize == 0:
+                    raise ModelFileError(f"{name}: dtype {dtype} is not a plain array")
+                count = 1
+                for n in shape:
+                    count *= int(n)
+                expected = count * dtype.itemsize
+                if expected != info.file_size - f.tell():
+                    raise ModelFileError(f"{name}: header promises {expected} bytes, "
+                                          f"{info.file_size - f.tell()} stored")
+                raw = f.read()  # checks the CRC at the end
+                if len(raw) != expected:
+                    raise ModelFileError(f"{name}: truncated")
+            a = np.frombuffer(raw, dtype=dtype, count=count).reshape(
+                shape, order="F" if fortran else "C")
+            out[name[: -len(".npy")]] = a.copy()
+    return out

@@ -1,0 +1,160 @@
+"""Faults of a worker: stop signals, heartbeats, and trials whose worker died.
+
+SIGINT and SIGTERM must fail the running trials cleanly, never in the middle of a
+storage write (``SignalGuard``). On PostgreSQL a thread records each running trial's
+heartbeat so that Optuna fails and retries the trials of a worker that vanished
+(``Heartbeat``, ``fail_stale``); on a journal file, ``recover`` does the same for the
+trials of a worker known to be dead, found by their ``worker`` label (host:pid) or,
+for a worker killed between asking for a trial and labelling it, by their lack of one.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from klayer.search.storage import mark_failed, no_experimental_warnings, retry_trial
+
+
+class StopRequested(BaseException):
+    """SIGINT or SIGTERM arrived while training (BaseException: nothing swallows it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+
+class SignalGuard:
+    """SIGINT / SIGTERM handling for a worker.
+
+    A signal is always recorded (``signum``); inside ``armed()`` it also raises
+    StopRequested at once, so a long training stops; inside ``held()`` (storage
+    writes) it waits until the block ends.
+    """
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._armed = 0
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if not self.signum:
+            self.signum = signum
+        if self._armed:
+            self._armed = 0
+            raise StopRequested(signum)
+
+    @contextmanager
+    def armed(self) -> Iterator[None]:
+        if self.signum:
+            raise StopRequested(self.signum)
+        self._armed += 1
+        try:
+            yield
+        finally:
+            self._armed = max(0, self._armed - 1)
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        saved, self._armed = self._armed, 0
+        try:
+            yield
+        finally:
+            self._armed = saved
+        if saved and self.signum:
+            raise StopRequested(self.signum)
+
+
+class Heartbeat:
+    """Record the RDB heartbeat of running trials every interval, in a thread."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage, trial_ids: Sequence[int]) -> None:
+        self.storage, self.ids = storage, list(trial_ids)
+        get = getattr(storage, "get_heartbeat_interval", None)
+        self.interval = get() if get is not None else None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Heartbeat:
+        if self.interval:
+            self._beat()
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def _beat_once(self) -> None:
+        if self.interval:
+            self._beat()
+
+    def _beat(self) -> None:
+        for i in self.ids:
+            try:
+                self.storage.record_heartbeat(i)  # type: ignore[attr-defined]
+            except Exception as e:  # a lost connection: the next beat may work (pre-ping)
+                print(f"warning: heartbeat of trial id {i} failed: {e}", file=sys.stderr)
+
+    def _run(self) -> None:
+        assert self.interval
+        while not self._stop.wait(self.interval):
+            self._beat()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def beat(study: optuna.Study, trial: Trial) -> None:
+    """A first heartbeat at once (an RDB trial without one is never found stale)."""
+    Heartbeat(study._storage, [trial._trial_id])._beat_once()
+
+
+def fail_stale(study: optuna.Study) -> None:
+    """Fail (and retry) trials whose heartbeat stopped; a no-op for journal storage."""
+    try:
+        with no_experimental_warnings():
+            optuna.storages.fail_stale_trials(study)
+    except Exception as e:  # never let housekeeping stop a worker
+        print(f"warning: checking for stale trials failed: {e}", file=sys.stderr)
+
+
+def labelled(worker: str) -> Callable[[FrozenTrial], bool]:
+    """Trials labelled as run by ``worker`` (host:pid)."""
+    return lambda t: t.user_attrs.get("worker") == worker
+
+
+def unlabelled(before: datetime) -> Callable[[FrozenTrial], bool]:
+    """Trials without a worker label that started before ``before``: their worker died
+    between asking for them and labelling them (a worker labels its trials at once)."""
+    return lambda t: "worker" not in t.user_attrs and t.datetime_start is not None \
+        and t.datetime_start <= before
+
+
+def recover(study: optuna.Study, lost: Callable[[FrozenTrial], bool], reason: str) -> list[int]:
+    """Fail the RUNNING trials ``lost`` picks, queue each again; their numbers."""
+    numbers = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if lost(t) and mark_failed(study, t, reason):
+            retry_trial(study, study._storage.get_trial(t._trial_id))
+            numbers.append(t.number)
+    return numbers
+

@@ -1,0 +1,211 @@
+"""Looking at a study: the trial table, the best trial, stuck trials, and reaping them.
+
+``status_text`` is ``klayer search status``: a grid study's points and their states,
+a table of trials (number, state, validation accuracy, parameters, host:pid, age), the
+best trial, and a warning about trials RUNNING for much longer than the others took.
+Test accuracies appear only when asked (``show_test``): a search that shows them
+invites choosing on the test set. On a journal file nothing fails the
+trials of a worker that vanished on another machine, so ``reap`` (``klayer search
+reap``) marks trials RUNNING for longer than a given time FAIL and queues them again.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from klayer.search.space import SearchError, describe_space, fmt_params, fmt_value
+from klayer.search.storage import (
+    GRID_STATES,
+    StudyInfo,
+    grid_progress,
+    mark_failed,
+    masked,
+    retry_trial,
+    top_trials,
+)
+
+TEST_KEYS = ("test_accuracy", "test_loss")  # trial user attributes shown with show_test
+
+
+def reap(study: optuna.Study, older_than: float, retry: bool = True) -> list[FrozenTrial]:
+    """Fail the trials RUNNING for longer than ``older_than`` seconds (and queue retries)."""
+    now = datetime.now()
+    reaped = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.datetime_start is None:
+            continue
+        age = (now - t.datetime_start).total_seconds()
+        if age < older_than:
+            continue
+        who = t.user_attrs.get("worker", "unknown worker")
+        if mark_failed(study, t, f"reaped: RUNNING for {fmt_duration(age)} ({who} gone?)"):
+            if retry:
+                retry_trial(study, study._storage.get_trial(t._trial_id))
+            reaped.append(t)
+    return reaped
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '30m', '2h', '1d', '1h30m' or plain seconds -> seconds."""
+    text = text.strip().lower()
+    try:
+        seconds = float(text)
+    except ValueError:
+        parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhd])", text)
+        if not parts or "".join(a + b for a, b in parts) != re.sub(r"\s+", "", text):
+            raise SearchError(f"duration {text!r}: use e.g. 90s, 30m, 2h, 1d or 1h30m") from None
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+        seconds = sum(float(a) * unit[b] for a, b in parts)
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise SearchError(f"duration {text!r} must be a finite number of seconds >= 0")
+    return seconds
+
+
+def fmt_duration(seconds: float) -> str:
+    """Seconds as '42s', '5m07s', '3h12m' or '2d04h'."""
+    s = int(max(seconds, 0))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def stuck_after(trials: Sequence[FrozenTrial]) -> float:
+    """Seconds after which a RUNNING trial looks abandoned: 3x the median COMPLETE trial."""
+    took = [(t.datetime_complete - t.datetime_start).total_seconds() for t in trials
+            if t.state == TrialState.COMPLETE and t.datetime_start and t.datetime_complete]
+    return max(3 * statistics.median(took), 300.0) if took else 3600.0
+
+
+def status_text(study: optuna.Study, info: StudyInfo, stuck: float | None = None,
+                show_test: bool = False) -> str:
+    """A grid study's points, the trial table, the best trial and a warning about trials
+    stuck in RUNNING; test accuracies only with ``show_test``."""
+    trials = study.get_trials(deepcopy=False)
+    now = datetime.now()
+    lines = [f"study {info.name} ({masked(info.storage)}), sampler {info.sampler}, "
+             f"klayer {info.version}"]
+    if info.parent:
+        lines.append(f"child of {info.parent.get('study')} (top {info.parent.get('top_k')} "
+                     f"trials {info.parent.get('trials')})")
+    lines.append(f"space: {describe_space(info.space)}")
+    counts = {s: sum(t.state == s for t in trials) for s in TrialState}
+    lines.append(f"{counts[TrialState.COMPLETE]}/{info.n_trials} COMPLETE, "
+                 f"{counts[TrialState.RUNNING]} RUNNING, {counts[TrialState.WAITING]} WAITING, "
+                 f"{counts[TrialState.FAIL]} FAIL")
+    if info.grid is not None:
+        lines.append("")
+        lines += _grid_lines(info.grid, trials, show_test)
+    lines.append("")
+    lines += _trial_table(trials, list(info.space), now, show_test)
+    lines.append("")
+    lines.append(_best_line(study, show_test))
+    limit = stuck if stuck is not None else stuck_after(trials)
+    warning = _stuck_warning(trials, limit, now, info.name)
+    if warning:
+        lines.append(warning)
+    return "\n".join(lines)
+
+
+def _grid_lines(points: list[dict[str, Any]], trials: Sequence[FrozenTrial],
+                show_test: bool) -> list[str]:
+    """A grid study's points: how many are in each state, then one line per point with
+    its state and trials (the COMPLETE one with its accuracy)."""
+    progress = grid_progress(points, list(trials))
+    counts = ", ".join(f"{sum(s == name for _, s, _ in progress)} {name}"
+                       for name in GRID_STATES)
+    rows = []
+    for point, state, ts in progress:
+        done = [t for t in ts if t.state == TrialState.COMPLETE]
+        result = f"val {done[0].value:.2%}" if done and done[0].value is not None else ""
+        if result and show_test:
+            result += _test_text(done[0])
+        rows.append([fmt_params(point), state, " ".join(f"#{t.number}" for t in ts), result])
+    return [f"grid: {len(points)} points: {counts}", *_columns(rows, indent="  ")]
+
+
+def _test_text(t: FrozenTrial) -> str:
+    """'  test 41.20%' for a trial that recorded its test accuracy, else ''."""
+    test = t.user_attrs.get("test_accuracy")
+    return f"  test {test:.2%}" if isinstance(test, float) else ""
+
+
+def _trial_table(trials: Sequence[FrozenTrial], keys: list[str], now: datetime,
+                 show_test: bool = False) -> list[str]:
+    """One line per trial under a header, columns padded to their widest cell; the test
+    accuracy column only with ``show_test``."""
+    header = ["#", "state", "val acc", *(["test acc"] if show_test else []), *keys,
+              "worker", "age", "note"]
+    rows = []
+    for t in trials:
+        age = (now - t.datetime_start).total_seconds() if t.datetime_start else 0.0
+        test = t.user_attrs.get("test_accuracy")
+        note = t.user_attrs.get("fail_reason", "")
+        if "failed_trial" in t.system_attrs:
+            note = (note + " " if note else "") + f"retry of #{t.system_attrs['failed_trial']}"
+        rows.append([str(t.number), t.state.name,
+                     f"{t.value:.2%}" if t.value is not None else "",
+                     *([f"{test:.2%}" if isinstance(test, float) else ""] if show_test else []),
+                     *[fmt_value(t.params[k]) if k in t.params else "" for k in keys],
+                     str(t.user_attrs.get("worker", "")),
+                     fmt_duration(age) if t.datetime_start else "", note[:60]])
+    return _columns([header, *rows])
+
+
+def _columns(rows: list[list[str]], indent: str = "") -> list[str]:
+    """Rows of cells as lines, each column padded to its widest cell."""
+    if not rows:
+        return []
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+            for r in rows]
+
+
+def _best_line(study: optuna.Study, show_test: bool = False) -> str:
+    """The best trial by validation accuracy (its test accuracy with ``show_test``)."""
+    best = top_trials(study, 1)
+    if not best:
+        return "best: none yet (no COMPLETE trial)"
+    b = best[0]
+    return (f"best: #{b.number}  val {b.value:.2%}" + (_test_text(b) if show_test else "")
+            + f"  {fmt_params(b.params)}")
+
+
+def _stuck_warning(trials: Sequence[FrozenTrial], limit: float, now: datetime,
+                   study: str) -> str | None:
+    """A warning naming the trials RUNNING for more than ``limit`` seconds, if any."""
+    late = [t for t in trials if t.state == TrialState.RUNNING and t.datetime_start
+            and (now - t.datetime_start).total_seconds() > limit]
+    if not late:
+        return None
+    who = ", ".join(f"#{t.number} ({t.user_attrs.get('worker', '?')}, "
+                    f"{fmt_duration((now - t.datetime_start).total_seconds())})"
+                    for t in late if t.datetime_start)
+    return (f"warning: {len(late)} trial(s) RUNNING for more than "
+            f"{fmt_duration(limit)}: {who}; if their workers are gone, "
+            f"klayer search reap --study {study} --older-than {fmt_duration(limit)} "
+            "marks them FAIL and queues them again")
+
+
+def trials_json(study: optuna.Study, show_test: bool = False) -> list[dict[str, Any]]:
+    """Every trial as a JSON-ready dict (``klayer search status --json``); the test
+    accuracy and loss only with ``show_test``."""
+    return [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+             "user_attrs": {k: v for k, v in t.user_attrs.items()
+                            if show_test or k not in TEST_KEYS},
+             "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
+             "datetime_complete": (t.datetime_complete.isoformat()
+                                   if t.datetime_complete else None),
+             "retry_of": t.system_attrs.get("failed_trial")}
+            for t in study.get_trials(deepcopy=False)]

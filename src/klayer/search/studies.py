@@ -1,0 +1,268 @@
+"""Hyperparameter studies on Optuna, from one laptop to many machines.
+
+A study lives in an Optuna storage: by default a journal file in the study's run folder
+(``runs/search/<study>/journal.log``, no server), or a PostgreSQL database
+(``postgresql+psycopg://...``) that any number of machines share. ``create_study``
+makes it once and records, as study user attributes, everything a worker needs: the
+base training configuration, the search space, the sampler, the trial budget, a
+fingerprint of the data and the klayer version. Workers (``run_workers``) never
+create a study; they refuse to join one whose configuration or data differ from theirs.
+
+A worker asks Optuna for trials until the study has its budget of COMPLETE trials; in
+a grid study it only claims the points queued at creation, each by one worker, until
+every point has run.
+Each trial trains with the seed SeedSequence([base seed, trial number]) (a retry uses
+its original trial's number), and its validation accuracy is the objective
+(maximized); test accuracy and the rest are trial user attributes. With
+``batch_trials`` T > 1 a worker asks for T trials at once, sharing the architecture,
+and trains them together (``batched``). Faults: SIGINT / SIGTERM fail the running
+trials and stop the worker; a diverged training fails its trial (the reason is kept)
+and the worker goes on; a worker killed outright leaves RUNNING trials that the
+PostgreSQL heartbeat fails and retries, or that ``reap`` (journal) fails and retries.
+
+This module is the public face of the search: it re-exports what the command line and
+callers use from the modules that do the work, and holds what acts on a whole study
+(retraining its best trial, ``run_study`` for experiments):
+
+- ``search_space``: search spaces (flags, TOML tables), suggestions, coarse to fine;
+- ``search_study``: storages, study attributes, data fingerprints, trial seeds;
+- ``search_faults``: stop signals, heartbeats, recovering the trials of dead workers;
+- ``search_worker``: the ask / train / tell loop of one worker process;
+- ``search_pool``: N worker processes on one machine, watched;
+- ``search_status``: the status table, stuck trials, reaping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial
+
+from klayer.core.config import TrainConfig, to_toml
+from klayer.data.datasets import Data
+from klayer.search.pool import run_workers
+from klayer.search.space import (
+    SearchError,
+    Space,
+    child_space,
+    config_for,
+    normalize_space,
+)
+from klayer.search.storage import (
+    StudyInfo,
+    check_compatible,
+    create_study,
+    data_fingerprint,
+    is_url,
+    load_study,
+    original_number,
+    resolve_storage,
+    retrain_seeds,
+    top_trials,
+    trial_seed,
+)
+from klayer.search.worker import WorkerOptions
+from klayer.training import runfolder
+from klayer.training import trainer as train
+from klayer.training.checkpoint import CheckpointError
+from klayer.training.plan import load_data
+from klayer.training.runfolder import FINISHED_FILES
+from klayer.training.trainstate import config_differences
+
+
+def best_config(study: optuna.Study, info: StudyInfo, cycles: float | None = None,
+                data_dir: str | None = None) -> tuple[FrozenTrial, TrainConfig]:
+    """The best trial and its ``trial_config``."""
+    best = top_trials(study, 1)
+    if not best:
+        raise SearchError(f"study {info.name!r} has no COMPLETE trial yet")
+    return best[0], trial_config(best[0], info, cycles, data_dir)
+
+
+def trial_config(trial: FrozenTrial, info: StudyInfo, cycles: float | None = None,
+                 data_dir: str | None = None) -> TrainConfig:
+    """A trial's configuration (optionally trained for ``cycles`` cycles): its seed, and
+    the mini-batch order it trained on (``order_seed``: a batched trial's is its batch's
+    first trial's seed), so a retraining sees the same mini-batches."""
+    seed = int(trial.user_attrs.get("seed", trial_seed(info.config.seed,
+                                                       original_number(trial))))
+    cfg = config_for(info.config, trial.params, seed)
+    order = trial.user_attrs.get("order_seed")
+    if isinstance(order, int) and order != cfg.shuffle_seed:  # a batched trial's mini-batches
+        cfg = replace(cfg, order_seed=order)
+    if data_dir is not None:
+        cfg = replace(cfg, data_dir=data_dir)
+    if cycles is not None:
+        if cfg.schedule != "cyclic":
+            raise SearchError(f"--cycles needs the cyclic schedule; the study uses "
+                              f"{cfg.schedule} (give --epochs or --steps instead)")
+        cfg = replace(cfg, cycles=cycles, epochs=None, steps=None)
+    return cfg
+
+
+def load_study_data(info: StudyInfo, data_dir: str | None = None) -> Data:
+    """The study's data (loaded with its base configuration: synthetic data follow its seed)."""
+    cfg = info.config if data_dir is None else replace(info.config, data_dir=data_dir)
+    return load_data(cfg)
+
+
+def retrain_best(study: optuna.Study, info: StudyInfo, cycles: float | None, out: Path,
+                 data_dir: str | None = None,
+                 callback: Callable[[str, dict[str, float]], None] | None = None,
+                 data: Data | None = None, seeds: int = 1,
+                 should_stop: Callable[[], int | None] | None = None,
+                 warn: Callable[[str], None] | None = None,
+                 ) -> tuple[FrozenTrial, list[train.Result]]:
+    """Train the best trial's configuration again (for ``cycles`` cycles) into ``out``.
+
+    With ``seeds`` > 1 it trains that many times (``retrain_seeds``), into
+    ``out/seed-S``: one test accuracy carries a few tenths of a point of seed noise,
+    so a mean says more. The data must be the study's (fingerprint). The results are
+    also recorded as the study attribute ``retrain`` (trial, cycles, seeds, accuracies
+    and their mean, folder).
+
+    Each retraining is a run folder as ``klayer train`` writes it, checkpoints
+    included, so a stop costs little: ``should_stop`` (as in ``Trainer.run``) makes
+    it checkpoint and raise ``train.Interrupted``, and calling this again continues
+    every run where it stopped (a finished one is not trained again). A folder that
+    holds another run raises SearchError before anything trains; ``warn`` hears of
+    unusable checkpoints that were skipped.
+    """
+    best, cfg = best_config(study, info, cycles, data_dir)
+    if data is None:
+        data = load_study_data(info, data_dir)
+    check_compatible(info, {}, data_fingerprint(data))
+    results = []
+    for trainer in _retrainers(cfg, info.config, data, out, seeds, callback, warn):
+        assert trainer.run_dir is not None
+        runfolder.write_text(trainer.run_dir / "config.toml", to_toml(trainer.cfg.to_dict()))
+        result = trainer.run(should_stop)
+        runfolder.save_run(result, trainer.run_dir)
+        results.append(result)
+    acc = {k: [r.summary[k] for r in results]
+           for k in ("train_accuracy", "val_accuracy", "test_accuracy")}
+    study.set_user_attr("retrain", {
+        "trial": best.number, "cycles": cycles, "seeds": [r.config.seed for r in results],
+        "out": str(out), **{k: float(np.mean(v)) for k, v in acc.items()},
+        "test_accuracies": acc["test_accuracy"],
+        "test_std": float(np.std(acc["test_accuracy"], ddof=1)) if seeds > 1 else 0.0})
+    return best, results
+
+
+def _retrainers(cfg: TrainConfig, base: TrainConfig, data: Data, out: Path, seeds: int,
+                callback: Callable[[str, dict[str, float]], None] | None,
+                warn: Callable[[str], None] | None) -> list[train.Trainer]:
+    """One Trainer per retraining seed, each restored from the checkpoints its folder
+    holds (if any): every folder is checked before anything trains."""
+    trainers = []
+    for i, seed in enumerate(retrain_seeds(cfg.seed, seeds)):
+        run = cfg if i == 0 else replace(cfg, seed=seed, order_seed=base.order_seed)
+        folder = out if seeds == 1 else out / f"seed-{seed}"
+        trainer = train.Trainer(run, data, callback, run_dir=folder)
+        try:
+            found = trainer.resume(warn or (lambda message: None))
+        except train.ResumeMismatch as e:
+            raise SearchError(f"{folder} holds another run's checkpoints ({e}); choose "
+                              "another --out") from None
+        except CheckpointError as e:
+            raise SearchError(f"{e}; move them away to train it from the start, or choose "
+                              "another --out") from None
+        if found is None:
+            _check_no_results(folder, trainer.cfg, warn)
+        elif callback is not None:
+            callback("resume", {"step": found[0], "steps": trainer.plan.total_steps,
+                                "seed": seed})
+        trainers.append(trainer)
+    return trainers
+
+
+def _check_no_results(folder: Path, cfg: TrainConfig, warn: Callable[[str], None] | None) -> None:
+    """A folder without checkpoints may hold no results, or this very run's (retrained
+    by a klayer that kept no checkpoints; its config.toml tells): never another run's."""
+    left = [n for n in FINISHED_FILES if (folder / n).exists()]
+    if not left:
+        return
+    if _same_run(folder / "config.toml", cfg):
+        if warn is not None:
+            warn(f"{folder} holds this retraining's results but no checkpoints (an older "
+                 "klayer's): training it again, to the same results")
+        return
+    raise SearchError(f"{folder} holds the {' and '.join(left)} of another run; choose "
+                      "another --out")
+
+
+def _same_run(toml: Path, cfg: TrainConfig) -> bool:
+    """Whether ``toml`` records ``cfg``'s run, but for where the data was found and how
+    often it checkpointed (an older klayer retrained with no checkpoints)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11
+        import tomli as tomllib
+    try:
+        recorded = tomllib.loads(toml.read_text())
+        differ = config_differences(recorded, cfg.to_dict())
+    except (OSError, UnicodeDecodeError, ValueError, CheckpointError):
+        return False
+    return set(differ) <= {"checkpoint_every"}
+
+
+def run_study(name: str, config: TrainConfig, space: dict[str, Any] | None = None,
+              n_trials: int = 16, *, storage: str | None = None, runs_dir: str | Path = "runs",
+              sampler: str = "random", parent: str | None = None, top_k: int = 5,
+              margin: float = 0.25, jobs: int = 1, threads: int = 1, batch_trials: int = 1,
+              data: Data | None = None, quiet: bool = True) -> tuple[optuna.Study, StudyInfo]:
+    """Create a study (a child of ``parent`` if given) and work it to its budget.
+
+    For experiments: what ``klayer search init`` and ``klayer search worker`` do, from
+    Python. A study that exists already is joined (and finished) as it is. ``space``
+    entries override those derived from the parent. ``data`` (used with jobs = 1)
+    spares loading the data again. Returns the study and its set-up.
+    """
+    spec = resolve_storage(name, storage, runs_dir)
+    if data is None:
+        data = load_data(config)
+    if not _exists(name, spec):
+        raw: dict[str, Any] = {}
+        parent_attr = None
+        if parent is not None:
+            raw, parent_attr = _from_parent(parent, resolve_storage(parent, storage, runs_dir),
+                                            top_k, margin)
+        raw.update(space or {})
+        create_study(name, spec, config, data, normalize_space(raw, config), n_trials,
+                     sampler, parent_attr)
+    opts = WorkerOptions(study=name, storage=spec, batch_trials=batch_trials,
+                         data_dir=config.data_dir, quiet=quiet, poll=1.0)
+    code = run_workers(opts, jobs=jobs, threads=threads, data=data if jobs <= 1 else None)
+    if code:
+        raise SearchError(f"the workers of study {name!r} stopped with exit code {code}")
+    return load_study(name, spec)
+
+
+def _exists(name: str, spec: str) -> bool:
+    """Whether study ``name`` is in storage ``spec`` (a missing journal file: no)."""
+    if not (is_url(spec) or Path(spec).exists()):
+        return False
+    try:
+        load_study(name, spec)
+    except SearchError:
+        return False
+    return True
+
+
+def _from_parent(parent: str, storage: str, top_k: int,
+                 margin: float) -> tuple[Space, dict[str, Any]]:
+    """Coarse to fine: the space narrowed to the parent's top trials, and the parent
+    attribute that records where it came from."""
+    p_study, p_info = load_study(parent, storage)
+    top = top_trials(p_study, top_k)
+    if not top:
+        raise SearchError(f"parent study {parent!r} has no COMPLETE trial")
+    attr = {"study": parent, "top_k": top_k, "margin": margin,
+            "trials": [t.number for t in top], "best_value": top[0].value,
+            "space": p_info.space}
+    return child_space(p_info.space, top, margin), attr

@@ -1,0 +1,480 @@
+"""A search worker: asks Optuna for trials, trains them, tells the results.
+
+One ``Worker`` runs in one process until its study has the requested number of
+COMPLETE trials. It never creates a study and refuses one whose configuration or data
+differ from its own. Each trial trains with the seed SeedSequence([base seed, trial
+number]) (a retry uses its original trial's number); its validation accuracy is the
+objective (maximized), and test accuracy, seed, worker (host:pid) and timings are
+trial user attributes. With ``batch_trials`` T > 1 the worker asks for T trials at
+once that share the architecture and trains them together (``batched``). A diverged
+training fails its trial with the reason and the worker goes on; SIGINT / SIGTERM
+fail the running trials and stop it.
+
+A grid study's worker samples nothing: it claims the points queued at the study's
+creation (``claim_queued``), so no point is tried twice or left out however many
+workers share the study, and it stops once no point is queued or running. A grid
+trial stopped by a signal or an error is queued again with its point (a diverged or
+invalid one is not: with the same seed it would end the same way). A worker prints
+validation accuracies only; test accuracies with ``show_test`` (choosing on test
+would make the test set a validation set).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Sequence
+from contextlib import suppress
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from klayer import __version__
+from klayer.core.config import TrainConfig
+from klayer.core.network import Network
+from klayer.data.datasets import Data
+from klayer.search.faults import (
+    Heartbeat,
+    SignalGuard,
+    StopRequested,
+    beat,
+    fail_stale,
+    recover,
+    unlabelled,
+)
+from klayer.search.space import SearchError, config_for, fmt_params, suggest
+from klayer.search.storage import (
+    GRACE_PERIOD,
+    HEARTBEAT_INTERVAL,
+    LOCAL_KEYS,
+    StudyInfo,
+    check_compatible,
+    claim_queued,
+    data_fingerprint,
+    grid_progress,
+    load_study,
+    make_sampler,
+    masked,
+    original_number,
+    point_key,
+    queued_params,
+    retry_trial,
+    trial_seed,
+)
+from klayer.training import evaluation
+from klayer.training import trainer as train
+from klayer.training.batched import BatchedTrainer, batch_key
+from klayer.training.batched_stack import evaluate_many
+from klayer.training.plan import load_data, make_plan, validate_for_data
+
+# Parameters trials trained together may differ in (batched.BATCHABLE by TOML key).
+BATCHABLE_PARAMS = ("lambda", "eta_min", "eta_max", "eta", "decay")
+
+
+def worker_id() -> str:
+    """This process as trials record it: host:pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class WorkerOptions:
+    """What a worker joins and how it works (``klayer search worker``'s flags)."""
+
+    study: str
+    storage: str
+    batch_trials: int = 1
+    sampler_seed: int | None = None
+    data_dir: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)  # this worker's explicit settings
+    heartbeat_interval: int = HEARTBEAT_INTERVAL
+    grace_period: int = GRACE_PERIOD
+    poll: float = 5.0  # seconds between looks at the study while others finish
+    max_failures: int = 10  # consecutive failed trials before the worker gives up
+    quiet: bool = False
+    show_test: bool = False  # print each trial's test accuracy too
+
+
+@dataclass
+class _Job:
+    """A trial asked for, with its configuration and its parameters (Optuna values)."""
+
+    trial: Trial
+    cfg: TrainConfig
+    params: dict[str, Any]
+
+
+class Worker:
+    """One worker process: asks, trains and tells until the study has its budget."""
+
+    def __init__(self, opts: WorkerOptions, log: Callable[[str], None] | None = None,
+                 data: Data | None = None) -> None:
+        self.opts = opts
+        self.id = worker_id()
+        self._log = log or (lambda s: print(s, flush=True))
+        self.guard = SignalGuard()
+        study, self.info = load_study(opts.study, opts.storage,
+                                      heartbeat_interval=opts.heartbeat_interval,
+                                      grace_period=opts.grace_period)
+        overrides = dict(opts.overrides)
+        check_compatible(self.info, overrides, None)
+        local = {k: v for k, v in overrides.items() if k in LOCAL_KEYS}
+        if opts.data_dir is not None:
+            local["data_dir"] = opts.data_dir
+        self.base = replace(self.info.config, **local)
+        self.data = data if data is not None else load_data(self.base)
+        check_compatible(self.info, {}, data_fingerprint(self.data))
+        if self.info.version != __version__:
+            self.log(f"warning: study made with klayer {self.info.version}, this is "
+                     f"{__version__}")
+        seed = opts.sampler_seed
+        if seed is None:  # never the same in two workers: host, pid and time
+            seed = int(np.random.SeedSequence([
+                int.from_bytes(hashlib.sha256(self.id.encode()).digest()[:8], "little"),
+                time.time_ns()]).generate_state(1)[0])
+        self.sampler = make_sampler(self.info.sampler, self.info.space, seed)
+        self.study = optuna.load_study(study_name=opts.study, storage=study._storage,
+                                       sampler=self.sampler)
+        self.grid = grid_keys(self.info)
+        self.failures = 0
+
+    def log(self, text: str) -> None:
+        if not self.opts.quiet:
+            self._log(f"[{self.id}] {text}")
+
+    def counts(self) -> dict[TrialState, int]:
+        out = dict.fromkeys(TrialState, 0)
+        for t in self.study.get_trials(deepcopy=False):
+            out[t.state] += 1
+        return out
+
+    def run(self) -> int:
+        """Work until the budget is met; 0, or 128 + the signal that stopped it."""
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.guard.install()
+        try:
+            return self._loop()
+        finally:
+            self.guard.restore()
+
+    def _loop(self) -> int:
+        n = self.info.n_trials
+        c = self.counts()
+        self.log(f"joined study {self.opts.study!r} ({masked(self.opts.storage)}): "
+                 f"{c[TrialState.COMPLETE]}/{n} COMPLETE, {c[TrialState.RUNNING]} RUNNING")
+        waiting_said = False
+        while not self.guard.signum:
+            self._housekeep()
+            free = self._free()
+            if free is None:
+                break
+            if free == 0:
+                if not waiting_said:
+                    c = self.counts()
+                    self.log(f"{c[TrialState.COMPLETE]}/{n} COMPLETE; waiting for "
+                             f"{c[TrialState.RUNNING]} running trial(s) of other workers "
+                             "(klayer search reap frees abandoned ones)")
+                    waiting_said = True
+                if not self._sleep():
+                    break
+                continue
+            waiting_said = False
+            jobs = self._ask(min(self.opts.batch_trials, free))
+            try:
+                self._run_jobs(jobs)
+            except StopRequested:
+                break
+            if self.failures >= self.opts.max_failures:
+                self.log(f"stopping: {self.failures} trials in a row failed")
+                return 1
+        return self._stopped()
+
+    def _free(self) -> int | None:
+        """Trials to ask for now; 0 to wait for other workers' trials, None when done.
+
+        A grid study takes only its queued points and is done when none is queued or
+        running; any other asks for what its budget lacks beyond the running trials.
+        """
+        c = self.counts()
+        running = c[TrialState.RUNNING]
+        if self.grid is not None:
+            return c[TrialState.WAITING] or (0 if running else None)
+        left = self.info.n_trials - c[TrialState.COMPLETE]
+        return None if left <= 0 else max(left - running, 0)
+
+    def _housekeep(self) -> None:
+        """Fail and queue again the trials of workers that died (heartbeat or no label)."""
+        fail_stale(self.study)
+        lost = recover(self.study, unlabelled(before=datetime.now() - timedelta(
+            seconds=self.opts.grace_period)), "its worker died as it began the trial")
+        if lost:
+            self.log(f"unlabelled trial(s) {', '.join(f'#{n}' for n in lost)} older than "
+                     f"{self.opts.grace_period} s failed and queued again")
+
+    def _sleep(self) -> bool:
+        """Wait one poll interval; False if a stop signal came meanwhile."""
+        try:
+            with self.guard.armed():
+                time.sleep(self.opts.poll)
+        except StopRequested:
+            return False
+        return True
+
+    def _stopped(self) -> int:
+        """The exit code once the loop ended: 128 + a stop signal, else 0 (budget met)."""
+        if self.guard.signum:
+            name = signal.Signals(self.guard.signum).name
+            self.log(f"stopped by {name}")
+            return 128 + self.guard.signum
+        if self.grid is not None:
+            self.log(f"done: study {self.opts.study!r}: {grid_summary(self.study, self.info)}")
+            return 0
+        c = self.counts()
+        self.log(f"done: study {self.opts.study!r} has {c[TrialState.COMPLETE]}/"
+                 f"{self.info.n_trials} COMPLETE trials")
+        return 0
+
+    # --- asking --------------------------------------------------------------------------
+
+    def _ask(self, k: int) -> list[_Job]:
+        """Up to k trials, labelled with this worker and their seeds, as jobs."""
+        with self.guard.held():
+            asked = self._claim_grid(k) if self.grid is not None else self._ask_sampled(k)
+            jobs = []
+            for trial, p in asked:
+                frozen = self.study._storage.get_trial(trial._trial_id)
+                seed = trial_seed(self.info.config.seed, original_number(frozen))
+                trial.set_user_attr("worker", self.id)
+                trial.set_user_attr("seed", seed)
+                try:
+                    cfg = config_for(self.base, p, seed)
+                    validate_for_data(cfg, self.data)  # e.g. a batch larger than the data
+                    jobs.append(_Job(trial, cfg, p))
+                except (ValueError, TypeError) as e:
+                    self._fail(trial, p, f"invalid configuration: {e}")
+            return jobs
+
+    def _ask_sampled(self, k: int) -> list[tuple[Trial, dict[str, Any]]]:
+        """k trials from the sampler (or the queue of retries); after the first, the
+        non-batchable parameters are fixed to its values."""
+        trials = [self.study.ask()]
+        beat(self.study, trials[0])
+        params = [suggest(trials[0], self.info.space)]
+        if k > 1:
+            fixed = {key: v for key, v in params[0].items() if key not in BATCHABLE_PARAMS}
+            sampler = self.study.sampler
+            if fixed:
+                self.study.sampler = optuna.samplers.PartialFixedSampler(fixed, sampler)
+            try:
+                for _ in range(k - 1):
+                    trials.append(self.study.ask())
+                    beat(self.study, trials[-1])
+                    params.append(suggest(trials[-1], self.info.space))
+            finally:
+                self.study.sampler = sampler
+        return list(zip(trials, params, strict=True))
+
+    def _claim_grid(self, k: int) -> list[tuple[Trial, dict[str, Any]]]:
+        """Up to k queued grid points (after the first, only points that share its
+        non-batchable parameters); none is sampled, so none repeats or leaves the grid."""
+        assert self.grid is not None
+        done = {point_key(queued_params(t)) for t in self.study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE,))}
+        out: list[tuple[Trial, dict[str, Any]]] = []
+        fixed: dict[str, Any] | None = None
+        while len(out) < k:
+            trial = claim_queued(self.study, None if fixed is None else _sharing(fixed))
+            if trial is None:
+                break
+            beat(self.study, trial)
+            point = queued_params(self.study._storage.get_trial(trial._trial_id))
+            problem = ("not a point of the study's grid" if point_key(point) not in self.grid
+                       else "its grid point is done already" if point_key(point) in done
+                       else None)
+            if problem is not None:  # queued by hand: never trained
+                self._fail(trial, point, problem, count=False)
+                continue
+            out.append((trial, suggest(trial, self.info.space)))  # the queued values
+            fixed = fixed or {key: v for key, v in point.items() if key not in BATCHABLE_PARAMS}
+        return out
+
+    # --- training ------------------------------------------------------------------------
+
+    def _run_jobs(self, jobs: list[_Job]) -> None:
+        """Train the jobs (together where they share the architecture) and tell the results."""
+        groups: dict[tuple[Any, ...], list[_Job]] = {}
+        for job in jobs:
+            groups.setdefault(batch_key(job.cfg), []).append(job)
+        pending = list(jobs)
+        try:
+            with Heartbeat(self.study._storage, [j.trial._trial_id for j in jobs]):
+                for group in groups.values():
+                    if len(group) == 1:
+                        self._run_one(group[0])
+                    else:
+                        self._run_batch(group)
+                    for job in group:
+                        pending.remove(job)
+        except StopRequested as e:
+            name = signal.Signals(e.signum).name
+            for job in pending:
+                self._fail(job.trial, job.params, f"interrupted by {name} (worker {self.id} "
+                           "stopped)", count=False, retry=True)
+            raise
+        except Exception as e:  # an unexpected error: no trial may stay RUNNING
+            for job in pending:
+                self._fail(job.trial, job.params, f"error: {type(e).__name__}: {e}",
+                           retry=True)
+            raise
+
+    def _run_one(self, job: _Job) -> None:
+        trial = job.trial
+
+        def report(kind: str, info: dict[str, float]) -> None:
+            if kind == "eval":
+                with self.guard.held(), suppress(optuna.exceptions.UpdateFinishedTrialError):
+                    trial.report(info["val_accuracy"], int(info["step"]))
+
+        start = time.perf_counter()
+        try:
+            with self.guard.armed():
+                # no run folder, so no checkpoints (they change nothing in the result)
+                # and no train-set curve: a trial reports only validation accuracies
+                result = train.train(replace(job.cfg, checkpoint_every=0), self.data,
+                                     callback=report, train_curve=False)
+        except train.Diverged as e:
+            self._fail(trial, job.params, f"diverged: {e}")
+            return
+        s = result.summary
+        self._complete(trial, job.params, {
+            "val_accuracy": s["val_accuracy"], "test_accuracy": s["test_accuracy"],
+            "train_accuracy": s["train_accuracy"], "val_loss": s["val_loss"],
+            "test_loss": s["test_loss"], "steps": s["steps"],
+            "seconds": time.perf_counter() - start, "order_seed": job.cfg.shuffle_seed})
+
+    def _run_batch(self, group: list[_Job]) -> None:
+        cfgs = [j.cfg for j in group]
+        plans = [make_plan(c, len(self.data.train.y)) for c in cfgs]
+        numbers = [j.trial.number for j in group]
+        with self.guard.held():
+            for j in group:
+                j.trial.set_user_attr("batch", numbers)
+                j.trial.set_user_attr("order_seed", cfgs[0].shuffle_seed)
+        start = time.perf_counter()
+        with self.guard.armed():
+            bt = BatchedTrainer(cfgs, self.data, [p.lr for p in plans],
+                                plans[0].steps_per_epoch, plans[0].total_steps,
+                                order_seed=cfgs[0].shuffle_seed,
+                                eval_every=plans[0].eval_every)
+            nets = bt.run()
+            ok = [i for i, net in enumerate(nets) if net is not None]
+            done = [net for net in nets if net is not None]
+            results = evaluate_trained(done, [cfgs[i] for i in ok], self.data)
+        seconds = time.perf_counter() - start
+        for i, job in enumerate(group):
+            if i in bt.diverged:
+                self._fail(job.trial, job.params, f"diverged: {bt.diverged[i]}")
+                continue
+            r = results[ok.index(i)]
+            with self.guard.held(), suppress(optuna.exceptions.UpdateFinishedTrialError):
+                # the learning curve, as a lone trial reports it
+                for step, acc in [*bt.curves[i], (plans[i].total_steps, r["val_accuracy"])]:
+                    job.trial.report(acc, step)
+            self._complete(job.trial, job.params, {
+                **r, "steps": plans[i].total_steps, "seconds": seconds / len(group)})
+
+    # --- telling -------------------------------------------------------------------------
+
+    def _complete(self, trial: Trial, params: dict[str, Any], attrs: dict[str, Any]) -> None:
+        with self.guard.held():
+            if self._finish(trial, TrialState.COMPLETE, attrs["val_accuracy"], attrs):
+                self.failures = 0
+                test = f"  test {attrs['test_accuracy']:.2%}" if self.opts.show_test else ""
+                self.log(f"#{trial.number} COMPLETE  val {attrs['val_accuracy']:.2%}{test}  "
+                         f"{fmt_params(params)}  ({attrs['seconds']:.1f} s)")
+
+    def _fail(self, trial: Trial, params: dict[str, Any], reason: str, count: bool = True,
+              retry: bool = False) -> None:
+        """Fail the trial with ``reason``; with ``retry`` (a fault, not the trial's own
+        outcome) a grid trial is queued again, so its point is still tried."""
+        with self.guard.held():
+            if self._finish(trial, TrialState.FAIL, None, {"fail_reason": reason}):
+                self.failures += count
+                self.log(f"#{trial.number} FAIL  {reason}  {fmt_params(params)}")
+                if retry and self.grid is not None:
+                    retry_trial(self.study, self.study._storage.get_trial(trial._trial_id),
+                                max_retry=None)
+                    self.log(f"#{trial.number}'s grid point is queued again")
+
+    def _finish(self, trial: Trial, state: TrialState, value: float | None,
+                attrs: dict[str, Any]) -> bool:
+        """Record attributes and tell; False if someone (reap) finished the trial meanwhile."""
+        try:
+            for key, v in attrs.items():
+                trial.set_user_attr(key, v)
+            try:
+                self.study.tell(trial, value, state=state)
+            except RuntimeError as e:  # the grid sampler's study.stop() after the last point
+                if "Study.stop" not in str(e):  # (optuna stores the result first)
+                    raise
+            return True
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
+            now = self.study._storage.get_trial(trial._trial_id).state
+            self.log(f"#{trial.number} was marked {now.name} while it ran (reaped?); its "
+                     "result is not recorded")
+            return False
+
+
+def grid_keys(info: StudyInfo) -> set[str] | None:
+    """A grid study's points as ``point_key``s; None for other samplers. SearchError for a
+    grid study whose points were never queued (an older klayer's, or one being created)."""
+    if info.sampler != "grid":
+        return None
+    if info.grid is None:
+        raise SearchError(f"grid study {info.name!r} has no queued grid points (made by an "
+                          "older klayer, whose workers could repeat points, or still being "
+                          "created); create it again with klayer search init")
+    return {point_key(p) for p in info.grid}
+
+
+def _sharing(fixed: dict[str, Any]) -> Callable[[FrozenTrial], bool]:
+    """Queued trials whose point has these (non-batchable) values: trainable together."""
+    return lambda t: all(queued_params(t).get(k) == v for k, v in fixed.items())
+
+
+def grid_summary(study: optuna.Study, info: StudyInfo) -> str:
+    """How far a grid study is: points done, and those that failed or are not queued."""
+    assert info.grid is not None
+    progress = grid_progress(info.grid, study.get_trials(deepcopy=False))
+    done = sum(state == "done" for _, state, _ in progress)
+    text = f"{done}/{len(progress)} grid points COMPLETE"
+    left = [f"{fmt_params(p)} ({state})" for p, state, _ in progress if state != "done"]
+    return text + (f"; not done: {', '.join(left)}" if left else "")
+
+
+def evaluate_trained(nets: Sequence[Network], cfgs: Sequence[TrainConfig],
+                     data: Data) -> list[dict[str, float]]:
+    """Final metrics of networks trained together: PreciseBN if asked, then train, val
+    and test in shared passes (``batched.evaluate_many``); test flip-averaged if asked."""
+    if not nets:
+        return []
+    for net, cfg in zip(nets, cfgs, strict=True):
+        if cfg.bn_stats == "precise":
+            evaluation.population_stats(net, data, data.train.X, cfg.precise_examples)
+    lams = [c.lam for c in cfgs]
+    tr = evaluate_many(nets, data, data.train.X, data.train.y, lams)
+    va = evaluate_many(nets, data, data.val.X, data.val.y, lams)
+    if cfgs[0].tta_flip:
+        te = [evaluation.evaluate(n, data, data.test.X, data.test.y, c.lam, tta_flip=True)
+              for n, c in zip(nets, cfgs, strict=True)]
+    else:
+        te = evaluate_many(nets, data, data.test.X, data.test.y, lams)
+    return [{"val_accuracy": v.accuracy, "test_accuracy": t.accuracy,
+             "train_accuracy": a.accuracy, "val_loss": v.loss, "test_loss": t.loss}
+            for a, v, t in zip(tr, va, te, strict=True)]

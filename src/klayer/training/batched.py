@@ -1,0 +1,262 @@
+"""Train T networks of one architecture at once: stacked weights, one shared mini-batch stream.
+
+T trials that differ only in lambda and the learning-rate settings see the same
+mini-batches, so the expensive parts of a step are done once for all of them: reading
+and standardizing (and augmenting) the mini-batch, and the first layer's products,
+which become one wide matrix product (``batched_stack.Stack``).
+
+Each trial's arithmetic is the lone ``train.Trainer``'s, operation for operation, so a
+trial's final weights equal (float64: to rounding, ~1e-13) those of a lone run with the
+same configuration, **initialized from its own seed** and fed **the same mini-batch
+order** (shuffling and augmentation drawn from ``order_seed``, by default the first
+trial's seed). Dropout masks come from each trial's own seed, as when alone.
+
+This module is core: NumPy and the core modules only. The caller (``search``) turns
+configurations into plans (learning-rate functions and lengths) with ``train.make_plan``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from typing import Any
+
+import numpy as np
+
+from klayer.core import kernels
+from klayer.core.config import TrainConfig
+from klayer.core.layers import Array
+from klayer.core.network import Network
+from klayer.core.optim import adam_moments
+from klayer.data.augment import random_flip, random_translate
+from klayer.data.datasets import Data
+from klayer.training.batched_stack import Stack, evaluate_many, softmax_cross_entropy
+
+# TrainConfig fields that may differ between the trials of one batch.
+BATCHABLE = ("lam", "eta_min", "eta_max", "eta", "decay", "seed", "name")
+
+
+def batch_key(cfg: TrainConfig) -> tuple[Any, ...]:
+    """The values of every field that trials trained together must share."""
+    return tuple(getattr(cfg, f.name) for f in fields(cfg) if f.name not in BATCHABLE)
+
+
+def check_batchable(cfgs: Sequence[TrainConfig]) -> None:
+    """ValueError naming the first field that keeps these configurations apart."""
+    if not cfgs:
+        raise ValueError("no configurations to train")
+    first = cfgs[0]
+    for cfg in cfgs[1:]:
+        for f in fields(cfg):
+            a, b = getattr(first, f.name), getattr(cfg, f.name)
+            if f.name not in BATCHABLE and a != b:
+                raise ValueError(f"trials trained together must share {f.name}: "
+                                 f"{a!r} != {b!r} (only {', '.join(BATCHABLE)} may differ)")
+    if first.precise_per_epoch:
+        raise ValueError("batched trials do not support precise_per_epoch > 0")
+
+
+
+class _Optimizer:
+    """optim's SGD / momentum / Nesterov / Adam(W) on stacked parameters, lr per trial."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.kind = cfg.optimizer
+        if self.kind not in ("sgd", "momentum", "nesterov", "adam", "adamw"):
+            raise ValueError(f"batched trials do not support optimizer {self.kind!r}")
+        self.mu = cfg.momentum
+        self.beta1, self.beta2, self.eps = cfg.beta1, cfg.beta2, cfg.adam_eps
+        self.weight_decay = (cfg.weight_decay or 1e-2) if self.kind == "adamw" else cfg.weight_decay
+        self.t = 0
+        self.state: dict[str, dict[str, Array]] = {}
+
+    def keep(self, stack: Stack, rows: np.ndarray) -> None:
+        d, m1 = stack.widths[0], stack.widths[1]
+        for bufs in self.state.values():
+            for name, b in bufs.items():
+                if name == "W1":
+                    t_old = b.shape[1] // m1
+                    bufs[name] = np.ascontiguousarray(
+                        b.reshape(d, t_old, m1)[:, rows, :].reshape(d, len(rows) * m1))
+                else:
+                    bufs[name] = b[rows]
+
+    def step(self, stack: Stack, grads: dict[str, Array], lr: Array,
+             l2: Array) -> Array | None:
+        """Update every trial: learning rate lr[t], and the L2 term l2[t] W (l2 = 2 lambda)
+        added to each weight matrix's gradient first, as ``optim.Optimizer.step(l2=)``.
+
+        Plain SGD fuses the term into its update (``kernels.sgd_l2_steps``) and returns
+        each trial's sum_l ||W_l||^2 after the update (the next step's penalty); the other
+        optimizers return None.
+        """
+        self.t += 1
+        if self.kind == "sgd":
+            return self._sgd(stack, grads, lr, l2)
+        for name, p in stack.params.items():
+            g = grads[name]
+            buf = stack.scratch(name)
+            if name.startswith("W") and np.any(l2):
+                g += np.multiply(p, stack.per_trial(name, l2), out=buf)
+            if self.kind == "momentum":
+                np.multiply(self._velocity(name, g), stack.per_trial(name, lr), out=buf)
+            elif self.kind == "nesterov":
+                np.multiply(self._velocity(name, g), self.mu, out=buf)
+                buf += g
+                buf *= stack.per_trial(name, lr)
+            else:
+                self._adam(name, p, g, lr, stack, buf)
+            p -= buf
+        return None
+
+    def _sgd(self, stack: Stack, grads: dict[str, Array], lr: Array, l2: Array) -> Array:
+        # Summed in the parameters' dtype, as a lone network's l2_penalty (float32 vdots):
+        # past float32's largest value the penalty is inf, and the trial diverges at the
+        # same step as it would alone.
+        penalty = np.zeros(stack.T, stack.dtype)
+        no_l2 = np.zeros(stack.T)
+        for name, p in stack.params.items():
+            block = stack.widths[1] if name == "W1" else p.size // stack.T
+            weight = name.startswith("W")
+            sq = kernels.sgd_l2_steps(p, grads[name], lr, l2 if weight else no_l2, block,
+                                      buf=stack.scratch(name))
+            if weight:
+                with np.errstate(over="ignore"):
+                    penalty += sq.astype(stack.dtype)
+        return penalty
+
+    def _velocity(self, name: str, g: Array) -> Array:
+        vs = self.state.setdefault("v", {})
+        if name not in vs:
+            vs[name] = g.copy()
+        else:
+            vs[name] *= self.mu
+            vs[name] += g
+        return vs[name]
+
+    def _adam(self, name: str, p: Array, g: Array, lr: Array, stack: Stack, buf: Array) -> None:
+        if self.weight_decay and name.startswith("W"):
+            p *= stack.per_trial(name, 1 - lr * self.weight_decay)
+        m = self.state.setdefault("m", {}).setdefault(name, np.zeros_like(p))
+        v = self.state.setdefault("v", {}).setdefault(name, np.zeros_like(p))
+        adam_moments(m, v, g, buf, self.beta1, self.beta2, self.eps, self.t)
+        buf *= stack.per_trial(name, lr / (1 - self.beta1**self.t))
+
+
+class BatchedTrainer:
+    """Train ``len(cfgs)`` networks together on one mini-batch sequence.
+
+    ``lrs[i](t)`` is trial i's learning rate for update t (``train.make_plan(cfg).lr``);
+    all trials take ``total_steps`` updates of ``steps_per_epoch`` per epoch. Trial i's
+    network starts as a lone ``Trainer``'s would (initialization and dropout from
+    SeedSequence(cfgs[i].seed)); shuffling and augmentation come from
+    SeedSequence(order_seed), default the first trial's ``order_seed`` or else its seed
+    (a lone Trainer given that ``order_seed`` sees the same mini-batches). A trial whose cost
+    becomes NaN or infinite is dropped from the stack and its reason kept in
+    ``diverged`` (index -> message); the others go on. With ``eval_every``, ``run``
+    records each trial's validation curve in ``curves``.
+    """
+
+    def __init__(self, cfgs: Sequence[TrainConfig], data: Data,
+                 lrs: Sequence[Callable[[int], float]], steps_per_epoch: int,
+                 total_steps: int, order_seed: int | None = None, eval_every: int = 0) -> None:
+        check_batchable(cfgs)
+        if len(lrs) != len(cfgs):
+            raise ValueError(f"{len(cfgs)} configurations but {len(lrs)} schedules")
+        self.cfg = cfgs[0]
+        self.data = data
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+        self.lrs = list(lrs)
+        self.lam = np.array([c.lam for c in cfgs], np.float64)
+        self.active = np.arange(len(cfgs))  # original index of each stacked trial
+        self.diverged: dict[int, str] = {}
+        nets, self.dropout_rngs = [], []
+        for c in cfgs:
+            init_rng, _, dropout_rng, _ = (np.random.default_rng(s)
+                                           for s in np.random.SeedSequence(c.seed).spawn(4))
+            nets.append(Network(c.net_config(d=data.d, num_classes=data.num_classes),
+                                rng=init_rng))
+            self.dropout_rngs.append(dropout_rng)
+        order = np.random.SeedSequence(cfgs[0].shuffle_seed if order_seed is None else order_seed)
+        _, self.shuffle_rng, _, self.aug_rng = (np.random.default_rng(s) for s in order.spawn(4))
+        self.stack = Stack(nets)
+        self.opt = _Optimizer(self.cfg)
+        self.t = 0
+        self._penalty: Array | None = None  # sum_l ||W_l||^2 per trial, when known
+        self._batch: Array | None = None  # the mini-batch buffer, reused
+        self.order = np.arange(len(data.train.y))
+        self.eval_every = eval_every
+        # trial index -> [(step, validation accuracy)] every eval_every steps, from step 0
+        self.curves: dict[int, list[tuple[int, float]]] = {i: [] for i in range(len(cfgs))}
+
+    def step(self) -> None:
+        """One update of every remaining trial on the next shared mini-batch."""
+        cfg, data, stack, t = self.cfg, self.data, self.stack, self.t
+        pos = (t % self.steps_per_epoch) * cfg.n_batch
+        if pos == 0 and cfg.shuffle:
+            self.order = self.shuffle_rng.permutation(len(data.train.y))
+        idx = self.order[pos : pos + cfg.n_batch]
+        X = data.standardize_rows(data.train.X, idx, dtype=stack.dtype, out=self._batch)
+        self._batch = X  # the next step's mini-batch goes into the same memory
+        if data.image_shape is not None:
+            if cfg.flip:
+                X = random_flip(X, data.image_shape, self.aug_rng)
+            if cfg.translate:
+                X = random_translate(X, data.image_shape, cfg.translate, self.aug_rng)
+        y = data.train.y[idx]
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            scores, caches = stack.forward(X, train=True, rngs=self.dropout_rngs)
+            loss, dscores = softmax_cross_entropy(scores, y, cfg.label_smoothing)
+            lam = self.lam[self.active]
+            penalty = stack.penalty() if self._penalty is None else self._penalty
+            cost = loss + np.where(lam == 0, 0.0, lam * penalty)
+            grads = stack.backward(dscores, caches, X)
+        bad = ~np.isfinite(cost)
+        if bad.any():
+            grads = self._drop(bad, cost, grads)
+            if stack.T == 0:
+                self.t += 1
+                return
+        lr = np.array([self.lrs[i](t) for i in self.active], np.float64)
+        # the L2 term 2 lambda W joins the gradients in the update; plain SGD hands back
+        # the updated weights' sum of squares, the next step's penalty (else None)
+        self._penalty = self.opt.step(stack, grads, lr, 2 * self.lam[self.active])
+        self.t += 1
+
+    def _drop(self, bad: np.ndarray, cost: Array, grads: dict[str, Array]) -> dict[str, Array]:
+        """Drop the trials whose cost is not finite (kept in ``diverged``); the others' grads."""
+        for j in np.flatnonzero(bad):
+            self.diverged[int(self.active[j])] = (
+                f"the cost became {cost[j]} at step {self.t}; try a smaller eta_max / eta")
+        rows = np.flatnonzero(~bad)
+        self.stack.keep(rows)
+        self.opt.keep(self.stack, rows)
+        self.active = self.active[rows]
+        self.dropout_rngs = [self.dropout_rngs[j] for j in rows]
+        return {k: (np.ascontiguousarray(v.reshape(v.shape[0], len(bad), -1)[:, rows]
+                                         .reshape(v.shape[0], -1)) if k == "W1"
+                    else v[rows]) for k, v in grads.items()}
+
+    def run(self) -> list[Network | None]:
+        """Step to the end (recording ``curves``); each trial's network, or None where it
+        diverged."""
+        while self.t < self.total_steps and len(self.active):
+            if self.eval_every and self.t % self.eval_every == 0:
+                self.curve_point()
+            self.step()
+        return self.networks()
+
+    def curve_point(self) -> None:
+        """Every remaining trial's validation accuracy now, added to its curve (at the
+        steps where a lone Trainer with the same eval_every evaluates, and equal to it)."""
+        val = self.data.val
+        nets = self.stack.networks()
+        for i, m in zip(self.active, evaluate_many(nets, self.data, val.X, val.y), strict=True):
+            self.curves[int(i)].append((self.t, m.accuracy))
+
+    def networks(self) -> list[Network | None]:
+        out: list[Network | None] = [None] * (len(self.active) + len(self.diverged))
+        if len(self.active):
+            for i, net in zip(self.active, self.stack.networks(), strict=True):
+                out[int(i)] = net
+        return out

@@ -1,0 +1,138 @@
+"""Reading a training checkpoint's state back, checking every array before anything is used.
+
+A checkpoint is a dict of plain arrays (``Trainer.state_dict``). These helpers pull
+typed values out of it and raise CheckpointError naming what is missing or does not
+fit the run, so a damaged or foreign file is refused rather than half-applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+from klayer.core.layers import Array
+from klayer.data.datasets import Data
+from klayer.training.checkpoint import CheckpointError
+from klayer.training.runfolder import METRIC_FIELDS
+
+# Settings that may differ between a checkpoint and the resumed run: where the data is.
+RESUME_MAY_CHANGE = ("data_dir", "strict_checksums")
+
+
+def config_differences(recorded: Any, mine: dict[str, Any]) -> list[str]:
+    """The keys whose values differ between a checkpoint's config and this run's."""
+    if not isinstance(recorded, dict):
+        raise CheckpointError("'config' is not a JSON object")
+    return sorted(k for k in set(recorded) | set(mine)
+                  if k not in RESUME_MAY_CHANGE and recorded.get(k) != mine.get(k))
+
+
+def scalars(d: dict[str, np.ndarray]) -> tuple[bool, float]:
+    """The ``finished`` flag and the ``elapsed`` seconds."""
+    finished, elapsed = d.get("finished"), d.get("elapsed")
+    if finished is None or finished.shape != () or finished.dtype != np.bool_:
+        raise CheckpointError("missing or invalid 'finished'")
+    if (elapsed is None or elapsed.shape != () or elapsed.dtype != np.float64
+            or not 0 <= float(elapsed) < math.inf):
+        raise CheckpointError("missing or invalid 'elapsed'")
+    return bool(finished), float(elapsed)
+
+
+def optimizer_state(d: dict[str, np.ndarray], params: dict[str, Array]) -> dict[str, Array]:
+    """The ``opt/...`` arrays; each buffer must have its parameter's shape and dtype."""
+    state = {k[4:]: v for k, v in d.items() if k.startswith("opt/")}
+    for key, buf in state.items():
+        if key == "t":
+            continue
+        p = params.get(key.partition("/")[2])
+        if p is None or buf.shape != p.shape or buf.dtype != p.dtype:
+            raise CheckpointError(f"optimizer state {key} does not fit the parameters")
+    return state
+
+
+def epoch_order(d: dict[str, np.ndarray], n: int) -> np.ndarray:
+    """The current epoch's example order: a permutation of range(n)."""
+    order = d.get("order")
+    if (order is None or order.shape != (n,) or order.dtype != np.int64
+            or not np.array_equal(np.sort(order), np.arange(n))):
+        raise CheckpointError("'order' is not a permutation of the training set")
+    return order.copy()
+
+
+def generators(d: dict[str, np.ndarray], count: int) -> list[np.random.Generator]:
+    """The random generators, restored from their JSON bit-generator states."""
+    states = d.get("rng")
+    if states is None or states.shape != (count,) or states.dtype.kind != "U":
+        raise CheckpointError("missing or invalid random-generator states 'rng'")
+    rngs = []
+    for s in states:
+        g = np.random.Generator(np.random.PCG64())
+        try:
+            g.bit_generator.state = json.loads(str(s))
+        except (ValueError, TypeError, KeyError, OverflowError) as e:
+            raise CheckpointError(f"invalid random-generator state ({e})") from None
+        rngs.append(g)
+    return rngs
+
+
+def data_fingerprint(data: Data) -> dict[str, Any]:
+    """Sizes and a hash of the standardization and labels: equal for the same data."""
+    h = hashlib.sha256()
+    for a in (data.mean, data.std, data.train.y, data.val.y, data.test.y):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return {"name": data.name, "d": data.d, "num_classes": data.num_classes,
+            "n": [len(data.train.y), len(data.val.y), len(data.test.y)],
+            "sha256": h.hexdigest()}
+
+
+def text_field(d: dict[str, np.ndarray], key: str) -> str:
+    a = d.get(key)
+    if a is None or a.shape != () or a.dtype.kind != "U":
+        raise CheckpointError(f"missing or invalid {key!r}")
+    return str(a[()])
+
+
+def int_field(d: dict[str, np.ndarray], key: str) -> int:
+    a = d.get(key)
+    if a is None or a.shape != () or a.dtype != np.int64 or int(a) < 0:
+        raise CheckpointError(f"missing or invalid {key!r}")
+    return int(a)
+
+
+def group(d: dict[str, np.ndarray], group: str, like: dict[str, Array]) -> dict[str, Array]:
+    """The ``group/<name>`` arrays, each with the shape and dtype of like[name], finite."""
+    found = {k.split("/", 1)[1]: v for k, v in d.items() if k.startswith(group + "/")}
+    if set(found) != set(like):
+        raise CheckpointError(f"{group} arrays {sorted(found)} do not match the network's "
+                              f"{sorted(like)}")
+    for name, a in found.items():
+        if a.shape != like[name].shape or a.dtype != like[name].dtype:
+            raise CheckpointError(f"{group}/{name} has shape {a.shape} dtype {a.dtype}, "
+                                  f"expected {like[name].shape} {like[name].dtype}")
+        if not np.isfinite(a).all():
+            raise CheckpointError(f"{group}/{name} contains NaN or infinite values")
+    return {k: v.copy() for k, v in found.items()}
+
+
+def metric_rows(d: dict[str, np.ndarray], t: int, total: int) -> list[dict[str, float]]:
+    fields_ = d.get("metric_fields")
+    m = d.get("metrics")
+    if fields_ is None or tuple(str(f) for f in fields_) != METRIC_FIELDS:
+        raise CheckpointError(f"'metric_fields' is not {METRIC_FIELDS}")
+    if m is None or m.ndim != 2 or m.shape[1] != len(METRIC_FIELDS) or m.dtype != np.float64:
+        raise CheckpointError("missing or invalid 'metrics'")
+    steps = m[:, 0]
+    if len(steps) and (np.any(np.diff(steps) <= 0) or steps[-1] > t or steps[0] < 0
+                       or np.any(steps != np.round(steps))):
+        raise CheckpointError("metrics rows are not in increasing step order up to the step")
+    rows = []
+    for r in m:
+        row: dict[str, float] = dict(zip(METRIC_FIELDS, (float(v) for v in r), strict=True))
+        row["step"] = int(r[0])
+        rows.append(row)
+    return rows
+

@@ -1,0 +1,106 @@
+"""The lambda-search experiment's stages are klayer search studies: coarse, then its child."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from optuna.trial import TrialState
+
+from klayer.experiments.jobcache import Outcome
+from klayer.experiments.lambda_search import (
+    COARSE,
+    FINAL_SEEDS,
+    FINALISTS,
+    TOP_K,
+    OptunaEngine,
+    Trial,
+    contenders,
+    finalists,
+    finer_range,
+    race,
+)
+from klayer.experiments.runner import Context
+from klayer.search import storage as search_storage
+
+
+def two_stages(out: Path) -> tuple[list[Trial], list[Trial], tuple[float, float]]:
+    ctx = Context({"dataset": "synthetic", "seed": 7}, quick=True, out=out, log=lambda s: None)
+    engine = OptunaEngine()
+    coarse = engine.stage(ctx, "coarse", *COARSE, 4, 0)
+    lo, hi = finer_range(coarse, *COARSE)
+    fine = engine.stage(ctx, "fine", lo, hi, 3, 4)
+    return coarse, fine, (lo, hi)
+
+
+def test_stages_are_a_study_and_its_child(tmp_path: Path) -> None:
+    coarse, fine, (lo, hi) = two_stages(tmp_path)
+    journal = str(tmp_path / "lambda-search" / "journal.log")
+    for name, trials, first in (("lambda-coarse", coarse, 0), ("lambda-fine", fine, 4)):
+        study, info = search_storage.load_study(name, journal)
+        ts = study.get_trials(deepcopy=False)
+        assert [t.state for t in ts] == [TrialState.COMPLETE] * len(trials)
+        assert info.n_trials == len(trials) and info.config.seed == 7
+        for t, mine in zip(ts, trials, strict=True):
+            assert mine.number == first + t.number
+            seed = search_storage.trial_seed(7, mine.number)
+            assert t.user_attrs["seed"] == seed == mine.outcome.seed
+            assert math.log10(t.params["lambda"]) == mine.log_lam
+            assert t.value == mine.val_accuracy and t.intermediate_values
+    _, info = search_storage.load_study("lambda-fine", journal)
+    top = contenders(coarse)
+    assert len(top) >= TOP_K
+    assert info.parent is not None and info.parent["study"] == "lambda-coarse"
+    assert info.parent["trials"] == [t.number for t in top]
+    assert info.space["lambda"]["low"] == 10**lo and info.space["lambda"]["high"] == 10**hi
+    assert all(lo <= t.log_lam <= hi for t in fine)
+    assert len({t.log_lam for t in coarse + fine}) == len(coarse) + len(fine)
+
+
+def test_a_rerun_starts_a_fresh_journal_and_draws_the_same_lambdas(tmp_path: Path) -> None:
+    first = two_stages(tmp_path)
+    again = two_stages(tmp_path)
+    assert [t.log_lam for t in first[0] + first[1]] == [t.log_lam for t in again[0] + again[1]]
+    journal_file = str(tmp_path / "lambda-search" / "journal.log")
+    study, _ = search_storage.load_study("lambda-coarse", journal_file)
+    assert len(study.get_trials()) == 4
+
+
+def fake(number: int, log_lam: float, val: float, n_val: int = 5000) -> Trial:
+    return Trial(number, "coarse", log_lam,
+                 Outcome("t", 0, {}, {"val_accuracy": val, "n_val": n_val}, []))
+
+
+def test_contenders_keep_every_trial_within_two_standard_errors() -> None:
+    # best 0.52 on 5000 images: SE = sqrt(0.52 * 0.48 / 5000) = 0.00707, 2 SE = 0.0141
+    trials = [fake(0, -2.7, 0.520), fake(1, -2.0, 0.510), fake(2, -1.7, 0.507),
+              fake(3, -3.1, 0.5065), fake(4, -4.0, 0.500), fake(5, -1.2, 0.480)]
+    assert [t.number for t in contenders(trials)] == [0, 1, 2, 3]  # 4 > TOP_K
+    lo, hi = finer_range(trials, *COARSE)
+    assert math.isclose(lo, -3.1 - 0.35) and math.isclose(hi, -1.7 + 0.35)
+    # with 50,000 validation images the SE is a third: none is close, the TOP_K best stay
+    many = [fake(t.number, t.log_lam, t.val_accuracy, 50000) for t in trials]
+    assert [t.number for t in contenders(many)] == [0, 1, 2]
+    assert len(contenders(many[:2])) == 2
+
+
+def test_finalists_are_the_best_distinct_lambdas() -> None:
+    trials = [fake(0, -2.7, 0.520), fake(1, -2.0, 0.510), fake(2, -2.7, 0.515),
+              fake(3, -3.1, 0.5065), fake(4, -4.0, 0.500)]
+    assert [t.number for t in finalists(trials)] == [0, 1, 3][:FINALISTS]
+    diverged = [fake(5, -1.1, float("nan")), *trials]  # NaN: a diverged trial, ranked last
+    assert [t.number for t in finalists(diverged)] == [0, 1, 3][:FINALISTS]
+    assert 5 not in [t.number for t in contenders(diverged)]
+
+
+def test_the_race_retrains_each_finalist_with_several_seeds(tmp_path: Path) -> None:
+    ctx = Context({"dataset": "synthetic", "seed": 7}, quick=True, out=tmp_path,
+                  log=lambda s: None)
+    coarse = OptunaEngine().stage(ctx, "coarse", *COARSE, 4, 0)
+    finals = finalists(coarse)
+    raced = race(ctx, finals)
+    assert len(raced) == len(finals) == FINALISTS
+    for t, outs in zip(finals, raced, strict=True):
+        assert [o.seed for o in outs] == search_storage.retrain_seeds(t.outcome.seed, FINAL_SEEDS)
+        assert all(o.config["lambda"] == 10**t.log_lam and o.config["cycles"] == 3
+                   for o in outs)

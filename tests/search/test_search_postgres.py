@@ -1,0 +1,181 @@
+"""`klayer search` on a real PostgreSQL server: heartbeat retries and clean SIGTERM.
+
+The fixture starts a private cluster (initdb + pg_ctl of the Debian package
+``postgresql``) in a temporary folder, listening on a free loopback port; the tests are
+skipped when PostgreSQL or psycopg is not installed.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("sqlalchemy")
+psycopg = pytest.importorskip("psycopg")
+
+from optuna.trial import TrialState  # noqa: E402
+
+from klayer.search import storage as search_storage  # noqa: E402
+
+TRAIN = ["--dataset", "synthetic", "--hidden", "16", "--n-batch", "50", "--n-s", "1500",
+         "--cycles", "1", "--evals-per-cycle", "1", "--checkpoint-every", "0"]  # ~1.5 s trials
+HEARTBEAT = ["--heartbeat-interval", "1", "--grace-period", "2", "--poll", "0.2"]
+
+
+def _binary(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for folder in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
+        if os.access(os.path.join(folder, name), os.X_OK):
+            return os.path.join(folder, name)
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[str]:
+    """A throw-away PostgreSQL server; yields a postgresql+psycopg:// URL of an empty database."""
+    initdb, pg_ctl = _binary("initdb"), _binary("pg_ctl")
+    if initdb is None or pg_ctl is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    root = Path(tempfile.mkdtemp(prefix="klayer-pg-"))
+    wrap: Callable[[list[str]], list[str]] = lambda argv: argv  # noqa: E731
+    if os.geteuid() == 0:  # initdb refuses to run as root: run the server as postgres
+        try:
+            pw = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no postgres user")
+        os.chown(root, pw.pw_uid, pw.pw_gid)
+        if shutil.which("runuser"):
+            wrap = lambda argv: ["runuser", "-u", "postgres", "--", *argv]  # noqa: E731
+        else:
+            wrap = lambda argv: ["su", "-s", "/bin/sh", "postgres", "-c",  # noqa: E731
+                                 shlex.join(argv)]
+    data, port = root / "data", _free_port()
+
+    def run(*argv: str) -> None:
+        subprocess.run(wrap(list(argv)), check=True, capture_output=True, timeout=120)
+
+    try:
+        run(initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
+        run(pg_ctl, "-D", str(data), "-l", str(root / "log"), "-w", "-t", "60", "-o",
+            f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    except subprocess.CalledProcessError as e:
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.fail(f"could not start PostgreSQL: {e.stderr!r}")
+    try:
+        with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres",
+                             autocommit=True) as conn:
+            conn.execute("CREATE DATABASE klayer")
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/klayer"
+    finally:
+        subprocess.run(wrap([pg_ctl, "-D", str(data), "-m", "immediate", "stop"]),
+                       capture_output=True, timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def klayer(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "klayer", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+def spawn(*args: str, cwd: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "klayer", *args], cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def wait_for(cond: Any, timeout: float = 60.0) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("timed out")
+
+
+def running_of(url: str, name: str, worker_pid: int) -> list[Any]:
+    study, _ = search_storage.load_study(name, url)
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.user_attrs.get("worker", "").endswith(f":{worker_pid}")]
+
+
+def test_killed_worker_trial_is_retried_and_the_study_completes(
+        postgres: str, tmp_path: Path) -> None:
+    r = klayer("search", "init", "--study", "kill", "--storage", postgres, "--param",
+               "lambda=1e-4..1e-1:log", "--trials", "5", *TRAIN, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    a = spawn("search", "worker", "--study", "kill", "--storage", postgres, *HEARTBEAT,
+              cwd=tmp_path)
+    b = spawn("search", "worker", "--study", "kill", "--storage", postgres, *HEARTBEAT,
+              cwd=tmp_path)
+    # in its training loop: its first evaluation (step 0) is reported, the last write before
+    wait_for(lambda: [t for t in running_of(postgres, "kill", a.pid) if 0 in t.intermediate_values])
+    a.kill()  # SIGKILL mid-trial: no chance to clean up
+    a.wait(timeout=30)
+    out, _ = b.communicate(timeout=120)
+    assert b.returncode == 0, out
+    study, _ = search_storage.load_study("kill", postgres)
+    ts = study.get_trials(deepcopy=False)
+    failed = [t for t in ts if t.state == TrialState.FAIL]  # by the heartbeat check
+    assert len(failed) == 1 and failed[0].user_attrs["worker"].endswith(f":{a.pid}"), out
+    dead = failed[0]
+    retries = [t for t in ts if t.system_attrs.get("failed_trial") == dead.number]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE, out
+    assert retries[0].params == dead.params
+    assert retries[0].user_attrs["seed"] == search_storage.trial_seed(0, dead.number)
+    assert sum(t.state == TrialState.COMPLETE for t in ts) >= 5
+    assert not [t for t in ts if t.state == TrialState.RUNNING]
+
+
+def test_sigterm_marks_the_trial_failed_not_running(postgres: str, tmp_path: Path) -> None:
+    long = [a if a != "1500" else "200000" for a in TRAIN]
+    r = klayer("search", "init", "--study", "term", "--storage", postgres, "--param",
+               "lambda=1e-4..1e-1:log", "--trials", "3", *long, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    w = spawn("search", "worker", "--study", "term", "--storage", postgres, *HEARTBEAT,
+              cwd=tmp_path)
+    wait_for(lambda: running_of(postgres, "term", w.pid))
+    w.send_signal(signal.SIGTERM)
+    out, _ = w.communicate(timeout=60)
+    assert w.returncode == 143, out
+    study, _ = search_storage.load_study("term", postgres)
+    ts = study.get_trials(deepcopy=False)
+    assert [t.state for t in ts] == [TrialState.FAIL], out
+    assert "SIGTERM" in ts[0].user_attrs["fail_reason"]
+
+
+def test_grid_points_each_run_once_by_concurrent_workers(postgres: str, tmp_path: Path) -> None:
+    quick = [a if a != "1500" else "20" for a in TRAIN]
+    r = klayer("search", "init", "--study", "grid", "--storage", postgres, "--sampler", "grid",
+               "--param", "lambda=0.01..0.08:points=8", *quick, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    procs = [spawn("search", "worker", "--study", "grid", "--storage", postgres, *HEARTBEAT,
+                   *extra, cwd=tmp_path) for extra in ([], [], ["--batch-trials", "2"])]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outs
+    study, _ = search_storage.load_study("grid", postgres)
+    ts = study.get_trials(deepcopy=False)
+    assert all(t.state == TrialState.COMPLETE for t in ts), outs
+    assert sorted(t.params["lambda"] for t in ts) == pytest.approx(
+        [0.01 * i for i in range(1, 9)], rel=1e-12), outs  # each point once, no other

@@ -7,11 +7,10 @@ import pytest
 
 from klayer.core.config import NetConfig
 from klayer.core.losses import log_softmax
-from klayer.core.network import Network
+from klayer.core.network import EVAL_CHUNK, Network
 from klayer.data.augment import hflip, random_flip, random_translate
 from klayer.data.datasets import Data, Split
-from klayer.training.batched_stack import evaluate_many
-from klayer.training.evaluation import EVAL_CHUNK, evaluate, folded
+from klayer.training.evaluation import evaluate, evaluate_many, folded
 
 SHAPE = (3, 4, 5)  # (c, h, w): not square, so a transposition would be caught
 D = 3 * 4 * 5

@@ -10,8 +10,7 @@ import pytest
 from klayer.core.config import TrainConfig
 from klayer.data.datasets import Data, Split, make_synthetic
 from klayer.training.batched import BatchedTrainer, check_batchable
-from klayer.training.batched_stack import evaluate_many
-from klayer.training.evaluation import evaluate
+from klayer.training.evaluation import evaluate, evaluate_many
 from klayer.training.plan import make_plan
 from klayer.training.trainer import Trainer
 

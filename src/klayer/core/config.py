@@ -285,6 +285,14 @@ class TrainConfig:
         return cls(**{by_key[k]: v for k, v in values.items()})
 
 
+# The one list of settings that leave a training's result (weights, metrics, accuracies)
+# unchanged: where the data are found and whether their checksums are enforced (the data
+# themselves are checked by their fingerprint or their files), how often checkpoints are
+# written and the run's name. A resumed run may change them; comparisons of settings
+# (a checkpoint's, a config.toml's, a kept experiment training's) ignore them.
+RESULT_NEUTRAL = ("data_dir", "strict_checksums", "checkpoint_every", "name")
+
+
 def unknown_key(key: str, valid: Iterable[str], what: str = "key") -> str:
     """'unknown key hiden (did you mean hidden?)': the closest valid names, not all 48."""
     import difflib

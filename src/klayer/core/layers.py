@@ -19,39 +19,39 @@ import numpy.typing as npt
 Array = npt.NDArray[np.floating]
 
 
-# --- linear -----------------------------------------------------------------
+# --- linear -----------------------------------------------------------------------------
+# Every function takes an optional leading trial axis: x (n, d) for one network or
+# (T, n, d) for a stack of T networks (``core.stack``), parameters (d_in, d_out) or
+# (T, d_in, d_out), vectors (m,) or (T, m). Reductions run over the examples, axis -2.
 
 
-def linear_forward(x: Array, W: Array, b: Array | None) -> Array:
-    """s = x W + b.  x (n, d_in), W (d_in, d_out), b (d_out,) -> s (n, d_out).
-
-    b = None leaves "+ b" to the caller (a fused batch-norm kernel adds it)."""
-    s = x @ W  # (n, d_out)
-    if b is not None:
-        s += b
+def linear_forward(x: Array, W: Array, b: Array) -> Array:
+    """s = x W + b.  x (..., n, d_in), W (..., d_in, d_out), b (..., d_out) -> (..., n, d_out)."""
+    s = x @ W  # (..., n, d_out)
+    s += b[..., None, :]
     return s
 
 
-def linear_backward(
-    ds: Array, x: Array, W: Array, need_dx: bool = True, db: Array | None = None
-) -> tuple[Array | None, Array, Array]:
-    """Gradients of s = x W + b given ds = dJ/ds (n, d_out).
-
-    Returns dx (n, d_in) (None when ``need_dx`` is false: the first layer's input
-    needs no gradient), dW = x^T ds (d_in, d_out) and db = sum_i ds_i (d_out,),
-    unless the caller has db already (a fused batch-norm kernel sums it).
-    """
-    dW = x.T @ ds  # (d_in, d_out)
-    db = ds.sum(axis=0) if db is None else db  # (d_out,)
-    dx = ds @ W.T if need_dx else None  # (n, d_in)
-    return dx, dW, db
+def linear_backward(ds: Array, x: Array, W: Array,
+                    need_dx: bool = True) -> tuple[Array | None, Array]:
+    """dx = ds W^T (None when ``need_dx`` is false: the first layer's input needs no
+    gradient) and dW = x^T ds, from ds = dJ/ds (..., n, d_out); the course's
+    grad_W = G H^T / n transposed (klayer's ds carries the 1/n already)."""
+    dW = x.swapaxes(-1, -2) @ ds  # (..., d_in, d_out)
+    dx = ds @ W.swapaxes(-1, -2) if need_dx else None  # (..., n, d_in)
+    return dx, dW
 
 
-# --- ReLU -------------------------------------------------------------------
+def bias_backward(ds: Array) -> Array:
+    """db = sum_i ds_i (..., d_out): the course's grad_b = G 1_n / n."""
+    return ds.sum(axis=-2)
+
+
+# --- ReLU -------------------------------------------------------------------------------
 
 
 def relu_forward(s: Array) -> Array:
-    """h = max(s, 0), elementwise (n, m)."""
+    """h = max(s, 0), elementwise (..., n, m)."""
     return np.maximum(s, 0)
 
 
@@ -61,14 +61,14 @@ def relu_backward(dh: Array, h: Array) -> Array:
     return ds
 
 
-# --- batch normalization ----------------------------------------------------
+# --- batch normalization ----------------------------------------------------------------
 
 
 class BNCache(NamedTuple):
     """What the batch-norm backward pass needs."""
 
-    x_hat: Array  # (n, m) normalized input, (s - mu) / sqrt(var + eps)
-    inv_std: Array  # (m,)   1 / sqrt(var + eps)
+    x_hat: Array  # (..., n, m) normalized input, (s - mu) / sqrt(var + eps)
+    inv_std: Array  # (..., m)   1 / sqrt(var + eps)
 
 
 def batchnorm_forward_train(
@@ -76,18 +76,18 @@ def batchnorm_forward_train(
 ) -> tuple[Array, BNCache, Array, Array]:
     """Normalize with the batch mean and the *biased* batch variance.
 
-    s (n, m) -> y = gamma * x_hat + beta (n, m), with
-    x_hat = (s - mu) / sqrt(var + eps), mu = mean_i s_i, var = mean_i (s_i - mu)^2.
+    s (..., n, m) -> y = gamma * x_hat + beta, with x_hat = (s - mu) / sqrt(var + eps),
+    mu = mean_i s_i, var = mean_i (s_i - mu)^2 (the course's BatchNormalize).
     Also returns (mu, var) so the caller can update running averages.
     """
-    mu = s.mean(axis=0)  # (m,)
-    xc = s - mu  # (n, m)
-    var = np.einsum("ij,ij->j", xc, xc) / s.shape[0]  # (m,) biased variance
-    inv_std = 1.0 / np.sqrt(var + eps)  # (m,)
+    mu = s.mean(axis=-2)  # (..., m)
+    xc = s - mu[..., None, :]  # (..., n, m)
+    var = np.einsum("...ij,...ij->...j", xc, xc) / s.shape[-2]  # (..., m) biased variance
+    inv_std = 1.0 / np.sqrt(var + eps)  # (..., m)
     x_hat = xc
-    x_hat *= inv_std  # (n, m), in place: xc is not needed again
-    y = x_hat * gamma
-    y += beta
+    x_hat *= inv_std[..., None, :]  # in place: xc is not needed again
+    y = x_hat * gamma[..., None, :]
+    y += beta[..., None, :]
     return y, BNCache(x_hat, inv_std), mu, var
 
 
@@ -95,31 +95,36 @@ def batchnorm_forward_eval(
     s: Array, gamma: Array, beta: Array, mu: Array, var: Array, eps: float
 ) -> Array:
     """Normalize with fixed (running or population) statistics: an affine map per feature."""
-    scale = gamma / np.sqrt(var + eps)  # (m,)
-    y = s * scale
-    y += beta - mu * scale
+    scale = gamma / np.sqrt(var + eps)  # (..., m)
+    y = s * scale[..., None, :]
+    y += (beta - mu * scale)[..., None, :]
     return y
 
 
 def batchnorm_backward(dy: Array, cache: BNCache, gamma: Array) -> tuple[Array, Array, Array]:
-    """Backward pass of training-mode batch norm in its compact form.
+    """The assignment's BatchNormBackPass, step by step, in rows: dy (..., n, m) -> ds.
 
-    With g = dJ/dx_hat = dy * gamma, the course's chain of terms through mu and var
-    collapses to (per feature, n examples):
-
-        ds = inv_std / n * (n g - sum_i g_i - x_hat * sum_i g_i x_hat_i)
-
-    dgamma = sum_i dy_i x_hat_i, dbeta = sum_i dy_i.   dy (n, m) -> ds (n, m).
+    The course (columns, G_batch m x n) first takes the gamma and beta gradients and
+    multiplies G by gamma, then, with v the biased batch variance and D = S - mu 1^T:
+        sigma1 = (v + eps)^-1/2,  sigma2 = (v + eps)^-3/2,
+        G1 = G . (sigma1 1^T),    G2 = G . (sigma2 1^T),   c = (G2 . D) 1_n,
+        G  = G1 - (1/n) (G1 1_n) 1^T - (1/n) D . (c 1^T).
+    Here rows are examples, so "1^T" broadcasts along axis -2 and "1_n" sums over it;
+    klayer's dy already carries the cost's 1/n, so the gamma/beta sums have none.
     """
-    x_hat, inv_std = cache
-    n = dy.shape[0]
-    dbeta = dy.sum(axis=0)  # (m,)
-    dgamma = np.einsum("ij,ij->j", dy, x_hat)  # (m,)
-    # sum_i g_i = gamma * dbeta and sum_i g_i x_hat_i = gamma * dgamma
-    ds = dy * n
-    ds -= dbeta
-    ds -= x_hat * dgamma
-    ds *= gamma * inv_std / n
+    x_hat, inv_std = cache  # S_hat (..., n, m) and sigma1 (..., m)
+    n = dy.shape[-2]
+    dgamma = np.einsum("...ij,...ij->...j", dy, x_hat)  # grad_gamma = (G . S_hat) 1_n
+    dbeta = dy.sum(axis=-2)  # grad_beta = G 1_n
+    g = dy * gamma[..., None, :]  # G = G . (gamma 1^T)
+    sigma1 = inv_std[..., None, :]  # sigma1 = (v + eps)^-1/2
+    sigma2 = sigma1**3  # sigma2 = (v + eps)^-3/2
+    G1 = g * sigma1  # G1 = G . (sigma1 1^T)
+    G2 = g * sigma2  # G2 = G . (sigma2 1^T)
+    D = x_hat / sigma1  # D = S - mu 1^T (the cache keeps S_hat = D . sigma1)
+    c = np.einsum("...ij,...ij->...j", G2, D)  # c = (G2 . D) 1_n, (..., m)
+    ds = G1 - G1.sum(axis=-2, keepdims=True) / n  # G1 - (1/n) (G1 1_n) 1^T
+    ds -= D * c[..., None, :] / n  # - (1/n) D . (c 1^T)
     return ds, dgamma, dbeta
 
 
@@ -127,7 +132,7 @@ def batchnorm_backward(dy: Array, cache: BNCache, gamma: Array) -> tuple[Array, 
 
 
 def dropout_mask(
-    shape: tuple[int, int], p: float, rng: np.random.Generator, dtype: npt.DTypeLike
+    shape: tuple[int, ...], p: float, rng: np.random.Generator, dtype: npt.DTypeLike
 ) -> Array:
     """Inverted-dropout mask: 0 with probability p, else 1 / (1 - p), so E[mask] = 1."""
     keep = rng.random(shape) >= p  # (n, m) bool

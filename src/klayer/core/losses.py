@@ -17,44 +17,48 @@ Labels = npt.NDArray[np.integer]
 
 
 def log_softmax(scores: Array) -> Array:
-    """Row-wise log softmax via log-sum-exp, stable for any finite logits. (n, K) -> (n, K)."""
-    z = scores - scores.max(axis=1, keepdims=True)  # (n, K), max is 0 per row
-    z -= np.log(np.exp(z).sum(axis=1, keepdims=True))
+    """Log softmax over the classes via log-sum-exp, stable for any finite logits.
+    (..., n, K) -> (..., n, K)."""
+    z = scores - scores.max(axis=-1, keepdims=True)  # max is 0 per row
+    z -= np.log(np.exp(z).sum(axis=-1, keepdims=True))
     return z
 
 
-def cross_entropy(scores: Array, y: Labels, label_smoothing: float = 0.0) -> float:
-    """Mean cross-entropy of softmax(scores) against integer labels y (n,)."""
-    logp = log_softmax(scores)  # (n, K)
-    nll = -logp[np.arange(len(y)), y]  # (n,)
+def _nll(logp: Array, y: Labels, label_smoothing: float) -> Array:
+    """Per-example (smoothed) negative log-likelihood (..., n) of log-probabilities."""
+    nll = -logp[..., np.arange(len(y)), y]  # (..., n)
     if label_smoothing:
-        nll = (1 - label_smoothing) * nll - label_smoothing * logp.mean(axis=1)
-    return float(nll.mean())
+        nll = (1 - label_smoothing) * nll - label_smoothing * logp.mean(axis=-1)
+    return nll
+
+
+def cross_entropy(scores: Array, y: Labels, label_smoothing: float = 0.0) -> float:
+    """Mean cross-entropy of softmax(scores) (n, K) against integer labels y (n,)."""
+    return float(_nll(log_softmax(scores), y, label_smoothing).mean())
 
 
 def softmax_cross_entropy(
     scores: Array, y: Labels, label_smoothing: float = 0.0
-) -> tuple[float, Array]:
+) -> tuple[Array, Array]:
     """Mean cross-entropy and its gradient with respect to the scores.
 
     With P = softmax(scores) and T the (smoothed) one-hot targets, the course's
-    G = -(Y - P) / n becomes, for rows, dscores = (P - T) / n.   (n, K) -> (n, K).
-    Label smoothing eps uses targets (1 - eps) * onehot + eps / K.
+    G = -(Y - P) / n becomes, for rows, dscores = (P - T) / n.   (..., n, K) -> (..., n, K);
+    the loss is a 0-d array for one network, (T,) for a stack. Label smoothing eps uses
+    targets (1 - eps) * onehot + eps / K.
     """
-    n, k = scores.shape
-    logp = log_softmax(scores)  # (n, K)
+    n, k = scores.shape[-2:]
+    logp = log_softmax(scores)  # (..., n, K)
     rows = np.arange(n)
-    nll = -logp[rows, y]  # (n,)
-    if label_smoothing:
-        nll = (1 - label_smoothing) * nll - label_smoothing * logp.mean(axis=1)
-    dscores = np.exp(logp)  # P, (n, K)
+    nll = _nll(logp, y, label_smoothing)  # (..., n)
+    dscores = np.exp(logp)  # P
     if label_smoothing:
         dscores -= label_smoothing / k
-        dscores[rows, y] -= 1 - label_smoothing
+        dscores[..., rows, y] -= 1 - label_smoothing
     else:
-        dscores[rows, y] -= 1
+        dscores[..., rows, y] -= 1
     dscores /= n
-    return float(nll.mean()), dscores
+    return nll.mean(axis=-1), dscores
 
 
 def l2_penalty(weights: Iterable[Array], lam: float) -> float:
@@ -66,4 +70,4 @@ def l2_penalty(weights: Iterable[Array], lam: float) -> float:
 
 def accuracy(scores: Array, y: Labels) -> float:
     """Fraction of rows whose highest score is the true label."""
-    return float(np.mean(scores.argmax(axis=1) == y))
+    return float(np.mean(scores.argmax(axis=-1) == y))

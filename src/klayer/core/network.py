@@ -13,7 +13,7 @@ PreciseBN does) and never in evaluation mode.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -27,6 +27,7 @@ from klayer.core.layers import (
     batchnorm_backward,
     batchnorm_forward_eval,
     batchnorm_forward_train,
+    bias_backward,
     dropout_mask,
     linear_backward,
     linear_forward,
@@ -36,7 +37,7 @@ from klayer.core.layers import (
 from klayer.core.losses import accuracy, cross_entropy, l2_penalty, softmax_cross_entropy
 
 Labels = npt.NDArray[np.integer]
-EVAL_CHUNK = 5000  # rows per evaluation chunk: large products, bounded memory
+EVAL_CHUNK = 1000  # rows per evaluation chunk (benchmarks/bench_load.py measures it)
 
 
 class LayerCache(NamedTuple):
@@ -61,6 +62,8 @@ class Network:
     >>> loss, cost, grads = net.loss_and_grads(X, y, lam=0.005)   # training mode
     >>> net.evaluate(X_val, y_val).accuracy                        # evaluation mode
     """
+
+    _fuse_bias = True  # the fused batch-norm kernel may add the linear map's bias
 
     def __init__(self, config: NetConfig, rng: np.random.Generator | int | None = 0) -> None:
         self.config = config
@@ -147,14 +150,15 @@ class Network:
         self,
         X: Array,
         train: bool,
-        rng: np.random.Generator | None = None,
+        rng: Any = None,
         update_stats: bool = True,
         stats_sink: list[tuple[int, Array, Array]] | None = None,
     ) -> tuple[Array, list[LayerCache]]:
         """Scores (n, K) and, in training mode, the per-layer caches for ``backward``.
 
-        Training mode normalizes with batch statistics, applies dropout (``rng`` draws
-        the masks; required when dropout > 0) and updates the running averages once
+        Training mode normalizes with batch statistics, applies dropout (``rng``, a
+        Generator, or one per trial for a stack, draws the masks; required when
+        dropout > 0) and updates the running averages once
         unless ``update_stats`` is false. ``stats_sink`` collects each batch-norm
         layer's (l, batch mean, biased batch variance), for PreciseBN.
         Evaluation mode uses the running statistics and keeps no caches.
@@ -166,10 +170,10 @@ class Network:
         h = X
         for l in range(1, cfg.k):
             # batch norm adds the bias itself (in the same C call), where no skip comes first
-            bias_in_bn = train and cfg.batch_norm and cfg.bn_position == "before" and (
-                l not in self._skips)
+            bias_in_bn = self._fuse_bias and train and cfg.batch_norm and (
+                cfg.bn_position == "before" and l not in self._skips)
             b = p[f"b{l}"]
-            s = linear_forward(h, p[f"W{l}"], None if bias_in_bn else b)  # (n, m_l)
+            s = self._affine(l, h, bias=not bias_in_bn)  # (..., n, m_l)
             if l in self._skips:
                 s += outs[self._skips[l]]  # residual: s_l += h_{l-2}
             bn: BNCache | None = None
@@ -186,18 +190,32 @@ class Network:
             if train and cfg.dropout > 0:
                 if rng is None:
                     raise ValueError("dropout needs an rng in training mode")
-                mask = dropout_mask(out.shape, cfg.dropout, rng, self.dtype)
+                mask = self._dropout_mask(out.shape, rng)
                 out = out * mask
             if train:
                 caches.append(LayerCache(h, r, bn, mask))
             h = out
             outs.append(h)
-        scores = linear_forward(h, p[f"W{cfg.k}"], p[f"b{cfg.k}"])  # (n, K)
+        scores = self._affine(cfg.k, h, bias=True)  # (..., n, K)
         if train:
             caches.append(LayerCache(h, None, None, None))
             if update_stats and cfg.batch_norm:
                 self.bn_updates += 1
         return scores, caches
+
+    def _affine(self, l: int, h: Array, bias: bool) -> Array:
+        """Layer l's linear map s = h W_l (+ b_l): (n, m_{l-1}) -> (n, m_l); without
+        ``bias`` the fused batch-norm kernel adds b_l. ``Stack`` overrides the first
+        layer, whose input all trials share."""
+        W = self.params[f"W{l}"]
+        return linear_forward(h, W, self.params[f"b{l}"]) if bias else h @ W
+
+    def _affine_backward(self, l: int, ds: Array, x: Array) -> tuple[Array | None, Array]:
+        """(dJ/dx, dJ/dW_l) of layer l's linear map (no dx for the first layer)."""
+        return linear_backward(ds, x, self.params[f"W{l}"], need_dx=l > 1)
+
+    def _dropout_mask(self, shape: tuple[int, ...], rng: np.random.Generator) -> Array:
+        return dropout_mask(shape, self.config.dropout, rng, self.dtype)
 
     def _batchnorm(
         self,
@@ -218,7 +236,7 @@ class Network:
         """
         gamma, beta = self.params[f"gamma{l}"], self.params[f"beta{l}"]
         mu_av, var_av = self.stats[f"mu{l}"], self.stats[f"var{l}"]
-        eps, n = self.config.bn_eps, s.shape[0]
+        eps, n = self.config.bn_eps, s.shape[-2]
         if not train:
             y = batchnorm_forward_eval(s, gamma, beta, mu_av, var_av, eps)
             return (relu_forward(y) if relu else y), None
@@ -266,9 +284,8 @@ class Network:
         p = self.params
         grads: dict[str, Array] = {}
         k = cfg.k
-        dh, grads[f"W{k}"], grads[f"b{k}"] = linear_backward(
-            dscores, caches[-1].x, p[f"W{k}"], need_dx=k > 1
-        )
+        dh, grads[f"W{k}"] = self._affine_backward(k, dscores, caches[-1].x)
+        grads[f"b{k}"] = bias_backward(dscores)
         pending: dict[int, Array] = {}  # gradients reaching h_j through skip connections
         for l in range(k - 1, 0, -1):
             c = caches[l - 1]
@@ -294,8 +311,8 @@ class Network:
                 ds = relu_backward(dr, c.relu_out)
             if l in self._skips:
                 pending[self._skips[l]] = ds
-            dh, grads[f"W{l}"], grads[f"b{l}"] = linear_backward(
-                ds, c.x, p[f"W{l}"], need_dx=l > 1, db=db)
+            dh, grads[f"W{l}"] = self._affine_backward(l, ds, c.x)
+            grads[f"b{l}"] = bias_backward(ds) if db is None else db
         if lam:
             for l in range(1, k + 1):
                 kernels.add_scaled(grads[f"W{l}"], p[f"W{l}"], 2 * lam)
@@ -399,15 +416,19 @@ def _bn_relu_backward(
 ) -> tuple[Array, Array, Array, Array | None]:
     """Backward through ReLU then batch norm: (ds, dgamma, dbeta, db), fused in C where it
     can be, with db = sum_i ds_i, the bias gradient of the layer's linear map (None from
-    the NumPy code: ``linear_backward`` sums it then)."""
+    the NumPy code: ``bias_backward`` sums it then)."""
     if kernels.enabled(dh, relu_out, cache.x_hat, cache.inv_std, gamma):
         return kernels.bn_relu_backward(dh, relu_out, cache.x_hat, cache.inv_std, gamma,
                                         want_db=True)
     return (*batchnorm_backward(relu_backward(dh, relu_out), cache, gamma), None)
 
 
-def training_loss(scores: Array, y: Labels, label_smoothing: float = 0.0) -> tuple[float, Array]:
-    """Mean cross-entropy and dJ/dscores (``losses.softmax_cross_entropy``; in C for float32)."""
+def training_loss(scores: Array, y: Labels, label_smoothing: float = 0.0) -> tuple[Any, Array]:
+    """Mean cross-entropy (a float; (T,) for a stack's (T, n, K) scores) and dJ/dscores
+    (``losses.softmax_cross_entropy``; in C for float32)."""
     if not label_smoothing and kernels.enabled(scores):
+        if scores.ndim == 3:
+            return kernels.softmax_cross_entropy_stack(scores, y)
         return kernels.softmax_cross_entropy(scores, y)
-    return softmax_cross_entropy(scores, y, label_smoothing)
+    loss, dscores = softmax_cross_entropy(scores, y, label_smoothing)
+    return (float(loss) if loss.ndim == 0 else loss), dscores

@@ -49,7 +49,7 @@ from klayer.search.faults import (
     recover,
     unlabelled,
 )
-from klayer.search.space import SearchError, config_for, fmt_params, suggest
+from klayer.search.space import config_for, fmt_params, suggest
 from klayer.search.storage import (
     GRACE_PERIOD,
     HEARTBEAT_INTERVAL,
@@ -71,7 +71,7 @@ from klayer.search.storage import (
 from klayer.training import evaluation
 from klayer.training import trainer as train
 from klayer.training.batched import BatchedTrainer, batch_key
-from klayer.training.batched_stack import evaluate_many
+from klayer.training.evaluation import evaluate_many
 from klayer.training.plan import load_data, make_plan, validate_for_data
 
 # Parameters trials trained together may differ in (batched.BATCHABLE by TOML key).
@@ -139,8 +139,8 @@ class Worker:
                 int.from_bytes(hashlib.sha256(self.id.encode()).digest()[:8], "little"),
                 time.time_ns()]).generate_state(1)[0])
         self.sampler = make_sampler(self.info.sampler, self.info.space, seed)
-        self.study = optuna.load_study(study_name=opts.study, storage=study._storage,
-                                       sampler=self.sampler)
+        self.study, self.store = study, self.info.store
+        self.study.sampler = self.sampler  # the study was loaded with Optuna's default one
         self.grid = grid_keys(self.info)
         self.failures = 0
 
@@ -211,7 +211,7 @@ class Worker:
     def _housekeep(self) -> None:
         """Fail and queue again the trials of workers that died (heartbeat or no label)."""
         fail_stale(self.study)
-        lost = recover(self.study, unlabelled(before=datetime.now() - timedelta(
+        lost = recover(self.study, self.store, unlabelled(before=datetime.now() - timedelta(
             seconds=self.opts.grace_period)), "its worker died as it began the trial")
         if lost:
             self.log(f"unlabelled trial(s) {', '.join(f'#{n}' for n in lost)} older than "
@@ -248,7 +248,7 @@ class Worker:
             asked = self._claim_grid(k) if self.grid is not None else self._ask_sampled(k)
             jobs = []
             for trial, p in asked:
-                frozen = self.study._storage.get_trial(trial._trial_id)
+                frozen = self.store.trial(trial.number)
                 seed = trial_seed(self.info.config.seed, original_number(frozen))
                 trial.set_user_attr("worker", self.id)
                 trial.set_user_attr("seed", seed)
@@ -264,7 +264,7 @@ class Worker:
         """k trials from the sampler (or the queue of retries); after the first, the
         non-batchable parameters are fixed to its values."""
         trials = [self.study.ask()]
-        beat(self.study, trials[0])
+        beat(self.store, trials[0].number)
         params = [suggest(trials[0], self.info.space)]
         if k > 1:
             fixed = {key: v for key, v in params[0].items() if key not in BATCHABLE_PARAMS}
@@ -274,7 +274,7 @@ class Worker:
             try:
                 for _ in range(k - 1):
                     trials.append(self.study.ask())
-                    beat(self.study, trials[-1])
+                    beat(self.store, trials[-1].number)
                     params.append(suggest(trials[-1], self.info.space))
             finally:
                 self.study.sampler = sampler
@@ -289,11 +289,12 @@ class Worker:
         out: list[tuple[Trial, dict[str, Any]]] = []
         fixed: dict[str, Any] | None = None
         while len(out) < k:
-            trial = claim_queued(self.study, None if fixed is None else _sharing(fixed))
+            trial = claim_queued(self.study, self.store,
+                                 None if fixed is None else _sharing(fixed))
             if trial is None:
                 break
-            beat(self.study, trial)
-            point = queued_params(self.study._storage.get_trial(trial._trial_id))
+            beat(self.store, trial.number)
+            point = queued_params(self.store.trial(trial.number))
             problem = ("not a point of the study's grid" if point_key(point) not in self.grid
                        else "its grid point is done already" if point_key(point) in done
                        else None)
@@ -313,7 +314,7 @@ class Worker:
             groups.setdefault(batch_key(job.cfg), []).append(job)
         pending = list(jobs)
         try:
-            with Heartbeat(self.study._storage, [j.trial._trial_id for j in jobs]):
+            with Heartbeat(self.store, [j.trial.number for j in jobs]):
                 for group in groups.values():
                     if len(group) == 1:
                         self._run_one(group[0])
@@ -393,7 +394,7 @@ class Worker:
 
     def _complete(self, trial: Trial, params: dict[str, Any], attrs: dict[str, Any]) -> None:
         with self.guard.held():
-            if self._finish(trial, TrialState.COMPLETE, attrs["val_accuracy"], attrs):
+            if self._finish(trial, TrialState.COMPLETE, attrs["val_accuracy"], attrs) is not None:
                 self.failures = 0
                 test = f"  test {attrs['test_accuracy']:.2%}" if self.opts.show_test else ""
                 self.log(f"#{trial.number} COMPLETE  val {attrs['val_accuracy']:.2%}{test}  "
@@ -404,43 +405,38 @@ class Worker:
         """Fail the trial with ``reason``; with ``retry`` (a fault, not the trial's own
         outcome) a grid trial is queued again, so its point is still tried."""
         with self.guard.held():
-            if self._finish(trial, TrialState.FAIL, None, {"fail_reason": reason}):
+            failed = self._finish(trial, TrialState.FAIL, None, {"fail_reason": reason})
+            if failed is not None:
                 self.failures += count
                 self.log(f"#{trial.number} FAIL  {reason}  {fmt_params(params)}")
                 if retry and self.grid is not None:
-                    retry_trial(self.study, self.study._storage.get_trial(trial._trial_id),
-                                max_retry=None)
+                    retry_trial(self.study, failed, max_retry=None)
                     self.log(f"#{trial.number}'s grid point is queued again")
 
     def _finish(self, trial: Trial, state: TrialState, value: float | None,
-                attrs: dict[str, Any]) -> bool:
-        """Record attributes and tell; False if someone (reap) finished the trial meanwhile."""
+                attrs: dict[str, Any]) -> FrozenTrial | None:
+        """Record attributes and tell: the finished trial; None if someone (reap) finished
+        it meanwhile."""
         try:
             for key, v in attrs.items():
                 trial.set_user_attr(key, v)
             try:
-                self.study.tell(trial, value, state=state)
+                return self.study.tell(trial, value, state=state)
             except RuntimeError as e:  # the grid sampler's study.stop() after the last point
                 if "Study.stop" not in str(e):  # (optuna stores the result first)
                     raise
-            return True
+                return self.store.trial(trial.number)
         except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
-            now = self.study._storage.get_trial(trial._trial_id).state
+            now = self.store.trial(trial.number).state
             self.log(f"#{trial.number} was marked {now.name} while it ran (reaped?); its "
                      "result is not recorded")
-            return False
+            return None
 
 
 def grid_keys(info: StudyInfo) -> set[str] | None:
-    """A grid study's points as ``point_key``s; None for other samplers. SearchError for a
-    grid study whose points were never queued (an older klayer's, or one being created)."""
-    if info.sampler != "grid":
-        return None
-    if info.grid is None:
-        raise SearchError(f"grid study {info.name!r} has no queued grid points (made by an "
-                          "older klayer, whose workers could repeat points, or still being "
-                          "created); create it again with klayer search init")
-    return {point_key(p) for p in info.grid}
+    """A grid study's points (all queued at its creation) as ``point_key``s; None for
+    other samplers."""
+    return None if info.grid is None else {point_key(p) for p in info.grid}
 
 
 def _sharing(fixed: dict[str, Any]) -> Callable[[FrozenTrial], bool]:
@@ -461,7 +457,7 @@ def grid_summary(study: optuna.Study, info: StudyInfo) -> str:
 def evaluate_trained(nets: Sequence[Network], cfgs: Sequence[TrainConfig],
                      data: Data) -> list[dict[str, float]]:
     """Final metrics of networks trained together: PreciseBN if asked, then train, val
-    and test in shared passes (``batched.evaluate_many``); test flip-averaged if asked."""
+    and test in shared passes (``evaluation.evaluate_many``); test flip-averaged if asked."""
     if not nets:
         return []
     for net, cfg in zip(nets, cfgs, strict=True):

@@ -3,7 +3,7 @@
 T trials that differ only in lambda and the learning-rate settings see the same
 mini-batches, so the expensive parts of a step are done once for all of them: reading
 and standardizing (and augmenting) the mini-batch, and the first layer's products,
-which become one wide matrix product (``batched_stack.Stack``).
+which become one wide matrix product (``core.stack.Stack``).
 
 Each trial's arithmetic is the lone ``train.Trainer``'s, operation for operation, so a
 trial's final weights equal (float64: to rounding, ~1e-13) those of a lone run with the
@@ -26,11 +26,12 @@ import numpy as np
 from klayer.core import kernels
 from klayer.core.config import TrainConfig
 from klayer.core.layers import Array
-from klayer.core.network import Network
+from klayer.core.network import Network, training_loss
 from klayer.core.optim import adam_moments
+from klayer.core.stack import Stack
 from klayer.data.augment import random_flip, random_translate
 from klayer.data.datasets import Data
-from klayer.training.batched_stack import Stack, evaluate_many, softmax_cross_entropy
+from klayer.training.evaluation import evaluate_many
 
 # TrainConfig fields that may differ between the trials of one batch.
 BATCHABLE = ("lam", "eta_min", "eta_max", "eta", "decay", "seed", "name")
@@ -71,15 +72,9 @@ class _Optimizer:
         self.state: dict[str, dict[str, Array]] = {}
 
     def keep(self, stack: Stack, rows: np.ndarray) -> None:
-        d, m1 = stack.widths[0], stack.widths[1]
         for bufs in self.state.values():
             for name, b in bufs.items():
-                if name == "W1":
-                    t_old = b.shape[1] // m1
-                    bufs[name] = np.ascontiguousarray(
-                        b.reshape(d, t_old, m1)[:, rows, :].reshape(d, len(rows) * m1))
-                else:
-                    bufs[name] = b[rows]
+                bufs[name] = stack.trials_of(name, b, rows)
 
     def step(self, stack: Stack, grads: dict[str, Array], lr: Array,
              l2: Array) -> Array | None:
@@ -205,12 +200,12 @@ class BatchedTrainer:
                 X = random_translate(X, data.image_shape, cfg.translate, self.aug_rng)
         y = data.train.y[idx]
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            scores, caches = stack.forward(X, train=True, rngs=self.dropout_rngs)
-            loss, dscores = softmax_cross_entropy(scores, y, cfg.label_smoothing)
+            scores, caches = stack.forward(X, train=True, rng=self.dropout_rngs)
+            loss, dscores = training_loss(scores, y, cfg.label_smoothing)
             lam = self.lam[self.active]
             penalty = stack.penalty() if self._penalty is None else self._penalty
             cost = loss + np.where(lam == 0, 0.0, lam * penalty)
-            grads = stack.backward(dscores, caches, X)
+            grads = stack.backward(dscores, caches)
         bad = ~np.isfinite(cost)
         if bad.any():
             grads = self._drop(bad, cost, grads)
@@ -229,13 +224,12 @@ class BatchedTrainer:
             self.diverged[int(self.active[j])] = (
                 f"the cost became {cost[j]} at step {self.t}; try a smaller eta_max / eta")
         rows = np.flatnonzero(~bad)
+        grads = {k: self.stack.trials_of(k, v, rows) for k, v in grads.items()}
         self.stack.keep(rows)
         self.opt.keep(self.stack, rows)
         self.active = self.active[rows]
         self.dropout_rngs = [self.dropout_rngs[j] for j in rows]
-        return {k: (np.ascontiguousarray(v.reshape(v.shape[0], len(bad), -1)[:, rows]
-                                         .reshape(v.shape[0], -1)) if k == "W1"
-                    else v[rows]) for k, v in grads.items()}
+        return grads
 
     def run(self) -> list[Network | None]:
         """Step to the end (recording ``curves``); each trial's network, or None where it

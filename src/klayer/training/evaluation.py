@@ -18,11 +18,11 @@ import numpy.typing as npt
 
 from klayer.core.layers import Array
 from klayer.core.losses import log_softmax
-from klayer.core.network import Metrics, Network
+from klayer.core.network import EVAL_CHUNK, Metrics, Network
+from klayer.core.stack import Stack
 from klayer.data.augment import hflip
 from klayer.data.datasets import Data
 
-EVAL_CHUNK = 1000  # rows per chunk (benchmarks/bench_load.py measures the evaluation)
 FOLD_MAX_RATIO = 1e3  # largest |mean| / std of a feature that ``folded`` takes
 
 
@@ -74,20 +74,39 @@ def model_inputs(nets: Sequence[Network], data: Data, X: Array,
 def evaluate(net: Network, data: Data, X: Array, y: Array, lam: float = 0.0,
              tta_flip: bool = False) -> Metrics:
     """Loss, cost and accuracy in evaluation mode, in chunks; optionally flip-averaged."""
-    (model,), chunks = model_inputs([net], data, X, net.dtype)
-    total_nll, correct, i = 0.0, 0, 0
+    return evaluate_many([net], data, X, y, [lam], tta_flip)[0]
+
+
+def evaluate_many(nets: Sequence[Network], data: Data, X: Array, y: Array,
+                  lams: Sequence[float] | None = None, tta_flip: bool = False) -> list[Metrics]:
+    """Evaluation-mode loss, cost and accuracy of same-shaped networks on (X, y).
+
+    Every chunk of X goes in raw (the standardization folded into each first layer when
+    it can) through one network, or through several at once as a ``Stack`` (all first
+    layers in one wide product). ``tta_flip`` averages the probabilities of each image
+    and its mirror image (the accuracy; the loss stays single-view).
+    """
+    models, chunks = model_inputs(nets, data, X, nets[0].dtype)
+    model = models[0] if len(models) == 1 else Stack(models)
+    nll = np.zeros(len(nets))
+    correct = np.zeros(len(nets), np.int64)
+    i = 0
     for chunk in chunks:
-        logp = log_softmax(model.scores(chunk, check=False))
         yc = y[i : i + len(chunk)]
-        total_nll -= float(logp[np.arange(len(yc)), yc].sum())
+        logp = log_softmax(model.forward(chunk, train=False)[0])  # (..., n, K)
+        nll -= logp[..., np.arange(len(yc)), yc].sum(axis=-1)
         if tta_flip and data.image_shape is not None:
-            flipped = hflip(chunk, data.image_shape)
-            logp = np.logaddexp(logp, log_softmax(model.scores(flipped, check=False)))
-        correct += int((logp.argmax(axis=1) == yc).sum())
+            flipped = model.forward(hflip(chunk, data.image_shape), train=False)[0]
+            logp = np.logaddexp(logp, log_softmax(flipped))
+        correct += (logp.argmax(axis=-1) == yc).sum(axis=-1)
         i += len(chunk)
-    loss = total_nll / len(y)
-    penalty = lam * float(sum(np.vdot(W, W) for W in net.weights()))
-    return Metrics(loss, loss + penalty, correct / len(y))
+    lam = np.zeros(len(nets)) if lams is None else np.asarray(lams, np.float64)
+    out = []
+    for j, net in enumerate(nets):
+        loss = float(nll[j]) / len(y)
+        penalty = float(lam[j]) * float(sum(np.vdot(W, W) for W in net.weights()))
+        out.append(Metrics(loss, loss + penalty, int(correct[j]) / len(y)))
+    return out
 
 
 def population_stats(net: Network, data: Data, X: Array, n: int, flip: bool = False) -> None:

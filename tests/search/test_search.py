@@ -208,6 +208,30 @@ def test_workers_refuse_other_configuration_or_data(lam_study: Path) -> None:
     assert r.returncode == 2 and "data" in r.stderr and "differ" in r.stderr
 
 
+def test_a_study_of_another_format_is_refused_naming_it(tmp_path: Path) -> None:
+    r = klayer("search", "init", "--study", "new", "--param", "lambda=1e-4..1e-1:log",
+               "--trials", "1", *TRAIN, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    study, info = search_storage.load_study("new", journal(tmp_path, "new"))
+    assert study.user_attrs["klayer_format"] == search_storage.FORMAT == 1
+    # as an earlier klayer made it (its attributes but no format), and of an unknown format
+    for name, fmt in (("old", None), ("future", 2)):
+        other = optuna.create_study(study_name=name, storage=info.store.storage)
+        for key, value in study.user_attrs.items():
+            if key != "klayer_format":
+                other.set_user_attr(key, value)
+        if fmt is not None:
+            other.set_user_attr("klayer_format", fmt)
+    for name, found, action in (("old", "has no study format", "status"),
+                                ("old", "has no study format", "worker"),
+                                ("future", "has study format 2", "best")):
+        r = klayer("search", action, "--study", name, "--storage", journal(tmp_path, "new"),
+                   cwd=tmp_path)
+        assert r.returncode == 2 and found in r.stderr, r.stderr
+        assert "reads study format 1 only" in r.stderr and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_diverged_trial_fails_with_reason_and_the_worker_goes_on(tmp_path: Path) -> None:
     r = klayer("search", "init", "--study", "div", "--param", "eta_max=0.01..0.1", "--trials",
                "2", *TRAIN, "--no-batch-norm", cwd=tmp_path)
@@ -347,7 +371,7 @@ def test_a_worker_killed_before_labelling_its_trial_leaves_no_trial_running(
     r = klayer("search", "init", "--study", "o", "--param", "lambda=1e-4..1e-1:log",
                "--trials", "1", *TRAIN, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    study, _ = search_storage.load_study("o", journal(tmp_path, "o"))
+    study, info = search_storage.load_study("o", journal(tmp_path, "o"))
     t = study.ask()  # asked, never labelled: the child died in between
     t.suggest_float("lambda", 1e-4, 1e-1, log=True)
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -355,7 +379,7 @@ def test_a_worker_killed_before_labelling_its_trial_leaves_no_trial_running(
     child.kill()
     said: list[str] = []
     start = time.monotonic()
-    _Pool(study, [child], said.append).watch()  # the only child: no sibling to wait for
+    _Pool(study, info.store, [child], said.append).watch()  # the only child: no sibling to wait for
     assert time.monotonic() - start < 10, "with no live sibling the orphan is not waited on"
     ts = trials(tmp_path, "o")
     assert ts[0].state == TrialState.FAIL and "as it began the trial" in ts[0].user_attrs[

@@ -126,22 +126,19 @@ def test_a_multi_seed_retrain_stopped_in_its_second_seed_goes_on(study: Path) ->
         assert a.summary["test_accuracy"] == b.summary["test_accuracy"]
 
 
-def test_a_retraining_kept_without_checkpoints_is_trained_again(study: Path) -> None:
+def test_a_retraining_kept_without_checkpoints_is_refused(study: Path) -> None:
     import shutil
 
-    old = study / "old"  # as an older klayer left it: results, config.toml, no checkpoints
+    old = study / "old"  # as an earlier klayer left it: results, config.toml, no checkpoints
     shutil.copytree(study / "whole", old, ignore=shutil.ignore_patterns("checkpoints"))
-    toml = (old / "config.toml").read_text()  # and it trained with other checkpoint settings
-    assert "checkpoint_every = 0\n" in toml
-    (old / "config.toml").write_text(toml.replace("checkpoint_every = 0\n",
-                                                  "checkpoint_every = 1000\n"))
-    r = klayer(*RETRAIN, "--out", "old", "--quiet", cwd=study)
-    assert r.returncode == 0, r.stderr
-    assert "holds this retraining's results but no checkpoints" in r.stderr
-    assert summary(old) == summary(study / "whole")
 
-    (old / "config.toml").write_text((old / "config.toml").read_text().replace(
-        "cycles = 100", "cycles = 99"))  # another run's results: refused
-    shutil.rmtree(old / "checkpoints")
+    def files() -> dict[Path, bytes]:
+        return {p: p.read_bytes() for p in old.rglob("*")
+                if p.is_file() and not p.name.startswith(".")}
+
+    before = files()
     r = klayer(*RETRAIN, "--out", "old", cwd=study)
-    assert r.returncode == 2 and "of another run" in r.stderr
+    assert r.returncode == 2 and "holds the model.npz and summary.json of another run, " \
+        "without klayer-checkpoint-2 checkpoints" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and "step " not in r.stdout
+    assert files() == before and not (old / "checkpoints").exists()

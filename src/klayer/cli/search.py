@@ -329,7 +329,7 @@ def run_reap(args: argparse.Namespace) -> int:
 
     older = status.parse_duration(args.older_than)
     study, info = search_storage.load_study(args.study, _storage(args))
-    reaped = status.reap(study, older, retry=not args.no_retry)
+    reaped = status.reap(study, info.store, older, retry=not args.no_retry)
     if not reaped:
         print(f"no trial of {info.name} has been RUNNING for more than "
               f"{status.fmt_duration(older)}")

@@ -2,8 +2,10 @@
 
 SIGINT and SIGTERM must fail the running trials cleanly, never in the middle of a
 storage write (``SignalGuard``). On PostgreSQL a thread records each running trial's
-heartbeat so that Optuna fails and retries the trials of a worker that vanished
-(``Heartbeat``, ``fail_stale``); on a journal file, ``recover`` does the same for the
+heartbeat so that Optuna (``fail_stale_trials`` and the storage's retry callback) fails
+and retries the trials of a worker that vanished (``Heartbeat``, ``fail_stale``): Optuna
+beats only inside ``study.optimize``, not for the asked trials of a worker that trains
+several at once. On a journal file (no heartbeat), ``recover`` does the same for the
 trials of a worker known to be dead, found by their ``worker`` label (host:pid) or,
 for a worker killed between asking for a trial and labelling it, by their lack of one.
 """
@@ -19,9 +21,9 @@ from datetime import datetime
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial, Trial, TrialState
+from optuna.trial import FrozenTrial, TrialState
 
-from klayer.search.storage import mark_failed, no_experimental_warnings, retry_trial
+from klayer.search.storage import Store, fail_trial, no_experimental_warnings
 
 
 class StopRequested(BaseException):
@@ -85,37 +87,36 @@ class SignalGuard:
 
 
 class Heartbeat:
-    """Record the RDB heartbeat of running trials every interval, in a thread."""
+    """Record the RDB heartbeat of running trials (by number) every interval, in a thread;
+    nothing on a journal file."""
 
-    def __init__(self, storage: optuna.storages.BaseStorage, trial_ids: Sequence[int]) -> None:
-        self.storage, self.ids = storage, list(trial_ids)
-        get = getattr(storage, "get_heartbeat_interval", None)
-        self.interval = get() if get is not None else None
+    def __init__(self, store: Store, numbers: Sequence[int]) -> None:
+        rdb = store.storage
+        self.rdb = rdb if isinstance(rdb, optuna.storages.RDBStorage) else None
+        self.interval = self.rdb.get_heartbeat_interval() if self.rdb else None
+        self.ids = [store.trial_id(n) for n in numbers] if self.interval else []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> Heartbeat:
         if self.interval:
-            self._beat()
+            self.beat()
             self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()
         return self
 
-    def _beat_once(self) -> None:
-        if self.interval:
-            self._beat()
-
-    def _beat(self) -> None:
+    def beat(self) -> None:
         for i in self.ids:
             try:
-                self.storage.record_heartbeat(i)  # type: ignore[attr-defined]
+                assert self.rdb is not None
+                self.rdb.record_heartbeat(i)
             except Exception as e:  # a lost connection: the next beat may work (pre-ping)
                 print(f"warning: heartbeat of trial id {i} failed: {e}", file=sys.stderr)
 
     def _run(self) -> None:
         assert self.interval
         while not self._stop.wait(self.interval):
-            self._beat()
+            self.beat()
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
@@ -123,9 +124,9 @@ class Heartbeat:
             self._thread.join()
 
 
-def beat(study: optuna.Study, trial: Trial) -> None:
+def beat(store: Store, number: int) -> None:
     """A first heartbeat at once (an RDB trial without one is never found stale)."""
-    Heartbeat(study._storage, [trial._trial_id])._beat_once()
+    Heartbeat(store, [number]).beat()
 
 
 def fail_stale(study: optuna.Study) -> None:
@@ -149,12 +150,9 @@ def unlabelled(before: datetime) -> Callable[[FrozenTrial], bool]:
         and t.datetime_start <= before
 
 
-def recover(study: optuna.Study, lost: Callable[[FrozenTrial], bool], reason: str) -> list[int]:
+def recover(study: optuna.Study, store: Store, lost: Callable[[FrozenTrial], bool],
+            reason: str) -> list[int]:
     """Fail the RUNNING trials ``lost`` picks, queue each again; their numbers."""
-    numbers = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if lost(t) and mark_failed(study, t, reason):
-            retry_trial(study, study._storage.get_trial(t._trial_id))
-            numbers.append(t.number)
-    return numbers
+    return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if lost(t) and fail_trial(study, store, t.number, reason)]
 

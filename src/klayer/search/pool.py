@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 
 from klayer.data.datasets import Data
 from klayer.search.faults import labelled, recover, unlabelled
-from klayer.search.storage import StudyInfo, study_finished, trial_seed
+from klayer.search.storage import Store, StudyInfo, study_finished, trial_seed
 from klayer.search.worker import Worker, WorkerOptions, grid_summary
 
 # Seconds after a worker's death before RUNNING trials with no worker label count as its.
@@ -71,7 +71,7 @@ def run_workers(opts: WorkerOptions, jobs: int = 1, threads: int = 1,
     children = [spawn_worker(opts, threads, j) for j in range(jobs)]
     say(f"started {jobs} workers (pids {', '.join(str(p.pid) for p in children)}), "
         f"{threads} BLAS thread(s) each")
-    pool = _Pool(study, children, say)
+    pool = _Pool(study, info.store, children, say)
     old = {s: signal.signal(s, pool.forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         pool.watch()
@@ -119,9 +119,9 @@ def spawn_worker(opts: WorkerOptions, threads: int, j: int) -> subprocess.Popen[
 class _Pool:
     """The worker children of one ``run_workers``: their exit codes and deaths."""
 
-    def __init__(self, study: optuna.Study, children: list[subprocess.Popen[bytes]],
-                 say: Callable[[str], None]) -> None:
-        self.study, self.children, self.say = study, children, say
+    def __init__(self, study: optuna.Study, store: Store,
+                 children: list[subprocess.Popen[bytes]], say: Callable[[str], None]) -> None:
+        self.study, self.store, self.children, self.say = study, store, children, say
         self.host = socket.gethostname()
         self.forwarded = 0  # the stop signal passed on to the children, if any
         self.codes: dict[int, int] = {}  # pid -> exit code
@@ -159,7 +159,7 @@ class _Pool:
         # (a journal lock the child held when it died takes Optuna 30 s to free)
         when = datetime.now()
         who = f"{self.host}:{pid}"
-        lost = recover(self.study, labelled(who), f"worker {who} died ({name})")
+        lost = recover(self.study, self.store, labelled(who), f"worker {who} died ({name})")
         self.say(f"worker {pid} died ({name}); "
                  + (f"trial(s) {', '.join(f'#{n}' for n in lost)} failed and queued "
                     "again" if lost else "it held no trial"))
@@ -167,7 +167,7 @@ class _Pool:
 
     def _orphans(self, pid: int, name: str, when: datetime) -> None:
         """Killed between asking for a trial and labelling it: RUNNING, unlabelled."""
-        lost = recover(self.study, unlabelled(before=when),
+        lost = recover(self.study, self.store, unlabelled(before=when),
                        f"worker {self.host}:{pid} died ({name}) as it began the trial")
         if lost:
             self.say(f"trial(s) {', '.join(f'#{n}' for n in lost)} of worker {pid} failed "

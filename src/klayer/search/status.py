@@ -24,18 +24,19 @@ from optuna.trial import FrozenTrial, TrialState
 from klayer.search.space import SearchError, describe_space, fmt_params, fmt_value
 from klayer.search.storage import (
     GRID_STATES,
+    Store,
     StudyInfo,
+    fail_trial,
     grid_progress,
-    mark_failed,
     masked,
-    retry_trial,
     top_trials,
 )
 
 TEST_KEYS = ("test_accuracy", "test_loss")  # trial user attributes shown with show_test
 
 
-def reap(study: optuna.Study, older_than: float, retry: bool = True) -> list[FrozenTrial]:
+def reap(study: optuna.Study, store: Store, older_than: float,
+         retry: bool = True) -> list[FrozenTrial]:
     """Fail the trials RUNNING for longer than ``older_than`` seconds (and queue retries)."""
     now = datetime.now()
     reaped = []
@@ -46,9 +47,8 @@ def reap(study: optuna.Study, older_than: float, retry: bool = True) -> list[Fro
         if age < older_than:
             continue
         who = t.user_attrs.get("worker", "unknown worker")
-        if mark_failed(study, t, f"reaped: RUNNING for {fmt_duration(age)} ({who} gone?)"):
-            if retry:
-                retry_trial(study, study._storage.get_trial(t._trial_id))
+        if fail_trial(study, store, t.number,
+                      f"reaped: RUNNING for {fmt_duration(age)} ({who} gone?)", retry):
             reaped.append(t)
     return reaped
 

@@ -5,10 +5,11 @@ journal.log``, no server) or in a PostgreSQL database that many machines share (
 connection pre-ping, a heartbeat and retries of trials whose worker died).
 ``create_study`` makes it once and records, as study user attributes, everything a
 worker needs: the base training configuration, the search space, the sampler, the
-trial budget, a fingerprint of the data and the klayer version; ``load_study`` reads
-them back and ``check_compatible`` refuses a worker whose configuration or data
-differ. Also here: the per-trial seed rule and the trial operations the fault
-handling builds on (fail a RUNNING trial, queue a copy of it again).
+trial budget, a fingerprint of the data, the klayer version and, last, the study
+format; ``load_study`` reads them back and refuses another format, ``check_compatible``
+a worker whose configuration or data differ. Also here: the per-trial seed rule and the
+trial operations the fault handling builds on (fail a RUNNING trial, queue a copy of it
+again), through the storage object klayer opened (``Store``) where ``optuna.Study`` lacks one.
 
 A grid study queues every grid point at creation (``enqueue_trial``); workers only
 claim queued trials (``claim_queued``), never sample new ones. The storage hands each
@@ -21,7 +22,6 @@ copy.
 from __future__ import annotations
 
 import copy
-import hashlib
 import itertools
 import json
 import os
@@ -40,12 +40,18 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from klayer import __version__
 from klayer.core.config import TrainConfig
+from klayer.data import datasets
 from klayer.data.datasets import Data
 from klayer.search.space import SearchError, Space, grid
 
 SAMPLERS = ("random", "tpe", "grid")
 HEARTBEAT_INTERVAL, GRACE_PERIOD = 60, 300  # seconds (PostgreSQL / RDB storages)
 MAX_RETRY = 3  # retries of a trial whose worker died
+# Optuna's retry of a failed trial, and RDBStorage's argument for it (renamed in optuna 4.9)
+RETRY, RETRY_ARG = (
+    (optuna.storages.RetryHeartbeatStaleTrialCallback, "heartbeat_stale_trial_callback")
+    if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
+    else (optuna.storages.RetryFailedTrialCallback, "failed_trial_callback"))
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 # Keys a worker may set for itself: where its copy of the data lives (and checkpointing,
 # which search trainings do not do).
@@ -55,6 +61,7 @@ LOCAL_KEYS = ("data_dir", "strict_checksums", "checkpoint_every")
 A_CONFIG, A_SPACE, A_SAMPLER, A_TRIALS = "config", "space", "sampler", "n_trials"
 A_DATA, A_VERSION, A_PARENT, A_CREATED = "data_fingerprint", "klayer_version", "parent", "created"
 A_GRID = "grid"  # the grid sampler's points, each queued once at creation
+A_FORMAT, FORMAT = "klayer_format", 1  # the study format this klayer reads (set last)
 
 
 # --- storage ---------------------------------------------------------------------------------
@@ -130,17 +137,12 @@ def _rdb_storage(spec: str, heartbeat_interval: int,
         except ImportError:
             raise SearchError("PostgreSQL storage needs psycopg: pip install 'klayer[postgres]'"
                               ) from None
-    retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
-    callback_key = "heartbeat_stale_trial_callback"
-    if retry_cls is None:  # optuna < 4.9
-        retry_cls, callback_key = optuna.storages.RetryFailedTrialCallback, "failed_trial_callback"
-    kwargs: dict[str, Any] = {"heartbeat_interval": heartbeat_interval,
-                              "grace_period": grace_period}
     try:
         with no_experimental_warnings():
-            kwargs[callback_key] = retry_cls(max_retry=MAX_RETRY)
-            return optuna.storages.RDBStorage(spec, engine_kwargs={"pool_pre_ping": True},
-                                              **kwargs)
+            retry: dict[str, Any] = {RETRY_ARG: RETRY(max_retry=MAX_RETRY)}
+            return optuna.storages.RDBStorage(
+                spec, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period, **retry)
     except Exception as e:  # sqlalchemy errors: bad URL, server down, no such database
         raise SearchError(f"--storage: cannot open {masked(spec)}: {e}") from None
 
@@ -149,15 +151,13 @@ def retry_trial(study: optuna.Study, trial: FrozenTrial, max_retry: int | None =
                 ) -> None:
     """Enqueue a copy of a failed trial (same parameters), as Optuna's retry callback does;
     nothing once the trial's point has been retried ``max_retry`` times (None: no limit)."""
-    retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
-        optuna.storages.RetryFailedTrialCallback
     # the retry copies user_attrs: drop this attempt's worker label and failure reason, or
     # the retry would look like the dead worker's (and never be found if it dies too)
     trial = copy.copy(trial)
     trial.user_attrs = {k: v for k, v in trial.user_attrs.items()
                         if k not in ("worker", "fail_reason", "batch", "order_seed")}
     with no_experimental_warnings():
-        retry_cls(max_retry=max_retry)(study, trial)
+        RETRY(max_retry=max_retry)(study, trial)
 
 
 @contextmanager
@@ -183,33 +183,29 @@ def retrain_seeds(seed: int, n: int) -> list[int]:
     return [seed] + [trial_seed(seed, i) for i in range(1, n)]
 
 
-# --- data fingerprint ------------------------------------------------------------------------
-
-
 def data_fingerprint(data: Data) -> str:
-    """sha256 of the dataset's name, shapes, every label and 64 sample rows per split.
-
-    Float inputs are rounded to 6 digits first, so the same synthetic data made on
-    another machine (last-bit differences of sin) has the same fingerprint.
-    """
-    h = hashlib.sha256()
-    meta = {"name": data.name, "num_classes": data.num_classes,
-            "image_shape": list(data.image_shape) if data.image_shape else None,
-            "shapes": [list(s.X.shape) for s in (data.train, data.val, data.test)],
-            "dtype": str(data.train.X.dtype)}
-    h.update(json.dumps(meta, sort_keys=True).encode())
-    for split in (data.train, data.val, data.test):
-        n = split.n
-        rows = np.asarray(split.X[np.unique(np.linspace(0, n - 1, min(n, 64)).astype(int))])
-        if rows.dtype.kind == "f":
-            rows = np.round(rows.astype(np.float64), 6).astype("<f4")
-        h.update(np.ascontiguousarray(rows).tobytes())
-        h.update(np.ascontiguousarray(split.y, dtype="<i8").tobytes())
-    return "sha256:" + h.hexdigest()
-
+    """The data's fingerprint, as checkpoints record it: ``datasets.data_fingerprint``."""
+    return datasets.data_fingerprint(data)
 
 
 # --- studies ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Store:
+    """The storage object klayer opened for a study, for what ``optuna.Study`` has no
+    method for (claim a queued trial, fail another worker's, read one, heartbeats), by
+    public ``BaseStorage`` methods: a trial's id (private in Optuna's trial objects) is
+    looked up by its number."""
+
+    storage: optuna.storages.BaseStorage
+    study_id: int
+
+    def trial_id(self, number: int) -> int:
+        return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
+
+    def trial(self, number: int) -> FrozenTrial:
+        return self.storage.get_trial(self.trial_id(number))
 
 
 @dataclass
@@ -224,6 +220,7 @@ class StudyInfo:
     n_trials: int
     fingerprint: str
     version: str
+    store: Store = field(repr=False)
     parent: dict[str, Any] | None = None
     attrs: dict[str, Any] = field(default_factory=dict, repr=False)
     grid: list[dict[str, Any]] | None = None  # a grid study's points (None: not queued)
@@ -232,7 +229,8 @@ class StudyInfo:
 def load_study(name: str, storage: str, sampler: optuna.samplers.BaseSampler | None = None,
                heartbeat_interval: int = HEARTBEAT_INTERVAL,
                grace_period: int = GRACE_PERIOD) -> tuple[optuna.Study, StudyInfo]:
-    """Open an existing klayer study; SearchError if there is none by that name."""
+    """Open an existing klayer study; SearchError if there is none by that name, or if it
+    is not of this klayer's study format."""
     if not is_url(storage) and not Path(storage).exists():
         raise SearchError(f"no study {name!r}: {storage} does not exist; create it with "
                           f"klayer search init --study {name} ...")
@@ -245,13 +243,16 @@ def load_study(name: str, storage: str, sampler: optuna.samplers.BaseSampler | N
                           f"{', '.join(known) or 'none'}); create it with klayer search "
                           f"init --study {name} ...") from None
     attrs = study.user_attrs
-    missing = [a for a in (A_CONFIG, A_SPACE, A_SAMPLER, A_TRIALS, A_DATA) if a not in attrs]
-    if missing:
-        raise SearchError(f"study {name!r} was not made by klayer search init "
-                          f"(no {', '.join(missing)} attributes)")
+    found = attrs.get(A_FORMAT)
+    if found != FORMAT:  # set last: a study of this format has every attribute below
+        what = (f"study format {found!r}" if found is not None else "no study format (made "
+                "by an earlier klayer, or not by klayer search init, or still being created)")
+        raise SearchError(f"study {name!r} has {what}; this klayer reads study format "
+                          f"{FORMAT} only: create the study again with klayer search init")
     info = StudyInfo(name, storage, TrainConfig.from_dict(attrs[A_CONFIG]), attrs[A_SPACE],
-                     attrs[A_SAMPLER], int(attrs[A_TRIALS]), attrs[A_DATA],
-                     attrs.get(A_VERSION, "?"), attrs.get(A_PARENT), attrs, attrs.get(A_GRID))
+                     attrs[A_SAMPLER], int(attrs[A_TRIALS]), attrs[A_DATA], attrs[A_VERSION],
+                     Store(st, st.get_study_id_from_name(name)), attrs.get(A_PARENT), attrs,
+                     attrs.get(A_GRID))
     return study, info
 
 
@@ -261,7 +262,8 @@ def create_study(name: str, storage: str, config: TrainConfig, data: Data, space
     """Create the study once, with its set-up as user attributes; SearchError if it exists.
 
     A grid study runs each point of its grid once, whatever ``n_trials`` says: every
-    point is queued here, and its budget is the number of points.
+    point is queued here, and its budget is the number of points. The format attribute
+    comes last, once the study is complete: ``load_study`` refuses a study without it.
     """
     if not STUDY_NAME.match(name):
         raise SearchError(f"--study {name!r}: use letters, digits, '_', '.', '-' (max 100)")
@@ -285,24 +287,20 @@ def create_study(name: str, storage: str, config: TrainConfig, data: Data, space
     }
     if parent is not None:
         attrs[A_PARENT] = parent
+    if points is not None:
+        attrs[A_GRID] = points
     for key, value in attrs.items():
         study.set_user_attr(key, value)
-    if points is not None:
-        _queue_grid(study, points)
-        attrs[A_GRID] = points
+    for point in points or ():
+        study.enqueue_trial(point)
+    attrs[A_FORMAT] = FORMAT  # last: no worker joins before every point is queued
+    study.set_user_attr(A_FORMAT, FORMAT)
     return StudyInfo(name, storage, config, space, sampler, n_trials, attrs[A_DATA],
-                     __version__, parent, attrs, points)
+                     __version__, Store(st, st.get_study_id_from_name(name)), parent, attrs,
+                     points)
 
 
 # --- grid studies ----------------------------------------------------------------------------
-
-
-def _queue_grid(study: optuna.Study, points: list[dict[str, Any]]) -> None:
-    """Queue each grid point once, then record the grid: workers join a grid study only
-    once its grid attribute is set, so none finds a half-filled queue."""
-    for point in points:
-        study.enqueue_trial(point)
-    study.set_user_attr(A_GRID, points)
 
 
 def grid_points(space: Space) -> list[dict[str, Any]]:
@@ -323,10 +321,12 @@ def queued_params(trial: FrozenTrial) -> dict[str, Any]:
     return dict(trial.system_attrs.get("fixed_params") or trial.params)
 
 
-def claim_queued(study: optuna.Study, accept: Callable[[FrozenTrial], bool] | None = None
-                 ) -> Trial | None:
+def claim_queued(study: optuna.Study, store: Store,
+                 accept: Callable[[FrozenTrial], bool] | None = None) -> Trial | None:
     """A queued (WAITING) trial that ``accept`` takes, now RUNNING for this worker; None
-    when there is none. Never a new trial: unlike ``study.ask`` it samples nothing.
+    when there is none. Never a new trial: unlike ``study.ask`` it samples nothing (nor
+    can it pick among the queued trials), so this is ``ask`` by hand: the storage's
+    WAITING -> RUNNING update, then Optuna's public ``Trial(study, trial_id)``.
 
     The storage changes a trial from WAITING to RUNNING for one caller only (journal
     lock, PostgreSQL row lock), so each queued trial goes to exactly one worker.
@@ -334,9 +334,10 @@ def claim_queued(study: optuna.Study, accept: Callable[[FrozenTrial], bool] | No
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         if accept is not None and not accept(t):
             continue
+        trial_id = store.trial_id(t.number)
         try:
-            if study._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
-                return Trial(study, t._trial_id)
+            if store.storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                return Trial(study, trial_id)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # claimed and finished by another worker since we looked
     return None
@@ -410,12 +411,19 @@ def check_compatible(info: StudyInfo, overrides: dict[str, Any], fingerprint: st
                           "every machine has the same copy of the data")
 
 
-def mark_failed(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
-    """Mark a RUNNING trial FAIL with a reason; False if it had finished meanwhile."""
-    storage = study._storage
+def fail_trial(study: optuna.Study, store: Store, number: int, reason: str,
+               retry: bool = True) -> bool:
+    """Mark another worker's RUNNING trial FAIL with a reason and (``retry``) queue a copy
+    of it; False if it had finished meanwhile. (``study.tell`` would run the sampler's
+    after-trial hook, which a grid sampler may end with ``study.stop()``.)"""
+    trial_id = store.trial_id(number)
     try:
-        storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
-        return bool(storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL))
+        store.storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+        if not store.storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+            return False
     except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
         return False
+    if retry:
+        retry_trial(study, store.storage.get_trial(trial_id))
+    return True
 

@@ -69,10 +69,10 @@ from klayer.search.storage import (
 from klayer.search.worker import WorkerOptions
 from klayer.training import runfolder
 from klayer.training import trainer as train
+from klayer.training.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from klayer.training.checkpoint import CheckpointError
 from klayer.training.plan import load_data
 from klayer.training.runfolder import FINISHED_FILES
-from klayer.training.trainstate import config_differences
 
 
 def best_config(study: optuna.Study, info: StudyInfo, cycles: float | None = None,
@@ -130,8 +130,9 @@ def retrain_best(study: optuna.Study, info: StudyInfo, cycles: float | None, out
     included, so a stop costs little: ``should_stop`` (as in ``Trainer.run``) makes
     it checkpoint and raise ``train.Interrupted``, and calling this again continues
     every run where it stopped (a finished one is not trained again). A folder that
-    holds another run raises SearchError before anything trains; ``warn`` hears of
-    unusable checkpoints that were skipped.
+    holds another run (or results without checkpoints: an earlier klayer's retraining)
+    raises SearchError before anything trains; ``warn`` hears of unusable checkpoints
+    that were skipped.
     """
     best, cfg = best_config(study, info, cycles, data_dir)
     if data is None:
@@ -172,43 +173,16 @@ def _retrainers(cfg: TrainConfig, base: TrainConfig, data: Data, out: Path, seed
         except CheckpointError as e:
             raise SearchError(f"{e}; move them away to train it from the start, or choose "
                               "another --out") from None
-        if found is None:
-            _check_no_results(folder, trainer.cfg, warn)
-        elif callback is not None:
+        left = [n for n in FINISHED_FILES if (folder / n).exists()]
+        if found is None and left:  # this klayer's retrainings keep their checkpoints
+            raise SearchError(f"{folder} holds the {' and '.join(left)} of another run, "
+                              f"without {CHECKPOINT_FORMAT} checkpoints (an earlier klayer's "
+                              "retraining is not read); choose another --out")
+        if found is not None and callback is not None:
             callback("resume", {"step": found[0], "steps": trainer.plan.total_steps,
                                 "seed": seed})
         trainers.append(trainer)
     return trainers
-
-
-def _check_no_results(folder: Path, cfg: TrainConfig, warn: Callable[[str], None] | None) -> None:
-    """A folder without checkpoints may hold no results, or this very run's (retrained
-    by a klayer that kept no checkpoints; its config.toml tells): never another run's."""
-    left = [n for n in FINISHED_FILES if (folder / n).exists()]
-    if not left:
-        return
-    if _same_run(folder / "config.toml", cfg):
-        if warn is not None:
-            warn(f"{folder} holds this retraining's results but no checkpoints (an older "
-                 "klayer's): training it again, to the same results")
-        return
-    raise SearchError(f"{folder} holds the {' and '.join(left)} of another run; choose "
-                      "another --out")
-
-
-def _same_run(toml: Path, cfg: TrainConfig) -> bool:
-    """Whether ``toml`` records ``cfg``'s run, but for where the data was found and how
-    often it checkpointed (an older klayer retrained with no checkpoints)."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python < 3.11
-        import tomli as tomllib
-    try:
-        recorded = tomllib.loads(toml.read_text())
-        differ = config_differences(recorded, cfg.to_dict())
-    except (OSError, UnicodeDecodeError, ValueError, CheckpointError):
-        return False
-    return set(differ) <= {"checkpoint_every"}
 
 
 def run_study(name: str, config: TrainConfig, space: dict[str, Any] | None = None,

@@ -241,3 +241,27 @@ def test_synthetic_is_deterministic_and_learnable() -> None:
     Zt, Zv = a.standardize(a.train.X, np.float64), a.standardize(a.val.X, np.float64)
     dist = (Zv**2).sum(1)[:, None] - 2 * Zv @ Zt.T + (Zt**2).sum(1)[None]
     assert (a.train.y[dist.argmin(1)] == a.val.y).mean() > 0.5
+
+
+# --- the data fingerprint ----------------------------------------------------------------
+
+
+def test_one_data_fingerprint_for_checkpoints_and_studies(tmp_path: Path) -> None:
+    from klayer.core.config import TrainConfig
+    from klayer.search import storage
+    from klayer.training.trainer import Trainer
+
+    fp = kd.data_fingerprint
+    a = make_synthetic(seed=5)
+    assert storage.data_fingerprint(a) == fp(a)  # what search studies record too
+    assert fp(a) == fp(make_synthetic(seed=5)) and fp(a).startswith("sha256:")
+    assert len({fp(a), fp(make_synthetic(seed=6)), fp(make_synthetic(seed=5, n_val=400))}) == 3
+    flipped = Data(a.train, a.val, Split(a.test.X, (a.test.y + 1) % 10), num_classes=10,
+                   name=a.name)
+    assert fp(flipped) != fp(a)  # every label counts
+    rounded = Data(Split(np.nextafter(a.train.X, np.inf), a.train.y), a.val, a.test, num_classes=10,
+                   name=a.name)
+    assert fp(rounded) == fp(a)  # last-bit differences of float inputs do not
+    cfg = TrainConfig(dataset="synthetic", hidden=(4,), steps=1, n_batch=100)
+    state = Trainer(cfg, a, run_dir=tmp_path).state_dict()
+    assert str(state["data"]) == fp(a)  # what a checkpoint records

@@ -1,9 +1,10 @@
 """The ``klayer`` command line. The only module that exits; nothing imports it.
 
 Exit codes: 0 ok, 1 a check failed (``klayer gradcheck``'s FAIL), 2 usage (bad flag or
-config value), 3 diverged training, 4 data (missing, corrupt or foreign file), 5 output
-(the run folder cannot be written: read-only, disk full), 130 / 143 interrupted by
-SIGINT / SIGTERM, 141 the output pipe closed (``klayer ... | head``).
+config value, a file of another klayer format: FormatError), 3 diverged training, 4 data
+(missing, corrupt or foreign file), 5 output (the run folder cannot be written: read-only,
+disk full), 130 / 143 interrupted by SIGINT / SIGTERM, 141 the output pipe closed
+(``klayer ... | head``).
 Each subcommand lives in a ``cli_*`` module as an ``add_*_args`` / ``run_*`` pair.
 """
 
@@ -72,13 +73,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     from klayer.data.batchfile import DataError
-    from klayer.data.files import ModelFileError
+    from klayer.data.files import FormatError, ModelFileError
     from klayer.training.runfolder import OutputError
     from klayer.training.trainer import Diverged
 
     try:
         return int(args.run(args))
-    except UsageError as e:
+    except (UsageError, FormatError) as e:  # FormatError: a refusal, not damage
         print(f"klayer {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except (DataError, ModelFileError) as e:

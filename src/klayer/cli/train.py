@@ -35,12 +35,19 @@ if TYPE_CHECKING:
 LOCK_NAME = ".klayer-train.lock"
 
 
+def _resume_flags() -> str:
+    """'--data-dir, ..., --name and --quiet': what --resume may be given (the settings
+    that leave the result unchanged, RESULT_NEUTRAL, and --quiet)."""
+    from klayer.core.config import RESULT_NEUTRAL
+
+    return ", ".join("--" + k.replace("_", "-") for k in RESULT_NEUTRAL) + " and --quiet"
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", help="run folder (default runs/<timestamp>-<name>)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run from its newest checkpoint, with the "
-                   "settings in RUN_DIR/config.toml (only --data-dir, --strict-checksums and "
-                   "--quiet may be given)")
+                   f"settings in RUN_DIR/config.toml (only {_resume_flags()} may be given)")
     p.add_argument("--quiet", action="store_true", help="no progress output, only the final table")
     p.add_argument("--seeds", type=int, default=1, metavar="N",
                    help="train N times, with seeds S..S+N-1 (S = --seed), each into "
@@ -171,8 +178,7 @@ def _refuse_used_out(out: Path, cfg: TrainConfig) -> None:
 
 def _records(toml: Path, cfg: TrainConfig) -> bool:
     """Whether ``toml`` (a run folder's config.toml) records ``cfg``'s settings."""
-    from klayer.core.config import TrainConfig
-    from klayer.training.trainstate import RESUME_MAY_CHANGE
+    from klayer.core.config import RESULT_NEUTRAL, TrainConfig
 
     try:
         recorded = TrainConfig.from_dict(read_toml(toml, flag="--out")).to_dict()
@@ -180,7 +186,7 @@ def _records(toml: Path, cfg: TrainConfig) -> bool:
         return False
     mine = cfg.to_dict()  # n_s or the length unset here: config.toml has them resolved
     return all(recorded[k] == mine[k] for k in mine
-               if k not in RESUME_MAY_CHANGE and not (mine[k] is None and k in _RESOLVED))
+               if k not in RESULT_NEUTRAL and not (mine[k] is None and k in _RESOLVED))
 
 
 _RESOLVED = ("n_s", "cycles", "epochs")  # unset, they are written out by resolve_length
@@ -267,25 +273,24 @@ def _write(path: Path, cfg: TrainConfig) -> None:
 def _resume(args: argparse.Namespace, held: ExitStack) -> _Run:
     from dataclasses import fields
 
-    from klayer.core.config import TrainConfig, key_name
+    from klayer.core.config import RESULT_NEUTRAL, TrainConfig, key_name
     from klayer.training.trainer import ResumeMismatch
-    from klayer.training.trainstate import RESUME_MAY_CHANGE  # besides --quiet: where the data is
 
     run_dir = Path(args.resume)
     given = ["--" + key_name(f).replace("_", "-") for f in fields(TrainConfig)
-             if getattr(args, f.name, None) is not None and f.name not in RESUME_MAY_CHANGE]
+             if getattr(args, f.name, None) is not None and f.name not in RESULT_NEUTRAL]
     given += [flag for flag, v in (("--config", args.config), ("--out", args.out)) if v]
     if given:
         raise UsageError(f"--resume continues {run_dir} with the settings recorded in its "
-                         f"config.toml; drop {', '.join(given)} (only --data-dir, "
-                         "--strict-checksums and --quiet may be given)")
+                         f"config.toml; drop {', '.join(given)} (only {_resume_flags()} "
+                         "may be given)")
     toml = run_dir / "config.toml"
     if not toml.is_file():
         raise UsageError(f"--resume: {toml} not found ({run_dir} is not a folder started "
                          "by klayer train)")
     values = read_toml(toml, flag="--resume")
     recorded = dict(values)
-    for name in RESUME_MAY_CHANGE:
+    for name in RESULT_NEUTRAL:
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
     cfg = config_from(values, where=f"--resume: {toml}: ")
@@ -302,9 +307,6 @@ def _resume(args: argparse.Namespace, held: ExitStack) -> _Run:
     except ResumeMismatch as e:
         raise UsageError(f"--resume: {e} (in {toml}); start a new run instead") from None
     if found is None:
-        if (run_dir / "model.npz").is_file():
-            raise UsageError(f"--resume: {run_dir} has a model.npz but no checkpoints: it "
-                             "finished before checkpoints existed; nothing to resume")
         warn(f"no checkpoint in {trainer.checkpoint_dir} (stopped before the first was "
              "written): starting from step 0")
     else:

@@ -24,6 +24,19 @@ class ModelFileError(ValueError):
     """A model file or checkpoint is missing, corrupt, truncated or not klayer's."""
 
 
+class FormatError(ModelFileError):
+    """A klayer file of another format version (an older klayer's, or an unknown one):
+    klayer reads only the format it writes. A usage-level refusal (exit 2), not damage."""
+
+
+def check_format(path: str | Path, found: object, expected: str) -> None:
+    """FormatError naming ``path``, the format found and the one expected, unless they match."""
+    if found != expected:
+        shown = "no format" if found is None else f"format {found!r}"
+        raise FormatError(f"{path}: {shown}, but this klayer reads only {expected!r} (files "
+                          "of other klayer versions are not read; make it again)")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -10,7 +10,8 @@ own source files, NumPy's version and the kernels in use. So the same command ru
 again with the same ``--out`` reads those trainings back instead of training them
 again, and a job with any other setting, other data or other code never matches.
 Trainings are seeded, so a training read back is the one a new run would produce. A
-file that cannot be read back is reported and trained again.
+file that cannot be read back is reported and trained again; one of another format
+than ``FORMAT`` is refused (FormatError).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from typing import Any
 import numpy as np
 
 from klayer.core import kernels
+from klayer.core.config import RESULT_NEUTRAL
 from klayer.data.fetch import REQUIRED
+from klayer.data.files import FormatError, check_format
 from klayer.training.runfolder import write_text
 
 
@@ -43,6 +46,7 @@ class Outcome:
 
 
 FOLDER = "trainings"
+FORMAT = "klayer-training-1"  # the kept file's "format"
 Job = tuple[str, dict[str, Any], "str | None", bool]  # label, config values, post, quick
 
 
@@ -68,11 +72,11 @@ def identity(data_folder: Path | None) -> dict[str, Any]:
 
 
 def describe(job: Job, ident: dict[str, Any]) -> dict[str, Any]:
-    """What identifies a training, as plain JSON values."""
+    """What identifies a training, as plain JSON values: its settings but those that leave
+    the result unchanged (the identity's resolved folder says where the data was found,
+    however --data-dir spelled it)."""
     label, values, post, quick = job
-    if ident.get("data") is not None:  # the resolved folder says where the data was found,
-        values = {k: v for k, v in values.items()  # however --data-dir spelled it
-                  if k not in ("data_dir", "strict_checksums")}
+    values = {k: v for k, v in values.items() if k not in RESULT_NEUTRAL}
     plain = json.loads(json.dumps({"label": label, "config": values, "post": post,
                                    "quick": quick, "identity": ident},
                                   sort_keys=True, default=str))
@@ -100,20 +104,23 @@ def path_for(folder: Path, job: Job, ident: dict[str, Any]) -> Path:
 def save(folder: Path, job: Job, ident: dict[str, Any], outcome: Outcome) -> Path:
     """Write one finished training (atomically; OutputError if it cannot be)."""
     path = path_for(folder, job, ident)
-    write_text(path, json.dumps({"job": describe(job, ident), "outcome": asdict(outcome)},
-                                default=str) + "\n")
+    write_text(path, json.dumps({"format": FORMAT, "job": describe(job, ident),
+                                 "outcome": asdict(outcome)}, default=str) + "\n")
     return path
 
 
 def load(folder: Path, job: Job, ident: dict[str, Any],
          warn: Callable[[str], None]) -> Outcome | None:
     """The training of ``job`` finished by an earlier run, or None (never kept, or a
-    file that cannot be used: ``warn`` says why, and it will be trained again)."""
+    file that cannot be used: ``warn`` says why, and it will be trained again).
+    FormatError if the file is of another format than ``FORMAT``."""
     path = path_for(folder, job, ident)
     if not path.is_file():
         return None
     try:
         payload = json.loads(path.read_text())
+        if isinstance(payload, dict):
+            check_format(path, payload.get("format"), FORMAT)
         if payload["job"] != describe(job, ident):
             raise ValueError("it was made by another training")
         o = payload["outcome"]
@@ -123,6 +130,8 @@ def load(folder: Path, job: Job, ident: dict[str, Any],
                 isinstance(r, dict) for r in o["rows"]):
             raise ValueError("its outcome has the wrong shape")
         return Outcome(*fields)
+    except FormatError:
+        raise
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
         warn(f"{path} cannot be read back ({e}); training it again")
         return None

@@ -4,7 +4,7 @@ A checkpoint is a flat mapping of plain arrays (no pickles, so
 ``np.load(path, allow_pickle=False)`` reads it) saved as
 ``RUN_DIR/checkpoints/ckpt-<step>.npz`` (step zero-padded to 8 digits) with two more keys:
 
-* ``format``  0-d string ``"klayer-checkpoint-1"``
+* ``format``  0-d string ``"klayer-checkpoint-2"``
 * ``digest``  0-d string, SHA-256 over every other key's name, dtype, shape and bytes
 
 Writing goes through ``files.atomic_write`` (temporary file, fsync, rename, fsync of the
@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from klayer.data.files import ModelFileError, atomic_write, read_npz
+from klayer.data.files import FormatError, ModelFileError, atomic_write, check_format, read_npz
 
-FORMAT = "klayer-checkpoint-1"
+FORMAT = "klayer-checkpoint-2"
 FOLDER = "checkpoints"
 KEEP = 2
 _NAME = re.compile(r"ckpt-(\d+)\.npz")
@@ -38,6 +38,10 @@ _NAME = re.compile(r"ckpt-(\d+)\.npz")
 
 class CheckpointError(ModelFileError):
     """A checkpoint file is missing, corrupt, truncated, foreign or does not fit the run."""
+
+
+class CheckpointFormatError(CheckpointError, FormatError):
+    """A checkpoint of another format than ``FORMAT``: refused (exit 2), never skipped."""
 
 
 def path_for(folder: str | Path, step: int) -> Path:
@@ -109,7 +113,8 @@ def load(path: str | Path) -> dict[str, np.ndarray]:
     """A checkpoint's arrays (without ``format`` and ``digest``), verified.
 
     Raises CheckpointError naming the file if it is missing, truncated, corrupt, holds
-    anything but plain arrays, is not a klayer checkpoint or fails its digest.
+    anything but plain arrays, is not a klayer checkpoint or fails its digest;
+    CheckpointFormatError (a FormatError) if its format is another than ``FORMAT``.
     """
     path = Path(path)
     try:
@@ -117,9 +122,12 @@ def load(path: str | Path) -> dict[str, np.ndarray]:
     except ModelFileError as e:
         raise CheckpointError(str(e).replace("npz file", "checkpoint")) from None
     fmt = arrays.get("format")
-    if fmt is None or fmt.shape != () or fmt.dtype.kind != "U" or str(fmt[()]) != FORMAT:
-        raise CheckpointError(f"{path}: not a klayer checkpoint (format key missing or "
-                              f"not {FORMAT!r})")
+    if fmt is None or fmt.shape != () or fmt.dtype.kind != "U":
+        raise CheckpointError(f"{path}: not a klayer checkpoint (no format key)")
+    try:
+        check_format(path, str(fmt[()]), FORMAT)
+    except FormatError as e:
+        raise CheckpointFormatError(str(e)) from None
     stored = arrays.get("digest")
     if stored is None or stored.shape != () or stored.dtype.kind != "U":
         raise CheckpointError(f"{path}: no digest")
@@ -140,7 +148,8 @@ def load_latest(folder: str | Path, restore: Callable[[dict[str, np.ndarray]], N
     renamed to ``*.corrupt`` so they never shadow the checkpoints the run writes next.
     Returns None when ``folder`` holds no checkpoint at all; raises CheckpointError
     listing every problem when it holds some (or only ``*.corrupt`` ones) but none is
-    usable, and then renames nothing.
+    usable, and then renames nothing. A checkpoint of another format (FormatError)
+    stops the search at once: it is not damaged, and is left as it is.
     """
     candidates = list_checkpoints(folder)
     problems, corrupt = [], []
@@ -148,6 +157,8 @@ def load_latest(folder: str | Path, restore: Callable[[dict[str, np.ndarray]], N
         then = "; falling back to the previous one" if i + 1 < len(candidates) else ""
         try:
             arrays = load(path)
+        except FormatError:  # not damaged: the newest says what the run folder holds
+            raise
         except CheckpointError as e:
             problems.append(str(e))
             corrupt.append(path)

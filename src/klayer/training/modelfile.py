@@ -25,7 +25,7 @@ import numpy as np
 from klayer.core.config import NetConfig
 from klayer.core.layers import Array
 from klayer.core.network import Network
-from klayer.data.files import ModelFileError, atomic_write, read_npz
+from klayer.data.files import ModelFileError, atomic_write, check_format, read_npz
 
 FORMAT = "klayer-model-1"
 
@@ -50,12 +50,18 @@ def save(
 
 
 def load(path: str | Path) -> tuple[Network, dict[str, Any], dict[str, Array]]:
-    """Read a model file: (network, metadata, extras). Raises ModelFileError naming the file."""
+    """Read a model file: (network, metadata, extras). Raises ModelFileError naming the
+    file, FormatError (one of them) if it holds another format than ``FORMAT``."""
 
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such model file")
     files = read_npz(path)  # no pickles; headers that lie about their size refused unread
+    try:
+        fmt = _string(files, "format")
+    except ModelFileError as e:
+        raise ModelFileError(f"{path}: {e}") from None
+    check_format(path, fmt, FORMAT)
     try:
         return _from_arrays(files)
     except ModelFileError as e:
@@ -72,8 +78,6 @@ def _string(files: dict[str, np.ndarray], key: str) -> str:
 
 
 def _from_arrays(files: dict[str, np.ndarray]) -> tuple[Network, dict[str, Any], dict[str, Array]]:
-    if _string(files, "format") != FORMAT:
-        raise ModelFileError(f"unsupported format {_string(files, 'format')!r}, expected {FORMAT}")
     try:
         config = NetConfig.from_dict(json.loads(_string(files, "architecture")))
         metadata = json.loads(_string(files, "metadata")) if "metadata" in files else {}

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 
 from klayer.core.config import TrainConfig
+from klayer.core.network import EVAL_CHUNK
 from klayer.core.optim import make_optimizer
 from klayer.core.schedules import make_schedule, resolve_total_steps
 from klayer.data.datasets import Data, Split, make_synthetic
-from klayer.training.evaluation import EVAL_CHUNK
 
 MAX_INT = 2**53  # config integers above this (seed excepted) are refused: floats lose them
 MAX_SEED = 2**128

@@ -32,7 +32,7 @@ from klayer.core.layers import Array
 from klayer.core.network import Metrics, Network
 from klayer.data.augment import hflip, random_flip, random_translate
 from klayer.data.batchfile import DataError
-from klayer.data.datasets import Data
+from klayer.data.datasets import Data, data_fingerprint
 from klayer.training import checkpoint, trainstate
 from klayer.training.evaluation import evaluate, population_stats
 from klayer.training.plan import (
@@ -110,7 +110,7 @@ class Trainer:
         self.elapsed = 0.0  # training seconds spent before this process (on resume)
         self.finished = False  # final batch-norm statistics and evaluation done
         self.last_checkpoint: Path | None = None
-        self._data_fingerprint: dict[str, Any] | None = None
+        self._data_fingerprint: str | None = None
         per_epoch = self.plan.steps_per_epoch
         self.precise_every = per_epoch // cfg.precise_per_epoch if cfg.precise_per_epoch else 0
 
@@ -229,7 +229,7 @@ class Trainer:
             "finished": np.array(self.finished),
             "elapsed": np.array(self.elapsed, dtype=np.float64),
             "config": np.array(json.dumps(self.cfg.to_dict(), sort_keys=True)),
-            "data": np.array(json.dumps(self._fingerprint(), sort_keys=True)),
+            "data": np.array(self._fingerprint()),
             "bn_updates": np.array(self.net.bn_updates, dtype=np.int64),
             "order": np.asarray(self.order, dtype=np.int64),
             "rng": np.array([json.dumps(g.bit_generator.state) for g in rngs]),
@@ -253,7 +253,7 @@ class Trainer:
             detail = ", ".join(f"{k} = {recorded.get(k)!r} there, {mine.get(k)!r} here"
                                for k in differ)
             raise ResumeMismatch(f"the checkpoint was made with other settings: {detail}")
-        if json.loads(trainstate.text_field(d, "data")) != self._fingerprint():
+        if trainstate.text_field(d, "data") != self._fingerprint():
             raise DataError(f"the {self.data.name} data differs from the data this run was "
                             "trained on (other files, split or val_size)")
         t = trainstate.int_field(d, "step")
@@ -279,9 +279,9 @@ class Trainer:
         self.shuffle_rng, self.dropout_rng, self.aug_rng = rngs
         self.finished, self.elapsed = finished, elapsed
 
-    def _fingerprint(self) -> dict[str, Any]:
+    def _fingerprint(self) -> str:
         if self._data_fingerprint is None:
-            self._data_fingerprint = trainstate.data_fingerprint(self.data)
+            self._data_fingerprint = data_fingerprint(self.data)
         return self._data_fingerprint
 
     # --- metrics -----------------------------------------------------------------------

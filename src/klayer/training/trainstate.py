@@ -7,28 +7,25 @@ fit the run, so a damaged or foreign file is refused rather than half-applied.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from typing import Any
 
 import numpy as np
 
+from klayer.core.config import RESULT_NEUTRAL
 from klayer.core.layers import Array
-from klayer.data.datasets import Data
 from klayer.training.checkpoint import CheckpointError
 from klayer.training.runfolder import METRIC_FIELDS
 
-# Settings that may differ between a checkpoint and the resumed run: where the data is.
-RESUME_MAY_CHANGE = ("data_dir", "strict_checksums")
-
 
 def config_differences(recorded: Any, mine: dict[str, Any]) -> list[str]:
-    """The keys whose values differ between a checkpoint's config and this run's."""
+    """The keys whose values differ between a checkpoint's config and this run's, but
+    for the settings that leave the result unchanged (``RESULT_NEUTRAL``)."""
     if not isinstance(recorded, dict):
         raise CheckpointError("'config' is not a JSON object")
     return sorted(k for k in set(recorded) | set(mine)
-                  if k not in RESUME_MAY_CHANGE and recorded.get(k) != mine.get(k))
+                  if k not in RESULT_NEUTRAL and recorded.get(k) != mine.get(k))
 
 
 def scalars(d: dict[str, np.ndarray]) -> tuple[bool, float]:
@@ -77,16 +74,6 @@ def generators(d: dict[str, np.ndarray], count: int) -> list[np.random.Generator
             raise CheckpointError(f"invalid random-generator state ({e})") from None
         rngs.append(g)
     return rngs
-
-
-def data_fingerprint(data: Data) -> dict[str, Any]:
-    """Sizes and a hash of the standardization and labels: equal for the same data."""
-    h = hashlib.sha256()
-    for a in (data.mean, data.std, data.train.y, data.val.y, data.test.y):
-        h.update(np.ascontiguousarray(a).tobytes())
-    return {"name": data.name, "d": data.d, "num_classes": data.num_classes,
-            "n": [len(data.train.y), len(data.val.y), len(data.test.y)],
-            "sha256": h.hexdigest()}
 
 
 def text_field(d: dict[str, np.ndarray], key: str) -> str:

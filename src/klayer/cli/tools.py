@@ -119,14 +119,13 @@ def _warn_mixed_datasets(labels: list[str], runs: list[Path]) -> None:
     say): their curves share axes but are not comparable."""
     import warnings
 
-    from klayer.cli.common import UsageError as Unreadable
     from klayer.cli.common import read_toml
 
     datasets: dict[str, list[str]] = {}
     for label, run in zip(labels, runs, strict=True):
         try:
             dataset = str(read_toml(run / "config.toml").get("dataset", "cifar10"))
-        except Unreadable:  # no config.toml: nothing to compare
+        except UsageError:  # no readable config.toml: nothing to compare
             continue
         datasets.setdefault(dataset, []).append(label)
     if len(datasets) > 1:

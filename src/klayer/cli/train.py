@@ -84,7 +84,6 @@ def _run_seeds(args: argparse.Namespace) -> int:
     (printed, and written to OUT/seeds.json). A seed whose folder holds this run,
     finished, is read back, so the same command continues after a stop."""
     import json
-    import time
     from dataclasses import replace
 
     if args.seeds < 1:
@@ -94,8 +93,7 @@ def _run_seeds(args: argparse.Namespace) -> int:
                          "then run the --seeds command again")
     base = resolve_config(args)
     _validate(base)
-    out = Path(args.out) if args.out else Path("runs") / (
-        time.strftime("%Y%m%d-%H%M%S") + f"-{base.name}")
+    out = _out_folder(args, base)
     summaries = []
     for seed in range(base.seed, base.seed + args.seeds):
         folder = out / f"seed-{seed}"
@@ -133,18 +131,24 @@ def _write_seeds(out: Path, summaries: list[dict[str, Any]]) -> None:
     print(f"wrote {out / 'seeds.json'}")
 
 
+def _out_folder(args: argparse.Namespace, cfg: TrainConfig) -> Path:
+    """--out, or the default runs/<timestamp>-<name>."""
+    import time
+
+    return Path(args.out) if args.out else Path("runs") / (
+        time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.name}")
+
+
 class _Run(NamedTuple):
     trainer: Trainer
     out: Path
 
 
 def _new_run(args: argparse.Namespace, held: ExitStack) -> _Run:
-    import time
 
     cfg = resolve_config(args)
     _validate(cfg)
-    out = Path(args.out) if args.out else Path("runs") / (
-        time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.name}")
+    out = _out_folder(args, cfg)
     trainer = _trainer(cfg, out, args.quiet)  # data first: a failure leaves no folder
     _warn_unused(cfg, trainer.data.image_shape is not None)
     with removed_if_refused(out, leave=(LOCK_NAME,)):

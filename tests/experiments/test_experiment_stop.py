@@ -193,33 +193,6 @@ def test_kept_trainings_of_other_data_are_not_read_back(tmp_path: Path, capsys) 
     assert "read back" not in capsys.readouterr().out
 
 
-def test_only_the_first_stop_signal_raises_the_rest_wait_for_the_clean_up() -> None:
-    from klayer.cli.experiment import _Stopped, _StopSignals
-
-    before = signal.getsignal(signal.SIGTERM)
-    caught = None
-    with _StopSignals():
-        try:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(1)  # the handler runs here
-        except _Stopped as e:
-            caught = e.signum
-            os.kill(os.getpid(), signal.SIGTERM)  # during the clean-up: ignored
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.1)
-    assert caught == signal.SIGTERM
-    assert signal.getsignal(signal.SIGTERM) == before  # restored afterwards
-
-
-def test_a_signal_once_the_work_is_done_changes_nothing() -> None:
-    from klayer.cli.experiment import _StopSignals
-
-    with _StopSignals() as signals:
-        signals.disarm()
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.2)  # ignored: nothing raised
-
-
 def test_an_interrupted_wait_for_the_pool_still_stops_its_workers(tmp_path: Path) -> None:
     import multiprocessing
 

@@ -24,6 +24,7 @@ from klayer.search import status
 from klayer.search import storage as search_storage
 from klayer.search import studies as search
 from klayer.training import trainer as train
+from klayer.training.stop import StopSignals
 
 # About 0.1-0.3 s per trial on synthetic data.
 TRAIN = ["--dataset", "synthetic", "--hidden", "16", "--n-batch", "50", "--n-s", "20",
@@ -379,7 +380,8 @@ def test_a_worker_killed_before_labelling_its_trial_leaves_no_trial_running(
     child.kill()
     said: list[str] = []
     start = time.monotonic()
-    _Pool(study, info.store, [child], said.append).watch()  # the only child: no sibling to wait for
+    # the only child: no sibling to wait for
+    _Pool(study, info.store, [child], said.append).watch(StopSignals())
     assert time.monotonic() - start < 10, "with no live sibling the orphan is not waited on"
     ts = trials(tmp_path, "o")
     assert ts[0].state == TrialState.FAIL and "as it began the trial" in ts[0].user_attrs[

@@ -14,7 +14,7 @@ from test_search import FAST, TRAIN, journal, klayer, spawn
 
 from klayer.search import storage as search_storage
 from klayer.search import studies as search
-from klayer.training import trainer as train
+from klayer.training.stop import Stopped
 
 # 100 cycles of 40 steps: long enough to stop in the middle (about 1 s here)
 RETRAIN = ("search", "best", "--study", "lam", "--retrain", "--cycles", "100")
@@ -110,7 +110,7 @@ def test_a_multi_seed_retrain_stopped_in_its_second_seed_goes_on(study: Path) ->
     def stop() -> int | None:
         return signal.SIGINT if next(calls) == 40 + 15 else None
 
-    with pytest.raises(train.Interrupted) as e:
+    with pytest.raises(Stopped) as e:
         search.retrain_best(st, info, 1, study / "two", data=data, seeds=2, should_stop=stop)
     assert (e.value.step, e.value.total) == (15, 40)
     events: list[tuple[str, dict[str, float]]] = []

@@ -22,7 +22,8 @@ from klayer.data.files import FormatError, ModelFileError
 from klayer.training import checkpoint, modelfile
 from klayer.training.checkpoint import CheckpointError
 from klayer.training.plan import load_data
-from klayer.training.trainer import Interrupted, Trainer
+from klayer.training.stop import Stopped
+from klayer.training.trainer import Trainer
 
 CFG = TrainConfig(dataset="synthetic", hidden=(8,), n_batch=20, steps=40,
                   schedule="constant", checkpoint_every=10)
@@ -86,7 +87,7 @@ def stopped_run(run: Path, cfg: TrainConfig = CFG, at: int = 25) -> Trainer:
     t = Trainer(cfg, load_data(cfg), run_dir=run)
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.toml").write_text(to_toml(t.cfg.to_dict()))
-    with pytest.raises(Interrupted):
+    with pytest.raises(Stopped):
         t.run(should_stop=lambda: 2 if t.t == at else None)
     return t
 

@@ -19,7 +19,8 @@ from klayer.data.datasets import Data, Split, make_synthetic
 from klayer.training import checkpoint
 from klayer.training.checkpoint import CheckpointError
 from klayer.training.runfolder import METRIC_FIELDS
-from klayer.training.trainer import Diverged, Interrupted, ResumeMismatch, Trainer
+from klayer.training.stop import Stopped
+from klayer.training.trainer import Diverged, ResumeMismatch, Trainer
 
 
 def image_data(n: int = 300, seed: int = 0) -> Data:
@@ -58,9 +59,9 @@ def test_state_dict_round_trip_continues_bit_identically(tmp_path: Path, cut: in
     ref = Trainer(HARD, data)
     ref.run()
     first = Trainer(HARD, data, run_dir=tmp_path)
-    with pytest.raises(Interrupted) as stopped:
+    with pytest.raises(Stopped) as stopped:
         first.run(should_stop=lambda: 15 if first.t == cut else None)
-    assert stopped.value.step == cut and stopped.value.path is not None
+    assert stopped.value.step == cut and stopped.value.checkpoint is not None
     second = Trainer(HARD, data, run_dir=tmp_path)
     found = second.resume(warn=pytest.fail)
     assert found is not None and found[0] == cut
@@ -136,7 +137,7 @@ def test_object_arrays_and_foreign_files_are_refused(tmp_path: Path) -> None:
 
 def short_run(tmp_path: Path, cfg: TrainConfig, stop_at: int) -> None:
     t = Trainer(cfg, make_synthetic(n_train=200, seed=0), run_dir=tmp_path)
-    with pytest.raises(Interrupted):
+    with pytest.raises(Stopped):
         t.run(should_stop=lambda: 2 if t.t == stop_at else None)
 
 

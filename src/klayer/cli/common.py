@@ -5,14 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import signal
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from klayer.core.config import TrainConfig
@@ -199,34 +197,6 @@ def removed_if_refused(out: Path, leave: tuple[str, ...] = ()) -> Iterator[None]
             except OSError:  # not empty, or already gone: keep what is there
                 break
         raise
-
-
-_Handlers = TypeVar("_Handlers", bound="SignalHandlers")
-
-
-class SignalHandlers:
-    """While active, SIGINT and SIGTERM go to ``_handle`` (a subclass's); the previous
-    handlers come back on exit. Only the main thread can install handlers; elsewhere
-    this does nothing."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self._old: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: object) -> None:
-        raise NotImplementedError
-
-    def __enter__(self: _Handlers) -> _Handlers:
-        if threading.current_thread() is threading.main_thread():
-            for s in self.SIGNALS:
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for s, old in self._old.items():
-            signal.signal(s, old)
-        self._old.clear()
 
 
 def command_line() -> str:

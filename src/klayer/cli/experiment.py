@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import signal
 import sys
 import time
 from contextlib import ExitStack
@@ -16,12 +15,12 @@ from typing import TYPE_CHECKING
 from klayer.cli.common import (
     EXIT_OK,
     Command,
-    SignalHandlers,
     UsageError,
     check_writable,
     command_line,
 )
 from klayer.cli.train import lock_run_folder
+from klayer.training.stop import Stopped, StopSignals
 
 if TYPE_CHECKING:
     from klayer.experiments.runner import Context
@@ -75,17 +74,19 @@ def run_experiment_cmd(args: argparse.Namespace) -> int:
     ctx = Context(base=base, seeds=args.seeds, jobs=args.jobs, quick=args.quick, out=out,
                   log=lambda m: print(m, flush=True), keep=True,
                   keep_models=args.keep_models)
-    with _StopSignals() as signals, ExitStack() as held:
+    with StopSignals() as stop, ExitStack() as held:
         try:
-            _check(args, ctx, out)
-            held.callback(lock_run_folder(out, "--out").release)  # released last
-            _run(args, ctx, out)
-            ctx.close()  # the pool's end, still under the stop handlers
-            signals.disarm()  # done: a signal now changes nothing
+            with stop.armed():
+                _check(args, ctx, out)
+                held.callback(lock_run_folder(out, "--out").release)  # released last
+                _run(args, ctx, out)
+            with stop.held():  # done: a signal now changes nothing
+                ctx.close()
         except BaseException as e:  # workers must not outlive the command, whatever stops it
-            ctx.close(abort=True)
-            if isinstance(e, _Stopped):
-                return _stopped(args, out, e.signum, sum(p.is_file() for p in ctx.kept))
+            with stop.held():
+                ctx.close(abort=True)
+            if isinstance(e, Stopped):
+                return _stopped(args, out, e, sum(p.is_file() for p in ctx.kept))
             if isinstance(e, ValueError):
                 raise UsageError(str(e)) from None
             raise
@@ -137,35 +138,7 @@ def _run(args: argparse.Namespace, ctx: Context, out: Path) -> None:
         print(f"models: {out / MODELS}")
 
 
-class _Stopped(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived (a KeyboardInterrupt, so that one escaping the command
-    still ends in the CLI's plain "interrupted", exit 130)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-class _StopSignals(SignalHandlers):
-    """While active (in the main thread), the first SIGINT or SIGTERM raises _Stopped and
-    later ones are ignored, so the stop's own clean-up (a few seconds at most) is not cut
-    short and leaves no worker process behind."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._raised = False
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if not self._raised:
-            self._raised = True
-            raise _Stopped(signum)
-
-    def disarm(self) -> None:
-        """From now on every signal is ignored (the work is done)."""
-        self._raised = True
-
-
-def _stopped(args: argparse.Namespace, out: Path, signum: int, kept: int) -> int:
+def _stopped(args: argparse.Namespace, out: Path, e: Stopped, kept: int) -> int:
     """Report a stopped experiment (its ``kept`` finished trainings are); 130 or 143."""
     from klayer.experiments.jobcache import FOLDER
 
@@ -173,9 +146,9 @@ def _stopped(args: argparse.Namespace, out: Path, signum: int, kept: int) -> int
         "" if args.out else f" --out {shlex.quote(str(out))}")
     saved = (f"the {kept} finished training(s) in {out / FOLDER} are kept" if kept
              else "no training had finished")
-    print(f"\nklayer experiment: stopped by {signal.Signals(signum).name}; {saved}\n"
+    print(f"\nklayer experiment: stopped by {e.name}; {saved}\n"
           f"continue with: {again}", file=sys.stderr, flush=True)
-    return 128 + signum
+    return e.exit_code
 
 
 COMMANDS: dict[str, Command] = {

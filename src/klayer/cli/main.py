@@ -75,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from klayer.data.batchfile import DataError
     from klayer.data.files import FormatError, ModelFileError
     from klayer.training.runfolder import OutputError
+    from klayer.training.stop import Stopped
     from klayer.training.trainer import Diverged
 
     try:
@@ -91,7 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OutputError as e:
         print(f"klayer {args.command}: output error: {e}", file=sys.stderr)
         return EXIT_OUTPUT
-    except KeyboardInterrupt:  # Ctrl-C where no command stops more gracefully
+    except Stopped as e:  # a stop no command reported more precisely
+        print(f"\nklayer {args.command}: interrupted by {e.name}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C where no stop handler was installed
         print(f"\nklayer {args.command}: interrupted", file=sys.stderr)
         return EXIT_SIGINT
     except BrokenPipeError:  # the reader went away (`klayer ... | head`): stop quietly

@@ -369,11 +369,11 @@ def _retrain(args: argparse.Namespace, study: optuna.Study, info: StudyInfo, num
     output pipe) stop at a step boundary with a checkpoint, and the same command run
     again continues from there.
     """
-    from klayer.cli.train import Progress, StopOnSignal, lock_run_folder, print_summary
+    from klayer.cli.train import STOP_NOTICE, Progress, lock_run_folder, print_summary
     from klayer.search import storage as search_storage
     from klayer.search import studies as search
-    from klayer.training import trainer as train
     from klayer.training.plan import make_plan
+    from klayer.training.stop import Stopped, StopSignals
 
     seeds = args.seeds or 1
     out = Path(args.out) if args.out else search_storage.study_dir(args.study, args.runs_dir) / (
@@ -381,7 +381,7 @@ def _retrain(args: argparse.Namespace, study: optuna.Study, info: StudyInfo, num
     data = search.load_study_data(info, args.data_dir)
     check_writable(out)
     plan = make_plan(cfg, len(data.train.y))
-    with StopOnSignal("search best") as stop, ExitStack() as held:
+    with StopSignals(STOP_NOTICE.format(command="search best")) as stop, ExitStack() as held:
         held.callback(lock_run_folder(out, "--out").release)
         print(f"retraining #{number} for {plan.total_steps} steps"
               + (f" ({args.cycles:g} cycles)" if args.cycles else "")
@@ -402,17 +402,13 @@ def _retrain(args: argparse.Namespace, study: optuna.Study, info: StudyInfo, num
             _, results = search.retrain_best(study, info, args.cycles, out, args.data_dir,
                                              callback=callback, data=data, seeds=seeds,
                                              should_stop=stop, warn=_warn)
-        except train.Interrupted as e:
-            print(f"\nklayer search best: interrupted by {signal.Signals(e.signum).name} "
-                  f"after step {e.step} of {e.total}; checkpoint {e.path}\n"
-                  f"continue with the same command: {command_line()}", file=sys.stderr, flush=True)
-            return 128 + e.signum  # 130 SIGINT, 143 SIGTERM, 141 SIGPIPE
-        except KeyboardInterrupt:  # a second signal: stopped at once
-            signum = stop.received or signal.SIGINT
-            print(f"\nklayer search best: stopped at once by {signal.Signals(signum).name}; "
-                  "the checkpoints already written are intact\ncontinue with the same "
-                  f"command: {command_line()}", file=sys.stderr, flush=True)
-            return 128 + signum
+        except Stopped as e:
+            how = (f"interrupted by {e.name} after step {e.step} of {e.total}; checkpoint "
+                   f"{e.checkpoint}" if e.step is not None else f"stopped at once by "
+                   f"{e.name}; the checkpoints already written are intact")
+            print(f"\nklayer search best: {how}\ncontinue with the same command: "
+                  f"{command_line()}", file=sys.stderr, flush=True)
+            return e.exit_code  # 130 SIGINT, 143 SIGTERM, 141 SIGPIPE
     for r in results:
         print_summary(r.summary)
     if seeds > 1:

@@ -14,10 +14,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from klayer.cli.common import (
     EXIT_OK,
     EXIT_OUTPUT,
-    EXIT_SIGINT,
-    EXIT_SIGTERM,
     Command,
-    SignalHandlers,
     UsageError,
     add_config_flags,
     check_writable,
@@ -27,12 +24,15 @@ from klayer.cli.common import (
     resolve_config,
     toml_round_trips,
 )
+from klayer.training.stop import Stopped, StopSignals
 
 if TYPE_CHECKING:
     from klayer.core.config import TrainConfig
     from klayer.training.trainer import Trainer
 
 LOCK_NAME = ".klayer-train.lock"
+STOP_NOTICE = ("\nklayer {command}: got {{name}}: finishing the current step and writing a "
+               "checkpoint (again to stop at once)\n")
 
 
 def _resume_flags() -> str:
@@ -65,18 +65,26 @@ def run_train(args: argparse.Namespace) -> int:
     if args.seeds != 1:
         return _run_seeds(args)
     run: _Run | None = None
-    with StopOnSignal() as stop, ExitStack() as held:
+    with StopSignals(STOP_NOTICE.format(command="train")) as stop, ExitStack() as held:
         try:
             run = _resume(args, held) if args.resume else _new_run(args, held)
             return _train(run.trainer, run.out, stop)
-        except KeyboardInterrupt:  # a second signal (or Ctrl-C with no handler): stop at once
-            signum = stop.received or signal.SIGINT
-            last = run.trainer.last_checkpoint if run is not None else None
-            how = (f"resume from {last.name} with `klayer train --resume {_quote(run.out)}`"
-                   if last is not None and run is not None else "no checkpoint was written")
-            print(f"\nklayer train: stopped at once by {_signame(signum)}; {how}",
-                  file=sys.stderr, flush=True)
-            return EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT
+        except Stopped as e:
+            _say_stopped(e, run.trainer.last_checkpoint if run else None,
+                         run.out if run else None)
+            return e.exit_code  # 130 SIGINT, 143 SIGTERM, 141 SIGPIPE
+
+
+def _say_stopped(e: Stopped, last: Path | None, out: Path | None) -> None:
+    """Tell how a stopped training ended: checkpointed by the trainer, or at once."""
+    if e.step is not None and out is not None:
+        how = (f"interrupted by {e.name} after step {e.step} of {e.total}; checkpoint "
+               f"{e.checkpoint}\nresume with: klayer train --resume {_quote(out)}")
+    else:
+        how = f"stopped at once by {e.name}; " + (
+            f"resume from {last.name} with `klayer train --resume {_quote(out)}`"
+            if last is not None and out is not None else "no checkpoint was written")
+    print(f"\nklayer train: {how}", file=sys.stderr, flush=True)
 
 
 def _run_seeds(args: argparse.Namespace) -> int:
@@ -324,11 +332,11 @@ def _resume(args: argparse.Namespace, held: ExitStack) -> _Run:
     return _Run(trainer, run_dir)
 
 
-def _train(trainer: Trainer, out: Path, stop: StopOnSignal) -> int:
-    """Run (or continue) the trainer, then write the run folder; map stops to exit codes."""
+def _train(trainer: Trainer, out: Path, stop: StopSignals) -> int:
+    """Run (or continue) the trainer, then write the run folder; an output error is
+    exit 5 (a stop raises ``Stopped`` to the caller)."""
     from klayer.report.plots import save_run_plots
     from klayer.training import runfolder
-    from klayer.training import trainer as train
 
     progress = trainer.callback
     if isinstance(progress, Progress):  # `klayer train | head`: checkpoint and stop
@@ -344,11 +352,6 @@ def _train(trainer: Trainer, out: Path, stop: StopOnSignal) -> int:
         runfolder.save_run(result, out)
         save_run_plots(out, result.rows, [plan.lr(t) for t in range(plan.total_steps)],
                        trainer.cfg.name)  # an OutputError naming the PNG if one fails
-    except train.Interrupted as e:
-        print(f"\nklayer train: interrupted by {_signame(e.signum)} after step {e.step} of "
-              f"{e.total}; checkpoint {e.path}\nresume with: klayer train --resume {_quote(out)}",
-              file=sys.stderr, flush=True)
-        return 128 + e.signum  # 130 SIGINT, 143 SIGTERM, 141 SIGPIPE
     except runfolder.OutputError as e:
         last = trainer.last_checkpoint
         then = (f"; free space or fix the folder, then resume from {last.name} with "
@@ -358,43 +361,6 @@ def _train(trainer: Trainer, out: Path, stop: StopOnSignal) -> int:
     print_summary(result.summary)
     print(f"run folder: {out}")
     return EXIT_OK
-
-
-class StopOnSignal(SignalHandlers):
-    """While active, SIGINT and SIGTERM ask for a stop instead of killing the process.
-
-    Calling the object returns the first signal's number (or None): the Trainer asks
-    after every step, checkpoints and stops. A second signal raises KeyboardInterrupt
-    at once (files are written atomically, so nothing is left half-written).
-    Only the main thread can install handlers; elsewhere this does nothing.
-    """
-
-    def __init__(self, command: str = "train") -> None:
-        super().__init__()
-        self.command = command  # for the message: klayer COMMAND: got SIGINT ...
-        self.received: int | None = None
-
-    def __call__(self) -> int | None:
-        return self.received
-
-    def request(self, signum: int) -> None:
-        """Ask for a stop as ``signum`` would (for a closed output pipe)."""
-        if self.received is None:
-            self.received = signum
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = signum
-        os.write(2, f"\nklayer {self.command}: got {_signame(signum)}: finishing the "
-                 "current step and writing a checkpoint (again to stop at once)\n".encode())
-
-
-def _signame(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
 
 
 def _quote(path: Path) -> str:

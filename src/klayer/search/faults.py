@@ -1,7 +1,6 @@
-"""Faults of a worker: stop signals, heartbeats, and trials whose worker died.
+"""Faults of a worker: heartbeats, and trials whose worker died.
 
-SIGINT and SIGTERM must fail the running trials cleanly, never in the middle of a
-storage write (``SignalGuard``). On PostgreSQL a thread records each running trial's
+On PostgreSQL a thread records each running trial's
 heartbeat so that Optuna (``fail_stale_trials`` and the storage's retry callback) fails
 and retries the trials of a worker that vanished (``Heartbeat``, ``fail_stale``): Optuna
 beats only inside ``study.optimize``, not for the asked trials of a worker that trains
@@ -12,78 +11,15 @@ for a worker killed between asking for a trial and labelling it, by their lack o
 
 from __future__ import annotations
 
-import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from klayer.search.storage import Store, fail_trial, no_experimental_warnings
-
-
-class StopRequested(BaseException):
-    """SIGINT or SIGTERM arrived while training (BaseException: nothing swallows it)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-
-class SignalGuard:
-    """SIGINT / SIGTERM handling for a worker.
-
-    A signal is always recorded (``signum``); inside ``armed()`` it also raises
-    StopRequested at once, so a long training stops; inside ``held()`` (storage
-    writes) it waits until the block ends.
-    """
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._armed = 0
-        self._old: dict[int, Any] = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handle)
-
-    def restore(self) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
-        self._old.clear()
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if not self.signum:
-            self.signum = signum
-        if self._armed:
-            self._armed = 0
-            raise StopRequested(signum)
-
-    @contextmanager
-    def armed(self) -> Iterator[None]:
-        if self.signum:
-            raise StopRequested(self.signum)
-        self._armed += 1
-        try:
-            yield
-        finally:
-            self._armed = max(0, self._armed - 1)
-
-    @contextmanager
-    def held(self) -> Iterator[None]:
-        saved, self._armed = self._armed, 0
-        try:
-            yield
-        finally:
-            self._armed = saved
-        if saved and self.signum:
-            raise StopRequested(self.signum)
 
 
 class Heartbeat:

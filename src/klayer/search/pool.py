@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
-from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -30,6 +29,7 @@ from klayer.data.datasets import Data
 from klayer.search.faults import labelled, recover, unlabelled
 from klayer.search.storage import Store, StudyInfo, study_finished, trial_seed
 from klayer.search.worker import Worker, WorkerOptions, grid_summary
+from klayer.training.stop import StopSignals
 
 # Seconds after a worker's death before RUNNING trials with no worker label count as its.
 # Longer than Optuna's 30 s grace for a journal lock a dead writer left behind: a sibling
@@ -72,12 +72,8 @@ def run_workers(opts: WorkerOptions, jobs: int = 1, threads: int = 1,
     say(f"started {jobs} workers (pids {', '.join(str(p.pid) for p in children)}), "
         f"{threads} BLAS thread(s) each")
     pool = _Pool(study, info.store, children, say)
-    old = {s: signal.signal(s, pool.forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        pool.watch()
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+    with StopSignals() as stop, stop.held():  # held: no signal leaves the children orphans
+        pool.watch(stop)
     if pool.forwarded:
         return 128 + pool.forwarded
     if study_finished(study, info):
@@ -128,16 +124,15 @@ class _Pool:
         # (pid, signal name, time, monotonic time): orphans are looked for a bit later
         self.deaths: list[tuple[int, str, datetime, float]] = []
 
-    def forward(self, signum: int, frame: Any) -> None:
-        """Signal handler: pass SIGINT / SIGTERM on to the running children."""
-        self.forwarded = self.forwarded or signum
-        for p in self.children:
-            if p.poll() is None:
-                p.send_signal(signum)
-
-    def watch(self) -> None:
-        """Until every child has exited and every death has been dealt with."""
+    def watch(self, stop: StopSignals) -> None:
+        """Until every child has exited and every death has been dealt with; a stop
+        signal is passed on to the running children."""
         while len(self.codes) < len(self.children) or self.deaths:
+            if stop.signum and not self.forwarded:
+                self.forwarded = stop.signum
+                for p in self.children:
+                    if p.poll() is None:
+                        p.send_signal(stop.signum)
             for p in self.children:
                 if p.pid in self.codes or p.poll() is None:
                     continue

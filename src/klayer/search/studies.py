@@ -128,7 +128,7 @@ def retrain_best(study: optuna.Study, info: StudyInfo, cycles: float | None, out
 
     Each retraining is a run folder as ``klayer train`` writes it, checkpoints
     included, so a stop costs little: ``should_stop`` (as in ``Trainer.run``) makes
-    it checkpoint and raise ``train.Interrupted``, and calling this again continues
+    it checkpoint and raise ``Stopped``, and calling this again continues
     every run where it stopped (a finished one is not trained again). A folder that
     holds another run (or results without checkpoints: an earlier klayer's retraining)
     raises SearchError before anything trains; ``warn`` hears of unusable checkpoints

@@ -42,8 +42,6 @@ from klayer.core.network import Network
 from klayer.data.datasets import Data
 from klayer.search.faults import (
     Heartbeat,
-    SignalGuard,
-    StopRequested,
     beat,
     fail_stale,
     recover,
@@ -73,6 +71,7 @@ from klayer.training import trainer as train
 from klayer.training.batched import BatchedTrainer, batch_key
 from klayer.training.evaluation import evaluate_many
 from klayer.training.plan import load_data, make_plan, validate_for_data
+from klayer.training.stop import Stopped, StopSignals
 
 # Parameters trials trained together may differ in (batched.BATCHABLE by TOML key).
 BATCHABLE_PARAMS = ("lambda", "eta_min", "eta_max", "eta", "decay")
@@ -118,7 +117,7 @@ class Worker:
         self.opts = opts
         self.id = worker_id()
         self._log = log or (lambda s: print(s, flush=True))
-        self.guard = SignalGuard()
+        self.stop = StopSignals()
         study, self.info = load_study(opts.study, opts.storage,
                                       heartbeat_interval=opts.heartbeat_interval,
                                       grace_period=opts.grace_period)
@@ -157,11 +156,8 @@ class Worker:
     def run(self) -> int:
         """Work until the budget is met; 0, or 128 + the signal that stopped it."""
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.guard.install()
-        try:
+        with self.stop:
             return self._loop()
-        finally:
-            self.guard.restore()
 
     def _loop(self) -> int:
         n = self.info.n_trials
@@ -169,8 +165,9 @@ class Worker:
         self.log(f"joined study {self.opts.study!r} ({masked(self.opts.storage)}): "
                  f"{c[TrialState.COMPLETE]}/{n} COMPLETE, {c[TrialState.RUNNING]} RUNNING")
         waiting_said = False
-        while not self.guard.signum:
-            self._housekeep()
+        while not self.stop.signum:
+            with self.stop.held():
+                self._housekeep()
             free = self._free()
             if free is None:
                 break
@@ -188,7 +185,7 @@ class Worker:
             jobs = self._ask(min(self.opts.batch_trials, free))
             try:
                 self._run_jobs(jobs)
-            except StopRequested:
+            except Stopped:
                 break
             if self.failures >= self.opts.max_failures:
                 self.log(f"stopping: {self.failures} trials in a row failed")
@@ -220,18 +217,17 @@ class Worker:
     def _sleep(self) -> bool:
         """Wait one poll interval; False if a stop signal came meanwhile."""
         try:
-            with self.guard.armed():
+            with self.stop.armed():
                 time.sleep(self.opts.poll)
-        except StopRequested:
+        except Stopped:
             return False
         return True
 
     def _stopped(self) -> int:
         """The exit code once the loop ended: 128 + a stop signal, else 0 (budget met)."""
-        if self.guard.signum:
-            name = signal.Signals(self.guard.signum).name
-            self.log(f"stopped by {name}")
-            return 128 + self.guard.signum
+        if self.stop.signum:
+            self.log(f"stopped by {signal.Signals(self.stop.signum).name}")
+            return 128 + self.stop.signum
         if self.grid is not None:
             self.log(f"done: study {self.opts.study!r}: {grid_summary(self.study, self.info)}")
             return 0
@@ -244,7 +240,7 @@ class Worker:
 
     def _ask(self, k: int) -> list[_Job]:
         """Up to k trials, labelled with this worker and their seeds, as jobs."""
-        with self.guard.held():
+        with self.stop.held():
             asked = self._claim_grid(k) if self.grid is not None else self._ask_sampled(k)
             jobs = []
             for trial, p in asked:
@@ -322,10 +318,9 @@ class Worker:
                         self._run_batch(group)
                     for job in group:
                         pending.remove(job)
-        except StopRequested as e:
-            name = signal.Signals(e.signum).name
+        except Stopped as e:
             for job in pending:
-                self._fail(job.trial, job.params, f"interrupted by {name} (worker {self.id} "
+                self._fail(job.trial, job.params, f"interrupted by {e.name} (worker {self.id} "
                            "stopped)", count=False, retry=True)
             raise
         except Exception as e:  # an unexpected error: no trial may stay RUNNING
@@ -339,12 +334,12 @@ class Worker:
 
         def report(kind: str, info: dict[str, float]) -> None:
             if kind == "eval":
-                with self.guard.held(), suppress(optuna.exceptions.UpdateFinishedTrialError):
+                with self.stop.held(), suppress(optuna.exceptions.UpdateFinishedTrialError):
                     trial.report(info["val_accuracy"], int(info["step"]))
 
         start = time.perf_counter()
         try:
-            with self.guard.armed():
+            with self.stop.armed():
                 # no run folder, so no checkpoints (they change nothing in the result)
                 # and no train-set curve: a trial reports only validation accuracies
                 result = train.train(replace(job.cfg, checkpoint_every=0), self.data,
@@ -363,12 +358,12 @@ class Worker:
         cfgs = [j.cfg for j in group]
         plans = [make_plan(c, len(self.data.train.y)) for c in cfgs]
         numbers = [j.trial.number for j in group]
-        with self.guard.held():
+        with self.stop.held():
             for j in group:
                 j.trial.set_user_attr("batch", numbers)
                 j.trial.set_user_attr("order_seed", cfgs[0].shuffle_seed)
         start = time.perf_counter()
-        with self.guard.armed():
+        with self.stop.armed():
             bt = BatchedTrainer(cfgs, self.data, [p.lr for p in plans],
                                 plans[0].steps_per_epoch, plans[0].total_steps,
                                 order_seed=cfgs[0].shuffle_seed,
@@ -383,7 +378,7 @@ class Worker:
                 self._fail(job.trial, job.params, f"diverged: {bt.diverged[i]}")
                 continue
             r = results[ok.index(i)]
-            with self.guard.held(), suppress(optuna.exceptions.UpdateFinishedTrialError):
+            with self.stop.held(), suppress(optuna.exceptions.UpdateFinishedTrialError):
                 # the learning curve, as a lone trial reports it
                 for step, acc in [*bt.curves[i], (plans[i].total_steps, r["val_accuracy"])]:
                     job.trial.report(acc, step)
@@ -393,7 +388,7 @@ class Worker:
     # --- telling -------------------------------------------------------------------------
 
     def _complete(self, trial: Trial, params: dict[str, Any], attrs: dict[str, Any]) -> None:
-        with self.guard.held():
+        with self.stop.held():
             if self._finish(trial, TrialState.COMPLETE, attrs["val_accuracy"], attrs) is not None:
                 self.failures = 0
                 test = f"  test {attrs['test_accuracy']:.2%}" if self.opts.show_test else ""
@@ -404,7 +399,7 @@ class Worker:
               retry: bool = False) -> None:
         """Fail the trial with ``reason``; with ``retry`` (a fault, not the trial's own
         outcome) a grid trial is queued again, so its point is still tried."""
-        with self.guard.held():
+        with self.stop.held():
             failed = self._finish(trial, TrialState.FAIL, None, {"fail_reason": reason})
             if failed is not None:
                 self.failures += count

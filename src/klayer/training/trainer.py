@@ -49,19 +49,11 @@ from klayer.training.runfolder import (
     csv_text,
     write_text,
 )
+from klayer.training.stop import Stopped
 
 
 class Diverged(RuntimeError):
     """The cost became NaN or infinite."""
-
-
-class Interrupted(Exception):
-    """A stop was requested (SIGINT / SIGTERM); the state was checkpointed if possible."""
-
-    def __init__(self, signum: int, step: int, total: int, path: Path | None) -> None:
-        self.signum, self.step, self.total, self.path = signum, step, total, path
-        saved = f"checkpoint {path}" if path else "no run folder, nothing saved"
-        super().__init__(f"stopped after step {step} of {total}; {saved}")
 
 
 
@@ -148,7 +140,7 @@ class Trainer:
         """Step to the end of the plan, evaluating every ``eval_every`` steps and at the end.
 
         ``should_stop()`` is asked before every step; a non-zero answer (a signal
-        number) checkpoints and raises Interrupted. A NaN or infinite cost raises
+        number) checkpoints and raises ``stop.Stopped``. A NaN or infinite cost raises
         Diverged, keeping the checkpoints written so far. Raises OutputError when a
         file of the run folder cannot be written (the files already there stay intact).
         """
@@ -159,7 +151,7 @@ class Trainer:
                 signum = should_stop() if should_stop is not None else None
                 if signum:
                     path = self.checkpoint(start) if self.run_dir is not None else None
-                    raise Interrupted(signum, self.t, total, path)
+                    raise Stopped(signum, self.t, total, path)
                 if self.t % self.plan.eval_every == 0 and not self._evaluated(self.t):
                     self._evaluate(start)
                 self.step()

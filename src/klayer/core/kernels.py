@@ -160,27 +160,29 @@ def softmax_cross_entropy_stack(scores: Array, y: np.ndarray) -> tuple[np.ndarra
     return losses, dscores
 
 
-def add_scaled(g: Array, W: Array, a: float) -> None:
-    """In place: g += a W, the L2 term of a gradient (a = 2 lambda); C or NumPy."""
-    if enabled(g, W) and g.shape == W.shape:
+def add_scaled(g: Array, W: Array, a: float | Array) -> None:
+    """In place: g += a W, the L2 term of a gradient (a = 2 lambda, or per trial); C or
+    NumPy."""
+    if np.ndim(a) == 0 and enabled(g, W) and g.shape == W.shape:
         _C.add_scaled(g, W, float(a))  # one pass, rounded as NumPy's two
     else:
         g += a * W
 
 
-def sgd_step(p: Array, g: Array, lr: float, buf: Array | None = None) -> None:
+def sgd_step(p: Array, g: Array, lr: float | Array, buf: Array | None = None) -> None:
     """In place: p -= lr g (float32 lr, as ``optim.SGD``): one C pass, or NumPy's two
     (through the scratch array ``buf``, shaped like p, when one is given)."""
-    if enabled(p, g) and p.shape == g.shape:
+    if np.ndim(lr) == 0 and enabled(p, g) and p.shape == g.shape:
         _C.add_scaled(p, g, -float(lr))  # p += (-lr) g rounds as p -= lr g
         return
     p -= np.multiply(g, lr, out=buf)
 
 
-def sgd_l2_step(p: Array, g: Array, lr: float, l2: float, buf: Array | None = None) -> None:
+def sgd_l2_step(p: Array, g: Array, lr: float | Array, l2: float | Array,
+                buf: Array | None = None) -> None:
     """In place: p -= lr (g + l2 p), as ``add_scaled(g, p, l2)`` then ``sgd_step``, with g
     left as it was: one C pass, or NumPy's (through ``buf`` when one is given)."""
-    if enabled(p, g) and p.shape == g.shape:
+    if np.ndim(lr) == np.ndim(l2) == 0 and enabled(p, g) and p.shape == g.shape:
         if p.size:  # (an empty matrix has nothing to update)
             _C.sgd_l2_step(p, g, np.array([lr], np.float64), np.array([l2], np.float64), 1,
                            p.size, None)

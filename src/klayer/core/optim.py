@@ -26,6 +26,8 @@ from klayer.core import kernels
 
 Array = npt.NDArray[np.floating]
 Params = dict[str, Array]
+Rate = float | Array  # one value, or one per stacked trial (T,)
+PerTrial = Callable[[str, Rate], Array]  # (parameter name, (T,) values) -> broadcastable
 
 
 def _check(key: str, value: Any, lo: float, hi: float = math.inf, lo_open: bool = False) -> float:
@@ -53,8 +55,10 @@ class Optimizer:
         self.t = 0
         self.state: dict[str, dict[str, Array]] = {s: {} for s in self.slots}
         self._scratch: dict[str, Array] = {}
+        self._per_trial: PerTrial | None = None
 
-    def step(self, params: Params, grads: Params, lr: float, l2: float = 0.0) -> None:
+    def step(self, params: Params, grads: Params, lr: Rate, l2: Rate = 0.0,
+             per_trial: PerTrial | None = None) -> None:
         """Update every array in ``params`` in place from ``grads`` with learning rate lr.
 
         ``l2`` > 0 first adds the L2 term l2 W to the gradient of every weight matrix W
@@ -62,23 +66,34 @@ class Optimizer:
         trainer leaves the term to the optimizer, so plain SGD can fuse it into its
         update. The parameters come out the same either way, to the last bit; the
         gradient arrays may or may not hold the term afterwards.
+
+        With ``per_trial`` (``Stack.per_trial``) the arrays hold T trials stacked and lr,
+        l2 are (T,) arrays, one value per trial: the same update, trial by trial.
         """
         self.t += 1
-        lr = float(lr)  # a NumPy float64 scalar would make float32 updates go via float64
+        self._per_trial = per_trial
         for name, p in params.items():
-            if l2 and name.startswith("W"):
+            if np.any(l2) and name.startswith("W"):
                 self._update_l2(name, p, grads[name], lr, self._buffer(name, p), l2)
             else:
                 self._update(name, p, grads[name], lr, self._buffer(name, p))
 
-    def _update(self, name: str, p: Array, g: Array, lr: float, buf: Array) -> None:
+    def _at(self, name: str, x: Rate) -> Any:
+        """x for parameter ``name``: per trial, shaped to broadcast against it; else a
+        float (a NumPy float64 scalar would make float32 updates go via float64), or an
+        array as given."""
+        if self._per_trial is not None:
+            return self._per_trial(name, x)
+        return float(x) if np.ndim(x) == 0 else x
+
+    def _update(self, name: str, p: Array, g: Array, lr: Rate, buf: Array) -> None:
         """Update parameter ``p`` in place; ``buf`` is scratch space shaped like p."""
         raise NotImplementedError
 
-    def _update_l2(self, name: str, p: Array, g: Array, lr: float, buf: Array,
-                   l2: float) -> None:
+    def _update_l2(self, name: str, p: Array, g: Array, lr: Rate, buf: Array,
+                   l2: Rate) -> None:
         """``_update`` with the L2 term l2 p added to g first (in place)."""
-        kernels.add_scaled(g, p, l2)
+        kernels.add_scaled(g, p, self._at(name, l2))
         self._update(name, p, g, lr, buf)
 
     def _buffer(self, name: str, p: Array) -> Array:
@@ -125,22 +140,25 @@ class Optimizer:
 class SGD(Optimizer):
     """Plain gradient descent: p <- p - lr g."""
 
-    def step(self, params: Params, grads: Params, lr: float, l2: float = 0.0) -> None:
-        """``Optimizer.step``; for float32 with the C kernels, every parameter in one call."""
+    def step(self, params: Params, grads: Params, lr: Rate, l2: Rate = 0.0,
+             per_trial: PerTrial | None = None) -> None:
+        """``Optimizer.step``; for float32 with the C kernels, every parameter in one call
+        (a stack of trials goes through ``Stack.sgd_step``, fused per trial)."""
         names = list(params)
-        if np.ndim(l2) == 0 and kernels.sgd_many(
-                [params[n] for n in names], [grads[n] for n in names], lr,
+        if per_trial is None and np.ndim(l2) == np.ndim(lr) == 0 and kernels.sgd_many(
+                [params[n] for n in names], [grads[n] for n in names], float(lr),
                 [float(l2) if n.startswith("W") else 0.0 for n in names]):
             self.t += 1
             return
-        super().step(params, grads, lr, l2)
+        super().step(params, grads, lr, l2, per_trial)
 
-    def _update(self, name: str, p: Array, g: Array, lr: float, buf: Array) -> None:
-        kernels.sgd_step(p, g, lr, buf)  # one C pass for float32, else NumPy's
+    def _update(self, name: str, p: Array, g: Array, lr: Rate, buf: Array) -> None:
+        kernels.sgd_step(p, g, self._at(name, lr), buf)  # one C pass for float32
 
-    def _update_l2(self, name: str, p: Array, g: Array, lr: float, buf: Array,
-                   l2: float) -> None:
-        kernels.sgd_l2_step(p, g, lr, l2, buf)  # p -= lr (g + l2 p)
+    def _update_l2(self, name: str, p: Array, g: Array, lr: Rate, buf: Array,
+                   l2: Rate) -> None:
+        # p -= lr (g + l2 p), g left as it was
+        kernels.sgd_l2_step(p, g, self._at(name, lr), self._at(name, l2), buf)
 
 
 class Momentum(Optimizer):
@@ -168,8 +186,8 @@ class Momentum(Optimizer):
             v += g
         return v
 
-    def _update(self, name: str, p: Array, g: Array, lr: float, buf: Array) -> None:
-        np.multiply(self._velocity(name, p, g), lr, out=buf)
+    def _update(self, name: str, p: Array, g: Array, lr: Rate, buf: Array) -> None:
+        np.multiply(self._velocity(name, p, g), self._at(name, lr), out=buf)
         p -= buf
 
 
@@ -180,10 +198,10 @@ class Nesterov(Momentum):
     ahead along the updated velocity. lr again stays outside the velocity.
     """
 
-    def _update(self, name: str, p: Array, g: Array, lr: float, buf: Array) -> None:
+    def _update(self, name: str, p: Array, g: Array, lr: Rate, buf: Array) -> None:
         np.multiply(self._velocity(name, p, g), self.mu, out=buf)
         buf += g
-        buf *= lr
+        buf *= self._at(name, lr)
         p -= buf
 
 
@@ -208,30 +226,24 @@ class Adam(Optimizer):
         self.eps = _check("eps", eps, 0.0, lo_open=True)
         self.weight_decay = _check("weight_decay", weight_decay, 0.0)
 
-    def _update(self, name: str, p: Array, g: Array, lr: float, buf: Array) -> None:
+    def _update(self, name: str, p: Array, g: Array, lr: Rate, buf: Array) -> None:
         if self.weight_decay and name.startswith("W"):
-            p *= 1 - lr * self.weight_decay
+            p *= self._at(name, 1 - lr * self.weight_decay)
         m, v = self._slot("m", name, p), self._slot("v", name, p)
-        adam_moments(m, v, g, buf, self.beta1, self.beta2, self.eps, self.t)
-        buf *= lr / (1 - self.beta1**self.t)
+        b1, b2 = self.beta1, self.beta2
+        m *= b1
+        np.multiply(g, 1 - b1, out=buf)
+        m += buf  # m <- b1 m + (1 - b1) g
+        v *= b2
+        np.multiply(g, g, out=buf)
+        buf *= 1 - b2
+        v += buf  # v <- b2 v + (1 - b2) g^2
+        np.sqrt(v, out=buf)
+        buf /= (1 - b2**self.t) ** 0.5
+        buf += self.eps
+        np.divide(m, buf, out=buf)  # m / (sqrt(v / (1 - b2^t)) + eps)
+        buf *= self._at(name, lr / (1 - b1**self.t))
         p -= buf
-
-
-def adam_moments(m: Array, v: Array, g: Array, buf: Array, beta1: float, beta2: float,
-                 eps: float, t: int) -> None:
-    """In place: update the moments m, v with g and write m / (sqrt(v / (1 - b2^t)) + eps)
-    into buf: Adam's step before its scale lr / (1 - b1^t)."""
-    m *= beta1
-    np.multiply(g, 1 - beta1, out=buf)
-    m += buf
-    v *= beta2
-    np.multiply(g, g, out=buf)
-    buf *= 1 - beta2
-    v += buf
-    np.sqrt(v, out=buf)
-    buf /= (1 - beta2**t) ** 0.5
-    buf += eps
-    np.divide(m, buf, out=buf)
 
 
 def adamw(beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,

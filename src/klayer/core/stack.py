@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from klayer.core import kernels
 from klayer.core.layers import Array, dropout_mask, linear_backward
 from klayer.core.network import Network
 
@@ -70,7 +71,7 @@ class Stack(Network):
 
     # --- trials ---------------------------------------------------------------------------
 
-    def per_trial(self, name: str, values: Array, dtype: Any = None) -> Array:
+    def per_trial(self, name: str, values: Any, dtype: Any = None) -> Array:
         """values (T,) shaped to broadcast against parameter ``name``."""
         v = np.asarray(values, dtype=dtype or self.dtype)
         if name == "W1":
@@ -120,3 +121,22 @@ class Stack(Network):
             W = self.params[f"W{l}"]
             total += np.einsum("tij,tij->t", W, W)
         return total
+
+    def sgd_step(self, grads: dict[str, Array], lr: Array, l2: Array) -> Array:
+        """Plain SGD on every trial, p -= lr[t] (g + l2[t] p) for weight matrices and
+        p -= lr[t] g for the rest, fused per trial (``kernels.sgd_l2_steps``); returns
+        each trial's sum_l ||W_l||^2 after the update, the next step's penalty (T,)."""
+        # Summed in the parameters' dtype, as a lone network's l2_penalty (float32 vdots):
+        # past float32's largest value the penalty is inf, and the trial diverges at the
+        # same step as it would alone.
+        penalty = np.zeros(self.T, self.dtype)
+        no_l2 = np.zeros(self.T)
+        for name, p in self.params.items():
+            block = self.widths[1] if name == "W1" else p.size // self.T
+            weight = name.startswith("W")
+            sq = kernels.sgd_l2_steps(p, grads[name], lr, l2 if weight else no_l2, block,
+                                      buf=self.scratch(name))
+            if weight:
+                with np.errstate(over="ignore"):
+                    penalty += sq.astype(self.dtype)
+        return penalty

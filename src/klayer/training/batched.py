@@ -23,15 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from klayer.core import kernels
 from klayer.core.config import TrainConfig
 from klayer.core.layers import Array
 from klayer.core.network import Network, training_loss
-from klayer.core.optim import adam_moments
+from klayer.core.optim import SGD
 from klayer.core.stack import Stack
 from klayer.data.augment import random_flip, random_translate
 from klayer.data.datasets import Data
 from klayer.training.evaluation import evaluate_many
+from klayer.training.plan import make_optimizer_for
 
 # TrainConfig fields that may differ between the trials of one batch.
 BATCHABLE = ("lam", "eta_min", "eta_max", "eta", "decay", "seed", "name")
@@ -56,86 +56,6 @@ def check_batchable(cfgs: Sequence[TrainConfig]) -> None:
     if first.precise_per_epoch:
         raise ValueError("batched trials do not support precise_per_epoch > 0")
 
-
-
-class _Optimizer:
-    """optim's SGD / momentum / Nesterov / Adam(W) on stacked parameters, lr per trial."""
-
-    def __init__(self, cfg: TrainConfig) -> None:
-        self.kind = cfg.optimizer
-        if self.kind not in ("sgd", "momentum", "nesterov", "adam", "adamw"):
-            raise ValueError(f"batched trials do not support optimizer {self.kind!r}")
-        self.mu = cfg.momentum
-        self.beta1, self.beta2, self.eps = cfg.beta1, cfg.beta2, cfg.adam_eps
-        self.weight_decay = (cfg.weight_decay or 1e-2) if self.kind == "adamw" else cfg.weight_decay
-        self.t = 0
-        self.state: dict[str, dict[str, Array]] = {}
-
-    def keep(self, stack: Stack, rows: np.ndarray) -> None:
-        for bufs in self.state.values():
-            for name, b in bufs.items():
-                bufs[name] = stack.trials_of(name, b, rows)
-
-    def step(self, stack: Stack, grads: dict[str, Array], lr: Array,
-             l2: Array) -> Array | None:
-        """Update every trial: learning rate lr[t], and the L2 term l2[t] W (l2 = 2 lambda)
-        added to each weight matrix's gradient first, as ``optim.Optimizer.step(l2=)``.
-
-        Plain SGD fuses the term into its update (``kernels.sgd_l2_steps``) and returns
-        each trial's sum_l ||W_l||^2 after the update (the next step's penalty); the other
-        optimizers return None.
-        """
-        self.t += 1
-        if self.kind == "sgd":
-            return self._sgd(stack, grads, lr, l2)
-        for name, p in stack.params.items():
-            g = grads[name]
-            buf = stack.scratch(name)
-            if name.startswith("W") and np.any(l2):
-                g += np.multiply(p, stack.per_trial(name, l2), out=buf)
-            if self.kind == "momentum":
-                np.multiply(self._velocity(name, g), stack.per_trial(name, lr), out=buf)
-            elif self.kind == "nesterov":
-                np.multiply(self._velocity(name, g), self.mu, out=buf)
-                buf += g
-                buf *= stack.per_trial(name, lr)
-            else:
-                self._adam(name, p, g, lr, stack, buf)
-            p -= buf
-        return None
-
-    def _sgd(self, stack: Stack, grads: dict[str, Array], lr: Array, l2: Array) -> Array:
-        # Summed in the parameters' dtype, as a lone network's l2_penalty (float32 vdots):
-        # past float32's largest value the penalty is inf, and the trial diverges at the
-        # same step as it would alone.
-        penalty = np.zeros(stack.T, stack.dtype)
-        no_l2 = np.zeros(stack.T)
-        for name, p in stack.params.items():
-            block = stack.widths[1] if name == "W1" else p.size // stack.T
-            weight = name.startswith("W")
-            sq = kernels.sgd_l2_steps(p, grads[name], lr, l2 if weight else no_l2, block,
-                                      buf=stack.scratch(name))
-            if weight:
-                with np.errstate(over="ignore"):
-                    penalty += sq.astype(stack.dtype)
-        return penalty
-
-    def _velocity(self, name: str, g: Array) -> Array:
-        vs = self.state.setdefault("v", {})
-        if name not in vs:
-            vs[name] = g.copy()
-        else:
-            vs[name] *= self.mu
-            vs[name] += g
-        return vs[name]
-
-    def _adam(self, name: str, p: Array, g: Array, lr: Array, stack: Stack, buf: Array) -> None:
-        if self.weight_decay and name.startswith("W"):
-            p *= stack.per_trial(name, 1 - lr * self.weight_decay)
-        m = self.state.setdefault("m", {}).setdefault(name, np.zeros_like(p))
-        v = self.state.setdefault("v", {}).setdefault(name, np.zeros_like(p))
-        adam_moments(m, v, g, buf, self.beta1, self.beta2, self.eps, self.t)
-        buf *= stack.per_trial(name, lr / (1 - self.beta1**self.t))
 
 
 class BatchedTrainer:
@@ -175,7 +95,7 @@ class BatchedTrainer:
         order = np.random.SeedSequence(cfgs[0].shuffle_seed if order_seed is None else order_seed)
         _, self.shuffle_rng, _, self.aug_rng = (np.random.default_rng(s) for s in order.spawn(4))
         self.stack = Stack(nets)
-        self.opt = _Optimizer(self.cfg)
+        self.opt = make_optimizer_for(self.cfg)  # the lone trainer's, given per_trial
         self.t = 0
         self._penalty: Array | None = None  # sum_l ||W_l||^2 per trial, when known
         self._batch: Array | None = None  # the mini-batch buffer, reused
@@ -213,9 +133,13 @@ class BatchedTrainer:
                 self.t += 1
                 return
         lr = np.array([self.lrs[i](t) for i in self.active], np.float64)
-        # the L2 term 2 lambda W joins the gradients in the update; plain SGD hands back
-        # the updated weights' sum of squares, the next step's penalty (else None)
-        self._penalty = self.opt.step(stack, grads, lr, 2 * self.lam[self.active])
+        l2 = 2 * self.lam[self.active]  # the L2 term 2 lambda W joins the update
+        if isinstance(self.opt, SGD):  # fused; hands back the next step's penalty
+            self._penalty = stack.sgd_step(grads, lr, l2)
+            self.opt.t += 1
+        else:
+            self.opt.step(stack.params, grads, lr, l2, per_trial=stack.per_trial)
+            self._penalty = None
         self.t += 1
 
     def _drop(self, bad: np.ndarray, cost: Array, grads: dict[str, Array]) -> dict[str, Array]:
@@ -226,7 +150,9 @@ class BatchedTrainer:
         rows = np.flatnonzero(~bad)
         grads = {k: self.stack.trials_of(k, v, rows) for k, v in grads.items()}
         self.stack.keep(rows)
-        self.opt.keep(self.stack, rows)
+        for bufs in self.opt.state.values():  # the optimizer's state, trial by trial
+            for name, b in bufs.items():
+                bufs[name] = self.stack.trials_of(name, b, rows)
         self.active = self.active[rows]
         self.dropout_rngs = [self.dropout_rngs[j] for j in rows]
         return grads

@@ -16,7 +16,7 @@ import numpy as np
 
 from klayer.core.config import TrainConfig
 from klayer.core.network import EVAL_CHUNK
-from klayer.core.optim import make_optimizer
+from klayer.core.optim import Optimizer, make_optimizer
 from klayer.core.schedules import make_schedule, resolve_total_steps
 from klayer.data.datasets import Data, Split, make_synthetic
 
@@ -104,7 +104,8 @@ def resolve_length(cfg: TrainConfig, n_train: int) -> TrainConfig:
     return replace(cfg, **changes) if changes else cfg
 
 
-def make_optimizer_for(cfg: TrainConfig) -> Any:
+def make_optimizer_for(cfg: TrainConfig) -> Optimizer:
+    """The optimizer of ``cfg``, its settings named by their config keys in errors."""
     kwargs: dict[str, Any] = {
         "momentum": {"mu": cfg.momentum},
         "nesterov": {"mu": cfg.momentum},

@@ -25,6 +25,11 @@ DTYPES = ("float32", "float64", "longdouble")  # longdouble: extended precision,
 BN_EPS = 1e-8
 
 
+def _f(default: Any, help: str, **meta: Any) -> Any:
+    """A dataclass field whose help text feeds the CLI flag and the docs."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
 @dataclass(frozen=True)
 class NetConfig:
     """Architecture of a k-layer network: k - 1 hidden blocks and a linear output layer.
@@ -39,17 +44,18 @@ class NetConfig:
 
     d: int  # input dimension (3072 for CIFAR-10)
     num_classes: int = 10
-    hidden: tuple[int, ...] = (50, 50)  # widths of the k - 1 hidden layers
-    batch_norm: bool = True
-    bn_position: str = "before"  # "before" or "after" the ReLU
-    bn_alpha: float = 0.9  # running average keeps alpha of the old value
-    bn_eps: float = BN_EPS
-    bn_convention: str = "assignment"  # or "pytorch" (see Network)
-    init: str = "he"  # "he", "xavier" or "normal" (fixed sigma)
-    init_sigma: float = 1e-4  # std of the "normal" initialization
-    dropout: float = 0.0  # drop probability of hidden units while training
-    skip: bool = False
-    dtype: str = "float32"
+    hidden: tuple[int, ...] = _f((50, 50), "hidden widths, comma-separated")
+    batch_norm: bool = _f(True, "batch norm in every hidden layer")
+    bn_position: str = _f("before", "batch norm before or after the ReLU", choices=BN_POSITIONS)
+    bn_alpha: float = _f(0.9, "running averages keep alpha of their old value")
+    bn_eps: float = _f(BN_EPS, "batch-norm epsilon")
+    bn_convention: str = _f("assignment", "running-statistics convention",
+                            choices=BN_CONVENTIONS)
+    init: str = _f("he", "weight initialization", choices=INITS)
+    init_sigma: float = _f(1e-4, "standard deviation of init = normal")
+    dropout: float = _f(0.0, "dropout probability of hidden units")
+    skip: bool = _f(False, "residual skip connections between equal-width hidden layers")
+    dtype: str = _f("float32", "floating-point type of training", choices=DTYPES)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", _widths(self.hidden))
@@ -103,6 +109,16 @@ class NetConfig:
         return cls(**d)
 
 
+# The architecture fields a TrainConfig carries (all of NetConfig's but the data's d, K).
+ARCH_FIELDS = tuple(f.name for f in fields(NetConfig) if f.name not in ("d", "num_classes"))
+
+
+def _arch(name: str, **meta: Any) -> Any:
+    """TrainConfig's field for NetConfig's ``name``: the same default and help."""
+    f = next(f for f in fields(NetConfig) if f.name == name)
+    return field(default=f.default, metadata={**f.metadata, **meta})
+
+
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -133,11 +149,6 @@ SCHEDULES = ("cyclic", "constant", "step", "exponential", "one_cycle")  # schedu
 LENGTH_KEYS = ("cycles", "epochs", "steps")
 
 
-def _f(default: Any, help: str, **meta: Any) -> Any:
-    """A dataclass field whose help text feeds the CLI flag and the docs."""
-    return field(default=default, metadata={"help": help, **meta})
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything one training run needs; defaults are the assignment's recipe.
@@ -156,19 +167,18 @@ class TrainConfig:
     strict_checksums: bool = _f(False, "refuse CIFAR-10 files whose checksums differ")
     n_train: int | None = _f(None, "train on the first N training examples only (e.g. 100: "
                              "the assignment's overfitting check); default all")
-    # architecture (see NetConfig)
-    hidden: tuple[int, ...] = _f((50, 50), "hidden widths, comma-separated")
-    batch_norm: bool = _f(True, "batch norm in every hidden layer")
-    bn_position: str = _f("before", "batch norm before or after the ReLU", choices=BN_POSITIONS)
-    bn_alpha: float = _f(0.9, "running averages keep alpha of their old value")
-    bn_eps: float = _f(BN_EPS, "batch-norm epsilon")
-    bn_convention: str = _f("assignment", "running-statistics convention",
-                            choices=BN_CONVENTIONS)
-    init: str = _f("he", "weight initialization", choices=INITS)
-    init_sigma: float = _f(1e-4, "standard deviation of init = normal")
-    dropout: float = _f(0.0, "dropout probability of hidden units")
-    skip: bool = _f(False, "residual skip connections between equal-width hidden layers")
-    dtype: str = _f("float32", "floating-point type of training", choices=DTYPES[:2])
+    # architecture: NetConfig's fields, with its defaults and help (``_arch``)
+    hidden: tuple[int, ...] = _arch("hidden")
+    batch_norm: bool = _arch("batch_norm")
+    bn_position: str = _arch("bn_position")
+    bn_alpha: float = _arch("bn_alpha")
+    bn_eps: float = _arch("bn_eps")
+    bn_convention: str = _arch("bn_convention")
+    init: str = _arch("init")
+    init_sigma: float = _arch("init_sigma")
+    dropout: float = _arch("dropout")
+    skip: bool = _arch("skip")
+    dtype: str = _arch("dtype", choices=DTYPES[:2])  # longdouble is for gradient checks
     # cost
     lam: float = _f(0.005, "L2 regularization lambda on the weight matrices", flag="lambda")
     label_smoothing: float = _f(0.0, "label smoothing epsilon")
@@ -264,12 +274,7 @@ class TrainConfig:
 
     def net_config(self, d: int, num_classes: int = 10) -> NetConfig:
         """The architecture part, for inputs of dimension d."""
-        return NetConfig(
-            d=d, num_classes=num_classes, hidden=self.hidden, batch_norm=self.batch_norm,
-            bn_position=self.bn_position, bn_alpha=self.bn_alpha, bn_eps=self.bn_eps,
-            bn_convention=self.bn_convention, init=self.init, init_sigma=self.init_sigma,
-            dropout=self.dropout, skip=self.skip, dtype=self.dtype,
-        )
+        return NetConfig(d, num_classes, **{name: getattr(self, name) for name in ARCH_FIELDS})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values keyed by their TOML names (``lambda`` for ``lam``)."""

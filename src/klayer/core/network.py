@@ -38,6 +38,7 @@ from klayer.core.losses import accuracy, cross_entropy, l2_penalty, softmax_cros
 
 Labels = npt.NDArray[np.integer]
 EVAL_CHUNK = 1000  # rows per evaluation chunk (benchmarks/bench_load.py measures it)
+Sink = list[tuple[int, Array, Array]]  # (layer, batch mean, biased batch variance), PreciseBN
 
 
 class LayerCache(NamedTuple):
@@ -146,14 +147,8 @@ class Network:
 
     # --- forward ------------------------------------------------------------
 
-    def forward(
-        self,
-        X: Array,
-        train: bool,
-        rng: Any = None,
-        update_stats: bool = True,
-        stats_sink: list[tuple[int, Array, Array]] | None = None,
-    ) -> tuple[Array, list[LayerCache]]:
+    def forward(self, X: Array, train: bool, rng: Any = None, update_stats: bool = True,
+                stats_sink: Sink | None = None) -> tuple[Array, list[LayerCache]]:
         """Scores (n, K) and, in training mode, the per-layer caches for ``backward``.
 
         Training mode normalizes with batch statistics, applies dropout (``rng``, a
@@ -217,16 +212,8 @@ class Network:
     def _dropout_mask(self, shape: tuple[int, ...], rng: np.random.Generator) -> Array:
         return dropout_mask(shape, self.config.dropout, rng, self.dtype)
 
-    def _batchnorm(
-        self,
-        s: Array,
-        l: int,
-        train: bool,
-        update_stats: bool,
-        sink: list[tuple[int, Array, Array]] | None,
-        relu: bool = False,
-        bias: Array | None = None,
-    ) -> tuple[Array, BNCache | None]:
+    def _batchnorm(self, s: Array, l: int, train: bool, update_stats: bool, sink: Sink | None,
+                   relu: bool = False, bias: Array | None = None) -> tuple[Array, BNCache | None]:
         """Batch norm of layer l (then a ReLU when ``relu``): its output and cache.
 
         ``bias``, the linear map's b when the caller left it out, is added to s first
@@ -261,9 +248,7 @@ class Network:
         update_running(self.stats[f"mu{l}"], self.stats[f"var{l}"], mu, var, n,
                        self.config, first=self.bn_updates == 0)
 
-    def set_population_stats(
-        self, sink: list[tuple[int, Array, Array]], sizes: list[int]
-    ) -> None:
+    def set_population_stats(self, sink: Sink, sizes: list[int]) -> None:
         """Replace the running statistics by those of all samples together (PreciseBN):
         ``sink`` and ``sizes`` as ``bnstats.population_stats`` takes them."""
         for l, (mu, var) in population_stats(sink, sizes, self.config.bn_convention).items():
@@ -272,9 +257,8 @@ class Network:
 
     # --- backward -----------------------------------------------------------
 
-    def backward(
-        self, dscores: Array, caches: list[LayerCache], lam: float = 0.0
-    ) -> dict[str, Array]:
+    def backward(self, dscores: Array, caches: list[LayerCache],
+                 lam: float = 0.0) -> dict[str, Array]:
         """Gradients of J for every parameter, from dJ/dscores (n, K) and ``forward``'s caches.
 
         Returns a fresh dict (gradients never accumulate across calls) in
@@ -301,13 +285,11 @@ class Network:
             elif cfg.bn_position == "before":
                 assert c.bn is not None
                 ds, grads[f"gamma{l}"], grads[f"beta{l}"], db = _bn_relu_backward(
-                    dh, c.relu_out, c.bn, p[f"gamma{l}"]
-                )
+                    dh, c.relu_out, c.bn, p[f"gamma{l}"])
             else:
                 assert c.bn is not None
                 dr, grads[f"gamma{l}"], grads[f"beta{l}"] = batchnorm_backward(
-                    dh, c.bn, p[f"gamma{l}"]
-                )
+                    dh, c.bn, p[f"gamma{l}"])
                 ds = relu_backward(dr, c.relu_out)
             if l in self._skips:
                 pending[self._skips[l]] = ds
@@ -320,16 +302,10 @@ class Network:
 
     # --- cost, gradients, evaluation ------------------------------------------
 
-    def loss_and_grads(
-        self,
-        X: Array,
-        y: Labels,
-        lam: float = 0.0,
-        rng: np.random.Generator | None = None,
-        label_smoothing: float = 0.0,
-        check: bool = True,
-        grad_l2: bool = True,
-    ) -> tuple[float, float, dict[str, Array]]:
+    def loss_and_grads(self, X: Array, y: Labels, lam: float = 0.0,
+                       rng: np.random.Generator | None = None, label_smoothing: float = 0.0,
+                       check: bool = True, grad_l2: bool = True,
+                       ) -> tuple[float, float, dict[str, Array]]:
         """One training-mode pass: (loss, cost, gradients of the cost).
 
         With ``grad_l2=False`` the gradients leave out the L2 term 2 lambda W, for an
@@ -342,15 +318,8 @@ class Network:
         cost = loss + l2_penalty(self.weights(), lam)
         return loss, cost, self.backward(dscores, caches, lam if grad_l2 else 0.0)
 
-    def cost(
-        self,
-        X: Array,
-        y: Labels,
-        lam: float = 0.0,
-        train: bool = False,
-        rng: np.random.Generator | None = None,
-        label_smoothing: float = 0.0,
-    ) -> float:
+    def cost(self, X: Array, y: Labels, lam: float = 0.0, train: bool = False,
+             rng: np.random.Generator | None = None, label_smoothing: float = 0.0) -> float:
         """J(X, y) in training or evaluation mode (training mode updates running stats)."""
         X, y = self.check_inputs(X, y)
         scores, _ = self.forward(X, train=train, rng=rng)
@@ -362,12 +331,8 @@ class Network:
             X, _ = self.check_inputs(X)
         if len(X) <= EVAL_CHUNK:
             return self.forward(X, train=False)[0]
-        return np.concatenate(
-            [
-                self.forward(X[i : i + EVAL_CHUNK], train=False)[0]
-                for i in range(0, len(X), EVAL_CHUNK)
-            ]
-        )
+        return np.concatenate([self.forward(X[i : i + EVAL_CHUNK], train=False)[0]
+                               for i in range(0, len(X), EVAL_CHUNK)])
 
     def predict(self, X: Array) -> npt.NDArray[np.intp]:
         """Most likely class per row (n,)."""
@@ -386,13 +351,11 @@ class Network:
         """Validate X (n, d) and labels y (n,) in [0, K); return X in the network's dtype."""
         X = np.asarray(X)
         if X.ndim != 2:
-            raise ValueError(
-                f"X must be a 2-D array (n examples x d features), got shape {X.shape}"
-            )
+            raise ValueError(f"X must be a 2-D array (n examples x d features), got shape "
+                             f"{X.shape}")
         if X.shape[1] != self.config.d:
-            raise ValueError(
-                f"X has {X.shape[1]} features per row but the network expects d = {self.config.d}"
-            )
+            raise ValueError(f"X has {X.shape[1]} features per row but the network expects "
+                             f"d = {self.config.d}")
         if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
             raise ValueError(f"X must hold real numbers, got dtype {X.dtype}")
         X = X.astype(self.dtype, copy=False)
@@ -411,9 +374,8 @@ class Network:
         return X, y
 
 
-def _bn_relu_backward(
-    dh: Array, relu_out: Array, cache: BNCache, gamma: Array
-) -> tuple[Array, Array, Array, Array | None]:
+def _bn_relu_backward(dh: Array, relu_out: Array, cache: BNCache,
+                      gamma: Array) -> tuple[Array, Array, Array, Array | None]:
     """Backward through ReLU then batch norm: (ds, dgamma, dbeta, db), fused in C where it
     can be, with db = sum_i ds_i, the bias gradient of the layer's linear map (None from
     the NumPy code: ``bias_backward`` sums it then)."""

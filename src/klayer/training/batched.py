@@ -28,10 +28,10 @@ from klayer.core.layers import Array
 from klayer.core.network import Network, training_loss
 from klayer.core.optim import SGD
 from klayer.core.stack import Stack
-from klayer.data.augment import random_flip, random_translate
 from klayer.data.datasets import Data
 from klayer.training.evaluation import evaluate_many
 from klayer.training.plan import make_optimizer_for
+from klayer.training.trainer import MiniBatches, streams
 
 # TrainConfig fields that may differ between the trials of one batch.
 BATCHABLE = ("lam", "eta_min", "eta_max", "eta", "decay", "seed", "name")
@@ -87,38 +87,24 @@ class BatchedTrainer:
         self.diverged: dict[int, str] = {}
         nets, self.dropout_rngs = [], []
         for c in cfgs:
-            init_rng, _, dropout_rng, _ = (np.random.default_rng(s)
-                                           for s in np.random.SeedSequence(c.seed).spawn(4))
+            init_rng, _, dropout_rng, _ = streams(c.seed)
             nets.append(Network(c.net_config(d=data.d, num_classes=data.num_classes),
                                 rng=init_rng))
             self.dropout_rngs.append(dropout_rng)
-        order = np.random.SeedSequence(cfgs[0].shuffle_seed if order_seed is None else order_seed)
-        _, self.shuffle_rng, _, self.aug_rng = (np.random.default_rng(s) for s in order.spawn(4))
         self.stack = Stack(nets)
+        self.batches = MiniBatches(self.cfg, data, steps_per_epoch, self.stack.dtype,
+                                   cfgs[0].shuffle_seed if order_seed is None else order_seed)
         self.opt = make_optimizer_for(self.cfg)  # the lone trainer's, given per_trial
         self.t = 0
         self._penalty: Array | None = None  # sum_l ||W_l||^2 per trial, when known
-        self._batch: Array | None = None  # the mini-batch buffer, reused
-        self.order = np.arange(len(data.train.y))
         self.eval_every = eval_every
         # trial index -> [(step, validation accuracy)] every eval_every steps, from step 0
         self.curves: dict[int, list[tuple[int, float]]] = {i: [] for i in range(len(cfgs))}
 
     def step(self) -> None:
         """One update of every remaining trial on the next shared mini-batch."""
-        cfg, data, stack, t = self.cfg, self.data, self.stack, self.t
-        pos = (t % self.steps_per_epoch) * cfg.n_batch
-        if pos == 0 and cfg.shuffle:
-            self.order = self.shuffle_rng.permutation(len(data.train.y))
-        idx = self.order[pos : pos + cfg.n_batch]
-        X = data.standardize_rows(data.train.X, idx, dtype=stack.dtype, out=self._batch)
-        self._batch = X  # the next step's mini-batch goes into the same memory
-        if data.image_shape is not None:
-            if cfg.flip:
-                X = random_flip(X, data.image_shape, self.aug_rng)
-            if cfg.translate:
-                X = random_translate(X, data.image_shape, cfg.translate, self.aug_rng)
-        y = data.train.y[idx]
+        cfg, stack, t = self.cfg, self.stack, self.t
+        X, y = self.batches(t)  # the lone Trainer's mini-batch t, shared by all trials
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             scores, caches = stack.forward(X, train=True, rng=self.dropout_rngs)
             loss, dscores = training_loss(scores, y, cfg.label_smoothing)

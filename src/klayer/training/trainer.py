@@ -29,7 +29,7 @@ from klayer import __version__
 from klayer.core import kernels
 from klayer.core.config import TrainConfig
 from klayer.core.layers import Array
-from klayer.core.network import Metrics, Network
+from klayer.core.network import Labels, Metrics, Network
 from klayer.data.augment import hflip, random_flip, random_translate
 from klayer.data.batchfile import DataError
 from klayer.data.datasets import Data, data_fingerprint
@@ -91,14 +91,13 @@ class Trainer:
         self.train_curve = train_curve  # False: evaluations before the last skip the train set
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.plan = make_plan(cfg, len(data.train.y))
-        init_rng, _, self.dropout_rng, _ = _streams(cfg.seed)
-        _, self.shuffle_rng, _, self.aug_rng = _streams(cfg.shuffle_seed)  # order_seed, or seed
+        init_rng, _, self.dropout_rng, _ = streams(cfg.seed)
         self.net = Network(cfg.net_config(d=data.d, num_classes=data.num_classes), rng=init_rng)
+        self.batches = MiniBatches(cfg, data, self.plan.steps_per_epoch, self.net.dtype,
+                                   cfg.shuffle_seed)  # order_seed, or seed
         self.opt = make_optimizer_for(cfg)
         self.t = 0  # updates done
         self.rows: list[dict[str, float]] = []
-        self.order = np.arange(len(data.train.y))  # this epoch's example order
-        self._batch: np.ndarray | None = None  # the mini-batch buffer, reused
         self.elapsed = 0.0  # training seconds spent before this process (on resume)
         self.finished = False  # final batch-norm statistics and evaluation done
         self.last_checkpoint: Path | None = None
@@ -113,16 +112,9 @@ class Trainer:
     def step(self) -> float:
         """One mini-batch update; returns the mini-batch loss."""
         cfg, data, net, t = self.cfg, self.data, self.net, self.t
-        pos = (t % self.plan.steps_per_epoch) * cfg.n_batch
-        if pos == 0 and cfg.shuffle:
-            self.order = self.shuffle_rng.permutation(len(data.train.y))
-        idx = self.order[pos : pos + cfg.n_batch]
-        Xb = data.standardize_rows(data.train.X, idx, dtype=net.dtype,  # (n_batch, d)
-                                   out=self._batch)
-        self._batch = Xb  # the next step's mini-batch goes into the same memory
-        Xb = _augment(Xb, data, cfg, self.aug_rng)
+        Xb, yb = self.batches(t)  # (n_batch, d), (n_batch,)
         with np.errstate(over="ignore", invalid="ignore"):  # a non-finite cost is checked next
-            loss, cost, grads = net.loss_and_grads(Xb, data.train.y[idx], cfg.lam,
+            loss, cost, grads = net.loss_and_grads(Xb, yb, cfg.lam,
                                                    rng=self.dropout_rng,
                                                    label_smoothing=cfg.label_smoothing,
                                                    check=False, grad_l2=False)
@@ -214,7 +206,7 @@ class Trainer:
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Everything needed to continue this run bit-identically, as plain arrays."""
-        rngs = (self.shuffle_rng, self.dropout_rng, self.aug_rng)
+        rngs = (self.batches.shuffle_rng, self.dropout_rng, self.batches.aug_rng)
         rows = [[float(row[k]) for k in METRIC_FIELDS] for row in self.rows]
         d: dict[str, np.ndarray] = {
             "step": np.array(self.t, dtype=np.int64),
@@ -223,7 +215,7 @@ class Trainer:
             "config": np.array(json.dumps(self.cfg.to_dict(), sort_keys=True)),
             "data": np.array(self._fingerprint()),
             "bn_updates": np.array(self.net.bn_updates, dtype=np.int64),
-            "order": np.asarray(self.order, dtype=np.int64),
+            "order": np.asarray(self.batches.order, dtype=np.int64),
             "rng": np.array([json.dumps(g.bit_generator.state) for g in rngs]),
             "metric_fields": np.array(METRIC_FIELDS),
             "metrics": np.array(rows, dtype=np.float64).reshape(len(rows), len(METRIC_FIELDS)),
@@ -267,8 +259,8 @@ class Trainer:
         self.net.params.update(params)
         self.net.stats.update(stats)
         self.net.bn_updates = trainstate.int_field(d, "bn_updates")
-        self.opt, self.t, self.order, self.rows = opt, t, order, rows
-        self.shuffle_rng, self.dropout_rng, self.aug_rng = rngs
+        self.opt, self.t, self.batches.order, self.rows = opt, t, order, rows
+        self.batches.shuffle_rng, self.dropout_rng, self.batches.aug_rng = rngs
         self.finished, self.elapsed = finished, elapsed
 
     def _fingerprint(self) -> str:
@@ -308,20 +300,40 @@ def train(cfg: TrainConfig, data: Data,
     return Trainer(cfg, data, callback, train_curve=train_curve).run()
 
 
-def _streams(seed: int) -> list[np.random.Generator]:
+def streams(seed: int) -> list[np.random.Generator]:
     """The four generators of SeedSequence(seed): initialization, shuffling, dropout and
-    augmentation."""
+    augmentation (one stream each, so that turning dropout on keeps the batch order)."""
     return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4)]
 
 
-def _augment(Xb: Array, data: Data, cfg: TrainConfig, rng: np.random.Generator) -> Array:
-    if data.image_shape is None:
-        return Xb
-    if cfg.flip:
-        Xb = random_flip(Xb, data.image_shape, rng)
-    if cfg.translate:
-        Xb = random_translate(Xb, data.image_shape, cfg.translate, rng)
-    return Xb
+class MiniBatches:
+    """A run's mini-batches: each epoch a new order of the training set (``shuffle``),
+    then n_batch rows at a time, standardized into one reused buffer and augmented.
+
+    The shuffling and augmentation generators come from SeedSequence(``seed``), so runs
+    (or a stack of trials) given the same seed see the same mini-batches.
+    """
+
+    def __init__(self, cfg: TrainConfig, data: Data, steps_per_epoch: int, dtype: Any,
+                 seed: int) -> None:
+        self.cfg, self.data, self.per_epoch, self.dtype = cfg, data, steps_per_epoch, dtype
+        _, self.shuffle_rng, _, self.aug_rng = streams(seed)
+        self.order = np.arange(len(data.train.y))  # this epoch's example order
+        self._buf: Array | None = None
+
+    def __call__(self, t: int) -> tuple[Array, Labels]:
+        """Mini-batch t (0-based update count): X (n_batch, d), y (n_batch,)."""
+        cfg, data = self.cfg, self.data
+        pos = (t % self.per_epoch) * cfg.n_batch
+        if pos == 0 and cfg.shuffle:
+            self.order = self.shuffle_rng.permutation(len(data.train.y))
+        idx = self.order[pos : pos + cfg.n_batch]
+        X = self._buf = data.standardize_rows(data.train.X, idx, dtype=self.dtype, out=self._buf)
+        if data.image_shape is not None and cfg.flip:
+            X = random_flip(X, data.image_shape, self.aug_rng)
+        if data.image_shape is not None and cfg.translate:
+            X = random_translate(X, data.image_shape, cfg.translate, self.aug_rng)
+        return X, data.train.y[idx]
 
 
 def _notify(callback: Callable[[str, dict[str, float]], None] | None, kind: str,

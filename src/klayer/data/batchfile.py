@@ -1,8 +1,8 @@
 """One CIFAR-10 "python version" batch file, read safely; the errors of dataset files.
 
-CIFAR-10's batches are pickled dicts. Unpickling runs code named in the file, so they
-go through ``_SafeUnpickler``, which only rebuilds NumPy arrays; ``load_batch`` then
-checks what came out. This module is core: NumPy only.
+The batches are pickled dicts, and unpickling runs code named in the file, so they go
+through ``_SafeUnpickler``, which only rebuilds NumPy arrays; ``load_batch`` then checks
+what came out.
 """
 
 from __future__ import annotations
@@ -29,13 +29,6 @@ class DataNotFoundError(DataError):
 
 class ChecksumError(DataError):
     """A file's size or MD5 differs from the expected one."""
-
-
-def not_found(path: Path) -> DataNotFoundError:
-    return DataNotFoundError(f"{path}: no such file; run `klayer data fetch` or pass --data-dir")
-
-
-# --- safe unpickling ------------------------------------------------------------------
 
 
 def _numpy_attr(modules: tuple[str, ...], name: str) -> Any:
@@ -88,7 +81,8 @@ def _unpickle(path: Path) -> Any:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise not_found(path) from None
+        raise DataNotFoundError(f"{path}: no such file; run `klayer data fetch` or pass "
+                                "--data-dir") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e}") from e
     try:
@@ -97,9 +91,6 @@ def _unpickle(path: Path) -> Any:
     except Exception as e:  # corrupt bytes raise anything from EOFError to MemoryError
         raise DataError(f"{path}: not a readable CIFAR-10 batch "
                         f"({type(e).__name__}: {e})") from e
-
-
-# --- batches ----------------------------------------------------------------------------
 
 
 def _field(batch: dict[Any, Any], key: str, path: Path) -> Any:

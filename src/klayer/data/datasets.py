@@ -1,10 +1,8 @@
 """Datasets: CIFAR-10 with a decoded cache, a synthetic stand-in, splits, standardization.
 
-CIFAR-10's "python version" is six pickled dicts, read safely by ``batchfile.load_batch``
-(whose errors, ``DataError`` and its kinds, this module re-exports).
 Images stay uint8 (60,000 x 3072 is 184 MB; float64 would be 1.5 GB): ``Data.standardize``
-turns the rows the training loop asks for into floats, one mini-batch at a time.
-The first load writes the decoded pixels beside the batches as ``.npy`` files, so later
+turns the rows the training loop asks for into floats, one mini-batch at a time. The first
+CIFAR-10 load writes the decoded pixels beside the batches as ``.npy`` files, so later
 loads map them from disk in well under a second.
 """
 
@@ -22,12 +20,8 @@ import numpy as np
 import numpy.typing as npt
 
 from klayer.core import kernels
-from klayer.data.batchfile import (
-    D_CIFAR,
-    load_batch,
-    not_found,
-)
-from klayer.data.files import atomic_write
+from klayer.data.batchfile import D_CIFAR, load_batch
+from klayer.data.files import atomic_write, file_stats
 
 log = logging.getLogger(__name__)
 Decoded = tuple[np.ndarray, np.ndarray, list[int]]  # X (N, 3072) uint8, y (N,), rows per batch
@@ -35,8 +29,7 @@ Decoded = tuple[np.ndarray, np.ndarray, list[int]]  # X (N, 3072) uint8, y (N,),
 CIFAR_SHAPE = (3, 32, 32)
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                  "dog", "frog", "horse", "ship", "truck")
-TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
-TEST_BATCH = "test_batch"
+BATCHES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
 CACHE_X = "klayer-decoded-v1-X.npy"
 CACHE_Y = "klayer-decoded-v1-y.npy"
 CACHE_KEY = "klayer-decoded-v1.json"
@@ -44,9 +37,6 @@ STD_FLOOR = 1e-8  # a constant feature then standardizes to 0 instead of dividin
 SPLITS = ("full", "assignment")
 SYNTH_SPREAD = 1.1  # blob spread vs unit noise: an MLP gets ~90 %, a linear model ~65 %
 SYNTH_MODES = 5  # blobs per class
-
-
-# --- splits and standardization ------------------------------------------------------------
 
 
 def feature_stats(X: np.ndarray, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
@@ -87,17 +77,12 @@ class Split:
         return int(self.X.shape[0])
 
 
-def _empty() -> npt.NDArray[np.float64]:
-    return np.empty(0, dtype=np.float64)
-
-
 @dataclass(eq=False)
 class Data:
-    """Train/val/test splits plus the training split's per-feature mean and std.
+    """Train/val/test splits plus the per-feature mean and std that standardize them.
 
-    Leave ``mean``/``std`` out to compute them from ``train``; ``classes`` defaults to
-    "0", "1", ... . Standardization uses training statistics only, so no information
-    leaks from validation or test data.
+    Leave ``mean``/``std`` out to compute them from ``train`` only, so nothing leaks from
+    validation or test data; ``classes`` defaults to "0", "1", ... .
     """
 
     train: Split
@@ -106,8 +91,8 @@ class Data:
     num_classes: int
     name: str = "custom"
     image_shape: tuple[int, int, int] | None = None
-    mean: npt.NDArray[np.float64] = field(default_factory=_empty)
-    std: npt.NDArray[np.float64] = field(default_factory=_empty)
+    mean: npt.NDArray[np.float64] = field(default_factory=lambda: np.empty(0))
+    std: npt.NDArray[np.float64] = field(default_factory=lambda: np.empty(0))
     classes: tuple[str, ...] = ()
     _scale: dict[Any, tuple[np.ndarray, np.ndarray]] = field(
         default_factory=dict, init=False, repr=False)
@@ -138,10 +123,7 @@ class Data:
         return self.train.n
 
     def standardize(self, X_raw: np.ndarray, dtype: npt.DTypeLike = np.float32) -> np.ndarray:
-        """(X_raw - mean) / std as a new (n, d) array of ``dtype``.
-
-        Called once per mini-batch, so the shift and 1/std are kept per dtype.
-        """
+        """(X_raw - mean) / std as a new (n, d) array of ``dtype``."""
         shift, inv_std = self._scaling(dtype)
         out = np.array(X_raw, dtype=shift.dtype)  # a plain copy, even of a memmap slice
         out -= shift
@@ -154,10 +136,9 @@ class Data:
         """``standardize(X_raw[idx])``: a mini-batch, in one fused pass where it can be.
 
         With the C kernels, float32 and uint8 rows, the rows are gathered, converted and
-        standardized in one pass, with the same float32 rounding as ``standardize``,
-        into ``out`` when it fits (a training loop's buffer, reused every step: a new
-        1.2 MB array per step costs page faults whenever the C library hands the memory
-        back to the system between steps).
+        standardized in one pass (same rounding as ``standardize``) into ``out`` when it
+        fits: a training loop's buffer, reused so that no step pays page faults for a
+        new 1.2 MB array.
         """
         shift, inv_std = self._scaling(dtype)
         if (X_raw.dtype == np.uint8 and X_raw.ndim == 2 and X_raw.flags.c_contiguous
@@ -166,7 +147,8 @@ class Data:
         return self.standardize(X_raw[idx], dtype)
 
     def _scaling(self, dtype: npt.DTypeLike) -> tuple[np.ndarray, np.ndarray]:
-        """The shift (mean) and scale (1 / std) in ``dtype``, made once per dtype."""
+        """The shift (mean) and scale (1 / std) in ``dtype``, made once per dtype: the
+        standardizations run once per mini-batch."""
         key = np.dtype(dtype)
         if key not in self._scale:
             self._scale[key] = (self.mean.astype(key), (1.0 / self.std).astype(key))
@@ -200,26 +182,9 @@ def data_fingerprint(data: Data) -> str:
     return "sha256:" + h.hexdigest()
 
 
-# --- CIFAR-10 -----------------------------------------------------------------------------
-
-
-def _source_key(folder: Path) -> dict[str, list[int]]:
-    """Size and mtime of each source batch: the decoded cache is valid while these match."""
-    key = {}
-    for name in (*TRAIN_BATCHES, TEST_BATCH):
-        try:
-            st = (folder / name).stat()
-        except FileNotFoundError:
-            raise not_found(folder / name) from None
-        key[name] = [st.st_size, st.st_mtime_ns]
-    return key
-
-
 def _read_cache(folder: Path, files: dict[str, list[int]]) -> Decoded | None:
-    """The cached (X memmap, y, rows per batch) if made from exactly these ``files``.
-
-    Anything stale, unreadable or malformed gives None, so the caller rebuilds it.
-    """
+    """The cached (X memmap, y, rows per batch) if made from exactly these ``files``;
+    None for anything stale, unreadable or malformed, so the caller rebuilds it."""
     try:
         key = json.loads((folder / CACHE_KEY).read_text())
         rows = [int(r) for r in key["rows"]]
@@ -238,37 +203,33 @@ def _read_cache(folder: Path, files: dict[str, list[int]]) -> Decoded | None:
     return X, y, rows
 
 
-def _write_cache(folder: Path, key: dict[str, Any], X: np.ndarray, y: np.ndarray) -> bool:
-    """Store the decoded arrays; False (never an error) if the folder is not writable."""
+def _write_cache(folder: Path, key: dict[str, Any], X: np.ndarray, y: np.ndarray) -> None:
+    """Store the decoded arrays; a folder that is not writable only means no cache."""
     try:
         (folder / CACHE_KEY).unlink(missing_ok=True)  # invalid until both arrays are in
         atomic_write(folder / CACHE_X, lambda f: np.save(f, X))
         atomic_write(folder / CACHE_Y, lambda f: np.save(f, y))
         atomic_write(folder / CACHE_KEY, lambda f: f.write(json.dumps(key).encode()))
-        return True
     except OSError as e:
         log.debug("not caching decoded CIFAR-10 in %s: %s", folder, e)
-        return False
 
 
 def _load_all(folder: Path) -> Decoded:
     """Every image, batches 1-5 then test, with each batch's row count.
 
-    Maps the decoded cache when it matches the batch files; otherwise decodes the
-    batches, (re)writes the cache and maps that, so both paths use memory alike.
+    Maps the decoded cache when it matches the batch files' sizes and mtimes; otherwise
+    decodes the batches (a missing one is DataNotFoundError), (re)writes the cache and
+    maps that, so both paths use memory alike.
     """
-    files = _source_key(folder)
-    cached = _read_cache(folder, files)
-    if cached is not None:
+    files = file_stats(folder, BATCHES)
+    if cached := _read_cache(folder, files):
         return cached
-    parts = [load_batch(folder / name) for name in (*TRAIN_BATCHES, TEST_BATCH)]
+    parts = [load_batch(folder / name) for name in BATCHES]
     rows = [len(y) for _, y in parts]
-    X = np.concatenate([x for x, _ in parts])
-    y = np.concatenate([y for _, y in parts])
+    X, y = np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
     del parts
-    if _write_cache(folder, {"files": files, "rows": rows}, X, y):
-        cached = _read_cache(folder, files)
-    return cached or (X, y, rows)
+    _write_cache(folder, {"files": files, "rows": rows}, X, y)
+    return _read_cache(folder, files) or (X, y, rows)
 
 
 def load_cifar10(folder: str | Path, split: str = "full", val_size: int = 5000) -> Data:
@@ -294,9 +255,6 @@ def load_cifar10(folder: str | Path, split: str = "full", val_size: int = 5000) 
                 classes=CIFAR_CLASSES)
 
 
-# --- synthetic ----------------------------------------------------------------------------
-
-
 def make_synthetic(n_train: int = 2000, n_val: int = 500, n_test: int = 500, d: int = 32,
                    num_classes: int = 10, seed: int = 0) -> Data:
     """A seeded, learnable stand-in for CIFAR-10 that needs no files.
@@ -309,14 +267,12 @@ def make_synthetic(n_train: int = 2000, n_val: int = 500, n_test: int = 500, d: 
         raise ValueError("make_synthetic needs n_train, n_val, n_test, d >= 1 and "
                          "num_classes >= 2")
     rng = np.random.default_rng(seed)
-    modes = SYNTH_MODES
-    centers = rng.normal(0.0, SYNTH_SPREAD, size=(num_classes, modes, d))
+    centers = rng.normal(0.0, SYNTH_SPREAD, size=(num_classes, SYNTH_MODES, d))
     n = n_train + n_val + n_test
     y = rng.integers(0, num_classes, size=n)
-    mode = rng.integers(0, modes, size=n)
+    mode = rng.integers(0, SYNTH_MODES, size=n)
     X = centers[y, mode] + rng.normal(0.0, 1.0, size=(n, d))
     X += np.sin(X)  # the twist: blobs bend, so even one per class is not exactly linear
     cuts = (n_train, n_train + n_val)
-    Xs, ys = np.split(X, cuts), np.split(y, cuts)
-    train, val, test = (Split(a, b) for a, b in zip(Xs, ys, strict=True))
+    train, val, test = map(Split, np.split(X, cuts), np.split(y, cuts))
     return Data(train, val, test, num_classes=num_classes, name="synthetic")

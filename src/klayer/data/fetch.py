@@ -1,8 +1,7 @@
 """Getting datasets onto disk: CIFAR-10's download, safe extraction and checksums; digits.
 
-Everything that touches the network or a shared folder lives here, above the NumPy-only
-core. Writers take a file lock in the data folder and build in temporary names beside
-the target, then rename, so an interrupted or concurrent fetch never leaves half a dataset.
+Writers hold a file lock in the data folder and build under temporary names beside the
+target, then rename, so an interrupted or concurrent fetch never leaves half a dataset.
 """
 
 from __future__ import annotations
@@ -19,15 +18,14 @@ import urllib.error
 import urllib.request
 import warnings
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, suppress
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from klayer.data.batchfile import ChecksumError, DataError, DataNotFoundError
-from klayer.data.datasets import TEST_BATCH, TRAIN_BATCHES, Data, Split
-from klayer.data.files import atomic_write
+from klayer.data.datasets import BATCHES, Data, Split
+from klayer.data.files import atomic_write, file_stats
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_SIZE = 170_498_071
@@ -44,7 +42,7 @@ CIFAR10_FILE_MD5 = {
 }
 ARCHIVE_NAME = "cifar-10-python.tar.gz"
 FOLDER_NAME = "cifar-10-batches-py"
-REQUIRED = (*TRAIN_BATCHES, TEST_BATCH)
+REQUIRED = BATCHES  # what a complete batches folder holds
 LOCK_NAME = ".klayer-fetch.lock"
 TMP_PREFIX = ".klayer-tmp-"
 STAMP_NAME = ".klayer-md5-v1.json"
@@ -71,26 +69,33 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path:
     return Path(platformdirs.user_cache_dir("klayer"))
 
 
-@contextmanager
-def _locked(root: Path) -> Iterator[None]:
-    """Hold ``root``'s fetch lock, so only one process writes the dataset at a time."""
+def _locked(root: Path) -> AbstractContextManager[object]:
+    """``root``'s fetch lock, held until the ``with`` block ends: one writer at a time."""
     import filelock
 
-    lock = filelock.FileLock(str(root / LOCK_NAME))
     try:
         root.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
+        return filelock.FileLock(str(root / LOCK_NAME)).acquire()
     except OSError as e:
         raise DataError(f"{root}: cannot write there ({e}); pass --data-dir with a "
                         "writable folder") from e
-    try:
-        yield
-    finally:
-        lock.release()
 
 
-def _has_batches(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in REQUIRED)
+def _missing(folder: Path) -> list[str]:
+    return [name for name in REQUIRED if not (folder / name).is_file()]
+
+
+def _batches_in(root: Path) -> Path | None:
+    """``root`` or ``root/cifar-10-batches-py``, the first that holds every batch file."""
+    return next((p for p in (root, root / FOLDER_NAME) if not _missing(p)), None)
+
+
+def _incomplete(root: Path) -> tuple[Path, list[str]] | None:
+    """(folder, the batch files missing there) where some batches are but not all."""
+    for place in (root, root / FOLDER_NAME):
+        if len(missing := _missing(place)) < len(REQUIRED):
+            return place, missing
+    return None
 
 
 def _md5(path: Path) -> str:
@@ -99,15 +104,6 @@ def _md5(path: Path) -> str:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
-
-
-# --- download ---------------------------------------------------------------------------
-
-
-def _network_error(url: str, reason: object) -> DataNotFoundError:
-    return DataNotFoundError(
-        f"could not download {url}: {reason}. Without network access, download the archive "
-        "by hand from that URL into a folder and pass --data-dir with that folder")
 
 
 def _download(url: str, root: Path, progress: bool, timeout: float) -> Path:
@@ -125,14 +121,16 @@ def _download(url: str, root: Path, progress: bool, timeout: float) -> Path:
                     out.write(chunk)
                     bar.update(len(chunk))
             if total is not None and out.tell() != total:  # the server hung up early
-                raise _network_error(url, f"connection closed after {out.tell()} of "
-                                          f"{total} bytes")
+                raise OSError(f"connection closed after {out.tell()} of {total} bytes")
             out.flush()
             os.fsync(out.fileno())
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, (urllib.error.URLError, http.client.HTTPException, OSError)):
-            raise _network_error(url, e) from e
+            raise DataNotFoundError(
+                f"could not download {url}: {e}. Without network access, download the "
+                "archive by hand from that URL into a folder and pass --data-dir with that "
+                "folder") from e
         raise
     return tmp
 
@@ -144,9 +142,6 @@ def _verify_archive(path: Path, size: int | None, md5: str | None, label: str) -
         raise ChecksumError(f"{label}: {got} bytes, expected {size} (incomplete or wrong file)")
     if md5 is not None and (digest := _md5(path)) != md5:
         raise ChecksumError(f"{label}: MD5 {digest}, expected {md5} (corrupt or wrong file)")
-
-
-# --- safe extraction -------------------------------------------------------------------
 
 
 def _check_member(m: tarfile.TarInfo, dest: Path, archive: Path) -> None:
@@ -187,7 +182,7 @@ def _extract(archive: Path, root: Path) -> Path:
                     tar.extractall(tmp, members=members)
         except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as e:
             raise DataError(f"{archive}: cannot extract ({type(e).__name__}: {e})") from e
-        if not _has_batches(tmp / FOLDER_NAME):
+        if _missing(tmp / FOLDER_NAME):
             raise DataError(f"{archive}: no {FOLDER_NAME}/ with {', '.join(REQUIRED)} inside")
         final = root / FOLDER_NAME
         if final.exists():  # incomplete leftovers from elsewhere: swap them out
@@ -210,9 +205,8 @@ def fetch_cifar10(data_dir: str | Path | None = None, url: str = CIFAR10_URL,
     """
     root = resolve_data_dir(data_dir)
     with _locked(root):
-        folder = root / FOLDER_NAME
-        if _has_batches(folder):
-            return folder
+        if not _missing(root / FOLDER_NAME):
+            return root / FOLDER_NAME
         archive = root / ARCHIVE_NAME
         if archive.is_file():
             try:
@@ -231,39 +225,19 @@ def fetch_cifar10(data_dir: str | Path | None = None, url: str = CIFAR10_URL,
         return folder
 
 
-# --- locating and verifying -------------------------------------------------------------
-
-
-def _file_stats(folder: Path) -> dict[str, list[int]]:
-    """Size and mtime of each official file present in ``folder``: what the stamps key on."""
-    stats = {}
-    for n in CIFAR10_FILE_MD5:
-        if (folder / n).is_file():
-            st = (folder / n).stat()
-            stats[n] = [st.st_size, st.st_mtime_ns]
-    return stats
-
-
 def _file_verdicts(folder: Path, stats: dict[str, list[int]]) -> dict[str, bool]:
-    """For each official file present, whether its MD5 matches; remembered in a stamp.
-
-    The stamp is keyed by each file's size and mtime (``stats``), so batches are hashed
-    once rather than on every training start; an unwritable folder only means hashing
-    again.
-    """
-    names = list(stats)
+    """For each official file present, whether its MD5 matches; remembered in a stamp keyed
+    by the files' sizes and mtimes, so batches are not hashed on every training start."""
     stamp = folder / STAMP_NAME
     try:
         saved = json.loads(stamp.read_text())
         if saved["stats"] == stats:
-            return {n: bool(saved["ok"][n]) for n in names}
+            return {n: bool(saved["ok"][n]) for n in stats}
     except (OSError, ValueError, TypeError, KeyError):
         pass
-    ok = {n: _md5(folder / n) == CIFAR10_FILE_MD5[n] for n in names}
-    try:
+    ok = {n: _md5(folder / n) == CIFAR10_FILE_MD5[n] for n in stats}
+    with suppress(OSError):  # read-only data: fine, we hash again next time
         atomic_write(stamp, lambda f: f.write(json.dumps({"stats": stats, "ok": ok}).encode()))
-    except OSError:
-        pass  # read-only data: fine, we hash again next time
     return ok
 
 
@@ -275,13 +249,11 @@ def _checksum_problem(message: str, strict: bool) -> None:
 
 
 def _first_warning(folder: Path, stats: dict[str, list[int]]) -> bool:
-    """True the first time the checksum warning for these files is due; remembers it.
+    """True the first time the checksum warning for these files is due, in any process.
 
-    Every command, and every worker process of one, locates the data again; the warning
-    is worth showing once per folder. The marker's name carries a digest of the files'
-    sizes and mtimes and is created exclusively, so of several processes on unchanged
-    files one warns, and changed files warn again. Where no marker can be written (a
-    read-only folder) every load warns.
+    Every command and worker locates the data again; the warning is worth showing once
+    per folder. The marker, created exclusively, is named by a digest of the files'
+    sizes and mtimes, so changed files warn again. A read-only folder warns every time.
     """
     digest = hashlib.sha256(json.dumps(stats, sort_keys=True).encode()).hexdigest()[:16]
     marker = folder / f"{WARNED_PREFIX}{digest}"
@@ -298,26 +270,13 @@ def _first_warning(folder: Path, stats: dict[str, list[int]]) -> bool:
     return True
 
 
-def _incomplete(root: Path) -> tuple[Path, list[str]] | None:
-    """(folder, the batch files missing there) where some batches are but not all."""
-    for place in (root, root / FOLDER_NAME):
-        missing = [name for name in REQUIRED if not (place / name).is_file()]
-        if len(missing) < len(REQUIRED):
-            return place, missing
-    return None
-
-
-def _find_batches(root: Path, strict: bool) -> Path | None:
-    """The batches folder under ``root`` (extracting a lone archive there), or None."""
-    if _has_batches(root):
-        return root
-    if _has_batches(root / FOLDER_NAME):
-        return root / FOLDER_NAME
+def _unpack_archive(root: Path, strict: bool) -> Path | None:
+    """The batches folder unpacked from a lone archive in ``root``; None if there is none."""
     archive = root / ARCHIVE_NAME
     if not archive.is_file():
         return None
     with _locked(root):
-        if _has_batches(root / FOLDER_NAME):  # another process got there first
+        if not _missing(root / FOLDER_NAME):  # another process got there first
             return root / FOLDER_NAME
         try:
             _verify_archive(archive, CIFAR10_SIZE, CIFAR10_MD5, str(archive))
@@ -335,16 +294,15 @@ def locate_cifar10(data_dir: str | Path | None = None, strict_checksums: bool = 
     a ChecksumError when ``strict_checksums``.
     """
     root = resolve_data_dir(data_dir)
-    if not root.is_dir() and _named_by(data_dir):
-        raise _no_data_dir(root, data_dir)
-    folder = _find_batches(root, strict_checksums)
+    if error := _no_data_dir(root, data_dir):
+        raise error
+    folder = _batches_in(root) or _unpack_archive(root, strict_checksums)
     if folder is None:
-        if partial := _incomplete(root):  # some batches there, not all: say which
-            place, missing = partial
-            raise DataNotFoundError(f"CIFAR-10 in {place} is incomplete, "
-                                    f"{', '.join(missing)} missing: {HOW_TO_GET}")
+        if partial := _incomplete(root):
+            raise DataNotFoundError(f"CIFAR-10 in {partial[0]} is incomplete, "
+                                    f"{', '.join(partial[1])} missing: {HOW_TO_GET}")
         raise DataNotFoundError(f"CIFAR-10 not found in {root}: {HOW_TO_GET}")
-    stats = _file_stats(folder)
+    stats = file_stats(folder, CIFAR10_FILE_MD5)
     differ = [name for name, ok in _file_verdicts(folder, stats).items() if not ok]
     if differ and (strict_checksums or _first_warning(folder, stats)):
         _checksum_problem(f"{folder}: MD5 of {', '.join(differ)} differs from the official "
@@ -352,57 +310,44 @@ def locate_cifar10(data_dir: str | Path | None = None, strict_checksums: bool = 
     return folder
 
 
-def _named_by(data_dir: str | Path | None) -> str | None:
-    """Who named the data folder: "--data-dir", "$KLAYER_DATA_DIR", or None (the default)."""
-    if data_dir:
-        return "--data-dir"
-    return f"${ENV_VAR}" if os.environ.get(ENV_VAR) else None
-
-
 def _fetch_command(root: Path, data_dir: str | Path | None) -> str:
     """The ``klayer data fetch`` command line that downloads into ``root``."""
     return "klayer data fetch" + (f" --data-dir {shlex.quote(str(root))}" if data_dir else "")
 
 
-def _no_data_dir(root: Path, data_dir: str | Path | None) -> DataNotFoundError:
-    """The error for a named data folder that does not exist (or is a file), naming it.
-
-    A typo in --data-dir or $KLAYER_DATA_DIR should read as one, not as missing data.
-    """
-    where = f"data folder {root} (from {_named_by(data_dir)})"
+def _no_data_dir(root: Path, data_dir: str | Path | None) -> DataNotFoundError | None:
+    """The error for a data folder named by --data-dir or $KLAYER_DATA_DIR that is not a
+    folder, so that a typo reads as one rather than as missing data; else None."""
+    who = "--data-dir" if data_dir else f"${ENV_VAR}" if os.environ.get(ENV_VAR) else None
+    if root.is_dir() or who is None:
+        return None
     if root.exists():
-        return DataNotFoundError(f"{where} is a file, not a folder; name the folder that "
-                                 f"holds {FOLDER_NAME}/ or {ARCHIVE_NAME}")
+        return DataNotFoundError(f"data folder {root} (from {who}) is a file, not a folder; "
+                                 f"name the folder that holds {FOLDER_NAME}/ or {ARCHIVE_NAME}")
     return DataNotFoundError(
-        f"{where} does not exist; check the path, or run "
+        f"data folder {root} (from {who}) does not exist; check the path, or run "
         f"`{_fetch_command(root, data_dir)}` to download CIFAR-10 (170 MB) into it")
 
 
 def cifar10_presence(data_dir: str | Path | None = None) -> tuple[Path, str]:
     """The data folder and one line saying whether CIFAR-10 is there and what to run.
 
-    For ``klayer data where``: batches found (and where), an archive only (unpacked
-    on first use), an incomplete folder (naming what is missing), or nothing. Reads
-    no file's contents, so it is instant even for the real 170 MB.
+    For ``klayer data where``; reads no file's contents, so it is instant.
     """
     root = resolve_data_dir(data_dir)
     fetch_it = f"run `{_fetch_command(root, data_dir)}`"
-    if not root.is_dir() and _named_by(data_dir):
-        return root, f"CIFAR-10 missing: {_no_data_dir(root, data_dir)}"
-    for place in (root, root / FOLDER_NAME):
-        if _has_batches(place):
-            return root, f"CIFAR-10 batches found in {place}"
+    if error := _no_data_dir(root, data_dir):
+        return root, f"CIFAR-10 missing: {error}"
+    if folder := _batches_in(root):
+        return root, f"CIFAR-10 batches found in {folder}"
     if (root / ARCHIVE_NAME).is_file():
         return root, (f"CIFAR-10 archive only ({ARCHIVE_NAME}): the first training "
                       f"command unpacks it, or {fetch_it} to verify and unpack it now")
     if partial := _incomplete(root):
-        place, missing = partial
-        return root, f"CIFAR-10 incomplete in {place} ({', '.join(missing)} missing): {fetch_it}"
+        return root, (f"CIFAR-10 incomplete in {partial[0]} ({', '.join(partial[1])} "
+                      f"missing): {fetch_it}")
     return root, (f"CIFAR-10 missing: {fetch_it} (downloads 170 MB), or pass --data-dir "
                   "with a folder that holds it")
-
-
-# --- digits -----------------------------------------------------------------------------
 
 
 def load_digits_data(seed: int = 0, val_fraction: float = 0.15,
@@ -417,8 +362,6 @@ def load_digits_data(seed: int = 0, val_fraction: float = 0.15,
     order = np.random.default_rng(seed).permutation(len(y))
     n_test = max(1, round(test_fraction * len(y)))
     n_val = max(1, round(val_fraction * len(y)))
-    test, val, train = np.split(order, [n_test, n_test + n_val])
-    return Data(Split(X[train].astype(np.float64), y[train]),
-                Split(X[val].astype(np.float64), y[val]),
-                Split(X[test].astype(np.float64), y[test]),
-                num_classes=10, name="digits")
+    parts = np.split(order, [n_test, n_test + n_val])  # test, val, train
+    test, val, train = (Split(X[p].astype(np.float64), y[p]) for p in parts)
+    return Data(train, val, test, num_classes=10, name="digits")

@@ -8,16 +8,19 @@ through ``read_npz``: no pickles, no array header trusted before the bytes are c
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO
 
 import numpy as np
 
 _MAX_HEADER = 1 << 16
+_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0,
+                   (2, 0): np.lib.format.read_array_header_2_0}
 
 
 class ModelFileError(ValueError):
@@ -37,10 +40,14 @@ def check_format(path: str | Path, found: object, expected: str) -> None:
                           "of other klayer versions are not read; make it again)")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def file_stats(folder: Path, names: Iterable[str]) -> dict[str, list[int]]:
+    """[size, mtime_ns] of each of ``names`` present in ``folder``: what caches key on."""
+    stats = {}
+    for name in names:
+        if (folder / name).is_file():
+            st = (folder / name).stat()
+            stats[name] = [st.st_size, st.st_mtime_ns]
+    return stats
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None:
@@ -53,7 +60,9 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -83,7 +92,9 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
     """
     path = Path(path)
     try:
-        return _read_npz(path)
+        with zipfile.ZipFile(path) as zf:
+            return {info.filename[: -len(".npy")]: _read_member(zf, info)
+                    for info in zf.infolist()}
     except FileNotFoundError:
         raise ModelFileError(f"{path}: no such file") from None
     except ModelFileError as e:
@@ -94,39 +105,27 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
                              f"({type(e).__name__}: {e})") from None
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    with zipfile.ZipFile(path) as zf:
-        for info in zf.infolist():
-            name = info.filename
-            if not name.endswith(".npy"):
-                raise ModelFileError(f"unexpected member {name!r}")
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise ModelFileError(f"member {name!r} is compressed; klayer reads only "
-                                     "uncompressed .npz files (np.savez, not savez_compressed)")
-            with zf.open(info) as f:
-                major, minor = np.lib.format.read_magic(f)
-                if (major, minor) == (1, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(
-                        f, max_header_size=_MAX_HEADER)
-                elif (major, minor) == (2, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(
-                        f, max_header_size=_MAX_HEADER)
-                else:
-                    raise ModelFileError(f"{name}: unsupported .npy version {major}.{minor}")
-                if dtype.hasobject or dtype.itemsize == 0:
-                    raise ModelFileError(f"{name}: dtype {dtype} is not a plain array")
-                count = 1
-                for n in shape:
-                    count *= int(n)
-                expected = count * dtype.itemsize
-                if expected != info.file_size - f.tell():
-                    raise ModelFileError(f"{name}: header promises {expected} bytes, "
-                                          f"{info.file_size - f.tell()} stored")
-                raw = f.read()  # checks the CRC at the end
-                if len(raw) != expected:
-                    raise ModelFileError(f"{name}: truncated")
-            a = np.frombuffer(raw, dtype=dtype, count=count).reshape(
-                shape, order="F" if fortran else "C")
-            out[name[: -len(".npy")]] = a.copy()
-    return out
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    """One ``.npy`` member, its header checked against the bytes stored before reading."""
+    name = info.filename
+    if not name.endswith(".npy"):
+        raise ModelFileError(f"unexpected member {name!r}")
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise ModelFileError(f"member {name!r} is compressed; klayer reads only "
+                             "uncompressed .npz files (np.savez, not savez_compressed)")
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version not in _HEADER_READERS:
+            raise ModelFileError(f"{name}: unsupported .npy version {version[0]}.{version[1]}")
+        shape, fortran, dtype = _HEADER_READERS[version](f, max_header_size=_MAX_HEADER)
+        if dtype.hasobject or dtype.itemsize == 0:
+            raise ModelFileError(f"{name}: dtype {dtype} is not a plain array")
+        count = math.prod(int(n) for n in shape)
+        expected, stored = count * dtype.itemsize, info.file_size - f.tell()
+        if expected != stored:
+            raise ModelFileError(f"{name}: header promises {expected} bytes, {stored} stored")
+        raw = f.read()  # checks the CRC at the end
+        if len(raw) != expected:
+            raise ModelFileError(f"{name}: truncated")
+    return np.frombuffer(raw, dtype=dtype, count=count).reshape(
+        shape, order="F" if fortran else "C").copy()

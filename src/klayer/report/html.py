@@ -1,9 +1,8 @@
 """Experiment reports: a Markdown file and a self-contained HTML file (figures embedded).
 
-A report is a list of sections; a section has prose, tables, figures (PNG files made by
-``plots``) and the trainings behind it (configuration overrides, seeds, wall times).
-The HTML has no scripts and no external resources, so it opens anywhere, offline.
-Every table is also written as ``tables/<name>.csv`` and ``tables/<name>.tex`` (a
+A report is a list of sections of prose, tables, figures (PNGs made by ``plots``) and the
+trainings behind them. The HTML has no scripts and no external resources, so it opens
+anywhere, offline. Every table is also written as ``tables/<name>.csv`` and ``.tex`` (a
 booktabs tabular, to paste into a LaTeX report); both reports link them.
 """
 
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from klayer import __version__
+from klayer.training.runfolder import write_text
 
 
 @dataclass
@@ -71,11 +71,9 @@ QUICK_NOTE = ("**This is a quick run** (`--quick`): a slice of the data and very
 def to_markdown(report: Report, folder: Path) -> str:
     """The report as Markdown; figure and table-file links are relative to ``folder``."""
     names = {id(t): name for name, t in table_files(report)}
-    out = [f"# {report.title}", ""]
-    if report.quick:
-        out += [QUICK_NOTE, ""]
-    out += [f"Command: `{report.command}`  ", f"Created: {report.created}, seeds per "
-            f"configuration: {report.seeds}  ", f"Environment: {report.environment()}", ""]
+    out = [f"# {report.title}", "", *([QUICK_NOTE, ""] if report.quick else []),
+           f"Command: `{report.command}`  ", f"Created: {report.created}, seeds per "
+           f"configuration: {report.seeds}  ", f"Environment: {report.environment()}", ""]
     for s in report.sections:
         out += [f"## {s.title}", "", f"*{s.question}*", ""]
         for p in s.text:
@@ -93,11 +91,10 @@ def to_markdown(report: Report, folder: Path) -> str:
 
 
 def _md_table(t: Table, name: str) -> list[str]:
-    lines = [f"**{t.title}**", "", "| " + " | ".join(t.header) + " |",
-             "|" + "---|" * len(t.header)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in t.rows]
-    return lines + ["", f"Table as [CSV]({TABLES}/{name}.csv) or [LaTeX]({TABLES}/{name}.tex)",
-                    ""]
+    rows = ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in t.rows]
+    return [f"**{t.title}**", "", "| " + " | ".join(t.header) + " |",
+            "|" + "---|" * len(t.header), *rows, "",
+            f"Table as [CSV]({TABLES}/{name}.csv) or [LaTeX]({TABLES}/{name}.tex)", ""]
 
 
 CSS = """
@@ -117,14 +114,13 @@ def to_html(report: Report) -> str:
     """The report as one HTML file with the figures embedded as data URIs."""
     e = html.escape
     names = {id(t): name for name, t in table_files(report)}
+    quick = [f'<p class="quick">{_inline(QUICK_NOTE)}</p>'] if report.quick else []
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              f"<title>{e(report.title)}</title>", f"<style>{CSS}</style></head><body>",
-             f"<h1>{e(report.title)}</h1>"]
-    if report.quick:
-        parts.append(f'<p class="quick">{_inline(QUICK_NOTE)}</p>')
-    parts.append(f'<p class="meta">Command: <code>{e(report.command)}</code><br>Created: '
-                 f"{e(report.created)}, seeds per configuration: {report.seeds}<br>"
-                 f"Environment: {e(report.environment())}</p>")
+             f"<h1>{e(report.title)}</h1>", *quick,
+             f'<p class="meta">Command: <code>{e(report.command)}</code><br>Created: '
+             f"{e(report.created)}, seeds per configuration: {report.seeds}<br>"
+             f"Environment: {e(report.environment())}</p>"]
     for s in report.sections:
         parts += [f'<h2 id="{e(s.key)}">{e(s.title)}</h2>', f"<p><em>{e(s.question)}</em></p>"]
         parts += [f"<p>{_inline(p)}</p>" for p in s.text]
@@ -153,14 +149,9 @@ def _html_table(t: Table, name: str) -> str:
 
 def _inline(text: str) -> str:
     """Escape, then render **bold** and `code` spans (the only Markdown the prose uses)."""
-    out = html.escape(text)
-    for mark, tag in (("**", "strong"), ("`", "code")):
-        pieces = out.split(mark)
-        out = "".join(p if i % 2 == 0 else f"<{tag}>{p}</{tag}>" for i, p in enumerate(pieces))
-    return out
+    out = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(text), flags=re.S)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", out, flags=re.S)
 
-
-# --- the tables as files -----------------------------------------------------------------------
 
 TABLES = "tables"  # the report folder's subfolder for them
 # LaTeX's special characters, and the non-ASCII ones the report uses, as LaTeX source
@@ -174,42 +165,32 @@ LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\
 
 
 def table_files(report: Report) -> list[tuple[str, Table]]:
-    """Every table of the report with its file name: ``<section>-<first words of the
-    title>``, and ``<section>-trainings`` for the trainings behind it; numbered where two
-    would clash."""
-    named: list[tuple[str, Table]] = []
-    used: set[str] = set()
+    """Every table with its file name: ``<section>-<first words of the title>``, or
+    ``<section>-trainings`` for the trainings behind it; numbered where two would clash."""
+    named: dict[str, Table] = {}
     for s in report.sections:
         titled = [(t, re.findall(r"[a-z0-9]+(?:\.[0-9]+)?", t.title.lower())[:5])
                   for t in s.tables] + ([(s.runs, ["trainings"])] if s.runs is not None else [])
         for t, words in titled:
             base = "-".join([s.key, *words])
             name, n = base, 2
-            while name in used:
+            while name in named:
                 name, n = f"{base}-{n}", n + 1
-            used.add(name)
-            named.append((name, t))
-    return named
+            named[name] = t
+    return list(named.items())
 
 
 def to_csv(t: Table) -> str:
     """The header and rows as CSV (the title is the file's name)."""
     text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(t.header)
-    writer.writerows(t.rows)
+    csv.writer(text, lineterminator="\n").writerows([t.header, *t.rows])
     return text.getvalue()
 
 
-def latex_escape(text: str) -> str:
-    """``text`` as LaTeX source that prints it: specials escaped, ± and Greek as math."""
-    return "".join(LATEX.get(c, c) for c in text)
-
-
 def to_latex(t: Table) -> str:
-    """A booktabs tabular (needs ``\\usepackage{booktabs}``), its title in a comment."""
+    """A booktabs tabular (needs ``\\usepackage{booktabs}``), cells escaped, title in a comment."""
     def line(cells: list[str]) -> str:
-        return " & ".join(latex_escape(c) for c in cells) + r" \\"
+        return " & ".join("".join(LATEX.get(ch, ch) for ch in c) for c in cells) + r" \\"
 
     return "\n".join([f"% {t.title} (needs \\usepackage{{booktabs}})",
                       r"\begin{tabular}{" + "l" * len(t.header) + "}", r"\toprule",
@@ -220,8 +201,6 @@ def to_latex(t: Table) -> str:
 def write_tables(report: Report, folder: Path) -> list[Path]:
     """Write ``folder/tables/<name>.csv`` and ``.tex`` for every table, each atomically
     (OutputError naming the file if one cannot be written); the paths written."""
-    from klayer.training.runfolder import write_text
-
     written = []
     for name, t in table_files(report):
         for suffix, text in ((".csv", to_csv(t)), (".tex", to_latex(t))):

@@ -25,17 +25,13 @@ import numpy as np
 from klayer.core.config import NetConfig
 from klayer.core.layers import Array
 from klayer.core.network import Network
-from klayer.data.files import ModelFileError, atomic_write, check_format, read_npz
+from klayer.data.files import FormatError, ModelFileError, atomic_write, check_format, read_npz
 
 FORMAT = "klayer-model-1"
 
 
-def save(
-    net: Network,
-    path: str | Path,
-    metadata: dict[str, Any] | None = None,
-    extras: dict[str, Array] | None = None,
-) -> None:
+def save(net: Network, path: str | Path, metadata: dict[str, Any] | None = None,
+         extras: dict[str, Array] | None = None) -> None:
     """Write ``net`` (parameters, running statistics, architecture) to ``path`` atomically."""
     arrays: dict[str, Any] = {
         "format": np.array(FORMAT),
@@ -52,59 +48,68 @@ def save(
 def load(path: str | Path) -> tuple[Network, dict[str, Any], dict[str, Array]]:
     """Read a model file: (network, metadata, extras). Raises ModelFileError naming the
     file, FormatError (one of them) if it holds another format than ``FORMAT``."""
-
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such model file")
     files = read_npz(path)  # no pickles; headers that lie about their size refused unread
     try:
-        fmt = _string(files, "format")
-    except ModelFileError as e:
-        raise ModelFileError(f"{path}: {e}") from None
-    check_format(path, fmt, FORMAT)
-    try:
+        check_format(path, text(files, "format"), FORMAT)
         return _from_arrays(files)
+    except FormatError:
+        raise
     except ModelFileError as e:
         raise ModelFileError(f"{path}: {e}") from None
 
 
-def _string(files: dict[str, np.ndarray], key: str) -> str:
-    a = files.get(key)
+# --- checked reading, shared with checkpoints (trainstate) --------------------------------
+
+def text(d: dict[str, np.ndarray], key: str, error: type[ModelFileError] = ModelFileError) -> str:
+    """The 0-d string ``d[key]``."""
+    a = d.get(key)
     if a is None:
-        raise ModelFileError(f"missing key {key!r} (not a klayer model file?)")
+        raise error(f"missing key {key!r} (not a klayer file?)")
     if a.shape != () or a.dtype.kind != "U":
-        raise ModelFileError(f"key {key!r} must be a string")
+        raise error(f"key {key!r} must be a string")
     return str(a[()])
+
+
+def count(d: dict[str, np.ndarray], key: str, error: type[ModelFileError] = ModelFileError) -> int:
+    """The 0-d integer ``d[key]`` >= 0."""
+    a = d.get(key)
+    if a is None or a.shape != () or a.dtype.kind not in "iu" or int(a) < 0:
+        raise error(f"missing or invalid {key!r}")
+    return int(a)
+
+
+def arrays_like(d: dict[str, np.ndarray], group: str, like: dict[str, Array],
+                error: type[ModelFileError] = ModelFileError,
+                exact: bool = False) -> dict[str, Array]:
+    """Copies of the ``group/<name>`` arrays, each shaped like like[name], finite, in its
+    dtype (``exact``: stored in it, as in a checkpoint; else any float, converted)."""
+    found = {k.split("/", 1)[1]: v for k, v in d.items() if k.startswith(group + "/")}
+    if set(found) != set(like):
+        raise error(f"{group} arrays {sorted(found)} do not match the network's {sorted(like)}")
+    for name, a in found.items():
+        want = like[name]
+        if a.shape != want.shape or (a.dtype != want.dtype if exact else a.dtype.kind != "f"):
+            raise error(f"{group}/{name} has shape {a.shape} dtype {a.dtype}, expected "
+                        f"{want.shape} {want.dtype if exact else 'floating point'}")
+        if not np.isfinite(a).all():
+            raise error(f"{group}/{name} contains NaN or infinite values")
+    return {k: v.astype(like[k].dtype) for k, v in found.items()}
 
 
 def _from_arrays(files: dict[str, np.ndarray]) -> tuple[Network, dict[str, Any], dict[str, Array]]:
     try:
-        config = NetConfig.from_dict(json.loads(_string(files, "architecture")))
-        metadata = json.loads(_string(files, "metadata")) if "metadata" in files else {}
+        config = NetConfig.from_dict(json.loads(text(files, "architecture")))
+        metadata = json.loads(text(files, "metadata")) if "metadata" in files else {}
     except (ValueError, TypeError) as e:
         raise ModelFileError(f"invalid architecture or metadata: {e}") from None
-    net = Network(config, rng=0)
-    for group, target in (("param", net.params), ("stats", net.stats)):
-        found = {k.split("/", 1)[1] for k in files if k.startswith(group + "/")}
-        if found != set(target):
-            raise ModelFileError(
-                f"{group} arrays {sorted(found)} do not match the architecture's {sorted(target)}"
-            )
-        for name, expected in target.items():
-            a = files[f"{group}/{name}"]
-            if a.shape != expected.shape or a.dtype.kind != "f":
-                raise ModelFileError(
-                    f"{group}/{name} has shape {a.shape} dtype {a.dtype}, expected "
-                    f"{expected.shape} floating point"
-                )
-            if not np.isfinite(a).all():
-                raise ModelFileError(f"{group}/{name} contains NaN or infinite values")
-            target[name] = a.astype(net.dtype)
-    bn = files.get("bn_updates")
-    if bn is None or bn.shape != () or bn.dtype.kind not in "iu":
-        raise ModelFileError("missing or invalid key 'bn_updates'")
-    net.bn_updates = int(bn)
-    extras = {k.split("/", 1)[1]: v for k, v in files.items() if k.startswith("extra/")}
     if not isinstance(metadata, dict):
         raise ModelFileError("metadata must be a JSON object")
+    net = Network(config, rng=0)
+    net.params.update(arrays_like(files, "param", net.params))
+    net.stats.update(arrays_like(files, "stats", net.stats))
+    net.bn_updates = count(files, "bn_updates")
+    extras = {k.split("/", 1)[1]: v for k, v in files.items() if k.startswith("extra/")}
     return net, metadata, extras

@@ -33,7 +33,8 @@ from klayer.core.network import Labels, Metrics, Network
 from klayer.data.augment import hflip, random_flip, random_translate
 from klayer.data.batchfile import DataError
 from klayer.data.datasets import Data, data_fingerprint
-from klayer.training import checkpoint, trainstate
+from klayer.training import checkpoint, modelfile, trainstate
+from klayer.training.checkpoint import CheckpointError
 from klayer.training.evaluation import evaluate, population_stats
 from klayer.training.plan import (
     Plan,
@@ -231,21 +232,23 @@ class Trainer:
         Raises ResumeMismatch if it was made with other settings, DataError if with
         other data, CheckpointError if anything else does not fit this run.
         """
-        recorded, mine = json.loads(trainstate.text_field(d, "config")), self.cfg.to_dict()
+        recorded = json.loads(modelfile.text(d, "config", CheckpointError))
+        mine = self.cfg.to_dict()
         differ = trainstate.config_differences(recorded, mine)
         if differ:
             detail = ", ".join(f"{k} = {recorded.get(k)!r} there, {mine.get(k)!r} here"
                                for k in differ)
             raise ResumeMismatch(f"the checkpoint was made with other settings: {detail}")
-        if trainstate.text_field(d, "data") != self._fingerprint():
+        if modelfile.text(d, "data", CheckpointError) != self._fingerprint():
             raise DataError(f"the {self.data.name} data differs from the data this run was "
                             "trained on (other files, split or val_size)")
-        t = trainstate.int_field(d, "step")
+        t = modelfile.count(d, "step", CheckpointError)
         if not 0 <= t <= self.plan.total_steps:
-            raise checkpoint.CheckpointError(f"step {t} outside 0..{self.plan.total_steps}")
+            raise CheckpointError(f"step {t} outside 0..{self.plan.total_steps}")
         finished, elapsed = trainstate.scalars(d)
-        params = trainstate.group(d, "param", self.net.params)
-        stats = trainstate.group(d, "stats", self.net.stats)
+        params = modelfile.arrays_like(d, "param", self.net.params, CheckpointError,
+                                        exact=True)
+        stats = modelfile.arrays_like(d, "stats", self.net.stats, CheckpointError, exact=True)
         opt_state = trainstate.optimizer_state(d, params)
         order = trainstate.epoch_order(d, len(self.data.train.y))
         rngs = trainstate.generators(d, 3)
@@ -254,11 +257,11 @@ class Trainer:
         try:
             opt.load_state_dict(opt_state)
         except (ValueError, TypeError) as e:
-            raise checkpoint.CheckpointError(f"optimizer state: {e}") from None
+            raise CheckpointError(f"optimizer state: {e}") from None
         # all checked: apply
         self.net.params.update(params)
         self.net.stats.update(stats)
-        self.net.bn_updates = trainstate.int_field(d, "bn_updates")
+        self.net.bn_updates = modelfile.count(d, "bn_updates", CheckpointError)
         self.opt, self.t, self.batches.order, self.rows = opt, t, order, rows
         self.batches.shuffle_rng, self.dropout_rng, self.batches.aug_rng = rngs
         self.finished, self.elapsed = finished, elapsed

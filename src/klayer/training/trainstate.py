@@ -76,35 +76,6 @@ def generators(d: dict[str, np.ndarray], count: int) -> list[np.random.Generator
     return rngs
 
 
-def text_field(d: dict[str, np.ndarray], key: str) -> str:
-    a = d.get(key)
-    if a is None or a.shape != () or a.dtype.kind != "U":
-        raise CheckpointError(f"missing or invalid {key!r}")
-    return str(a[()])
-
-
-def int_field(d: dict[str, np.ndarray], key: str) -> int:
-    a = d.get(key)
-    if a is None or a.shape != () or a.dtype != np.int64 or int(a) < 0:
-        raise CheckpointError(f"missing or invalid {key!r}")
-    return int(a)
-
-
-def group(d: dict[str, np.ndarray], group: str, like: dict[str, Array]) -> dict[str, Array]:
-    """The ``group/<name>`` arrays, each with the shape and dtype of like[name], finite."""
-    found = {k.split("/", 1)[1]: v for k, v in d.items() if k.startswith(group + "/")}
-    if set(found) != set(like):
-        raise CheckpointError(f"{group} arrays {sorted(found)} do not match the network's "
-                              f"{sorted(like)}")
-    for name, a in found.items():
-        if a.shape != like[name].shape or a.dtype != like[name].dtype:
-            raise CheckpointError(f"{group}/{name} has shape {a.shape} dtype {a.dtype}, "
-                                  f"expected {like[name].shape} {like[name].dtype}")
-        if not np.isfinite(a).all():
-            raise CheckpointError(f"{group}/{name} contains NaN or infinite values")
-    return {k: v.copy() for k, v in found.items()}
-
-
 def metric_rows(d: dict[str, np.ndarray], t: int, total: int) -> list[dict[str, float]]:
     fields_ = d.get("metric_fields")
     m = d.get("metrics")

@@ -1,16 +1,15 @@
-"""Faults of a worker: heartbeats, and trials whose worker died.
+"""Faults of a worker: heartbeats, and failing (and queueing again) a dead worker's trials.
 
-On PostgreSQL a thread records each running trial's
-heartbeat so that Optuna (``fail_stale_trials`` and the storage's retry callback) fails
-and retries the trials of a worker that vanished (``Heartbeat``, ``fail_stale``): Optuna
-beats only inside ``study.optimize``, not for the asked trials of a worker that trains
-several at once. On a journal file (no heartbeat), ``recover`` does the same for the
-trials of a worker known to be dead, found by their ``worker`` label (host:pid) or,
-for a worker killed between asking for a trial and labelling it, by their lack of one.
+On PostgreSQL a thread records the heartbeat of each running trial, since Optuna beats
+only inside ``study.optimize``; Optuna's ``fail_stale_trials`` and the storage's retry
+callback then fail and retry the trials of a worker that vanished. On a journal file
+(no heartbeat) ``recover`` does it for a worker known to be dead, found by the trials'
+``worker`` label (host:pid) or, if it died before labelling them, by their lack of one.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -19,12 +18,12 @@ from datetime import datetime
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from klayer.search.storage import Store, fail_trial, no_experimental_warnings
+from klayer.search.storage import MAX_RETRY, RETRY, Store, no_experimental_warnings
 
 
 class Heartbeat:
-    """Record the RDB heartbeat of running trials (by number) every interval, in a thread;
-    nothing on a journal file."""
+    """Record the RDB heartbeat of running trials (by number) every interval, in a thread
+    while the block runs; nothing on a journal file."""
 
     def __init__(self, store: Store, numbers: Sequence[int]) -> None:
         rdb = store.storage
@@ -32,12 +31,11 @@ class Heartbeat:
         self.interval = self.rdb.get_heartbeat_interval() if self.rdb else None
         self.ids = [store.trial_id(n) for n in numbers] if self.interval else []
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> Heartbeat:
-        if self.interval:
+        if self.ids:
             self.beat()
-            self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()
         return self
 
@@ -50,13 +48,12 @@ class Heartbeat:
                 print(f"warning: heartbeat of trial id {i} failed: {e}", file=sys.stderr)
 
     def _run(self) -> None:
-        assert self.interval
         while not self._stop.wait(self.interval):
             self.beat()
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        if self._thread is not None:
+        if self._thread.is_alive():
             self._thread.join()
 
 
@@ -92,3 +89,31 @@ def recover(study: optuna.Study, store: Store, lost: Callable[[FrozenTrial], boo
     return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if lost(t) and fail_trial(study, store, t.number, reason)]
 
+
+def fail_trial(study: optuna.Study, store: Store, number: int, reason: str,
+               retry: bool = True) -> bool:
+    """Mark another worker's RUNNING trial FAIL with a reason and (``retry``) queue a copy
+    of it; False if it had finished meanwhile. (``study.tell`` would run the sampler's
+    after-trial hook, which a grid sampler may end with ``study.stop()``.)"""
+    trial_id = store.trial_id(number)
+    try:
+        store.storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+        if not store.storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+            return False
+    except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
+        return False
+    if retry:
+        retry_trial(study, store.storage.get_trial(trial_id))
+    return True
+
+
+def retry_trial(study: optuna.Study, trial: FrozenTrial, max_retry: int | None = MAX_RETRY
+                ) -> None:
+    """Enqueue a copy of a failed trial (same parameters), as Optuna's retry callback does;
+    nothing once its point has been retried ``max_retry`` times (None: no limit). The copy
+    drops this attempt's labels, or it would look like the dead worker's trial."""
+    trial = copy.copy(trial)
+    trial.user_attrs = {k: v for k, v in trial.user_attrs.items()
+                        if k not in ("worker", "fail_reason", "batch", "order_seed")}
+    with no_experimental_warnings():
+        RETRY(max_retry=max_retry)(study, trial)

@@ -1,12 +1,10 @@
 """Run N search workers on one machine: child processes, watched by this one.
 
-``klayer search worker --jobs N`` starts N worker processes (``python -m klayer search
-worker --jobs 1``), each with its BLAS limited to ``--threads`` threads so that the
-workers do not oversubscribe the cores. This process forwards SIGINT and SIGTERM to
-them, and when a child dies of any other signal (SIGKILL, an OOM kill) it fails the
-child's RUNNING trials and queues them again at once, so a journal study never keeps a
-trial that nobody works on; workers on other machines are covered by the heartbeat
-(PostgreSQL) or by ``klayer search reap``.
+``klayer search worker --jobs N`` starts N worker processes (``--jobs 1``), each with
+its BLAS limited to ``--threads`` threads. This process forwards SIGINT and SIGTERM to
+them; when a child dies otherwise (SIGKILL, an OOM kill, a crash) it fails the child's
+RUNNING trials and queues them again at once. Workers on other machines are covered by
+the heartbeat (PostgreSQL) or by ``klayer search reap``.
 """
 
 from __future__ import annotations
@@ -17,18 +15,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
 
 import optuna
-from optuna.trial import TrialState
+from threadpoolctl import threadpool_limits
 
 from klayer.data.datasets import Data
 from klayer.search.faults import labelled, recover, unlabelled
-from klayer.search.storage import Store, StudyInfo, study_finished, trial_seed
-from klayer.search.worker import Worker, WorkerOptions, grid_summary
+from klayer.search.storage import Store, free_trials, progress, trial_seed
+from klayer.search.worker import Worker, WorkerOptions
 from klayer.training.stop import StopSignals
 
 # Seconds after a worker's death before RUNNING trials with no worker label count as its.
@@ -38,35 +35,19 @@ ORPHAN_DELAY = 35.0
 BLAS_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-@contextmanager
-def blas_threads(threads: int) -> Iterator[None]:
-    """BLAS limited to ``threads`` threads in this process while the block runs."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - scikit-learn brings it
-        yield
-        return
-    with threadpool_limits(limits=threads):
-        yield
-
-
 def run_workers(opts: WorkerOptions, jobs: int = 1, threads: int = 1,
                 log: Callable[[str], None] | None = None, data: Data | None = None) -> int:
-    """Run ``jobs`` worker processes (this one if jobs = 1) with ``threads`` BLAS threads.
-
-    With jobs > 1 the workers are child processes in their own sessions; SIGINT and
-    SIGTERM are forwarded to them. A child killed by another signal has its RUNNING
-    trials failed and retried at once. Returns 0 when all workers finished normally.
-    """
+    """Run ``jobs`` worker processes (this one if jobs = 1) with ``threads`` BLAS threads:
+    0 once the study is done, 128 + a forwarded stop signal, else a child's exit code."""
     say = log or (lambda s: print(s, flush=True))
     if jobs <= 1:
-        with blas_threads(threads):
+        with threadpool_limits(limits=threads):
             return Worker(opts, log, data).run()
     first = Worker(replace(opts, quiet=True))  # checks study, configuration and data once
     study, info = first.study, first.info
     del first
-    if study_finished(study, info):
-        say(f"study {opts.study!r} already {_progress(study, info)}; nothing to do")
+    if free_trials(study, info) is None:
+        say(f"study {opts.study!r} already has {progress(study, info)}; nothing to do")
         return 0
     children = [spawn_worker(opts, threads, j) for j in range(jobs)]
     say(f"started {jobs} workers (pids {', '.join(str(p.pid) for p in children)}), "
@@ -76,20 +57,12 @@ def run_workers(opts: WorkerOptions, jobs: int = 1, threads: int = 1,
         pool.watch(stop)
     if pool.forwarded:
         return 128 + pool.forwarded
-    if study_finished(study, info):
+    if free_trials(study, info) is None:
         return 0
     bad = [rc for rc in pool.codes.values() if rc > 0]
-    say(f"the workers stopped: study {opts.study!r} {_progress(study, info)}; "
+    say(f"the workers stopped: study {opts.study!r} has {progress(study, info)}; "
         "run klayer search worker again")
     return bad[0] if bad else 1
-
-
-def _progress(study: optuna.Study, info: StudyInfo) -> str:
-    """'has 5/8 COMPLETE trials', or a grid study's points done and not done."""
-    if info.sampler == "grid":
-        return f"has {grid_summary(study, info)}"
-    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    return f"has {done}/{info.n_trials} COMPLETE trials"
 
 
 def spawn_worker(opts: WorkerOptions, threads: int, j: int) -> subprocess.Popen[bytes]:

@@ -1,16 +1,13 @@
 """Search spaces: parsed from TOML tables or ``--param`` flags, asked of Optuna trials.
 
-A space maps a training key (``lambda``, ``eta_max``, ``n_batch``, ``hidden``, ...) or a
-pseudo key (``depth`` / ``width``) to a range or a list of choices. It is stored as a
-study attribute in the JSON-ready form ``normalize_space`` makes, so every worker asks
-its trials for the same parameters. Coarse to fine, ``child_space`` narrows a parent
-study's space to the span of its best trials. This module knows nothing of storages
-or workers; ``SearchError``, the error of every search module, lives here because
-this is the lowest of them.
+A space maps a training key (``lambda``, ``hidden``, ...) or ``depth`` / ``width`` to a
+range or to choices, stored as a study attribute in ``normalize_space``'s JSON-ready
+form. ``SearchError``, the error of every search module, lives here, the lowest of them.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -33,12 +30,6 @@ class SearchError(Exception):
 
 # key -> {"low", "high", "int"[, "log", "step", "points"]} or {"choices": [...]}
 Space = dict[str, dict[str, Any]]
-
-
-def _field_kinds() -> dict[str, str]:
-    kinds = {key_name(f): str(f.type).replace(" | None", "") for f in fields(TrainConfig)}
-    kinds.update(dict.fromkeys(PSEUDO_KEYS, "int"))
-    return kinds
 
 
 def _scalar(text: str) -> Any:
@@ -96,13 +87,12 @@ def parse_param(text: str) -> tuple[str, dict[str, Any]]:
 def normalize_space(raw: dict[str, Any], base: TrainConfig) -> Space:
     """A validated, JSON-ready space from a TOML table or ``--param`` flags.
 
-    Each key is a training key (``lambda``, ``eta_max``, ``n_batch``, ``hidden``,
-    ``batch_norm``, ``init``, ``optimizer``, ...) or ``depth`` / ``width``
-    (hidden = [width] * depth), mapped to a range (``low``, ``high``, optional
-    ``log``, ``step``, ``points`` for the grid sampler) or to ``choices`` (a bare list
-    is taken as choices). Every endpoint and choice must make a valid configuration.
+    Each key maps to a range (``low``, ``high``, optional ``log``, ``step``, ``points``
+    for the grid sampler) or to ``choices`` (a bare list is taken as choices). Every
+    endpoint and choice must make a valid configuration.
     """
-    kinds = _field_kinds()
+    kinds = {key_name(f): str(f.type).replace(" | None", "") for f in fields(TrainConfig)}
+    kinds.update(dict.fromkeys(PSEUDO_KEYS, "int"))
     if not raw:
         raise SearchError("the search space is empty: give --space FILE.toml or --param flags")
     if "hidden" in raw and any(k in raw for k in PSEUDO_KEYS):
@@ -114,16 +104,16 @@ def normalize_space(raw: dict[str, Any], base: TrainConfig) -> Space:
                               f"{', '.join(sorted(k for k in kinds if k not in FIXED_KEYS))}")
         if key in FIXED_KEYS:
             raise SearchError(f"{key} cannot be searched (it defines the data or the trial)")
-        spec = {"choices": list(value)} if isinstance(value, list) else dict(value) \
-            if isinstance(value, dict) else None
-        if spec is None:
+        if isinstance(value, list):
+            value = {"choices": value}
+        if not isinstance(value, dict):
             raise SearchError(f"{key}: expected a table with low/high or choices, got {value!r}")
-        space[key] = _normalize_one(key, spec, kinds[key])
+        space[key] = _normalize_one(key, value, kinds[key])
     for key, spec in space.items():  # every endpoint / choice gives a valid configuration
         values = spec["choices"] if "choices" in spec else [spec["low"], spec["high"]]
         for v in values:
             try:
-                config_for(base, {key: encode(key, v)}, seed=base.seed)
+                config_for(base, {key: encode(v)}, seed=base.seed)
             except (ValueError, TypeError) as e:
                 raise SearchError(f"search space {key} = {v!r}: {e}") from None
     return space
@@ -171,8 +161,8 @@ def _normalize_range(key: str, spec: dict[str, Any], kind: str) -> dict[str, Any
             raise SearchError(f"{key}: {name} must be {what}, got {v!r}")
     if not lo < hi:
         raise SearchError(f"{key}: low ({lo}) must be below high ({hi})")
-    out: dict[str, Any] = {"low": lo if kind == "int" else float(lo),
-                           "high": hi if kind == "int" else float(hi), "int": kind == "int"}
+    conv = int if kind == "int" else float
+    out: dict[str, Any] = {"low": conv(lo), "high": conv(hi), "int": kind == "int"}
     if spec.get("log"):
         if lo <= 0:
             raise SearchError(f"{key}: a log range needs low > 0, got {lo}")
@@ -190,6 +180,7 @@ def _normalize_range(key: str, spec: dict[str, Any], kind: str) -> dict[str, Any
 
 
 def describe_space(space: Space) -> str:
+    """The space in one line, e.g. ``lambda log-uniform [1e-05, 0.1]; n_batch in {50, 100}``."""
     parts = []
     for key, s in space.items():
         if "choices" in s:
@@ -200,7 +191,7 @@ def describe_space(space: Space) -> str:
     return "; ".join(parts)
 
 
-def encode(key: str, value: Any) -> Any:
+def encode(value: Any) -> Any:
     """A choice as Optuna stores it: widths lists become "50,50" strings."""
     return ",".join(str(w) for w in value) if isinstance(value, (list, tuple)) else value
 
@@ -210,7 +201,7 @@ def suggest(trial: Trial, space: Space) -> dict[str, Any]:
     out = {}
     for key, s in space.items():
         if "choices" in s:
-            out[key] = trial.suggest_categorical(key, [encode(key, c) for c in s["choices"]])
+            out[key] = trial.suggest_categorical(key, [encode(c) for c in s["choices"]])
         elif s["int"]:
             out[key] = trial.suggest_int(key, s["low"], s["high"], step=s.get("step", 1),
                                          log=bool(s.get("log")))
@@ -224,7 +215,7 @@ def grid(space: Space, points: int = 5) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {}
     for key, s in space.items():
         if "choices" in s:
-            out[key] = [encode(key, c) for c in s["choices"]]
+            out[key] = [encode(c) for c in s["choices"]]
             continue
         n = s.get("points", points)
         lo, hi = s["low"], s["high"]
@@ -234,6 +225,13 @@ def grid(space: Space, points: int = 5) -> dict[str, list[Any]]:
         v = np.geomspace(lo, hi, n) if s.get("log") else np.linspace(lo, hi, n)
         out[key] = sorted({int(round(x)) for x in v}) if s["int"] else [float(x) for x in v]
     return out
+
+
+def grid_points(space: Space) -> list[dict[str, Any]]:
+    """Every point of the grid sampler's grid (the product of ``grid``'s values)."""
+    values = grid(space)
+    return [dict(zip(values, combo, strict=True))
+            for combo in itertools.product(*values.values())]
 
 
 def config_for(base: TrainConfig, params: dict[str, Any], seed: int) -> TrainConfig:
@@ -269,7 +267,7 @@ def child_space(parent_space: Space, top: Sequence[FrozenTrial], margin: float =
             space[key] = dict(s)
         elif "choices" in s:
             taken = set(values)
-            space[key] = {"choices": [c for c in s["choices"] if encode(key, c) in taken]}
+            space[key] = {"choices": [c for c in s["choices"] if encode(c) in taken]}
         else:
             space[key] = _narrow(s, values, margin)
     return space
@@ -300,9 +298,7 @@ def _narrow(s: dict[str, Any], values: Sequence[float], margin: float) -> dict[s
 
 def fmt_value(v: Any) -> str:
     """A parameter value for tables: floats to 4 significant digits."""
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def fmt_params(params: dict[str, Any]) -> str:

@@ -1,12 +1,9 @@
 """Looking at a study: the trial table, the best trial, stuck trials, and reaping them.
 
-``status_text`` is ``klayer search status``: a grid study's points and their states,
-a table of trials (number, state, validation accuracy, parameters, host:pid, age), the
-best trial, and a warning about trials RUNNING for much longer than the others took.
-Test accuracies appear only when asked (``show_test``): a search that shows them
-invites choosing on the test set. On a journal file nothing fails the
-trials of a worker that vanished on another machine, so ``reap`` (``klayer search
-reap``) marks trials RUNNING for longer than a given time FAIL and queues them again.
+``status_text`` (``klayer search status``) shows test accuracies only with ``show_test``:
+seeing them invites choosing on the test set. On a journal file nothing fails the trials
+of a worker that vanished on another machine: ``reap`` (``klayer search reap``) fails
+those RUNNING for longer than a given time and queues them again.
 """
 
 from __future__ import annotations
@@ -14,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 import statistics
+from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -21,16 +19,9 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from klayer.search.faults import fail_trial
 from klayer.search.space import SearchError, describe_space, fmt_params, fmt_value
-from klayer.search.storage import (
-    GRID_STATES,
-    Store,
-    StudyInfo,
-    fail_trial,
-    grid_progress,
-    masked,
-    top_trials,
-)
+from klayer.search.storage import GRID_STATES, Store, StudyInfo, grid_progress, masked, top_trials
 
 TEST_KEYS = ("test_accuracy", "test_loss")  # trial user attributes shown with show_test
 
@@ -38,19 +29,17 @@ TEST_KEYS = ("test_accuracy", "test_loss")  # trial user attributes shown with s
 def reap(study: optuna.Study, store: Store, older_than: float,
          retry: bool = True) -> list[FrozenTrial]:
     """Fail the trials RUNNING for longer than ``older_than`` seconds (and queue retries)."""
-    now = datetime.now()
-    reaped = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.datetime_start is None:
-            continue
-        age = (now - t.datetime_start).total_seconds()
-        if age < older_than:
-            continue
-        who = t.user_attrs.get("worker", "unknown worker")
-        if fail_trial(study, store, t.number,
-                      f"reaped: RUNNING for {fmt_duration(age)} ({who} gone?)", retry):
-            reaped.append(t)
-    return reaped
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    return [t for t, age in _running_for(running, older_than, datetime.now()) if fail_trial(
+        study, store, t.number, f"reaped: RUNNING for {fmt_duration(age)} "
+        f"({t.user_attrs.get('worker', 'unknown worker')} gone?)", retry)]
+
+
+def _running_for(trials: Sequence[FrozenTrial], seconds: float,
+                 now: datetime) -> list[tuple[FrozenTrial, float]]:
+    """The RUNNING trials started at least ``seconds`` ago, with their ages in seconds."""
+    return [(t, age) for t in trials if t.state == TrialState.RUNNING and t.datetime_start
+            and (age := (now - t.datetime_start).total_seconds()) >= seconds]
 
 
 def parse_duration(text: str) -> float:
@@ -94,27 +83,29 @@ def status_text(study: optuna.Study, info: StudyInfo, stuck: float | None = None
     stuck in RUNNING; test accuracies only with ``show_test``."""
     trials = study.get_trials(deepcopy=False)
     now = datetime.now()
+    counts = Counter(t.state for t in trials)
     lines = [f"study {info.name} ({masked(info.storage)}), sampler {info.sampler}, "
              f"klayer {info.version}"]
     if info.parent:
         lines.append(f"child of {info.parent.get('study')} (top {info.parent.get('top_k')} "
                      f"trials {info.parent.get('trials')})")
-    lines.append(f"space: {describe_space(info.space)}")
-    counts = {s: sum(t.state == s for t in trials) for s in TrialState}
-    lines.append(f"{counts[TrialState.COMPLETE]}/{info.n_trials} COMPLETE, "
-                 f"{counts[TrialState.RUNNING]} RUNNING, {counts[TrialState.WAITING]} WAITING, "
-                 f"{counts[TrialState.FAIL]} FAIL")
+    lines += [f"space: {describe_space(info.space)}",
+              f"{counts[TrialState.COMPLETE]}/{info.n_trials} COMPLETE, "
+              f"{counts[TrialState.RUNNING]} RUNNING, {counts[TrialState.WAITING]} WAITING, "
+              f"{counts[TrialState.FAIL]} FAIL"]
     if info.grid is not None:
-        lines.append("")
-        lines += _grid_lines(info.grid, trials, show_test)
-    lines.append("")
-    lines += _trial_table(trials, list(info.space), now, show_test)
-    lines.append("")
-    lines.append(_best_line(study, show_test))
+        lines += ["", *_grid_lines(info.grid, trials, show_test)]
+    lines += ["", *_trial_table(trials, list(info.space), now, show_test), "",
+              _best_line(study, show_test)]
     limit = stuck if stuck is not None else stuck_after(trials)
-    warning = _stuck_warning(trials, limit, now, info.name)
-    if warning:
-        lines.append(warning)
+    late = _running_for(trials, limit, now)
+    if late:  # their workers may be gone
+        who = ", ".join(f"#{t.number} ({t.user_attrs.get('worker', '?')}, {fmt_duration(age)})"
+                        for t, age in late)
+        lines.append(f"warning: {len(late)} trial(s) RUNNING for more than "
+                     f"{fmt_duration(limit)}: {who}; if their workers are gone, klayer search "
+                     f"reap --study {info.name} --older-than {fmt_duration(limit)} marks them "
+                     "FAIL and queues them again")
     return "\n".join(lines)
 
 
@@ -124,7 +115,7 @@ def _grid_lines(points: list[dict[str, Any]], trials: Sequence[FrozenTrial],
     its state and trials (the COMPLETE one with its accuracy)."""
     progress = grid_progress(points, list(trials))
     counts = ", ".join(f"{sum(s == name for _, s, _ in progress)} {name}"
-                       for name in GRID_STATES)
+                       for name in GRID_STATES.values())
     rows = []
     for point, state, ts in progress:
         done = [t for t in ts if t.state == TrialState.COMPLETE]
@@ -165,8 +156,6 @@ def _trial_table(trials: Sequence[FrozenTrial], keys: list[str], now: datetime,
 
 def _columns(rows: list[list[str]], indent: str = "") -> list[str]:
     """Rows of cells as lines, each column padded to its widest cell."""
-    if not rows:
-        return []
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
             for r in rows]
@@ -180,22 +169,6 @@ def _best_line(study: optuna.Study, show_test: bool = False) -> str:
     b = best[0]
     return (f"best: #{b.number}  val {b.value:.2%}" + (_test_text(b) if show_test else "")
             + f"  {fmt_params(b.params)}")
-
-
-def _stuck_warning(trials: Sequence[FrozenTrial], limit: float, now: datetime,
-                   study: str) -> str | None:
-    """A warning naming the trials RUNNING for more than ``limit`` seconds, if any."""
-    late = [t for t in trials if t.state == TrialState.RUNNING and t.datetime_start
-            and (now - t.datetime_start).total_seconds() > limit]
-    if not late:
-        return None
-    who = ", ".join(f"#{t.number} ({t.user_attrs.get('worker', '?')}, "
-                    f"{fmt_duration((now - t.datetime_start).total_seconds())})"
-                    for t in late if t.datetime_start)
-    return (f"warning: {len(late)} trial(s) RUNNING for more than "
-            f"{fmt_duration(limit)}: {who}; if their workers are gone, "
-            f"klayer search reap --study {study} --older-than {fmt_duration(limit)} "
-            "marks them FAIL and queues them again")
 
 
 def trials_json(study: optuna.Study, show_test: bool = False) -> list[dict[str, Any]]:

@@ -1,35 +1,25 @@
 """Studies in Optuna storages: where they live, their stored set-up, and who may join.
 
-A study is stored in a journal file in its run folder (``runs/search/<study>/
-journal.log``, no server) or in a PostgreSQL database that many machines share (with
-connection pre-ping, a heartbeat and retries of trials whose worker died).
-``create_study`` makes it once and records, as study user attributes, everything a
-worker needs: the base training configuration, the search space, the sampler, the
-trial budget, a fingerprint of the data, the klayer version and, last, the study
-format; ``load_study`` reads them back and refuses another format, ``check_compatible``
-a worker whose configuration or data differ. Also here: the per-trial seed rule and the
-trial operations the fault handling builds on (fail a RUNNING trial, queue a copy of it
-again), through the storage object klayer opened (``Store``) where ``optuna.Study`` lacks one.
-
-A grid study queues every grid point at creation (``enqueue_trial``); workers only
-claim queued trials (``claim_queued``), never sample new ones. The storage hands each
-queued trial to one worker alone (its WAITING -> RUNNING update succeeds once, on a
-journal file as on PostgreSQL), so every point is tried exactly once across any number
-of workers and machines, and a point whose trial failed is run again from its queued
-copy.
+A study lives in a journal file (``runs/search/<study>/journal.log``, no server) or in
+a PostgreSQL database that many machines share (pre-ping, heartbeat, retries).
+``create_study`` records as study user attributes all a worker needs (base configuration,
+space, sampler, budget, data fingerprint, klayer version and, last, the study format);
+``load_study`` reads them back; ``worker_config`` and ``check_data`` refuse a worker whose
+configuration or data differ. A grid study queues every point at creation and its
+workers only claim queued trials (``claim_queued``): the storage's WAITING -> RUNNING
+update succeeds for one caller only, so each point runs once across machines.
 """
 
 from __future__ import annotations
 
-import copy
-import itertools
 import json
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -42,7 +32,7 @@ from klayer import __version__
 from klayer.core.config import TrainConfig
 from klayer.data import datasets
 from klayer.data.datasets import Data
-from klayer.search.space import SearchError, Space, grid
+from klayer.search.space import SearchError, Space, fmt_params, grid_points
 
 SAMPLERS = ("random", "tpe", "grid")
 HEARTBEAT_INTERVAL, GRACE_PERIOD = 60, 300  # seconds (PostgreSQL / RDB storages)
@@ -62,9 +52,6 @@ A_CONFIG, A_SPACE, A_SAMPLER, A_TRIALS = "config", "space", "sampler", "n_trials
 A_DATA, A_VERSION, A_PARENT, A_CREATED = "data_fingerprint", "klayer_version", "parent", "created"
 A_GRID = "grid"  # the grid sampler's points, each queued once at creation
 A_FORMAT, FORMAT = "klayer_format", 1  # the study format this klayer reads (set last)
-
-
-# --- storage ---------------------------------------------------------------------------------
 
 
 def study_dir(study: str, runs_dir: str | Path = "runs") -> Path:
@@ -92,9 +79,9 @@ def open_storage(spec: str, heartbeat_interval: int = HEARTBEAT_INTERVAL,
                  grace_period: int = GRACE_PERIOD) -> optuna.storages.BaseStorage:
     """A journal file (a path) or an RDB storage (a URL) with pre-ping, heartbeat and retry."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if not is_url(spec):
-        return _journal_storage(Path(spec))
-    return _rdb_storage(spec, heartbeat_interval, grace_period)
+    if is_url(spec):
+        return _rdb_storage(spec, heartbeat_interval, grace_period)
+    return _journal_storage(Path(spec))
 
 
 def _journal_storage(path: Path) -> optuna.storages.BaseStorage:
@@ -111,17 +98,15 @@ def _journal_storage(path: Path) -> optuna.storages.BaseStorage:
         raise OutputError(f"--storage: cannot create {path.parent}: {e.strerror}") from None
     from optuna.storages import JournalStorage
 
-    # An absolute path: the lock is a symlink to the journal, and Optuna frees a lock
-    # whose writer died only if that symlink resolves; a relative target resolves
-    # against the lock's own folder, so a dead writer's lock would block every worker.
-    target = str(path.absolute())
     backend_cls: Any
     try:
         from optuna.storages.journal import JournalFileBackend as backend_cls
     except ImportError:  # optuna < 4
         from optuna.storages import JournalFileStorage as backend_cls
     try:
-        return JournalStorage(backend_cls(target))  # replays the file: a foreign one fails here
+        # absolute: the lock is a symlink to the journal, and Optuna frees a dead writer's
+        # lock only if it resolves (a relative one would resolve in the lock's folder)
+        return JournalStorage(backend_cls(str(path.absolute())))  # a foreign file fails here
     except OSError as e:
         raise OutputError(f"--storage: cannot open {path} for writing: {e.strerror or e}"
                           ) from None
@@ -147,19 +132,6 @@ def _rdb_storage(spec: str, heartbeat_interval: int,
         raise SearchError(f"--storage: cannot open {masked(spec)}: {e}") from None
 
 
-def retry_trial(study: optuna.Study, trial: FrozenTrial, max_retry: int | None = MAX_RETRY
-                ) -> None:
-    """Enqueue a copy of a failed trial (same parameters), as Optuna's retry callback does;
-    nothing once the trial's point has been retried ``max_retry`` times (None: no limit)."""
-    # the retry copies user_attrs: drop this attempt's worker label and failure reason, or
-    # the retry would look like the dead worker's (and never be found if it dies too)
-    trial = copy.copy(trial)
-    trial.user_attrs = {k: v for k, v in trial.user_attrs.items()
-                        if k not in ("worker", "fail_reason", "batch", "order_seed")}
-    with no_experimental_warnings():
-        RETRY(max_retry=max_retry)(study, trial)
-
-
 @contextmanager
 def no_experimental_warnings() -> Iterator[None]:
     """No ExperimentalWarning for Optuna's heartbeat and retry features."""
@@ -168,9 +140,10 @@ def no_experimental_warnings() -> Iterator[None]:
         yield
 
 
-def original_number(trial: FrozenTrial) -> int:
-    """The number of the trial this one retries (its own number if it is no retry)."""
-    return int(trial.system_attrs.get("failed_trial", trial.number))
+def seed_of(trial: FrozenTrial, base_seed: int) -> int:
+    """A trial's training seed: ``trial_seed`` of its number, or of the number of the trial
+    it retries (a retry trains as its original did)."""
+    return trial_seed(base_seed, int(trial.system_attrs.get("failed_trial", trial.number)))
 
 
 def trial_seed(base_seed: int, number: int) -> int:
@@ -188,15 +161,11 @@ def data_fingerprint(data: Data) -> str:
     return datasets.data_fingerprint(data)
 
 
-# --- studies ---------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class Store:
-    """The storage object klayer opened for a study, for what ``optuna.Study`` has no
-    method for (claim a queued trial, fail another worker's, read one, heartbeats), by
-    public ``BaseStorage`` methods: a trial's id (private in Optuna's trial objects) is
-    looked up by its number."""
+    """The storage klayer opened for a study, for what ``optuna.Study`` has no method for
+    (claim a queued trial, fail another worker's, heartbeats), by public ``BaseStorage``
+    methods; a trial's id (private in Optuna's trial objects) is found by its number."""
 
     storage: optuna.storages.BaseStorage
     study_id: int
@@ -249,11 +218,15 @@ def load_study(name: str, storage: str, sampler: optuna.samplers.BaseSampler | N
                 "by an earlier klayer, or not by klayer search init, or still being created)")
         raise SearchError(f"study {name!r} has {what}; this klayer reads study format "
                           f"{FORMAT} only: create the study again with klayer search init")
-    info = StudyInfo(name, storage, TrainConfig.from_dict(attrs[A_CONFIG]), attrs[A_SPACE],
+    return study, _study_info(name, storage, st, attrs)
+
+
+def _study_info(name: str, storage: str, st: optuna.storages.BaseStorage,
+                attrs: dict[str, Any]) -> StudyInfo:
+    return StudyInfo(name, storage, TrainConfig.from_dict(attrs[A_CONFIG]), attrs[A_SPACE],
                      attrs[A_SAMPLER], int(attrs[A_TRIALS]), attrs[A_DATA], attrs[A_VERSION],
                      Store(st, st.get_study_id_from_name(name)), attrs.get(A_PARENT), attrs,
                      attrs.get(A_GRID))
-    return study, info
 
 
 def create_study(name: str, storage: str, config: TrainConfig, data: Data, space: Space,
@@ -283,31 +256,16 @@ def create_study(name: str, storage: str, config: TrainConfig, data: Data, space
     attrs: dict[str, Any] = {
         A_CONFIG: config.to_dict(), A_SPACE: space, A_SAMPLER: sampler, A_TRIALS: n_trials,
         A_DATA: data_fingerprint(data), A_VERSION: __version__,
-        A_CREATED: datetime.now().isoformat(timespec="seconds"),
-    }
-    if parent is not None:
-        attrs[A_PARENT] = parent
-    if points is not None:
-        attrs[A_GRID] = points
+        A_CREATED: datetime.now().isoformat(timespec="seconds"), A_PARENT: parent,
+        A_GRID: points}
+    attrs = {k: v for k, v in attrs.items() if v is not None}
     for key, value in attrs.items():
         study.set_user_attr(key, value)
     for point in points or ():
         study.enqueue_trial(point)
     attrs[A_FORMAT] = FORMAT  # last: no worker joins before every point is queued
     study.set_user_attr(A_FORMAT, FORMAT)
-    return StudyInfo(name, storage, config, space, sampler, n_trials, attrs[A_DATA],
-                     __version__, Store(st, st.get_study_id_from_name(name)), parent, attrs,
-                     points)
-
-
-# --- grid studies ----------------------------------------------------------------------------
-
-
-def grid_points(space: Space) -> list[dict[str, Any]]:
-    """Every point of the grid sampler's grid (the product of ``grid``'s values)."""
-    values = grid(space)
-    return [dict(zip(values, combo, strict=True))
-            for combo in itertools.product(*values.values())]
+    return _study_info(name, storage, st, attrs)
 
 
 def point_key(params: dict[str, Any]) -> str:
@@ -322,17 +280,14 @@ def queued_params(trial: FrozenTrial) -> dict[str, Any]:
 
 
 def claim_queued(study: optuna.Study, store: Store,
-                 accept: Callable[[FrozenTrial], bool] | None = None) -> Trial | None:
-    """A queued (WAITING) trial that ``accept`` takes, now RUNNING for this worker; None
-    when there is none. Never a new trial: unlike ``study.ask`` it samples nothing (nor
-    can it pick among the queued trials), so this is ``ask`` by hand: the storage's
-    WAITING -> RUNNING update, then Optuna's public ``Trial(study, trial_id)``.
-
-    The storage changes a trial from WAITING to RUNNING for one caller only (journal
-    lock, PostgreSQL row lock), so each queued trial goes to exactly one worker.
-    """
+                 fixed: dict[str, Any] | None = None) -> Trial | None:
+    """A queued (WAITING) trial whose point has the ``fixed`` values, now RUNNING for this
+    worker; None when there is none. This is ``study.ask`` by hand, as ``ask`` would sample
+    a new trial when none is queued and cannot pick among the queued ones: the storage's
+    WAITING -> RUNNING update (one caller only: journal lock, row lock), then Optuna's
+    public ``Trial(study, trial_id)``."""
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        if accept is not None and not accept(t):
+        if any(queued_params(t).get(k) != v for k, v in (fixed or {}).items()):
             continue
         trial_id = store.trial_id(t.number)
         try:
@@ -343,7 +298,9 @@ def claim_queued(study: optuna.Study, store: Store,
     return None
 
 
-GRID_STATES = ("done", "running", "waiting", "failed")
+# a grid point's state: that of its first trial in this order ("missing" without one)
+GRID_STATES = {TrialState.COMPLETE: "done", TrialState.RUNNING: "running",
+               TrialState.WAITING: "waiting", TrialState.FAIL: "failed"}
 
 
 def grid_progress(points: list[dict[str, Any]], trials: list[FrozenTrial]
@@ -353,24 +310,24 @@ def grid_progress(points: list[dict[str, Any]], trials: list[FrozenTrial]
     mine: dict[str, list[FrozenTrial]] = {point_key(p): [] for p in points}
     for t in trials:
         mine.setdefault(point_key(queued_params(t)), []).append(t)
-    order = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING, TrialState.FAIL)
     out = []
     for p in points:
         ts = mine[point_key(p)]
         states = {t.state for t in ts}
-        state = next((name for s, name in zip(order, GRID_STATES, strict=True) if s in states),
-                     "missing")
-        out.append((p, state, ts))
+        out.append((p, next((v for s, v in GRID_STATES.items() if s in states), "missing"), ts))
     return out
 
 
-def study_finished(study: optuna.Study, info: StudyInfo) -> bool:
-    """Whether the workers are done: a grid study once no trial is queued or running
-    (every point has its outcome), any other once it has its COMPLETE trials."""
-    trials = study.get_trials(deepcopy=False)
-    if info.sampler == "grid":
-        return not any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in trials)
-    return sum(t.state == TrialState.COMPLETE for t in trials) >= info.n_trials
+def free_trials(study: optuna.Study, info: StudyInfo) -> int | None:
+    """Trials a worker may start now; 0 while it waits for others' running trials, None once
+    the study is done. A grid study runs its queued points and is done when none is queued
+    or running; any other asks for what its budget lacks beyond the running trials."""
+    c = Counter(t.state for t in study.get_trials(deepcopy=False))
+    running = c[TrialState.RUNNING]
+    if info.grid is not None:
+        return c[TrialState.WAITING] or (0 if running else None)
+    left = info.n_trials - c[TrialState.COMPLETE]
+    return None if left <= 0 else max(left - running, 0)
 
 
 def top_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
@@ -379,22 +336,13 @@ def top_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
     return sorted(done, key=lambda t: (-(t.value or 0.0), t.number))[:k]
 
 
-def make_sampler(name: str, space: Space, seed: int | None) -> optuna.samplers.BaseSampler:
-    """A worker's sampler. A grid study's workers sample nothing (they claim its queued
-    points); its GridSampler only refuses a trial queued by hand without every parameter."""
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "grid":
-        return optuna.samplers.GridSampler(grid(space), seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
-
-
-def check_compatible(info: StudyInfo, overrides: dict[str, Any], fingerprint: str | None) -> None:
-    """SearchError unless this worker's configuration and data are the study's."""
+def worker_config(info: StudyInfo, overrides: dict[str, Any], data_dir: str | None
+                  ) -> TrainConfig:
+    """The study's configuration with a worker's local settings (``LOCAL_KEYS``, and
+    ``data_dir``); SearchError if its other ``overrides`` differ from the study's."""
     base = info.config.to_dict()
-    mine = {**base, **overrides}
     try:
-        mine = TrainConfig.from_dict(mine).to_dict()
+        mine = TrainConfig.from_dict({**base, **overrides}).to_dict()
     except (ValueError, TypeError) as e:
         raise SearchError(str(e)) from None
     differ = [k for k in base if k not in LOCAL_KEYS and mine[k] != base[k]]
@@ -404,26 +352,30 @@ def check_compatible(info: StudyInfo, overrides: dict[str, Any], fingerprint: st
         raise SearchError(f"refusing to join study {info.name!r}: this worker's configuration "
                           f"differs ({detail}). Workers train the study's configuration; "
                           f"leave those settings out (only {', '.join(LOCAL_KEYS)} may differ)")
-    if fingerprint is not None and fingerprint != info.fingerprint:
+    local = {k: v for k, v in overrides.items() if k in LOCAL_KEYS}
+    if data_dir is not None:
+        local["data_dir"] = data_dir
+    return replace(info.config, **local)
+
+
+def check_data(info: StudyInfo, data: Data) -> None:
+    """SearchError unless ``data`` are the study's (by their fingerprint)."""
+    fingerprint = data_fingerprint(data)
+    if fingerprint != info.fingerprint:
         raise SearchError(f"refusing to join study {info.name!r}: this worker's data "
                           f"({fingerprint[:19]}...) differ from the study's "
                           f"({info.fingerprint[:19]}...); check --data-dir / --dataset and that "
                           "every machine has the same copy of the data")
 
 
-def fail_trial(study: optuna.Study, store: Store, number: int, reason: str,
-               retry: bool = True) -> bool:
-    """Mark another worker's RUNNING trial FAIL with a reason and (``retry``) queue a copy
-    of it; False if it had finished meanwhile. (``study.tell`` would run the sampler's
-    after-trial hook, which a grid sampler may end with ``study.stop()``.)"""
-    trial_id = store.trial_id(number)
-    try:
-        store.storage.set_trial_user_attr(trial_id, "fail_reason", reason)
-        if not store.storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
-            return False
-    except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
-        return False
-    if retry:
-        retry_trial(study, store.storage.get_trial(trial_id))
-    return True
-
+def progress(study: optuna.Study, info: StudyInfo) -> str:
+    """'5/8 COMPLETE trials', or a grid study's points done and those not done (failed,
+    not queued, ...)."""
+    trials = study.get_trials(deepcopy=False)
+    if info.grid is None:
+        done = sum(t.state == TrialState.COMPLETE for t in trials)
+        return f"{done}/{info.n_trials} COMPLETE trials"
+    points = grid_progress(info.grid, trials)
+    left = [f"{fmt_params(p)} ({state})" for p, state, _ in points if state != "done"]
+    return (f"{len(points) - len(left)}/{len(points)} grid points COMPLETE"
+            + (f"; not done: {', '.join(left)}" if left else ""))

@@ -1,35 +1,5 @@
-"""Hyperparameter studies on Optuna, from one laptop to many machines.
-
-A study lives in an Optuna storage: by default a journal file in the study's run folder
-(``runs/search/<study>/journal.log``, no server), or a PostgreSQL database
-(``postgresql+psycopg://...``) that any number of machines share. ``create_study``
-makes it once and records, as study user attributes, everything a worker needs: the
-base training configuration, the search space, the sampler, the trial budget, a
-fingerprint of the data and the klayer version. Workers (``run_workers``) never
-create a study; they refuse to join one whose configuration or data differ from theirs.
-
-A worker asks Optuna for trials until the study has its budget of COMPLETE trials; in
-a grid study it only claims the points queued at creation, each by one worker, until
-every point has run.
-Each trial trains with the seed SeedSequence([base seed, trial number]) (a retry uses
-its original trial's number), and its validation accuracy is the objective
-(maximized); test accuracy and the rest are trial user attributes. With
-``batch_trials`` T > 1 a worker asks for T trials at once, sharing the architecture,
-and trains them together (``batched``). Faults: SIGINT / SIGTERM fail the running
-trials and stop the worker; a diverged training fails its trial (the reason is kept)
-and the worker goes on; a worker killed outright leaves RUNNING trials that the
-PostgreSQL heartbeat fails and retries, or that ``reap`` (journal) fails and retries.
-
-This module is the public face of the search: it re-exports what the command line and
-callers use from the modules that do the work, and holds what acts on a whole study
-(retraining its best trial, ``run_study`` for experiments):
-
-- ``search_space``: search spaces (flags, TOML tables), suggestions, coarse to fine;
-- ``search_study``: storages, study attributes, data fingerprints, trial seeds;
-- ``search_faults``: stop signals, heartbeats, recovering the trials of dead workers;
-- ``search_worker``: the ask / train / tell loop of one worker process;
-- ``search_pool``: N worker processes on one machine, watched;
-- ``search_status``: the status table, stuck trials, reaping.
+"""What acts on a whole study: its best trial's configuration, retraining it over seeds,
+and ``run_study``, which creates a study and works it to its budget from Python.
 """
 
 from __future__ import annotations
@@ -46,25 +16,16 @@ from optuna.trial import FrozenTrial
 from klayer.core.config import TrainConfig, to_toml
 from klayer.data.datasets import Data
 from klayer.search.pool import run_workers
-from klayer.search.space import (
-    SearchError,
-    Space,
-    child_space,
-    config_for,
-    normalize_space,
-)
+from klayer.search.space import SearchError, Space, child_space, config_for, normalize_space
 from klayer.search.storage import (
     StudyInfo,
-    check_compatible,
+    check_data,
     create_study,
-    data_fingerprint,
-    is_url,
     load_study,
-    original_number,
     resolve_storage,
     retrain_seeds,
+    seed_of,
     top_trials,
-    trial_seed,
 )
 from klayer.search.worker import WorkerOptions
 from klayer.training import runfolder
@@ -72,7 +33,6 @@ from klayer.training import trainer as train
 from klayer.training.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from klayer.training.checkpoint import CheckpointError
 from klayer.training.plan import load_data
-from klayer.training.runfolder import FINISHED_FILES
 
 
 def best_config(study: optuna.Study, info: StudyInfo, cycles: float | None = None,
@@ -89,8 +49,7 @@ def trial_config(trial: FrozenTrial, info: StudyInfo, cycles: float | None = Non
     """A trial's configuration (optionally trained for ``cycles`` cycles): its seed, and
     the mini-batch order it trained on (``order_seed``: a batched trial's is its batch's
     first trial's seed), so a retraining sees the same mini-batches."""
-    seed = int(trial.user_attrs.get("seed", trial_seed(info.config.seed,
-                                                       original_number(trial))))
+    seed = int(trial.user_attrs.get("seed", seed_of(trial, info.config.seed)))
     cfg = config_for(info.config, trial.params, seed)
     order = trial.user_attrs.get("order_seed")
     if isinstance(order, int) and order != cfg.shuffle_seed:  # a batched trial's mini-batches
@@ -107,8 +66,7 @@ def trial_config(trial: FrozenTrial, info: StudyInfo, cycles: float | None = Non
 
 def load_study_data(info: StudyInfo, data_dir: str | None = None) -> Data:
     """The study's data (loaded with its base configuration: synthetic data follow its seed)."""
-    cfg = info.config if data_dir is None else replace(info.config, data_dir=data_dir)
-    return load_data(cfg)
+    return load_data(info.config if data_dir is None else replace(info.config, data_dir=data_dir))
 
 
 def retrain_best(study: optuna.Study, info: StudyInfo, cycles: float | None, out: Path,
@@ -120,24 +78,19 @@ def retrain_best(study: optuna.Study, info: StudyInfo, cycles: float | None, out
                  ) -> tuple[FrozenTrial, list[train.Result]]:
     """Train the best trial's configuration again (for ``cycles`` cycles) into ``out``.
 
-    With ``seeds`` > 1 it trains that many times (``retrain_seeds``), into
-    ``out/seed-S``: one test accuracy carries a few tenths of a point of seed noise,
-    so a mean says more. The data must be the study's (fingerprint). The results are
-    also recorded as the study attribute ``retrain`` (trial, cycles, seeds, accuracies
-    and their mean, folder).
+    With ``seeds`` > 1 it trains that many times (``retrain_seeds``) into ``out/seed-S``,
+    as one test accuracy carries a few tenths of a point of seed noise. The data must be
+    the study's. The results are recorded as the study attribute ``retrain``.
 
-    Each retraining is a run folder as ``klayer train`` writes it, checkpoints
-    included, so a stop costs little: ``should_stop`` (as in ``Trainer.run``) makes
-    it checkpoint and raise ``Stopped``, and calling this again continues
-    every run where it stopped (a finished one is not trained again). A folder that
-    holds another run (or results without checkpoints: an earlier klayer's retraining)
-    raises SearchError before anything trains; ``warn`` hears of unusable checkpoints
-    that were skipped.
+    Each retraining is a run folder as ``klayer train`` writes it, checkpoints included:
+    ``should_stop`` (as in ``Trainer.run``) makes it checkpoint and raise ``Stopped``, and
+    calling this again continues every run where it stopped. A folder that holds another
+    run raises SearchError before anything trains; ``warn`` hears of skipped checkpoints.
     """
     best, cfg = best_config(study, info, cycles, data_dir)
     if data is None:
         data = load_study_data(info, data_dir)
-    check_compatible(info, {}, data_fingerprint(data))
+    check_data(info, data)
     results = []
     for trainer in _retrainers(cfg, info.config, data, out, seeds, callback, warn):
         assert trainer.run_dir is not None
@@ -173,7 +126,7 @@ def _retrainers(cfg: TrainConfig, base: TrainConfig, data: Data, out: Path, seed
         except CheckpointError as e:
             raise SearchError(f"{e}; move them away to train it from the start, or choose "
                               "another --out") from None
-        left = [n for n in FINISHED_FILES if (folder / n).exists()]
+        left = [n for n in runfolder.FINISHED_FILES if (folder / n).exists()]
         if found is None and left:  # this klayer's retrainings keep their checkpoints
             raise SearchError(f"{folder} holds the {' and '.join(left)} of another run, "
                               f"without {CHECKPOINT_FORMAT} checkpoints (an earlier klayer's "
@@ -190,13 +143,9 @@ def run_study(name: str, config: TrainConfig, space: dict[str, Any] | None = Non
               sampler: str = "random", parent: str | None = None, top_k: int = 5,
               margin: float = 0.25, jobs: int = 1, threads: int = 1, batch_trials: int = 1,
               data: Data | None = None, quiet: bool = True) -> tuple[optuna.Study, StudyInfo]:
-    """Create a study (a child of ``parent`` if given) and work it to its budget.
-
-    For experiments: what ``klayer search init`` and ``klayer search worker`` do, from
-    Python. A study that exists already is joined (and finished) as it is. ``space``
-    entries override those derived from the parent. ``data`` (used with jobs = 1)
-    spares loading the data again. Returns the study and its set-up.
-    """
+    """``klayer search init`` (a child of ``parent`` if given; a study that exists already
+    is joined as it is) then ``worker``, from Python: the study and its set-up. ``space``
+    entries override the parent's; ``data`` (used with jobs = 1) spares loading it again."""
     spec = resolve_storage(name, storage, runs_dir)
     if data is None:
         data = load_data(config)
@@ -219,8 +168,6 @@ def run_study(name: str, config: TrainConfig, space: dict[str, Any] | None = Non
 
 def _exists(name: str, spec: str) -> bool:
     """Whether study ``name`` is in storage ``spec`` (a missing journal file: no)."""
-    if not (is_url(spec) or Path(spec).exists()):
-        return False
     try:
         load_study(name, spec)
     except SearchError:

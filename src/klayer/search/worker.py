@@ -1,22 +1,13 @@
 """A search worker: asks Optuna for trials, trains them, tells the results.
 
-One ``Worker`` runs in one process until its study has the requested number of
-COMPLETE trials. It never creates a study and refuses one whose configuration or data
-differ from its own. Each trial trains with the seed SeedSequence([base seed, trial
-number]) (a retry uses its original trial's number); its validation accuracy is the
-objective (maximized), and test accuracy, seed, worker (host:pid) and timings are
-trial user attributes. With ``batch_trials`` T > 1 the worker asks for T trials at
-once that share the architecture and trains them together (``batched``). A diverged
-training fails its trial with the reason and the worker goes on; SIGINT / SIGTERM
-fail the running trials and stop it.
-
-A grid study's worker samples nothing: it claims the points queued at the study's
-creation (``claim_queued``), so no point is tried twice or left out however many
-workers share the study, and it stops once no point is queued or running. A grid
-trial stopped by a signal or an error is queued again with its point (a diverged or
-invalid one is not: with the same seed it would end the same way). A worker prints
-validation accuracies only; test accuracies with ``show_test`` (choosing on test
-would make the test set a validation set).
+A ``Worker`` runs in one process until its study has its budget of COMPLETE trials (a
+grid study: until no point is queued or running), and refuses a study whose configuration
+or data differ from its own. Trial n trains with the seed SeedSequence([base seed, n]) (a
+retry: its original's n); validation accuracy is the objective, test accuracy, seed,
+worker (host:pid) and timings are user attributes. With ``batch_trials`` T > 1 it trains
+T trials that share the architecture together (``batched``). A diverged or invalid trial
+fails and the worker goes on; SIGINT / SIGTERM fail the running trials (a grid trial is
+queued again) and stop it. Test accuracies are printed only with ``show_test``.
 """
 
 from __future__ import annotations
@@ -26,6 +17,7 @@ import os
 import signal
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
@@ -40,31 +32,21 @@ from klayer import __version__
 from klayer.core.config import TrainConfig
 from klayer.core.network import Network
 from klayer.data.datasets import Data
-from klayer.search.faults import (
-    Heartbeat,
-    beat,
-    fail_stale,
-    recover,
-    unlabelled,
-)
-from klayer.search.space import config_for, fmt_params, suggest
+from klayer.search.faults import Heartbeat, beat, fail_stale, recover, retry_trial, unlabelled
+from klayer.search.space import Space, config_for, fmt_params, grid, suggest
 from klayer.search.storage import (
     GRACE_PERIOD,
     HEARTBEAT_INTERVAL,
-    LOCAL_KEYS,
-    StudyInfo,
-    check_compatible,
+    check_data,
     claim_queued,
-    data_fingerprint,
-    grid_progress,
+    free_trials,
     load_study,
-    make_sampler,
     masked,
-    original_number,
     point_key,
+    progress,
     queued_params,
-    retry_trial,
-    trial_seed,
+    seed_of,
+    worker_config,
 )
 from klayer.training import evaluation
 from klayer.training import trainer as train
@@ -109,6 +91,16 @@ class _Job:
     params: dict[str, Any]
 
 
+def make_sampler(name: str, space: Space, seed: int | None) -> optuna.samplers.BaseSampler:
+    """A worker's sampler. A grid study's workers sample nothing (they claim its queued
+    points); its GridSampler only refuses a trial queued by hand without every parameter."""
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "grid":
+        return optuna.samplers.GridSampler(grid(space), seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+
+
 class Worker:
     """One worker process: asks, trains and tells until the study has its budget."""
 
@@ -118,17 +110,13 @@ class Worker:
         self.id = worker_id()
         self._log = log or (lambda s: print(s, flush=True))
         self.stop = StopSignals()
-        study, self.info = load_study(opts.study, opts.storage,
-                                      heartbeat_interval=opts.heartbeat_interval,
-                                      grace_period=opts.grace_period)
-        overrides = dict(opts.overrides)
-        check_compatible(self.info, overrides, None)
-        local = {k: v for k, v in overrides.items() if k in LOCAL_KEYS}
-        if opts.data_dir is not None:
-            local["data_dir"] = opts.data_dir
-        self.base = replace(self.info.config, **local)
+        self.study, self.info = load_study(opts.study, opts.storage,
+                                           heartbeat_interval=opts.heartbeat_interval,
+                                           grace_period=opts.grace_period)
+        self.store = self.info.store
+        self.base = worker_config(self.info, opts.overrides, opts.data_dir)
         self.data = data if data is not None else load_data(self.base)
-        check_compatible(self.info, {}, data_fingerprint(self.data))
+        check_data(self.info, self.data)
         if self.info.version != __version__:
             self.log(f"warning: study made with klayer {self.info.version}, this is "
                      f"{__version__}")
@@ -137,21 +125,17 @@ class Worker:
             seed = int(np.random.SeedSequence([
                 int.from_bytes(hashlib.sha256(self.id.encode()).digest()[:8], "little"),
                 time.time_ns()]).generate_state(1)[0])
-        self.sampler = make_sampler(self.info.sampler, self.info.space, seed)
-        self.study, self.store = study, self.info.store
-        self.study.sampler = self.sampler  # the study was loaded with Optuna's default one
-        self.grid = grid_keys(self.info)
+        # the study was loaded with Optuna's default sampler
+        self.study.sampler = make_sampler(self.info.sampler, self.info.space, seed)
+        self.grid = None if self.info.grid is None else {point_key(p) for p in self.info.grid}
         self.failures = 0
 
     def log(self, text: str) -> None:
         if not self.opts.quiet:
             self._log(f"[{self.id}] {text}")
 
-    def counts(self) -> dict[TrialState, int]:
-        out = dict.fromkeys(TrialState, 0)
-        for t in self.study.get_trials(deepcopy=False):
-            out[t.state] += 1
-        return out
+    def counts(self) -> Counter[TrialState]:
+        return Counter(t.state for t in self.study.get_trials(deepcopy=False))
 
     def run(self) -> int:
         """Work until the budget is met; 0, or 128 + the signal that stopped it."""
@@ -168,7 +152,7 @@ class Worker:
         while not self.stop.signum:
             with self.stop.held():
                 self._housekeep()
-            free = self._free()
+            free = free_trials(self.study, self.info)
             if free is None:
                 break
             if free == 0:
@@ -191,19 +175,6 @@ class Worker:
                 self.log(f"stopping: {self.failures} trials in a row failed")
                 return 1
         return self._stopped()
-
-    def _free(self) -> int | None:
-        """Trials to ask for now; 0 to wait for other workers' trials, None when done.
-
-        A grid study takes only its queued points and is done when none is queued or
-        running; any other asks for what its budget lacks beyond the running trials.
-        """
-        c = self.counts()
-        running = c[TrialState.RUNNING]
-        if self.grid is not None:
-            return c[TrialState.WAITING] or (0 if running else None)
-        left = self.info.n_trials - c[TrialState.COMPLETE]
-        return None if left <= 0 else max(left - running, 0)
 
     def _housekeep(self) -> None:
         """Fail and queue again the trials of workers that died (heartbeat or no label)."""
@@ -228,15 +199,9 @@ class Worker:
         if self.stop.signum:
             self.log(f"stopped by {signal.Signals(self.stop.signum).name}")
             return 128 + self.stop.signum
-        if self.grid is not None:
-            self.log(f"done: study {self.opts.study!r}: {grid_summary(self.study, self.info)}")
-            return 0
-        c = self.counts()
-        self.log(f"done: study {self.opts.study!r} has {c[TrialState.COMPLETE]}/"
-                 f"{self.info.n_trials} COMPLETE trials")
+        how = ": " if self.grid is not None else " has "
+        self.log(f"done: study {self.opts.study!r}{how}{progress(self.study, self.info)}")
         return 0
-
-    # --- asking --------------------------------------------------------------------------
 
     def _ask(self, k: int) -> list[_Job]:
         """Up to k trials, labelled with this worker and their seeds, as jobs."""
@@ -244,8 +209,7 @@ class Worker:
             asked = self._claim_grid(k) if self.grid is not None else self._ask_sampled(k)
             jobs = []
             for trial, p in asked:
-                frozen = self.store.trial(trial.number)
-                seed = trial_seed(self.info.config.seed, original_number(frozen))
+                seed = seed_of(self.store.trial(trial.number), self.info.config.seed)
                 trial.set_user_attr("worker", self.id)
                 trial.set_user_attr("seed", seed)
                 try:
@@ -259,22 +223,18 @@ class Worker:
     def _ask_sampled(self, k: int) -> list[tuple[Trial, dict[str, Any]]]:
         """k trials from the sampler (or the queue of retries); after the first, the
         non-batchable parameters are fixed to its values."""
-        trials = [self.study.ask()]
-        beat(self.store, trials[0].number)
-        params = [suggest(trials[0], self.info.space)]
-        if k > 1:
-            fixed = {key: v for key, v in params[0].items() if key not in BATCHABLE_PARAMS}
-            sampler = self.study.sampler
-            if fixed:
-                self.study.sampler = optuna.samplers.PartialFixedSampler(fixed, sampler)
-            try:
-                for _ in range(k - 1):
-                    trials.append(self.study.ask())
-                    beat(self.store, trials[-1].number)
-                    params.append(suggest(trials[-1], self.info.space))
-            finally:
-                self.study.sampler = sampler
-        return list(zip(trials, params, strict=True))
+        sampler, out = self.study.sampler, []
+        try:
+            for _ in range(k):
+                trial = self.study.ask()
+                beat(self.store, trial.number)
+                out.append((trial, suggest(trial, self.info.space)))
+                fixed = {key: v for key, v in out[0][1].items() if key not in BATCHABLE_PARAMS}
+                if len(out) == 1 and k > 1 and fixed:
+                    self.study.sampler = optuna.samplers.PartialFixedSampler(fixed, sampler)
+        finally:
+            self.study.sampler = sampler
+        return out
 
     def _claim_grid(self, k: int) -> list[tuple[Trial, dict[str, Any]]]:
         """Up to k queued grid points (after the first, only points that share its
@@ -285,8 +245,7 @@ class Worker:
         out: list[tuple[Trial, dict[str, Any]]] = []
         fixed: dict[str, Any] | None = None
         while len(out) < k:
-            trial = claim_queued(self.study, self.store,
-                                 None if fixed is None else _sharing(fixed))
+            trial = claim_queued(self.study, self.store, fixed)
             if trial is None:
                 break
             beat(self.store, trial.number)
@@ -301,8 +260,6 @@ class Worker:
             fixed = fixed or {key: v for key, v in point.items() if key not in BATCHABLE_PARAMS}
         return out
 
-    # --- training ------------------------------------------------------------------------
-
     def _run_jobs(self, jobs: list[_Job]) -> None:
         """Train the jobs (together where they share the architecture) and tell the results."""
         groups: dict[tuple[Any, ...], list[_Job]] = {}
@@ -316,17 +273,13 @@ class Worker:
                         self._run_one(group[0])
                     else:
                         self._run_batch(group)
-                    for job in group:
-                        pending.remove(job)
-        except Stopped as e:
+                    pending = [j for j in pending if j not in group]
+        except (Stopped, Exception) as e:  # a stop or an error: no trial may stay RUNNING
+            stop = e.name if isinstance(e, Stopped) else None
+            reason = (f"interrupted by {stop} (worker {self.id} stopped)" if stop
+                      else f"error: {type(e).__name__}: {e}")
             for job in pending:
-                self._fail(job.trial, job.params, f"interrupted by {e.name} (worker {self.id} "
-                           "stopped)", count=False, retry=True)
-            raise
-        except Exception as e:  # an unexpected error: no trial may stay RUNNING
-            for job in pending:
-                self._fail(job.trial, job.params, f"error: {type(e).__name__}: {e}",
-                           retry=True)
+                self._fail(job.trial, job.params, reason, count=stop is None, retry=True)
             raise
 
     def _run_one(self, job: _Job) -> None:
@@ -347,11 +300,8 @@ class Worker:
         except train.Diverged as e:
             self._fail(trial, job.params, f"diverged: {e}")
             return
-        s = result.summary
-        self._complete(trial, job.params, {
-            "val_accuracy": s["val_accuracy"], "test_accuracy": s["test_accuracy"],
-            "train_accuracy": s["train_accuracy"], "val_loss": s["val_loss"],
-            "test_loss": s["test_loss"], "steps": s["steps"],
+        keep = ("val_accuracy", "test_accuracy", "train_accuracy", "val_loss", "test_loss", "steps")
+        self._complete(trial, job.params, {k: result.summary[k] for k in keep} | {
             "seconds": time.perf_counter() - start, "order_seed": job.cfg.shuffle_seed})
 
     def _run_batch(self, group: list[_Job]) -> None:
@@ -384,8 +334,6 @@ class Worker:
                     job.trial.report(acc, step)
             self._complete(job.trial, job.params, {
                 **r, "steps": plans[i].total_steps, "seconds": seconds / len(group)})
-
-    # --- telling -------------------------------------------------------------------------
 
     def _complete(self, trial: Trial, params: dict[str, Any], attrs: dict[str, Any]) -> None:
         with self.stop.held():
@@ -426,27 +374,6 @@ class Worker:
             self.log(f"#{trial.number} was marked {now.name} while it ran (reaped?); its "
                      "result is not recorded")
             return None
-
-
-def grid_keys(info: StudyInfo) -> set[str] | None:
-    """A grid study's points (all queued at its creation) as ``point_key``s; None for
-    other samplers."""
-    return None if info.grid is None else {point_key(p) for p in info.grid}
-
-
-def _sharing(fixed: dict[str, Any]) -> Callable[[FrozenTrial], bool]:
-    """Queued trials whose point has these (non-batchable) values: trainable together."""
-    return lambda t: all(queued_params(t).get(k) == v for k, v in fixed.items())
-
-
-def grid_summary(study: optuna.Study, info: StudyInfo) -> str:
-    """How far a grid study is: points done, and those that failed or are not queued."""
-    assert info.grid is not None
-    progress = grid_progress(info.grid, study.get_trials(deepcopy=False))
-    done = sum(state == "done" for _, state, _ in progress)
-    text = f"{done}/{len(progress)} grid points COMPLETE"
-    left = [f"{fmt_params(p)} ({state})" for p, state, _ in progress if state != "done"]
-    return text + (f"; not done: {', '.join(left)}" if left else "")
 
 
 def evaluate_trained(nets: Sequence[Network], cfgs: Sequence[TrainConfig],

@@ -3,26 +3,46 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import errno
 import os
 import shlex
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from klayer.core.config import TrainConfig
+from klayer.core.config import LENGTH_KEYS, TrainConfig, key_name, to_toml
+from klayer.training import plan
+from klayer.training.runfolder import OutputError
+from klayer.training.stop import Stopped
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
 EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_DATA, EXIT_OUTPUT = 0, 2, 3, 4, 5
 EXIT_SIGINT, EXIT_SIGTERM, EXIT_SIGPIPE = 130, 143, 141  # 128 + the signal's number
+LOCK_NAME = ".klayer-train.lock"
 
 
 class UsageError(Exception):
     """A flag or configuration value is invalid (exit code 2)."""
+
+
+@contextmanager
+def as_usage(where: str = "") -> Iterator[None]:
+    """A library's ValueError / TypeError (a value it refuses) as a UsageError."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"{where}{e}") from None
 
 
 class Parser(argparse.ArgumentParser):
@@ -41,8 +61,6 @@ class Parser(argparse.ArgumentParser):
         return namespace, extras
 
     def _suggest(self, arg: str) -> str:
-        import difflib
-
         if not arg.startswith("-"):
             return arg
         flags = [o for action in self._actions for o in action.option_strings]
@@ -58,74 +76,71 @@ def parse_widths(text: str) -> tuple[int, ...]:
         widths = tuple(int(w) for w in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers like 50,50, got {text!r}"
-        ) from None
+            f"expected comma-separated integers like 50,50, got {text!r}") from None
     if any(w <= 0 for w in widths):
         raise argparse.ArgumentTypeError(f"every width must be a positive integer, got {text!r}")
     return widths
 
 
+def to_flag(key: str) -> str:
+    """The flag of a TrainConfig key: n_batch -> --n-batch."""
+    return "--" + key.replace("_", "-")
+
+
+def at_least(args: argparse.Namespace, **lows: int) -> None:
+    """UsageError naming the first flag given a value below its minimum (dest=minimum)."""
+    for dest, low in lows.items():
+        value = getattr(args, dest)
+        if value is not None and value < low:
+            raise UsageError(f"{to_flag(dest)} must be >= {low}, got {value}")
+
+
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig key (--n-batch for n_batch, --lambda for lam), default unset."""
-    from klayer.core.config import TrainConfig, key_name
-
     p.add_argument("--config", metavar="TOML",
                    help="read settings from a TOML file; flags override it")
     g = p.add_argument_group("settings (TOML keys are the flag names with _ for -)")
     for f in fields(TrainConfig):
-        flag = "--" + key_name(f).replace("_", "-")
         default = f.default if f.default is not MISSING else None
         help_text = f.metadata["help"]
         if not (default is None and "default" in help_text):  # else the help says it
-            help_text += f" (default: {_show(default)})"
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            help_text += f" (default: {'unset' if default is None else shown})"
         kind = str(f.type).replace(" | None", "")
-        common: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
+        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
         if kind == "bool":
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+            kw["action"] = argparse.BooleanOptionalAction
         elif kind.startswith("tuple"):
-            g.add_argument(flag, type=parse_widths, metavar="W1,W2,...", **common)
+            kw.update(type=parse_widths, metavar="W1,W2,...")
         else:
-            conv = {"int": int, "float": float, "str": str}[kind]
-            g.add_argument(flag, type=conv, choices=f.metadata.get("choices"), **common)
+            kw.update(type={"int": int, "float": float, "str": str}[kind],
+                      choices=f.metadata.get("choices"))
+        g.add_argument(to_flag(key_name(f)), **kw)
 
 
-def _show(value: object) -> str:
-    if isinstance(value, tuple):
-        return ",".join(map(str, value))
-    return "unset" if value is None else str(value)
+def flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags, by TOML key (widths as lists, as TOML has them)."""
+    given = {key_name(f): getattr(args, f.name, None) for f in fields(TrainConfig)}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in given.items() if v is not None}
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
     """TOML file (if any) overridden by the flags that were given; errors name the key."""
-    from klayer.core.config import LENGTH_KEYS, TrainConfig, key_name
-
-    values: dict[str, object] = {}
-    if args.config:
-        values.update(read_toml(args.config))
-    flags = {key_name(f): getattr(args, f.name) for f in fields(TrainConfig)
-             if getattr(args, f.name, None) is not None}
+    values = dict(read_toml(args.config)) if args.config else {}
+    flags = flag_values(args)
     if any(k in LENGTH_KEYS for k in flags):  # a length flag replaces the file's length
         values = {k: v for k, v in values.items() if k not in LENGTH_KEYS}
-    values.update(flags)
-    return config_from(values)
+    return config_from({**values, **flags})
 
 
 def config_from(values: dict[str, object], where: str = "") -> TrainConfig:
     """TrainConfig.from_dict, every failure a UsageError naming the key (and ``where``)."""
-    from klayer.core.config import TrainConfig
-
-    try:
+    with as_usage(where):
         return TrainConfig.from_dict(values)
-    except (ValueError, TypeError) as e:
-        raise UsageError(f"{where}{e}") from None
 
 
 def read_toml(path: str | Path, flag: str = "--config") -> dict[str, object]:
     """A TOML file's table; UsageError naming ``flag`` and the file if it cannot be read."""
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover
-        import tomli as tomllib
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
@@ -135,21 +150,16 @@ def read_toml(path: str | Path, flag: str = "--config") -> dict[str, object]:
         raise UsageError(f"{flag}: {path} is not valid TOML: {e}") from None
 
 
-def toml_round_trips(cfg: TrainConfig) -> None:
-    """UsageError unless config.toml as written reads back as exactly ``cfg``."""
-    from klayer.core.config import TrainConfig, to_toml
-
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover
-        import tomli as tomllib
-    try:
+def validate(cfg: TrainConfig) -> None:
+    """UsageError unless ``cfg`` can be trained and config.toml as written reads back as it."""
+    with as_usage():
+        plan.validate(cfg)
+    cannot = "these settings cannot be recorded in config.toml: "
+    with as_usage(cannot):
         back = TrainConfig.from_dict(tomllib.loads(to_toml(cfg.to_dict())))
-    except (ValueError, TypeError) as e:
-        raise UsageError(f"these settings cannot be recorded in config.toml: {e}") from None
     if back != cfg:
         differ = [k for k, v in cfg.to_dict().items() if back.to_dict().get(k) != v]
-        raise UsageError(f"these settings cannot be recorded in config.toml: {differ}")
+        raise UsageError(f"{cannot}{differ}")
 
 
 def check_writable(out: Path, flag: str = "--out") -> None:
@@ -159,11 +169,6 @@ def check_writable(out: Path, flag: str = "--out") -> None:
     UsageError; a folder that cannot be created or written (read-only, no permission,
     no space) an OutputError, exit 5, as the README's exit codes say.
     """
-    import errno
-    import tempfile
-
-    from klayer.training.runfolder import OutputError
-
     try:
         out.mkdir(parents=True, exist_ok=True)
     except (OSError, ValueError) as e:
@@ -197,6 +202,29 @@ def removed_if_refused(out: Path, leave: tuple[str, ...] = ()) -> Iterator[None]
             except OSError:  # not empty, or already gone: keep what is there
                 break
         raise
+
+
+def lock_run_folder(out: Path, flag: str) -> Any:
+    """Hold RUN_DIR/.klayer-train.lock: one process at a time writes a run folder
+    (``klayer train``, ``klayer search best --retrain``, ``klayer experiment``)."""
+    import filelock
+
+    lock = filelock.FileLock(str(out / LOCK_NAME))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise UsageError(f"{flag}: another klayer process is writing {out}") from None
+    except OSError as e:
+        raise UsageError(f"{flag}: cannot lock {out}: {e.strerror or e}") from None
+    return lock
+
+
+def how_stopped(e: Stopped, otherwise: str) -> str:
+    """Where a training stopped: at a step, with a checkpoint, or at once (``otherwise``)."""
+    if e.step is not None:
+        return (f"interrupted by {e.name} after step {e.step} of {e.total}; checkpoint "
+                f"{e.checkpoint}")
+    return f"stopped at once by {e.name}; {otherwise}"
 
 
 def command_line() -> str:

@@ -12,14 +12,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from klayer.cli.common import (
-    EXIT_OK,
-    Command,
-    UsageError,
-    check_writable,
-    command_line,
-)
-from klayer.cli.train import lock_run_folder
+from klayer.cli import common
+from klayer.cli.common import EXIT_OK, Command, UsageError, command_line
 from klayer.training.stop import Stopped, StopSignals
 
 if TYPE_CHECKING:
@@ -32,9 +26,8 @@ EXPERIMENT_NAMES = ("gradcheck", "bn-depth", "lambda-search", "init-sensitivity"
 
 
 def add_experiment_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", choices=[*EXPERIMENT_NAMES, "all"],
-                   help="the experiment; 'all' runs the assignment's (all but 'best') into one "
-                        "combined report")
+    p.add_argument("name", choices=[*EXPERIMENT_NAMES, "all"], help="the experiment; 'all' "
+                   "runs the assignment's (all but 'best') into one combined report")
     p.add_argument("--data-dir", help="folder holding CIFAR-10 (or set $KLAYER_DATA_DIR)")
     p.add_argument("--dataset", choices=("cifar10", "digits", "synthetic"), default="cifar10",
                    help="dataset (default cifar10)")
@@ -49,7 +42,7 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
                    help="report folder (default runs/experiment-<name>-<timestamp>)")
     p.add_argument("--keep-models", action="store_true",
                    help="also save every trained network as OUT/models/<experiment>/"
-                        "<configuration>-seed<S>.npz, for klayer evaluate (default: none)")
+                   "<configuration>-seed<S>.npz, for klayer evaluate (default: none)")
 
 
 def run_experiment_cmd(args: argparse.Namespace) -> int:
@@ -61,24 +54,18 @@ def run_experiment_cmd(args: argparse.Namespace) -> int:
     """
     from klayer.experiments.runner import Context
 
-    for flag, value in (("--seeds", args.seeds), ("--jobs", args.jobs)):
-        if value < 1:
-            raise UsageError(f"{flag} must be >= 1, got {value}")
-    if args.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    common.at_least(args, seeds=1, jobs=1, seed=0)
     out = Path(args.out) if args.out else Path("runs") / (
         f"experiment-{args.name}-" + time.strftime("%Y%m%d-%H%M%S"))
-    base = {"dataset": args.dataset, "seed": args.seed}
-    if args.data_dir:
-        base["data_dir"] = args.data_dir
+    base = {"dataset": args.dataset, "seed": args.seed,
+            **({"data_dir": args.data_dir} if args.data_dir else {})}
     ctx = Context(base=base, seeds=args.seeds, jobs=args.jobs, quick=args.quick, out=out,
-                  log=lambda m: print(m, flush=True), keep=True,
-                  keep_models=args.keep_models)
+                  log=lambda m: print(m, flush=True), keep=True, keep_models=args.keep_models)
     with StopSignals() as stop, ExitStack() as held:
         try:
             with stop.armed():
                 _check(args, ctx, out)
-                held.callback(lock_run_folder(out, "--out").release)  # released last
+                held.callback(common.lock_run_folder(out, "--out").release)  # released last
                 _run(args, ctx, out)
             with stop.held():  # done: a signal now changes nothing
                 ctx.close()
@@ -96,38 +83,34 @@ def run_experiment_cmd(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace, ctx: Context, out: Path) -> None:
     """Validate before any work: the configuration, the data, the report folder. What
     identifies the data and the code goes into the kept trainings' keys."""
+    from klayer.data.fetch import locate_cifar10
     from klayer.experiments.jobcache import identity
 
     ctx.config({}, args.seed)  # the base configuration is valid
-    data_folder = None
-    needs_data = args.name != "gradcheck"  # the gradient check runs on random data
-    if args.dataset == "cifar10" and needs_data:  # find it before any work (exit 4)
-        from klayer.data.fetch import locate_cifar10
-
-        data_folder = locate_cifar10(args.data_dir)
-    ctx.identity = identity(data_folder)
-    check_writable(out)  # after the checks: a refused run leaves no folder
+    # find CIFAR-10 before any work (exit 4); the gradient check runs on random data
+    needs_cifar = args.dataset == "cifar10" and args.name != "gradcheck"
+    ctx.identity = identity(locate_cifar10(args.data_dir) if needs_cifar else None)
+    common.check_writable(out)  # after the checks: a refused run leaves no folder
 
 
 def _run(args: argparse.Namespace, ctx: Context, out: Path) -> None:
-    """The experiments, then results.json, the tables (tables/*.csv and *.tex), report.md
-    and report.html (each file atomic)."""
+    """The experiments, then results.json (first: the smallest file, and the one to keep),
+    the tables (tables/*.csv and *.tex), report.md and report.html (each file atomic)."""
     from klayer.experiments.registry import ASSIGNMENT, EXPERIMENTS, run_experiment, summary_section
     from klayer.experiments.runner import MODELS
     from klayer.report.html import TABLES, Report, to_html, to_markdown, write_tables
     from klayer.training.runfolder import write_text
 
-    names = list(ASSIGNMENT) if args.name == "all" else [args.name]
-    sections = [run_experiment(n, ctx) for n in names]
-    if args.name == "all":
+    every = args.name == "all"
+    sections = [run_experiment(n, ctx) for n in (ASSIGNMENT if every else [args.name])]
+    if every:
         sections.insert(0, summary_section(sections))
-    title = ("DD2424 Assignment 3: k-layer networks with batch normalization" if args.name == "all"
+    title = ("DD2424 Assignment 3: k-layer networks with batch normalization" if every
              else f"klayer experiment {args.name}: {EXPERIMENTS[args.name][0]}")
     report = Report(title, sections, args.quick, command_line(),
                     args.seeds, time.strftime("%Y-%m-%d %H:%M:%S"))
-    # the results first (the smallest file, and the one to keep)
     write_text(out / "results.json", json.dumps(
-        [{k: v for k, v in asdict(s).items() if k not in ("figures",)} for s in sections],
+        [{k: v for k, v in asdict(s).items() if k != "figures"} for s in sections],
         indent=2, default=str) + "\n")
     write_tables(report, out)
     write_text(out / "report.md", to_markdown(report, out))
@@ -142,12 +125,11 @@ def _stopped(args: argparse.Namespace, out: Path, e: Stopped, kept: int) -> int:
     """Report a stopped experiment (its ``kept`` finished trainings are); 130 or 143."""
     from klayer.experiments.jobcache import FOLDER
 
-    again = command_line() + (
-        "" if args.out else f" --out {shlex.quote(str(out))}")
+    again = command_line() + ("" if args.out else f" --out {shlex.quote(str(out))}")
     saved = (f"the {kept} finished training(s) in {out / FOLDER} are kept" if kept
              else "no training had finished")
-    print(f"\nklayer experiment: stopped by {e.name}; {saved}\n"
-          f"continue with: {again}", file=sys.stderr, flush=True)
+    print(f"\nklayer experiment: stopped by {e.name}; {saved}\ncontinue with: {again}",
+          file=sys.stderr, flush=True)
     return e.exit_code
 
 

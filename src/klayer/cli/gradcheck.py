@@ -8,61 +8,34 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import TYPE_CHECKING
 
-from klayer.cli.common import EXIT_OK, Command, UsageError, parse_widths
+from klayer.cli.common import EXIT_OK, Command, UsageError, as_usage, at_least, parse_widths
+from klayer.core import gradcheck
+from klayer.core.config import NetConfig
 
-if TYPE_CHECKING:
-    from klayer.core.config import NetConfig
-
-EXIT_FAILED = 1  # the gradient check failed: free among the exit codes in cli.py's doc
+EXIT_FAILED = 1  # the gradient check failed: free among the exit codes in main.py's doc
 
 
 def add_gradcheck_args(p: argparse.ArgumentParser) -> None:
     """The gradcheck flags; the network ones default as in ``klayer train`` (batch norm on)."""
     p.epilog = ("exit codes: 0 PASS, 1 FAIL (some tensor's max relative error exceeds "
                 "--tol), 2 usage")
-    p.add_argument(
-        "--hidden",
-        type=parse_widths,
-        default=(50, 50),
-        help="hidden widths, comma-separated (default 50,50; '' for a linear net)",
-    )
-    p.add_argument(
-        "--batch-norm",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="batch norm in every hidden layer (default on, as in klayer train)",
-    )
-    p.add_argument(
-        "--bn-position",
-        choices=("before", "after"),
-        default="before",
-        help="batch norm before (assignment) or after the ReLU",
-    )
+    p.add_argument("--hidden", type=parse_widths, default=(50, 50),
+                   help="hidden widths, comma-separated (default 50,50; '' for a linear net)")
+    p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=True,
+                   help="batch norm in every hidden layer (default on, as in klayer train)")
+    p.add_argument("--bn-position", choices=("before", "after"), default="before",
+                   help="batch norm before (assignment) or after the ReLU")
     p.add_argument("--skip", action="store_true", help="residual skip connections")
-    p.add_argument(
-        "--dropout",
-        type=float,
-        default=0.0,
-        help="dropout probability (a fixed mask is used for the check)",
-    )
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="dropout probability (a fixed mask is used for the check)")
     p.add_argument("--dim", type=int, default=20, help="input dimension d (default 20)")
     p.add_argument("--n", type=int, default=10, help="number of examples (default 10)")
     p.add_argument("--classes", type=int, default=10, help="number of classes K (default 10)")
-    p.add_argument(
-        "--lambda",
-        dest="lam",
-        type=float,
-        default=0.01,
-        help="L2 regularization lambda (default 0.01)",
-    )
-    p.add_argument(
-        "--sample",
-        type=int,
-        default=None,
-        help="check this many random elements per tensor instead of all",
-    )
+    p.add_argument("--lambda", dest="lam", type=float, default=0.01,
+                   help="L2 regularization lambda (default 0.01)")
+    p.add_argument("--sample", type=int, default=None,
+                   help="check this many random elements per tensor instead of all")
     p.add_argument("--h", type=float, default=None,
                    help="finite-difference step (default 2e-6, 1e-5 where longdouble is float64)")
     p.add_argument("--tol", type=float, default=None,
@@ -77,15 +50,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.n < 2 and args.batch_norm and args.hidden:
         raise UsageError("--n must be at least 2 with batch norm (batch statistics); "
                          "or pass --no-batch-norm")
-    for flag, value, low in (
-        ("--dim", args.dim, 1),
-        ("--n", args.n, 1),
-        ("--classes", args.classes, 2),
-        ("--sample", args.sample, 1),
-        ("--seed", args.seed, 0),
-    ):
-        if value is not None and value < low:
-            raise UsageError(f"{flag} must be >= {low}, got {value}")
+    at_least(args, dim=1, n=1, classes=2, sample=1, seed=0)
     if not 0 <= args.lam < float("inf"):  # NaN fails too
         raise UsageError(f"--lambda must be a finite number >= 0, got {args.lam}")
     if args.h is not None and not 0 < args.h < 1:
@@ -94,44 +59,27 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--tol must be a positive number, got {args.tol}")
 
 
-def _net_config(args: argparse.Namespace) -> NetConfig:
-    """The float64 network the flags describe; a bad combination is a UsageError."""
-    from klayer.core.config import NetConfig
-
-    try:
-        return NetConfig(d=args.dim, num_classes=args.classes, hidden=args.hidden,
-                         batch_norm=args.batch_norm, bn_position=args.bn_position,
-                         skip=args.skip, dropout=args.dropout, dtype="float64")
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-
 def run_gradcheck(args: argparse.Namespace) -> int:
     """Check every tensor (or ``--sample`` elements of each), print the table and verdict."""
-    from klayer.core.gradcheck import (
-        check_gradients,
-        default_step,
-        default_tol,
-        format_table,
-        judge,
-        make_check_problem,
-    )
-
     _check_args(args)
-    cfg = _net_config(args)
-    net, X, y = make_check_problem(cfg, n=args.n, seed=args.seed)
-    h = args.h if args.h is not None else default_step()
-    rows = check_gradients(net, X, y, lam=args.lam, h=h, sample=args.sample, seed=args.seed)
-    verdict = judge(rows, args.tol if args.tol is not None else default_tol())
+    with as_usage():  # a bad combination of the network flags
+        cfg = NetConfig(d=args.dim, num_classes=args.classes, hidden=args.hidden,
+                        batch_norm=args.batch_norm, bn_position=args.bn_position,
+                        skip=args.skip, dropout=args.dropout, dtype="float64")
+    net, X, y = gradcheck.make_check_problem(cfg, n=args.n, seed=args.seed)
+    h = args.h if args.h is not None else gradcheck.default_step()
+    rows = gradcheck.check_gradients(net, X, y, lam=args.lam, h=h, sample=args.sample,
+                                     seed=args.seed)
+    verdict = gradcheck.judge(rows, args.tol if args.tol is not None else gradcheck.default_tol())
     if args.json:
-        doc = {"config": json.loads(cfg.to_json()), "n": args.n, "lambda": args.lam,
-               "seed": args.seed, "h": h, "tol": verdict.tol,
-               "max_rel_error": verdict.max_rel_error, "worst": verdict.worst,
-               "verdict": "PASS" if verdict.passed else "FAIL",
-               "params": [r.as_dict() for r in rows]}
-        print(json.dumps(doc, indent=2))
+        print(json.dumps({
+            "config": json.loads(cfg.to_json()), "n": args.n, "lambda": args.lam,
+            "seed": args.seed, "h": h, "tol": verdict.tol,
+            "max_rel_error": verdict.max_rel_error, "worst": verdict.worst,
+            "verdict": "PASS" if verdict.passed else "FAIL",
+            "params": [r.as_dict() for r in rows]}, indent=2))
     else:
-        print(format_table(rows))
+        print(gradcheck.format_table(rows))
         print(f"\nmax relative error over all parameters: {verdict.max_rel_error:.3e} "
               f"(h = {h:g})")
         print(verdict.line())

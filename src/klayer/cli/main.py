@@ -5,40 +5,38 @@ config value, a file of another klayer format: FormatError), 3 diverged training
 (missing, corrupt or foreign file), 5 output (the run folder cannot be written: read-only,
 disk full), 130 / 143 interrupted by SIGINT / SIGTERM, 141 the output pipe closed
 (``klayer ... | head``).
-Each subcommand lives in a ``cli_*`` module as an ``add_*_args`` / ``run_*`` pair.
+Each subcommand module has a COMMANDS dict: name -> (help, add_arguments, run).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from klayer import __version__
-from klayer.cli.common import (
-    EXIT_DATA,
-    EXIT_DIVERGED,
-    EXIT_OUTPUT,
-    EXIT_SIGINT,
-    EXIT_SIGPIPE,
-    EXIT_USAGE,
-    Command,
-    Parser,
-    UsageError,
-)
+from klayer.cli import common
+from klayer.cli.common import Parser, UsageError
 from klayer.core import kernels
+from klayer.data.batchfile import DataError
+from klayer.data.files import FormatError, ModelFileError
+from klayer.training.runfolder import OutputError
+from klayer.training.stop import Stopped
+from klayer.training.trainer import Diverged
 
-# Each cli_* module contributes a COMMANDS dict: name -> (help, add_arguments, run).
 _MODULES = ("train", "tools", "experiment", "search", "gradcheck")
-
-
-def _commands() -> dict[str, Command]:
-    import importlib
-
-    commands: dict[str, Command] = {}
-    for name in _MODULES:
-        commands.update(importlib.import_module(f"{__package__}.{name}").COMMANDS)
-    return commands
+# the errors a command may end with: how its message names each, and the exit code
+_ERRORS: dict[type[Exception], tuple[str, int]] = {
+    UsageError: ("error", common.EXIT_USAGE),
+    FormatError: ("error", common.EXIT_USAGE),  # a refusal, not damage
+    DataError: ("data error", common.EXIT_DATA),
+    ModelFileError: ("data error", common.EXIT_DATA),
+    Diverged: ("diverged", common.EXIT_DIVERGED),
+    OutputError: ("output error", common.EXIT_OUTPUT),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,10 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version",
                         version=f"klayer {__version__} (kernels: {kernels.BACKEND})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (help_text, add_args, run) in _commands().items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        add_args(p)
-        p.set_defaults(run=run)
+    for module in _MODULES:
+        commands = importlib.import_module(f"{__package__}.{module}").COMMANDS
+        for name, (help_text, add_args, run) in commands.items():
+            p = sub.add_parser(name, help=help_text, description=help_text)
+            add_args(p)
+            p.set_defaults(run=run)
     return parser
 
 
@@ -64,45 +64,27 @@ def _one_line_warning(message: Warning | str, category: type[Warning], filename:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import warnings
-
     warnings.showwarning = _one_line_warning  # users need the message, not our source line
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
-        return EXIT_USAGE
-    from klayer.data.batchfile import DataError
-    from klayer.data.files import FormatError, ModelFileError
-    from klayer.training.runfolder import OutputError
-    from klayer.training.stop import Stopped
-    from klayer.training.trainer import Diverged
-
+        return common.EXIT_USAGE
     try:
         return int(args.run(args))
-    except (UsageError, FormatError) as e:  # FormatError: a refusal, not damage
-        print(f"klayer {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except (DataError, ModelFileError) as e:
-        print(f"klayer {args.command}: data error: {e}", file=sys.stderr)
-        return EXIT_DATA
-    except Diverged as e:
-        print(f"klayer {args.command}: diverged: {e}", file=sys.stderr)
-        return EXIT_DIVERGED
-    except OutputError as e:
-        print(f"klayer {args.command}: output error: {e}", file=sys.stderr)
-        return EXIT_OUTPUT
+    except tuple(_ERRORS) as e:
+        label, code = next(v for kind, v in _ERRORS.items() if isinstance(e, kind))
+        print(f"klayer {args.command}: {label}: {e}", file=sys.stderr)
+        return code
     except Stopped as e:  # a stop no command reported more precisely
         print(f"\nklayer {args.command}: interrupted by {e.name}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:  # Ctrl-C where no stop handler was installed
         print(f"\nklayer {args.command}: interrupted", file=sys.stderr)
-        return EXIT_SIGINT
+        return common.EXIT_SIGINT
     except BrokenPipeError:  # the reader went away (`klayer ... | head`): stop quietly
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
-        return EXIT_SIGPIPE
+        return common.EXIT_SIGPIPE
 
 
 if __name__ == "__main__":

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
-from klayer.cli.common import EXIT_OK, Command, UsageError, check_writable
+import numpy as np
+
+from klayer.cli.common import EXIT_OK, Command, UsageError, as_usage, check_writable, read_toml
+from klayer.core.config import TrainConfig
+from klayer.core.network import Network
+from klayer.data.batchfile import DataError
+from klayer.data.datasets import Data
+from klayer.training import evaluation, modelfile
+from klayer.training.plan import load_data
+from klayer.training.runfolder import read_metrics
 
 
 def add_evaluate_args(p: argparse.ArgumentParser) -> None:
@@ -22,39 +33,25 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    import numpy as np
+    from klayer.report.plots import save_confusion, save_montage  # matplotlib
 
-    from klayer.core.config import TrainConfig
-    from klayer.report.plots import save_confusion, save_montage
-    from klayer.training import evaluation, modelfile
-    from klayer.training.plan import load_data
-
-    model, recorded = _model_and_config(Path(args.model))
+    model = Path(args.model)
+    if model.is_dir():
+        model = model / "model.npz"
+        if not model.is_file():
+            raise UsageError(f"{model.parent}: no model.npz (is it a finished klayer run "
+                             "folder?)")
+    toml = model.parent / "config.toml"  # the data a model was trained on, found again
+    recorded = read_toml(toml, flag=str(toml)) if toml.is_file() else {}
     net, meta, extras = modelfile.load(model)
-    if not recorded and isinstance(meta.get("config"), dict):  # a kept experiment model
-        recorded = meta["config"]
-    where: dict[str, object] = {k: recorded[k] for k in (  # the data the model was trained on
-        "dataset", "seed", "split", "val_size", "data_dir") if k in recorded}
-    where.setdefault("dataset", meta.get("dataset", "cifar10"))
-    where.setdefault("seed", int(meta.get("seed", 0)))
-    if args.data_dir:
-        where["data_dir"] = args.data_dir
-    try:
-        cfg = TrainConfig.from_dict({**where, "strict_checksums": args.strict_checksums})
-    except (ValueError, TypeError) as e:
-        raise UsageError(f"{model.parent / 'config.toml'}: {e}") from None
-    dataset = cfg.dataset
-    data = load_data(cfg)
-    if data.d != net.config.d:
-        raise UsageError(f"{args.model} expects d = {net.config.d} inputs, {dataset} has {data.d}")
+    data = _data_of(args, net, toml, recorded, meta)
     if "mean" in extras and "std" in extras:  # the standardization the model was trained with
         data = data.with_standardization(extras["mean"], extras["std"])
     out = Path(args.out) if args.out else model.resolve().parent
     check_writable(out, flag="--out" if args.out else "the model's folder (or give --out)")
     split = getattr(data, args.split)
-    scores = np.concatenate([net.scores(c.astype(net.dtype), check=False)
-                             for c in evaluation.batches(data, split.X)])
-    pred = scores.argmax(axis=1)
+    pred = np.concatenate([net.scores(c.astype(net.dtype), check=False).argmax(axis=1)
+                           for c in evaluation.batches(data, split.X)])
     K = net.config.num_classes
     cm = np.zeros((K, K), dtype=np.int64)
     np.add.at(cm, (split.y, pred), 1)
@@ -71,16 +68,25 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _model_and_config(path: Path) -> tuple[Path, dict[str, object]]:
-    """The model file and its run's recorded settings (config.toml beside it, if any):
-    the data a model was trained on is found again without --data-dir."""
-    from klayer.cli.common import read_toml
-
-    model = path / "model.npz" if path.is_dir() else path
-    if path.is_dir() and not model.is_file():
-        raise UsageError(f"{path}: no model.npz (is it a finished klayer run folder?)")
-    toml = model.parent / "config.toml"
-    return model, (read_toml(toml, flag=str(toml)) if toml.is_file() else {})
+def _data_of(args: argparse.Namespace, net: Network, toml: Path, recorded: dict[str, Any],
+             meta: dict[str, Any]) -> Data:
+    """The data the model was trained on, as its run's config.toml records them (a kept
+    experiment model: its metadata), unless --data-dir says where."""
+    if not recorded and isinstance(meta.get("config"), dict):  # a kept experiment model
+        recorded = meta["config"]
+    where: dict[str, object] = {k: recorded[k] for k in (
+        "dataset", "seed", "split", "val_size", "data_dir") if k in recorded}
+    where.setdefault("dataset", meta.get("dataset", "cifar10"))
+    where.setdefault("seed", int(meta.get("seed", 0)))
+    if args.data_dir:
+        where["data_dir"] = args.data_dir
+    with as_usage(f"{toml}: "):
+        cfg = TrainConfig.from_dict({**where, "strict_checksums": args.strict_checksums})
+    data = load_data(cfg)
+    if data.d != net.config.d:
+        raise UsageError(f"{args.model} expects d = {net.config.d} inputs, {cfg.dataset} has "
+                         f"{data.d}")
+    return data
 
 
 def add_plot_args(p: argparse.ArgumentParser) -> None:
@@ -90,9 +96,7 @@ def add_plot_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_plot(args: argparse.Namespace) -> int:
-    from klayer.data.batchfile import DataError
-    from klayer.report.plots import save_overlay
-    from klayer.training.runfolder import read_metrics
+    from klayer.report.plots import save_overlay  # matplotlib: only when needed
 
     labels = args.labels.split(",") if args.labels else [Path(r).name for r in args.runs]
     if len(labels) != len(args.runs):
@@ -117,10 +121,6 @@ def run_plot(args: argparse.Namespace) -> int:
 def _warn_mixed_datasets(labels: list[str], runs: list[Path]) -> None:
     """Warn when the runs were trained on different datasets (as their config.toml
     say): their curves share axes but are not comparable."""
-    import warnings
-
-    from klayer.cli.common import read_toml
-
     datasets: dict[str, list[str]] = {}
     for label, run in zip(labels, runs, strict=True):
         try:
@@ -145,7 +145,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 def run_data(args: argparse.Namespace) -> int:
     """``data fetch`` downloads into the data folder; ``data where`` prints it and says on
     stderr whether CIFAR-10 is there (exit 0 either way: it is a question, not a check)."""
-    from klayer.data import fetch
+    from klayer.data import fetch  # urllib, http.client: only when needed
 
     if args.action == "where":
         folder, presence = fetch.cifar10_presence(args.data_dir)

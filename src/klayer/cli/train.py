@@ -3,57 +3,47 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
+import time
+import warnings
 from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from shlex import quote
+from typing import Any
 
-from klayer.cli.common import (
-    EXIT_OK,
-    EXIT_OUTPUT,
-    Command,
-    UsageError,
-    add_config_flags,
-    check_writable,
-    config_from,
-    read_toml,
-    removed_if_refused,
-    resolve_config,
-    toml_round_trips,
-)
+import numpy as np
+
+from klayer.cli import common
+from klayer.cli.common import EXIT_OK, Command, UsageError, to_flag, validate
+from klayer.core.config import RESULT_NEUTRAL, TrainConfig, to_toml
+from klayer.training import checkpoint, runfolder
+from klayer.training.plan import load_data, make_plan, validate_for_data
 from klayer.training.stop import Stopped, StopSignals
+from klayer.training.trainer import ResumeMismatch, Trainer
 
-if TYPE_CHECKING:
-    from klayer.core.config import TrainConfig
-    from klayer.training.trainer import Trainer
-
-LOCK_NAME = ".klayer-train.lock"
 STOP_NOTICE = ("\nklayer {command}: got {{name}}: finishing the current step and writing a "
                "checkpoint (again to stop at once)\n")
-
-
-def _resume_flags() -> str:
-    """'--data-dir, ..., --name and --quiet': what --resume may be given (the settings
-    that leave the result unchanged, RESULT_NEUTRAL, and --quiet)."""
-    from klayer.core.config import RESULT_NEUTRAL
-
-    return ", ".join("--" + k.replace("_", "-") for k in RESULT_NEUTRAL) + " and --quiet"
+_RESOLVED = ("n_s", "cycles", "epochs")  # unset, they are written out by resolve_length
+# what --resume may be given: the settings that leave the result unchanged, and --quiet
+_RESUME_FLAGS = ", ".join(map(to_flag, RESULT_NEUTRAL)) + " and --quiet"
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", help="run folder (default runs/<timestamp>-<name>)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run from its newest checkpoint, with the "
-                   f"settings in RUN_DIR/config.toml (only {_resume_flags()} may be given)")
+                   f"settings in RUN_DIR/config.toml (only {_RESUME_FLAGS} may be given)")
     p.add_argument("--quiet", action="store_true", help="no progress output, only the final table")
     p.add_argument("--seeds", type=int, default=1, metavar="N",
                    help="train N times, with seeds S..S+N-1 (S = --seed), each into "
                    "OUT/seed-S, and report the mean and std of the accuracies (default 1); "
                    "the same command again reads finished seeds back")
-    add_config_flags(p)
+    common.add_config_flags(p)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -64,43 +54,31 @@ def run_train(args: argparse.Namespace) -> int:
     """
     if args.seeds != 1:
         return _run_seeds(args)
-    run: _Run | None = None
+    trainer: Trainer | None = None
     with StopSignals(STOP_NOTICE.format(command="train")) as stop, ExitStack() as held:
         try:
-            run = _resume(args, held) if args.resume else _new_run(args, held)
-            return _train(run.trainer, run.out, stop)
-        except Stopped as e:
-            _say_stopped(e, run.trainer.last_checkpoint if run else None,
-                         run.out if run else None)
+            trainer = _resume(args, held) if args.resume else _new_run(args, held)
+            return _train(trainer, stop)
+        except Stopped as e:  # tell how it ended: checkpointed by the trainer, or at once
+            again = f"klayer train --resume {quote(str(trainer.run_dir))}" if trainer else ""
+            last = trainer.last_checkpoint if trainer else None
+            how = common.how_stopped(e, f"resume from {last.name} with `{again}`" if last
+                                     else "no checkpoint was written")
+            then = f"\nresume with: {again}" if e.step is not None else ""
+            print(f"\nklayer train: {how}{then}", file=sys.stderr, flush=True)
             return e.exit_code  # 130 SIGINT, 143 SIGTERM, 141 SIGPIPE
-
-
-def _say_stopped(e: Stopped, last: Path | None, out: Path | None) -> None:
-    """Tell how a stopped training ended: checkpointed by the trainer, or at once."""
-    if e.step is not None and out is not None:
-        how = (f"interrupted by {e.name} after step {e.step} of {e.total}; checkpoint "
-               f"{e.checkpoint}\nresume with: klayer train --resume {_quote(out)}")
-    else:
-        how = f"stopped at once by {e.name}; " + (
-            f"resume from {last.name} with `klayer train --resume {_quote(out)}`"
-            if last is not None and out is not None else "no checkpoint was written")
-    print(f"\nklayer train: {how}", file=sys.stderr, flush=True)
 
 
 def _run_seeds(args: argparse.Namespace) -> int:
     """--seeds N: N runs with seeds S..S+N-1 into OUT/seed-S, then their mean and std
     (printed, and written to OUT/seeds.json). A seed whose folder holds this run,
     finished, is read back, so the same command continues after a stop."""
-    import json
-    from dataclasses import replace
-
-    if args.seeds < 1:
-        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+    common.at_least(args, seeds=1)
     if args.resume:
         raise UsageError("--seeds and --resume: resume one seed's folder, OUT/seed-S, "
                          "then run the --seeds command again")
-    base = resolve_config(args)
-    _validate(base)
+    base = common.resolve_config(args)
+    validate(base)
     out = _out_folder(args, base)
     summaries = []
     for seed in range(base.seed, base.seed + args.seeds):
@@ -121,12 +99,6 @@ def _run_seeds(args: argparse.Namespace) -> int:
 
 def _write_seeds(out: Path, summaries: list[dict[str, Any]]) -> None:
     """Print the seeds' mean ± std per accuracy and write them to OUT/seeds.json."""
-    import json
-
-    import numpy as np
-
-    from klayer.training.runfolder import write_text
-
     keys = [k for k in summaries[0] if k.endswith("accuracy") or "accuracy_" in k]
     stats = {k: {"mean": float(np.mean([s[k] for s in summaries])),
                  "std": float(np.std([s[k] for s in summaries], ddof=1)),
@@ -134,49 +106,42 @@ def _write_seeds(out: Path, summaries: list[dict[str, Any]]) -> None:
     print(f"\n{len(summaries)} seeds ({', '.join(str(s['seed']) for s in summaries)}):")
     for k, v in stats.items():
         print(f"{k:<42}{v['mean']:>8.2%} ± {v['std']:.2%}")
-    write_text(out / "seeds.json", json.dumps(
+    runfolder.write_text(out / "seeds.json", json.dumps(
         {"seeds": [s["seed"] for s in summaries], **stats}, indent=2) + "\n")
     print(f"wrote {out / 'seeds.json'}")
 
 
 def _out_folder(args: argparse.Namespace, cfg: TrainConfig) -> Path:
     """--out, or the default runs/<timestamp>-<name>."""
-    import time
-
     return Path(args.out) if args.out else Path("runs") / (
         time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.name}")
 
 
-class _Run(NamedTuple):
-    trainer: Trainer
-    out: Path
-
-
-def _new_run(args: argparse.Namespace, held: ExitStack) -> _Run:
-
-    cfg = resolve_config(args)
-    _validate(cfg)
+def _new_run(args: argparse.Namespace, held: ExitStack) -> Trainer:
+    cfg = common.resolve_config(args)
+    validate(cfg)
     out = _out_folder(args, cfg)
     trainer = _trainer(cfg, out, args.quiet)  # data first: a failure leaves no folder
     _warn_unused(cfg, trainer.data.image_shape is not None)
-    with removed_if_refused(out, leave=(LOCK_NAME,)):
-        check_writable(out)
-        held.callback(lock_run_folder(out, "--out").release)
+    with common.removed_if_refused(out, leave=(common.LOCK_NAME,)):
+        common.check_writable(out)
+        held.callback(common.lock_run_folder(out, "--out").release)
         _refuse_used_out(out, trainer.cfg)
-        _write(out / "config.toml", trainer.cfg)  # with n_s and the length written out
-    return _Run(trainer, out)
+        _write_config(out, trainer.cfg)  # with n_s and the length written out
+    return trainer
+
+
+def _write_config(out: Path, cfg: TrainConfig) -> None:
+    runfolder.write_text(out / "config.toml", to_toml(cfg.to_dict()))  # OutputError if not
 
 
 def _refuse_used_out(out: Path, cfg: TrainConfig) -> None:
     """UsageError if ``out`` already holds a run: a finished one (its results are never
     replaced) or a stopped one (continued with --resume, not started again)."""
-    from klayer.training import checkpoint
-    from klayer.training.runfolder import FINISHED_FILES
-
     same = _records(out / "config.toml", cfg)
-    results = [name for name in FINISHED_FILES if (out / name).exists()]
+    results = [name for name in runfolder.FINISHED_FILES if (out / name).exists()]
     stopped = checkpoint.list_checkpoints(out / checkpoint.FOLDER)
-    if results and not (stopped and same and len(results) < len(FINISHED_FILES)):
+    if results and not (stopped and same and len(results) < len(runfolder.FINISHED_FILES)):
         if not same:
             raise UsageError(f"--out: {out} already holds the {' and '.join(results)} of "
                              "another, finished run; choose another --out")
@@ -185,15 +150,13 @@ def _refuse_used_out(out: Path, cfg: TrainConfig) -> None:
     if stopped:  # (or this run, stopped while writing its results: --resume ends it)
         whose = "this run, stopped before its end" if same else "another run's checkpoints"
         raise UsageError(f"--out: {out} holds {whose}; continue it with "
-                         f"`klayer train --resume {_quote(out)}` or choose another --out")
+                         f"`klayer train --resume {quote(str(out))}` or choose another --out")
 
 
 def _records(toml: Path, cfg: TrainConfig) -> bool:
     """Whether ``toml`` (a run folder's config.toml) records ``cfg``'s settings."""
-    from klayer.core.config import RESULT_NEUTRAL, TrainConfig
-
     try:
-        recorded = TrainConfig.from_dict(read_toml(toml, flag="--out")).to_dict()
+        recorded = TrainConfig.from_dict(common.read_toml(toml, flag="--out")).to_dict()
     except (UsageError, ValueError, TypeError):
         return False
     mine = cfg.to_dict()  # n_s or the length unset here: config.toml has them resolved
@@ -201,13 +164,8 @@ def _records(toml: Path, cfg: TrainConfig) -> bool:
                if k not in RESULT_NEUTRAL and not (mine[k] is None and k in _RESOLVED))
 
 
-_RESOLVED = ("n_s", "cycles", "epochs")  # unset, they are written out by resolve_length
-
-
 def _test_accuracy(out: Path) -> str:
     """' (test accuracy 53.24 %)' from out/summary.json, or '' if it cannot be read."""
-    import json
-
     try:
         accuracy = json.loads((out / "summary.json").read_text())["test_accuracy"]
         return f" (test accuracy {accuracy:.2%})"
@@ -217,10 +175,6 @@ def _test_accuracy(out: Path) -> str:
 
 def _warn_unused(cfg: TrainConfig, images: bool) -> None:
     """Say which settings this dataset has no use for, rather than drop them silently."""
-    import warnings
-
-    from klayer.core.config import TrainConfig
-
     default = TrainConfig()
     cifar_only = [k for k in ("split", "val_size", "data_dir", "strict_checksums")
                   if cfg.dataset != "cifar10" and getattr(cfg, k) != getattr(default, k)]
@@ -233,83 +187,42 @@ def _warn_unused(cfg: TrainConfig, images: bool) -> None:
                       f"{', '.join(augment)}", stacklevel=2)
 
 
-def lock_run_folder(out: Path, flag: str) -> Any:
-    """Hold RUN_DIR/.klayer-train.lock: one process at a time writes a run folder
-    (``klayer train`` or ``klayer search best --retrain``)."""
-    import filelock
-
-    lock = filelock.FileLock(str(out / LOCK_NAME))
-    try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
-        raise UsageError(f"{flag}: another klayer process is writing {out}") from None
-    except OSError as e:
-        raise UsageError(f"{flag}: cannot lock {out}: {e.strerror or e}") from None
-    return lock
-
-
-def _validate(cfg: TrainConfig) -> None:
-    from klayer.training.plan import validate
-
-    try:
-        validate(cfg)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    toml_round_trips(cfg)
-
-
 def _trainer(cfg: TrainConfig, out: Path, quiet: bool) -> Trainer:
     """Load the data, check what needs it, build the Trainer (nothing trained yet)."""
-    from klayer.training import trainer as train
-    from klayer.training.plan import load_data, make_plan, validate_for_data
-
-    try:
+    with common.as_usage():  # e.g. val_size too large for the batches found
         data = load_data(cfg)
-    except ValueError as e:  # e.g. val_size too large for the batches found
-        raise UsageError(str(e)) from None
-    try:
         validate_for_data(cfg, data)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
     progress = Progress(make_plan(cfg, len(data.train.y)).total_steps, quiet=quiet)
-    return train.Trainer(cfg, data, callback=progress, run_dir=out)
+    return Trainer(cfg, data, callback=progress, run_dir=out)
 
 
-def _write(path: Path, cfg: TrainConfig) -> None:
-    from klayer.core.config import to_toml
-    from klayer.training.runfolder import write_text
-
-    write_text(path, to_toml(cfg.to_dict()))  # OutputError naming the file if it fails
-
-
-def _resume(args: argparse.Namespace, held: ExitStack) -> _Run:
-    from dataclasses import fields
-
-    from klayer.core.config import RESULT_NEUTRAL, TrainConfig, key_name
-    from klayer.training.trainer import ResumeMismatch
-
-    run_dir = Path(args.resume)
-    given = ["--" + key_name(f).replace("_", "-") for f in fields(TrainConfig)
-             if getattr(args, f.name, None) is not None and f.name not in RESULT_NEUTRAL]
+def _resumed_config(args: argparse.Namespace, toml: Path) -> tuple[TrainConfig, bool]:
+    """The settings RUN_DIR/config.toml records, with the result-neutral ones given, and
+    whether these changed any; UsageError for any other setting given."""
+    given = [to_flag(k) for k in common.flag_values(args) if k not in RESULT_NEUTRAL]
     given += [flag for flag, v in (("--config", args.config), ("--out", args.out)) if v]
     if given:
-        raise UsageError(f"--resume continues {run_dir} with the settings recorded in its "
-                         f"config.toml; drop {', '.join(given)} (only {_resume_flags()} "
-                         "may be given)")
-    toml = run_dir / "config.toml"
+        raise UsageError(f"--resume continues {toml.parent} with the settings recorded in its "
+                         f"config.toml; drop {', '.join(given)} (only {_RESUME_FLAGS} may be "
+                         "given)")
     if not toml.is_file():
-        raise UsageError(f"--resume: {toml} not found ({run_dir} is not a folder started "
+        raise UsageError(f"--resume: {toml} not found ({toml.parent} is not a folder started "
                          "by klayer train)")
-    values = read_toml(toml, flag="--resume")
-    recorded = dict(values)
-    for name in RESULT_NEUTRAL:
-        if getattr(args, name, None) is not None:
-            values[name] = getattr(args, name)
-    cfg = config_from(values, where=f"--resume: {toml}: ")
-    _validate(cfg)
-    check_writable(run_dir, flag="--resume")
+    recorded = common.read_toml(toml, flag="--resume")
+    values = {**recorded, **{k: getattr(args, k) for k in RESULT_NEUTRAL
+                             if getattr(args, k, None) is not None}}
+    cfg = common.config_from(values, where=f"--resume: {toml}: ")
+    validate(cfg)
+    return cfg, values != recorded
+
+
+def _resume(args: argparse.Namespace, held: ExitStack) -> Trainer:
+    run_dir = Path(args.resume)
+    toml = run_dir / "config.toml"
+    cfg, changed = _resumed_config(args, toml)
+    common.check_writable(run_dir, flag="--resume")
     trainer = _trainer(cfg, run_dir, args.quiet)
-    held.callback(lock_run_folder(run_dir, "--resume").release)
+    held.callback(common.lock_run_folder(run_dir, "--resume").release)
 
     def warn(message: str) -> None:
         print(f"klayer train: warning: {message}", file=sys.stderr, flush=True)
@@ -324,49 +237,39 @@ def _resume(args: argparse.Namespace, held: ExitStack) -> _Run:
     else:
         print(f"resuming {run_dir} from step {found[0]} of {trainer.plan.total_steps} "
               f"({found[1].name})", flush=True)
-    if values != recorded:
-        _write(toml, cfg)
-    progress = trainer.callback
-    if isinstance(progress, Progress):
-        progress.start_at(trainer.t)
-    return _Run(trainer, run_dir)
+    if changed:
+        _write_config(run_dir, cfg)
+    if isinstance(trainer.callback, Progress):
+        trainer.callback.start_at(trainer.t)
+    return trainer
 
 
-def _train(trainer: Trainer, out: Path, stop: StopSignals) -> int:
+def _train(trainer: Trainer, stop: StopSignals) -> int:
     """Run (or continue) the trainer, then write the run folder; an output error is
     exit 5 (a stop raises ``Stopped`` to the caller)."""
-    from klayer.report.plots import save_run_plots
-    from klayer.training import runfolder
+    from klayer.report.plots import save_run_plots  # matplotlib: only when needed
 
-    progress = trainer.callback
-    if isinstance(progress, Progress):  # `klayer train | head`: checkpoint and stop
-        progress.on_broken_pipe = lambda: stop.request(signal.SIGPIPE)
+    out, progress, plan = trainer.run_dir, trainer.callback, trainer.plan
+    assert out is not None and isinstance(progress, Progress)
+    progress.on_broken_pipe = lambda: stop.request(signal.SIGPIPE)  # `klayer train | head`
     try:
         try:
             trainer.write_metrics()  # on resume: exactly the checkpoint's rows
             result = trainer.run(should_stop=stop)
         finally:
-            if isinstance(progress, Progress):
-                progress.close()
-        plan = trainer.plan
+            progress.close()
         runfolder.save_run(result, out)
         save_run_plots(out, result.rows, [plan.lr(t) for t in range(plan.total_steps)],
                        trainer.cfg.name)  # an OutputError naming the PNG if one fails
     except runfolder.OutputError as e:
         last = trainer.last_checkpoint
         then = (f"; free space or fix the folder, then resume from {last.name} with "
-                f"`klayer train --resume {_quote(out)}`" if last else "")
+                f"`klayer train --resume {quote(str(out))}`" if last else "")
         print(f"klayer train: output error: {e}{then}", file=sys.stderr, flush=True)
-        return EXIT_OUTPUT
+        return common.EXIT_OUTPUT
     print_summary(result.summary)
     print(f"run folder: {out}")
     return EXIT_OK
-
-
-def _quote(path: Path) -> str:
-    import shlex
-
-    return shlex.quote(str(path))
 
 
 def print_summary(summary: dict[str, object]) -> None:
@@ -408,28 +311,35 @@ class Progress:
     def __call__(self, kind: str, info: dict[str, float]) -> None:
         if self.quiet:
             return
-        if kind == "resume":  # a run continued from a checkpoint at this step
+        if kind == "resume":  # a retraining's seed found its checkpoint (search best)
+            done = info["step"] >= info["steps"]
+            print(f"seed {info['seed']:.0f}: " + ("trained before; its results are read again"
+                  if done else f"continuing from its checkpoint at step {info['step']:.0f} "
+                  f"of {info['steps']:.0f}"), flush=True)
             self.start_at(int(info["step"]))
         elif kind == "eval":
             self.val_acc = info["val_accuracy"]
             if self.bar is None:
-                try:
-                    print(f"step {int(info['step']):>6}  epoch {info['epoch']:6.2f}  "
-                          f"lr {info['lr']:.2e}  train loss {info['train_loss']:.4f}  "
-                          f"val loss {info['val_loss']:.4f}  "
-                          f"val acc {info['val_accuracy']:.2%}", flush=True)
-                except BrokenPipeError:
-                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-                    self.quiet = True
-                    if self.on_broken_pipe is not None:
-                        self.on_broken_pipe()
+                self._print(info)
+            else:
+                self._postfix(refresh=True)  # the bar shows each evaluation, the last too
         elif self.bar is not None:
             self.bar.update(1)
             self.last = info
             if int(info["step"]) % 50 == 0:
                 self._postfix(refresh=False)
-        if kind == "eval" and self.bar is not None:
-            self._postfix(refresh=True)  # the bar shows each evaluation, the last one too
+
+    def _print(self, info: dict[str, float]) -> None:
+        try:
+            print(f"step {int(info['step']):>6}  epoch {info['epoch']:6.2f}  "
+                  f"lr {info['lr']:.2e}  train loss {info['train_loss']:.4f}  "
+                  f"val loss {info['val_loss']:.4f}  val acc {info['val_accuracy']:.2%}",
+                  flush=True)
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            self.quiet = True
+            if self.on_broken_pipe is not None:
+                self.on_broken_pipe()
 
     def _postfix(self, refresh: bool) -> None:
         assert self.bar is not None
@@ -443,9 +353,6 @@ class Progress:
         if self.bar is not None:
             self._postfix(refresh=True)  # the final values, not those of 50 steps before
             self.bar.close()
-
-
-# --- evaluate, plot, data ----------------------------------------------------------
 
 
 COMMANDS: dict[str, Command] = {

@@ -62,8 +62,13 @@ def _definitions(module: str) -> set[str]:
     return names
 
 
+PUBLIC_APIS = {"klayer": SRC / "klayer" / "__init__.py",  # the library's
+               "klayer.check": SRC / "klayer" / "check" / "__init__.py"}  # the checker's
+
+
 def test_every_name_is_imported_from_the_module_that_defines_it() -> None:
-    """No re-exports: only ``klayer/__init__.py`` (the public API) gathers names."""
+    """No re-exports: only the public APIs (``klayer`` and ``klayer.check``, their
+    ``__all__``) gather names from other modules."""
     files = [*SRC.rglob("*.py"), *(ROOT / "tests").rglob("*.py"),
              *(ROOT / "benchmarks").rglob("*.py")]
     wrong = []
@@ -76,15 +81,37 @@ def test_every_name_is_imported_from_the_module_that_defines_it() -> None:
             for alias in node.names:
                 if (folder / f"{alias.name}.py").exists() or (folder / alias.name).is_dir():
                     continue  # a module
+                if node.module in PUBLIC_APIS and alias.name in _public(node.module):
+                    continue
                 if alias.name not in _definitions(node.module):
                     wrong.append(f"{path.relative_to(ROOT)}:{node.lineno} imports "
                                  f"{alias.name} from {node.module}, which does not define it")
     assert not wrong, "\n".join(wrong)
 
 
+def _public(module: str) -> set[str]:
+    """The names a public API lists in its ``__all__``."""
+    for node in ast.parse(PUBLIC_APIS[module].read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "__all__"
+                                                for t in node.targets):
+            return set(ast.literal_eval(node.value))
+    return set()
+
+
+def test_the_public_apis_list_only_names_that_exist() -> None:
+    import importlib
+
+    for module in PUBLIC_APIS:
+        api = importlib.import_module(module)
+        assert _public(module) and all(hasattr(api, name) for name in _public(module))
+        # a submodule of the same name would shadow the function once imported
+        assert not [n for n in _public(module) if (PUBLIC_APIS[module].parent / f"{n}.py").exists()]
+
+
 def test_the_folders_are_the_layers() -> None:
     folders = {p.name for p in (SRC / "klayer").iterdir() if p.is_dir() and p.name != "recipes"
                and not p.name.startswith("__")}
-    assert folders == {"core", "data", "training", "report", "search", "experiments", "cli"}
+    assert folders == {"core", "data", "check", "training", "report", "search", "experiments",
+                       "cli"}
     assert not [p.name for p in (SRC / "klayer").glob("*.py")
                 if p.name not in ("__init__.py", "__main__.py")]

@@ -28,6 +28,7 @@ else:  # pragma: no cover
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
 EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_DATA, EXIT_OUTPUT = 0, 2, 3, 4, 5
+EXIT_CHECK_FAILED = 1  # klayer gradcheck's FAIL, klayer check's disagreement
 EXIT_SIGINT, EXIT_SIGTERM, EXIT_SIGPIPE = 130, 143, 141  # 128 + the signal's number
 LOCK_NAME = ".klayer-train.lock"
 

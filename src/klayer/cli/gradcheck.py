@@ -9,11 +9,17 @@ from __future__ import annotations
 import argparse
 import json
 
-from klayer.cli.common import EXIT_OK, Command, UsageError, as_usage, at_least, parse_widths
+from klayer.cli.common import (
+    EXIT_CHECK_FAILED,
+    EXIT_OK,
+    Command,
+    UsageError,
+    as_usage,
+    at_least,
+    parse_widths,
+)
 from klayer.core import gradcheck
 from klayer.core.config import NetConfig
-
-EXIT_FAILED = 1  # the gradient check failed: free among the exit codes in main.py's doc
 
 
 def add_gradcheck_args(p: argparse.ArgumentParser) -> None:
@@ -83,7 +89,7 @@ def run_gradcheck(args: argparse.Namespace) -> int:
         print(f"\nmax relative error over all parameters: {verdict.max_rel_error:.3e} "
               f"(h = {h:g})")
         print(verdict.line())
-    return EXIT_OK if verdict.passed else EXIT_FAILED
+    return EXIT_OK if verdict.passed else EXIT_CHECK_FAILED
 
 
 COMMANDS: dict[str, Command] = {

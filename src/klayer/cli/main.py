@@ -1,6 +1,7 @@
 """The ``klayer`` command line. The only module that exits; nothing imports it.
 
-Exit codes: 0 ok, 1 a check failed (``klayer gradcheck``'s FAIL), 2 usage (bad flag or
+Exit codes: 0 ok, 1 a check failed (``klayer gradcheck``'s FAIL, ``klayer check``'s
+disagreement), 2 usage (bad flag or
 config value, a file of another klayer format: FormatError), 3 diverged training, 4 data
 (missing, corrupt or foreign file), 5 output (the run folder cannot be written: read-only,
 disk full), 130 / 143 interrupted by SIGINT / SIGTERM, 141 the output pipe closed
@@ -18,6 +19,7 @@ import warnings
 from collections.abc import Sequence
 
 from klayer import __version__
+from klayer.check.files import CheckFileError
 from klayer.cli import common
 from klayer.cli.common import Parser, UsageError
 from klayer.core import kernels
@@ -27,13 +29,14 @@ from klayer.training.runfolder import OutputError
 from klayer.training.stop import Stopped
 from klayer.training.trainer import Diverged
 
-_MODULES = ("train", "tools", "experiment", "search", "gradcheck")
+_MODULES = ("train", "tools", "experiment", "search", "gradcheck", "check")
 # the errors a command may end with: how its message names each, and the exit code
 _ERRORS: dict[type[Exception], tuple[str, int]] = {
     UsageError: ("error", common.EXIT_USAGE),
     FormatError: ("error", common.EXIT_USAGE),  # a refusal, not damage
     DataError: ("data error", common.EXIT_DATA),
     ModelFileError: ("data error", common.EXIT_DATA),
+    CheckFileError: ("data error", common.EXIT_DATA),
     Diverged: ("diverged", common.EXIT_DIVERGED),
     OutputError: ("output error", common.EXIT_OUTPUT),
 }

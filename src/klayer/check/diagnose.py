@@ -38,9 +38,16 @@ def rel_error(a: Array, exact: Array, floor: float) -> float:
 
 
 def _errors(mine: dict[str, Array], exact: dict[str, Array]) -> dict[str, float]:
+    """Each of the student's gradients' error, layer 1 first (W, b, gamma, beta)."""
     scale = max((float(np.abs(e).max()) for e in exact.values() if e.size), default=1.0)
-    return {name: rel_error(a, exact[name], FLOOR * scale) if name in exact else float("inf")
-            for name, a in mine.items()}
+    return {name: rel_error(mine[name], exact[name], FLOOR * scale) if name in exact
+            else float("inf") for name in sorted(mine, key=_by_layer)}
+
+
+def _by_layer(name: str) -> tuple[int, int]:
+    """W2 -> (2, 0): a gradient's layer, then W, b, gamma, beta."""
+    group = name.rstrip("0123456789")
+    return int(name[len(group):]), ("W", "b", "gamma", "beta").index(group)
 
 
 @dataclass
@@ -122,9 +129,9 @@ def compare(case: Case, mine: dict[str, np.ndarray], layout: str = "auto",
         report.eps_found = _other_eps(case, eps, grads, values)
         report.ok = report.eps_found is not None
     if not report.ok:
-        report.diagnosis = diagnose(case, eps, grads, values, exact)
+        report.diagnosis, partly = diagnose(case, eps, grads, values, exact)
         if not report.diagnosis:
-            report.pattern = _pattern(report.params, case.k)
+            report.pattern = _pattern(report.params, case.k, partly)
     return report
 
 
@@ -167,8 +174,9 @@ def _other_eps(case: Case, eps: float, grads: dict[str, Array],
 
 
 def diagnose(case: Case, eps: float, grads: dict[str, Array], values: dict[str, Array],
-             exact: _Run) -> list[str]:
-    """The bug models (single, else pairs) that reproduce the student's arrays.
+             exact: _Run) -> tuple[list[str], list[str]]:
+    """(the bug models, single, else pairs, that reproduce the student's arrays; those
+    that explain part of what is wrong, with the gradients they reproduce).
 
     A pair is tried when one of its two mistakes alone already explains part of what
     is wrong (reproduces some wrong gradient): the other mistake's gradients are
@@ -176,21 +184,33 @@ def diagnose(case: Case, eps: float, grads: dict[str, Array], values: dict[str, 
     """
     wrong = {n for n, e in _errors(grads, exact.grads).items() if e > TOL}
     singles = bugs.candidates(case)
-    relevant: list[bugs.Candidate] = []
+    relevant: dict[bugs.Candidate, list[str]] = {}  # -> the wrong gradients it reproduces
     found: list[bugs.Candidate] = []
     for cand in singles:
         run = _run(case, eps, bugs.switch(cand, case))
         errors = _errors(grads, run.grads)
         if _agrees(run, grads, values):
             found.append(cand)
-        elif any(errors[n] <= TOL for n in wrong if n in errors):  # explains part of it
-            relevant.append(cand)
+        elif fixed := [n for n, e in errors.items() if n in wrong and e <= TOL]:
+            relevant[cand] = fixed
     if not found:
         for a, b in itertools.product(relevant, singles):
-            if a[0][0] != b[0][0] and (b not in relevant or a < b) and _agrees(
+            if _pairable(a, b, relevant) and _agrees(
                     _run(case, eps, bugs.switch(a + b, case)), grads, values):
                 found.append(a + b)
-    return [bugs.describe(c, case.k).replace("\n", "; and ") for c in _simplest(found)]
+    partly = sorted(relevant.items(), key=lambda kv: -len(kv[1]))[:3] if not found else []
+    return ([bugs.describe(c, case.k).replace("\n", "; and ") for c in _simplest(found)],
+            [f"{bugs.describe(c, case.k)} (reproduces {', '.join(fixed)})"
+             for c, fixed in partly])
+
+
+def _pairable(a: bugs.Candidate, b: bugs.Candidate, relevant: dict[bugs.Candidate, Any]) -> bool:
+    """Whether to try a + b: two different switches, each pair once, and not a mistake
+    'in every layer' with the same mistake in one layer."""
+    (name_a, at_a), (name_b, at_b) = a[0], b[0]
+    if a == b or (b in relevant and b < a):
+        return False
+    return name_a != name_b or (at_a != 0 and at_b != 0)
 
 
 def _simplest(found: list[bugs.Candidate]) -> list[bugs.Candidate]:
@@ -209,10 +229,12 @@ def _cost_diagnosis(case: Case, eps: float, values: dict[str, Array],
     return [bugs.describe(c, case.k) for c in found]
 
 
-def _pattern(params: dict[str, float], k: int) -> str:
-    """Which parameters are wrong, and the first wrong layer from the top."""
+def _pattern(params: dict[str, float], k: int, partly: list[str]) -> str:
+    """Which parameters are wrong, the first wrong layer from the top, and the mistakes
+    that explain part of it."""
     wrong = [n for n, e in params.items() if e > TOL]
-    layers = sorted({int("".join(ch for ch in n if ch.isdigit())) for n in wrong}, reverse=True)
-    return (f"no bug model reproduces your gradients. Wrong: {', '.join(wrong)}; the first "
-            f"wrong layer from the top (layer {k}) is layer {layers[0]}: look there first, "
-            "and at the forward values that feed it")
+    top = max(_by_layer(n)[0] for n in wrong)
+    text = (f"no bug model reproduces your gradients. Wrong: {', '.join(wrong)}; the first "
+            f"wrong layer from the top (layer {k}) is layer {top}: look there first, and at "
+            "the forward values that feed it")
+    return text + "".join(f"\n  partly explained by: {p}" for p in partly)

@@ -13,12 +13,12 @@ from klayer.experiments.lambda_search import (
     FINAL_SEEDS,
     FINALISTS,
     TOP_K,
-    OptunaEngine,
     Trial,
     contenders,
     finalists,
     finer_range,
     race,
+    run_stage,
 )
 from klayer.experiments.runner import Context
 from klayer.search import storage as search_storage
@@ -26,10 +26,9 @@ from klayer.search import storage as search_storage
 
 def two_stages(out: Path) -> tuple[list[Trial], list[Trial], tuple[float, float]]:
     ctx = Context({"dataset": "synthetic", "seed": 7}, quick=True, out=out, log=lambda s: None)
-    engine = OptunaEngine()
-    coarse = engine.stage(ctx, "coarse", *COARSE, 4, 0)
+    coarse, parent = run_stage(ctx, "coarse", *COARSE, 4, 0)
     lo, hi = finer_range(coarse, *COARSE)
-    fine = engine.stage(ctx, "fine", lo, hi, 3, 4)
+    fine, _ = run_stage(ctx, "fine", lo, hi, 3, 4, parent)
     return coarse, fine, (lo, hi)
 
 
@@ -67,8 +66,7 @@ def test_a_rerun_starts_a_fresh_journal_and_draws_the_same_lambdas(tmp_path: Pat
 
 
 def fake(number: int, log_lam: float, val: float, n_val: int = 5000) -> Trial:
-    return Trial(number, "coarse", log_lam,
-                 Outcome("t", 0, {}, {"val_accuracy": val, "n_val": n_val}, []))
+    return Trial(number, log_lam, Outcome("t", 0, {}, {"val_accuracy": val, "n_val": n_val}, []))
 
 
 def test_contenders_keep_every_trial_within_two_standard_errors() -> None:
@@ -96,7 +94,7 @@ def test_finalists_are_the_best_distinct_lambdas() -> None:
 def test_the_race_retrains_each_finalist_with_several_seeds(tmp_path: Path) -> None:
     ctx = Context({"dataset": "synthetic", "seed": 7}, quick=True, out=tmp_path,
                   log=lambda s: None)
-    coarse = OptunaEngine().stage(ctx, "coarse", *COARSE, 4, 0)
+    coarse, _ = run_stage(ctx, "coarse", *COARSE, 4, 0)
     finals = finalists(coarse)
     raced = race(ctx, finals)
     assert len(raced) == len(finals) == FINALISTS

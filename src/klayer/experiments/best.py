@@ -9,6 +9,7 @@ row is the recipe itself, trained with at least three seeds.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from importlib import resources
 from typing import Any
 
@@ -72,17 +73,14 @@ def ablation_specs(recipe: dict[str, Any]) -> list[RunSpec]:
 def best(ctx: Context) -> Section:
     recipe = {**load_recipe(), **(QUICK_RECIPE if ctx.quick else {})}
     specs = ablation_specs(recipe)
-    seeds = {s.label: ctx.seed_range() for s in specs[:-1]}
-    seeds[specs[-1].label] = ctx.seed_range(max(ctx.seeds, FINAL_SEEDS))
-    groups = by_label(ctx.map_jobs([(s.label, ctx.config(s.overrides, seed), s.post, ctx.quick)
-                                    for s in specs for seed in seeds[s.label]]))
+    specs[-1] = replace(specs[-1], seeds=ctx.seed_range(max(ctx.seeds, FINAL_SEEDS)))
+    groups = by_label(ctx.run(specs))
     rows, previous = [], None
-    for spec in specs:
-        m = mean_of(groups, spec.label)
-        wall = mean_std(values(groups[spec.label], "wall_seconds"))[0]
+    for label, outs in groups.items():
+        m = mean_of(groups, label)
         gain = "" if previous is None else f"{100 * (m - previous):+.2f}"
-        rows.append([spec.label, fmt_pct(values(groups[spec.label], "test_accuracy")), gain,
-                     str(len(groups[spec.label])), f"{wall / 60:.1f} min"])
+        rows.append([label, fmt_pct(values(outs, "test_accuracy")), gain, str(len(outs)),
+                     f"{mean_of(groups, label, 'wall_seconds') / 60:.1f} min"])
         previous = m
     table = Table("Ablation: test accuracy as each ingredient is added",
                   ["configuration", "test", "gain (points)", "seeds", "wall time / run"], rows)
@@ -96,6 +94,5 @@ def best(ctx: Context) -> Section:
             "the wall time is per training on this machine."]
     fig = curves(ctx, "best", groups, [("ablation: accuracy", [BASELINE, specs[-1].label],
                                         "accuracy")])
-    section = finish("best", specs, groups, text=text, tables=[table], figures=[fig])
-    section.facts = {"best_mean": m, "best_std": sd}
-    return section
+    return finish("best", specs, groups, text=text, tables=[table], figures=[fig],
+                  facts={"best_mean": m, "best_std": sd})

@@ -1,27 +1,20 @@
 """Coarse-to-fine random search for the L2 strength lambda (the assignment's exercise 3).
 
-l is drawn uniformly in [l_min, l_max] and lambda = 10^l. The coarse stage covers
-[-5, -1] with 2-cycle trainings; each finer stage searches around the trials with the
-best validation accuracy; finally the best lambdas are retrained for 3 cycles, and the
-chosen one's test accuracy is reported.
+l is drawn uniformly in [l_min, l_max] and lambda = 10^l: a coarse stage over [-5, -1]
+with 2-cycle trainings, then a fine stage around the best coarse trials; the best
+lambdas are then retrained for 3 cycles and the chosen one's test accuracy reported.
 
-One 2-cycle training's validation accuracy on 5,000 images is noisy: its binomial
-standard error is about 0.7 points, wider than the spread between the good values of
-lambda. So the search does not trust a single best trial. A finer stage spans every
-trial within two standard errors of the best (``contenders``), not just the top few.
-At the end the FINALISTS best trials race again (``race``): each lambda is trained
-for 3 cycles, the length of the final model, with FINAL_SEEDS seeds; the chosen lambda
-is the finalist with the best mean validation accuracy, and its test accuracy is the
-mean over those seeds (the test set plays no part in the choice).
+One 2-cycle training's validation accuracy on 5,000 images is noisy (a binomial standard
+error of about 0.7 points, wider than the spread between good lambdas), so no single
+best trial is trusted: the fine stage spans every trial within two standard errors of
+the best (``contenders``), and the FINALISTS best trials race again (``race``) for 3
+cycles with FINAL_SEEDS seeds each. The chosen lambda has the best mean validation
+accuracy; its test accuracy is the mean over those seeds (the test set plays no part in
+the choice).
 
-The stages ask an *engine* for trials, so the search method can be swapped without
-touching the rest. The engine here keeps each stage as a klayer search study on Optuna
-(``search``), in a journal file in the experiment's folder: the coarse study, then a
-fine study that is its child (the parent and its contenders are recorded in its
-attributes). Optuna's random sampler draws lambda log-uniformly (l uniform); the trials
-train in the experiment's process pool (``--jobs``) and are told their validation
-accuracy, so ``klayer search status --storage OUT/lambda-search/journal.log --study
-lambda-fine`` (or optuna-dashboard) shows them.
+Each stage is a klayer search study (``run_stage``) in OUT/lambda-search/journal.log,
+the fine one the child of the coarse one, so ``klayer search status --storage
+OUT/lambda-search/journal.log --study lambda-fine`` (or optuna-dashboard) shows them.
 """
 
 from __future__ import annotations
@@ -30,7 +23,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -40,7 +33,7 @@ from klayer.experiments.jobcache import Outcome
 from klayer.experiments.runner import Context, RunSpec, fmt_pct, load_data_for, mean_std, values
 from klayer.report.html import Figure, Section, Table
 from klayer.report.plots import plot_scatter, save_panels
-from klayer.search.space import Space, normalize_space, suggest
+from klayer.search.space import normalize_space, suggest
 from klayer.search.storage import create_study, load_study, retrain_seeds, trial_seed
 from klayer.search.worker import worker_id
 
@@ -54,7 +47,6 @@ FINALISTS, FINAL_SEEDS = 3, 3  # the best trials race again: 3 cycles, FINAL_SEE
 @dataclass
 class Trial:
     number: int  # unique over all stages
-    stage: str
     log_lam: float
     outcome: Outcome
 
@@ -63,59 +55,37 @@ class Trial:
         return float(self.outcome.summary["val_accuracy"])
 
 
-class Engine(Protocol):
-    def stage(self, ctx: Context, name: str, lo: float, hi: float, n: int,
-              first: int) -> list[Trial]: ...
-
-
-class OptunaEngine:
-    """Each stage a klayer search study in OUT/lambda-search/journal.log (a fresh file per
-    run), named lambda-<stage>; a later stage is the child of the one before.
-
-    lambda is log-uniform in [10^lo, 10^hi], drawn by Optuna's random sampler seeded with
-    SeedSequence([base seed, stage start]); trial i of the experiment (numbered over all
-    stages) trains with seed SeedSequence([base seed, i]), recorded with its accuracies.
-    """
-
-    def __init__(self) -> None:
-        self.parent: dict[str, Any] | None = None  # the previous stage, for its child
-
-    def stage(self, ctx: Context, name: str, lo: float, hi: float, n: int,
-              first: int) -> list[Trial]:
-        base_seed = int(ctx.base.get("seed", 0))
-        if first == 0:  # a new search
-            self.parent = None
-        study, space = self._study(ctx, f"lambda-{name}", lo, hi, n,
-                                   trial_seed(base_seed, first))
-        asked = [study.ask() for _ in range(n)]
-        lams = [float(suggest(t, space)["lambda"]) for t in asked]
-        specs = [(RunSpec(f"trial {first + i}", {"lambda": lam}),
-                  trial_seed(base_seed, first + i)) for i, lam in enumerate(lams)]
-        outcomes = _run_each(ctx, specs)
-        for i, (trial, o) in enumerate(zip(asked, outcomes, strict=True)):
-            _tell(study, trial, o, first + i)
-        trials = [Trial(first + i, name, math.log10(lam), o)
-                  for i, (lam, o) in enumerate(zip(lams, outcomes, strict=True))]
-        top = contenders(trials)
-        self.parent = {"study": study.study_name, "top_k": TOP_K, "se_width": SE_WIDTH,
-                       "margin": MARGIN, "min_margin": MIN_MARGIN,
-                       "trials": [t.number - first for t in top],
-                       "best_value": top[0].val_accuracy, "space": space}
-        return trials
-
-    def _study(self, ctx: Context, name: str, lo: float, hi: float, n: int,
-               sampler_seed: int) -> tuple[optuna.Study, Space]:
-        """Create the stage's study (the previous stage its parent) and open it."""
-        storage = ctx.out / "lambda-search" / "journal.log"
-        if self.parent is None and storage.exists():  # left by an earlier run
-            storage.unlink()
-        config = TrainConfig.from_dict(ctx.config({}, int(ctx.base.get("seed", 0))))
-        space = normalize_space({"lambda": {"low": 10**lo, "high": 10**hi, "log": True}},
-                                config)
-        create_study(name, str(storage), config, load_data_for(config, ctx.quick), space, n,
-                     "random", self.parent)
-        sampler = optuna.samplers.RandomSampler(seed=sampler_seed)
-        return load_study(name, str(storage), sampler=sampler)[0], space
+def run_stage(ctx: Context, name: str, lo: float, hi: float, n: int, first: int,
+              parent: dict[str, Any] | None = None) -> tuple[list[Trial], dict[str, Any]]:
+    """Stage ``name``: study lambda-<name> (a fresh journal file without ``parent``, the
+    previous stage's record), ``n`` trials of lambda log-uniform in [10^lo, 10^hi] drawn
+    by Optuna's random sampler seeded with SeedSequence([base seed, first]); trial i,
+    numbered over all stages, trains with seed SeedSequence([base seed, i]).
+    The trials, and the stage's record for its child (its contenders)."""
+    base_seed, study_name = int(ctx.base.get("seed", 0)), f"lambda-{name}"
+    storage = ctx.out / "lambda-search" / "journal.log"
+    if parent is None:
+        storage.unlink(missing_ok=True)  # left by an earlier run
+    config = TrainConfig.from_dict(ctx.config({}, base_seed))
+    space = normalize_space({"lambda": {"low": 10**lo, "high": 10**hi, "log": True}}, config)
+    create_study(study_name, str(storage), config, load_data_for(config, ctx.quick), space, n,
+                 "random", parent)
+    sampler = optuna.samplers.RandomSampler(seed=trial_seed(base_seed, first))
+    study = load_study(study_name, str(storage), sampler=sampler)[0]
+    asked = [study.ask() for _ in range(n)]
+    lams = [float(suggest(t, space)["lambda"]) for t in asked]
+    outcomes = ctx.run([RunSpec(f"trial {first + i}", {"lambda": lam},
+                                seeds=(trial_seed(base_seed, first + i),))
+                        for i, lam in enumerate(lams)])
+    trials = []
+    for i, (trial, lam, o) in enumerate(zip(asked, lams, outcomes, strict=True)):
+        _tell(study, trial, o, first + i)
+        trials.append(Trial(first + i, math.log10(lam), o))
+    top = contenders(trials)
+    return trials, {"study": study_name, "top_k": TOP_K, "se_width": SE_WIDTH,
+                    "margin": MARGIN, "min_margin": MIN_MARGIN,
+                    "trials": [t.number - first for t in top],
+                    "best_value": top[0].val_accuracy, "space": space}
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, o: Outcome, number: int) -> None:
@@ -133,12 +103,6 @@ def _tell(study: optuna.Study, trial: optuna.Trial, o: Outcome, number: int) -> 
     for key in ("val_accuracy", "test_accuracy", "train_accuracy"):
         trial.set_user_attr(key, float(o.summary[key]))
     study.tell(trial, float(o.summary["val_accuracy"]))
-
-
-def _run_each(ctx: Context, specs_seeds: Sequence[tuple[RunSpec, int]]) -> list[Outcome]:
-    """Train specs that each have their own seed, all in one parallel batch."""
-    jobs = [(s.label, ctx.config(s.overrides, seed), s.post, ctx.quick) for s, seed in specs_seeds]
-    return ctx.map_jobs(jobs)
 
 
 def ranked(trials: Sequence[Trial]) -> list[Trial]:
@@ -187,33 +151,26 @@ def race(ctx: Context, finals: Sequence[Trial]) -> list[list[Outcome]]:
     """Train each finalist's lambda for 3 cycles with max(FINAL_SEEDS, --seeds) seeds
     (its trial's seed, then SeedSequence([that seed, i])); the outcomes per finalist."""
     n = max(FINAL_SEEDS, ctx.seeds)
-    specs = [(RunSpec(f"finalist λ = {10**t.log_lam:.3g}", {"lambda": 10**t.log_lam,
-                                                           "cycles": 3}), seed)
-             for t in finals for seed in retrain_seeds(t.outcome.seed, n)]
-    outcomes = _run_each(ctx, specs)
+    outcomes = ctx.run([RunSpec(f"finalist λ = {10**t.log_lam:.3g}",
+                                {"lambda": 10**t.log_lam, "cycles": 3},
+                                seeds=retrain_seeds(t.outcome.seed, n)) for t in finals])
     return [outcomes[i * n : (i + 1) * n] for i in range(len(finals))]
 
 
-def lambda_search(ctx: Context, engine: Engine | None = None) -> Section:
-    engine = engine or OptunaEngine()
+def lambda_search(ctx: Context) -> Section:
     n = 4 if ctx.quick else 10
-    stages: list[tuple[str, float, float, list[Trial]]] = []
-    lo, hi = COARSE
-    for name in ("coarse", "fine"):
-        if stages:
-            lo, hi = finer_range(stages[-1][3], *COARSE)
-        first = sum(len(s[3]) for s in stages)
-        stages.append((name, lo, hi, engine.stage(ctx, name, lo, hi, n, first)))
-    trials = [t for s in stages for t in s[3]]
-    finals = finalists(trials)
+    coarse, parent = run_stage(ctx, "coarse", *COARSE, n, 0)
+    lo, hi = finer_range(coarse, *COARSE)
+    fine = run_stage(ctx, "fine", lo, hi, n, n, parent)[0]
+    stages = [("coarse", *COARSE, coarse), ("fine", lo, hi, fine)]
+    finals = finalists(coarse + fine)
     raced = race(ctx, finals)
     k = max(range(len(finals)),
             key=lambda i: _finite(mean_std(values(raced[i], "val_accuracy"))[0]))
     chosen, test = finals[k].log_lam, values(raced[k], "test_accuracy")
-    tables = [_stage_table(name, lo, hi, ts) for name, lo, hi, ts in stages]
-    tables.append(_race_table(finals, raced, k))
+    tables = [*(_stage_table(*stage) for stage in stages), _race_table(finals, raced, k)]
     text = [f"Coarse stage: l uniform in [{COARSE[0]:g}, {COARSE[1]:g}], λ = 10^l, {n} trials of "
-            f"2 cycles; fine stage: l in [{stages[1][1]:.2f}, {stages[1][2]:.2f}], spanning "
+            f"2 cycles; fine stage: l in [{lo:.2f}, {hi:.2f}], spanning "
             f"the coarse trials within {SE_WIDTH:g} standard errors of the best validation "
             f"accuracy (at least the {TOP_K} best). Each trial's seed is "
             f"SeedSequence([seed, trial]).",

@@ -8,6 +8,7 @@ with tables, figures and a sentence or two of generated commentary.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,16 +20,13 @@ from klayer.experiments.best import best
 from klayer.experiments.jobcache import Outcome
 from klayer.experiments.lambda_search import lambda_search
 from klayer.experiments.runner import (
-    POST_EVALUATIONS,
     Context,
     RunSpec,
-    accuracy_table,
     by_label,
     curves,
     finish,
     fmt_pct,
     mean_of,
-    mean_std,
     values,
 )
 from klayer.report.html import Figure, Section, Table
@@ -36,9 +34,6 @@ from klayer.report.html import Figure, Section, Table
 NINE = (50, 30, 20, 20, 10, 10, 10, 10)
 SEVEN_NARROW = (50, 50, 50, 20, 20, 10)
 SEVEN_WIDE = (100, 100, 50, 50, 30, 20)
-
-
-# --- 1. gradient check -----------------------------------------------------------------------
 
 
 def gradcheck(ctx: Context) -> Section:
@@ -75,9 +70,6 @@ def gradcheck(ctx: Context) -> Section:
                    facts={"max_rel_error": worst, "sampled": float(ctx.quick)})
 
 
-# --- 2. batch norm at 3 and 9 layers ---------------------------------------------------------
-
-
 def bn_depth(ctx: Context) -> Section:
     specs = [RunSpec(f"{d}-layer, {'BN' if bn else 'no BN'}",
                      {"hidden": list(h), "batch_norm": bn})
@@ -86,19 +78,13 @@ def bn_depth(ctx: Context) -> Section:
     panels = [(f"{d}-layer: {m}", [f"{d}-layer, BN", f"{d}-layer, no BN"], m)
               for m in ("loss", "cost", "accuracy") for d in (3, 9)]
     fig = curves(ctx, "bn-depth", groups, panels)
-    gain3 = mean_of(groups, "3-layer, BN") - mean_of(groups, "3-layer, no BN")
-    gain9 = mean_of(groups, "9-layer, BN") - mean_of(groups, "9-layer, no BN")
-    text = [f"Batch norm adds **{100 * gain9:+.2f} points** of test accuracy at 9 layers and "
-            f"{100 * gain3:+.2f} points at 3 layers (3-layer with BN: "
-            f"{fmt_pct(values(groups['3-layer, BN'], 'test_accuracy'))})."]
-    s = finish("bn-depth", specs, groups, text=text,
-                tables=[accuracy_table("Final accuracy", groups)], figures=[fig])
-    s.facts = {"bn3": mean_of(groups, "3-layer, BN"), "nobn3": mean_of(groups, "3-layer, no BN"),
-               "bn9": mean_of(groups, "9-layer, BN"), "nobn9": mean_of(groups, "9-layer, no BN")}
-    return s
+    f = {f"{key}{d}": mean_of(groups, f"{d}-layer, {bn}")
+         for d in (3, 9) for key, bn in (("bn", "BN"), ("nobn", "no BN"))}
+    text = [f"Batch norm adds **{100 * (f['bn9'] - f['nobn9']):+.2f} points** of test accuracy "
+            f"at 9 layers and {100 * (f['bn3'] - f['nobn3']):+.2f} points at 3 layers (3-layer "
+            f"with BN: {fmt_pct(values(groups['3-layer, BN'], 'test_accuracy'))})."]
+    return finish("bn-depth", specs, groups, text=text, facts=f, figures=[fig])
 
-
-# --- 4. sensitivity to initialization --------------------------------------------------------
 
 INITS = [("He", {"init": "he"})] + [
     (f"sigma={s:g}", {"init": "normal", "init_sigma": s}) for s in (1e-1, 1e-3, 1e-4)]
@@ -139,13 +125,8 @@ def init_sensitivity(ctx: Context) -> Section:
             "without. Without normalization the tiny initial weights shrink the signal layer "
             "after layer, so gradients vanish; batch norm rescales every layer's "
             "pre-activations."]
-    s = finish("init-sensitivity", specs, groups, text=text, tables=[table],
-               figures=[_init_figure(ctx, groups, d) for d, _ in INIT_NETS])
-    s.facts = facts
-    return s
-
-
-# --- 5. learning rate --------------------------------------------------------------------------
+    return finish("init-sensitivity", specs, groups, text=text, tables=[table], facts=facts,
+                  figures=[_init_figure(ctx, groups, d) for d, _ in INIT_NETS])
 
 
 def eta_study(ctx: Context) -> Section:
@@ -170,18 +151,13 @@ def eta_study(ctx: Context) -> Section:
     return finish("eta-study", specs, groups, text=text, tables=[table], figures=[fig])
 
 
-# --- 6. optimizers and width -------------------------------------------------------------------
-
-
 def optimizers(ctx: Context) -> Section:
-    steps = ctx.length({"cycles": 2}, {"cycles": 2})
-    total = 4 * (40 if ctx.quick else 2250)  # the cyclic run's length, for Adam's decay
+    total = 4 * (40 if ctx.quick else 2250)  # two cycles' steps, for Adam's decay
     adam = {"optimizer": "adam", "schedule": "exponential", "eta": 3e-3, "decay": 0.05,
             "decay_every": total, "steps": total}
-    specs = [RunSpec("narrow, cyclic SGD", {"hidden": list(SEVEN_NARROW), **steps}),
-             RunSpec("narrow, Adam + decay", {"hidden": list(SEVEN_NARROW), **adam}),
-             RunSpec("wide, cyclic SGD", {"hidden": list(SEVEN_WIDE), **steps}),
-             RunSpec("wide, Adam + decay", {"hidden": list(SEVEN_WIDE), **adam})]
+    specs = [RunSpec(f"{w}, {name}", {"hidden": list(h), **o})
+             for w, h in (("narrow", SEVEN_NARROW), ("wide", SEVEN_WIDE))
+             for name, o in (("cyclic SGD", {"cycles": 2}), ("Adam + decay", adam))]
     groups = by_label(ctx.run(specs))
     panels = [(f"{w} {SEVEN_NARROW if w == 'narrow' else SEVEN_WIDE}: accuracy",
                [f"{w}, cyclic SGD", f"{w}, Adam + decay"], "accuracy") for w in ("narrow", "wide")]
@@ -190,11 +166,7 @@ def optimizers(ctx: Context) -> Section:
     text = [f"7-layer nets with batch norm. Adam uses η = 3e-3 decayed exponentially to 5 % "
             f"over the same number of steps as two SGD cycles. Best: **{best}** "
             f"({fmt_pct(values(groups[best], 'test_accuracy'))})."]
-    return finish("optimizers", specs, groups, text=text,
-                   tables=[accuracy_table("Final accuracy", groups)], figures=[fig])
-
-
-# --- 7. batch-norm statistics ----------------------------------------------------------------
+    return finish("optimizers", specs, groups, text=text, figures=[fig])
 
 
 def _bn_stats_post(result: Any) -> dict[str, float]:
@@ -217,12 +189,9 @@ def _bn_stats_post(result: Any) -> dict[str, float]:
     return out
 
 
-POST_EVALUATIONS["bn-stats"] = _bn_stats_post
-
-
 def bn_stats(ctx: Context) -> Section:
-    specs = [RunSpec("moving averages", {"bn_stats": "ema"}, post="bn-stats"),
-             RunSpec("PreciseBN", {"bn_stats": "precise"}, post="bn-stats")]
+    specs = [RunSpec("moving averages", {"bn_stats": "ema"}, post=_bn_stats_post),
+             RunSpec("PreciseBN", {"bn_stats": "precise"}, post=_bn_stats_post)]
     groups = by_label(ctx.run(specs))
     rows = [[label, "adaptive (test statistics)" if a == "adaptive" else "from training",
              fmt_pct(values(groups[label], f"{a}/plain")),
@@ -231,14 +200,11 @@ def bn_stats(ctx: Context) -> Section:
     table = Table("Test accuracy by batch-norm statistics",
                   ["training statistics", "statistics used", "test images", "flipped test images"],
                   rows)
-    ema, precise = (mean_std(values(groups[lb], "trained/plain"))[0] for lb in groups)
+    ema, precise = (mean_of(groups, lb, "trained/plain") for lb in groups)
     text = [f"PreciseBN changes test accuracy by {100 * (precise - ema):+.2f} points against "
             "moving averages. Adaptive BN recomputes every layer's statistics on the test "
             "images themselves (weights fixed); flipped: on mirrored test images."]
     return finish("bn-stats", specs, groups, text=text, tables=[table])
-
-
-# --- 8. batch-norm placement and skip connections --------------------------------------------
 
 
 def bn_placement(ctx: Context) -> Section:
@@ -248,13 +214,11 @@ def bn_placement(ctx: Context) -> Section:
     panels = [(f"{d}-layer: accuracy", [f"{d}-layer, BN before ReLU", f"{d}-layer, BN after ReLU"],
                "accuracy") for d in (3, 9)]
     fig = curves(ctx, "bn-placement", groups, panels)
-    diff = {d: mean_of(groups, f"{d}-layer, BN after ReLU") - mean_of(groups,
-                                                                   f"{d}-layer, BN before ReLU")
-            for d in (3, 9)}
+    diff = {d: mean_of(groups, f"{d}-layer, BN after ReLU")
+            - mean_of(groups, f"{d}-layer, BN before ReLU") for d in (3, 9)}
     text = ["Batch norm after the ReLU instead of before changes test accuracy by "
             f"{100 * diff[3]:+.2f} points at 3 layers and {100 * diff[9]:+.2f} at 9 layers."]
-    return finish("bn-placement", specs, groups, text=text,
-                   tables=[accuracy_table("Final accuracy", groups)], figures=[fig])
+    return finish("bn-placement", specs, groups, text=text, figures=[fig])
 
 
 def skip(ctx: Context) -> Section:
@@ -273,14 +237,12 @@ def skip(ctx: Context) -> Section:
             "layer l − 2 to their pre-activation. Skip connections change test accuracy by "
             f"{100 * gains['BN']:+.2f} points with batch norm and {100 * gains['no BN']:+.2f} "
             "without."]
-    return finish("skip", specs, groups, text=text,
-                   tables=[accuracy_table("Final accuracy", groups)], figures=[fig])
+    return finish("skip", specs, groups, text=text, figures=[fig])
 
 
 # --- the registry -------------------------------------------------------------------------------
 
-Experiment = tuple[str, str, Callable[[Context], Section]]
-EXPERIMENTS: dict[str, Experiment] = {
+EXPERIMENTS: dict[str, tuple[str, str, Callable[[Context], Section]]] = {
     "gradcheck": ("Gradient check", "How were the analytic gradients checked?", gradcheck),
     "bn-depth": ("Batch norm at 3 and 9 layers",
                  "Loss, cost and accuracy with and without batch norm, 3- and 9-layer nets.",
@@ -312,8 +274,6 @@ ASSIGNMENT = tuple(k for k in EXPERIMENTS if k != "best")
 
 def run_experiment(name: str, ctx: Context) -> Section:
     """Run one named experiment; the section gets its title, question and wall time."""
-    import time
-
     title, question, fn = EXPERIMENTS[name]
     ctx.log(f"experiment {name}: {title}")
     ctx.experiment = name  # the kept models' subfolder
@@ -323,36 +283,31 @@ def run_experiment(name: str, ctx: Context) -> Section:
     return s
 
 
+# The assignment's report items: (experiment, item, its answer from the section's facts).
+SUMMARY: tuple[tuple[str, str, Callable[[dict[str, float]], str]], ...] = (
+    ("gradcheck", "i. How were the gradients checked?", lambda d: (
+        "centered differences on " + ("10 random elements of each parameter tensor"
+                                      if d["sampled"] else "every parameter element")
+        + " of 2-, 3-, 4- and 9-layer nets with and without batch norm; largest relative "
+        f"error {d['max_rel_error']:.1e}")),
+    ("bn-depth", "ii. 3- and 9-layer nets with and without batch norm", lambda d: (
+        f"3-layer: {100 * d['bn3']:.2f} % with BN, {100 * d['nobn3']:.2f} % without; "
+        f"9-layer: {100 * d['bn9']:.2f} % with BN, {100 * d['nobn9']:.2f} % without: batch "
+        f"norm adds {100 * (d['bn9'] - d['nobn9']):+.2f} points at 9 layers")),
+    ("lambda-search", "iii. Lambda search", lambda d: (
+        f"l in [{d['lo']:g}, {d['hi']:g}] coarse, then fine; chosen λ = "
+        f"{d['best_lambda']:.3g}; 3-cycle test accuracy {100 * d['test']:.2f} %")),
+    ("init-sensitivity", "iv. Sensitivity to initialization", lambda d: (
+        f"σ = 1e-4: {100 * d['bn_1e-4']:.2f} % with batch norm, {100 * d['nobn_1e-4']:.2f} % "
+        f"without (3 layers); {100 * d['bn9_1e-4']:.2f} % and {100 * d['nobn9_1e-4']:.2f} % "
+        "(9 layers)")),
+)
+
+
 def summary_section(sections: list[Section]) -> Section:
-    """The assignment's report items, answered in order from the sections' key numbers."""
-    f = {s.key: s.facts for s in sections}
-    items = []
-    if "gradcheck" in f:
-        which = ("10 random elements of each parameter tensor" if f["gradcheck"]["sampled"]
-                 else "every parameter element")
-        items.append(["i. How were the gradients checked?",
-                      f"centered differences on {which} of 2-, 3-, 4- and 9-layer nets with "
-                      "and without batch norm; largest relative error "
-                      f"{f['gradcheck']['max_rel_error']:.1e}"])
-    if "bn-depth" in f:
-        d = f["bn-depth"]
-        items.append(["ii. 3- and 9-layer nets with and without batch norm",
-                      f"3-layer: {100 * d['bn3']:.2f} % with BN, {100 * d['nobn3']:.2f} % "
-                      f"without; 9-layer: {100 * d['bn9']:.2f} % with BN, "
-                      f"{100 * d['nobn9']:.2f} % without: batch norm adds "
-                      f"{100 * (d['bn9'] - d['nobn9']):+.2f} points at 9 layers"])
-    if "lambda-search" in f:
-        d = f["lambda-search"]
-        items.append(["iii. Lambda search",
-                      f"l in [{d['lo']:g}, {d['hi']:g}] coarse, then fine; chosen λ = "
-                      f"{d['best_lambda']:.3g}; 3-cycle test accuracy {100 * d['test']:.2f} %"])
-    if "init-sensitivity" in f:
-        d = f["init-sensitivity"]
-        items.append(["iv. Sensitivity to initialization",
-                      f"σ = 1e-4: {100 * d['bn_1e-4']:.2f} % with batch norm, "
-                      f"{100 * d['nobn_1e-4']:.2f} % without (3 layers); "
-                      f"{100 * d['bn9_1e-4']:.2f} % and {100 * d['nobn9_1e-4']:.2f} % "
-                      "(9 layers)"])
+    """The report items, answered in order from the sections' key numbers."""
+    facts = {s.key: s.facts for s in sections}
+    items = [[item, answer(facts[key])] for key, item, answer in SUMMARY if key in facts]
     return Section("summary", "Summary: the report items", "What the experiments show, item "
                    "by item (test accuracy, mean over seeds).",
                    tables=[Table("Answers", ["item", "finding"], items)])

@@ -1,10 +1,11 @@
-"""Run many trainings for an experiment: in parallel processes, over seeds, quick or full.
+"""Run an experiment's trainings over seeds, in parallel processes, quick or full; and
+the pieces of its report section.
 
 An experiment describes its trainings as ``RunSpec``s: a label and overrides of the
 default configuration. ``Context.run`` expands them over the seeds, trains them in
-``jobs`` local processes (each with BLAS threads = cores // jobs, so the cores are not
+``jobs`` spawned processes (each with cores // jobs BLAS threads, so the cores are not
 oversubscribed) and returns one ``Outcome`` per (spec, seed). With ``keep_models`` each
-worker also saves its trained network as ``OUT/models/<experiment>/<label>-seed<S>.npz``
+worker also saves its network as ``OUT/models/<experiment>/<label>-seed<S>.npz``
 (``klayer train``'s model format, for ``klayer evaluate``).
 """
 
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
+import signal
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -33,7 +36,7 @@ from klayer.report.plots import plot_spread, save_panels
 from klayer.training import modelfile
 
 # --quick: a slice of the data and short runs, so any experiment ends within ~2 minutes.
-QUICK_SIZES = {"train": 4000, "val": 1000, "test": 2000}
+QUICK_SIZES = (4000, 1000, 2000)  # train, val, test
 QUICK_OVERRIDES: dict[str, Any] = {"n_s": 40, "val_size": 1000, "evals_per_cycle": 4,
                                    "precise_examples": 2000, "checkpoint_every": 0}
 ACCURACIES = ("test_accuracy", "val_accuracy", "train_accuracy")
@@ -49,11 +52,9 @@ class RunSpec:
 
     label: str
     overrides: dict[str, Any]
-    post: str | None = None  # name of an extra evaluation in POST_EVALUATIONS
-
-
-# Extra evaluations run in the worker while the trained network is at hand.
-POST_EVALUATIONS: dict[str, Callable[[Any], dict[str, float]]] = {}
+    # an extra evaluation of the trained network (in the worker, so at module level)
+    post: jobcache.PostEvaluation | None = None
+    seeds: Sequence[int] | None = None  # default: Context.seed_range()
 
 
 @dataclass
@@ -70,12 +71,11 @@ class Context:
     keep_models: bool = False  # save each trained network in OUT/models (--keep-models)
     experiment: str = ""  # the experiment running now: the models' subfolder
     identity: dict[str, Any] = field(default_factory=dict)  # jobcache.identity, for the keys
-    _pool: ProcessPoolExecutor | None = field(default=None, repr=False)
-    _other_children: set[Any] = field(default_factory=set, repr=False)  # not the pool's
-    kept: set[Path] = field(default_factory=set, repr=False)  # this run's kept trainings
-    # (read back, or written or being written: count those that exist)
-    _saved_env: dict[str, str | None] = field(default_factory=dict, repr=False)
-    _model_owners: dict[Path, str] = field(default_factory=dict, repr=False)  # path -> job key
+    # this run's kept trainings (read back, or written or being written: count those that
+    # exist), and the model files it has named (path -> job key)
+    kept: set[Path] = field(default_factory=set, repr=False)
+    _model_owners: dict[Path, str] = field(default_factory=dict, repr=False)
+    _workers: Workers | None = field(default=None, repr=False)
 
     def config(self, overrides: dict[str, Any], seed: int) -> dict[str, Any]:
         values = {**self.base, **(QUICK_OVERRIDES if self.quick else {}), **overrides}
@@ -93,51 +93,41 @@ class Context:
         first = int(self.base.get("seed", 0))
         return range(first, first + (self.seeds if n is None else n))
 
-    def run(self, specs: Sequence[RunSpec], seeds: Sequence[int] | None = None) -> list[Outcome]:
-        """Train every spec with every seed (default ``seed_range()``); results in spec
-        order."""
-        seeds = list(self.seed_range()) if seeds is None else list(seeds)
+    def run(self, specs: Sequence[RunSpec]) -> list[Outcome]:
+        """Train every spec with each of its seeds; the outcomes in spec order."""
         return self.map_jobs([(s.label, self.config(s.overrides, seed), s.post, self.quick)
-                              for s in specs for seed in seeds])
+                              for s in specs for seed in (s.seeds or self.seed_range())])
 
-    def map_jobs(self, jobs: Sequence[tuple[str, dict[str, Any], str | None, bool]]) -> list[
-        Outcome
-    ]:
+    def map_jobs(self, jobs: Sequence[jobcache.Job]) -> list[Outcome]:
         """Run (label, config values, post, quick) jobs, in parallel when jobs > 1.
 
-        With ``keep``, each finished training is kept in OUT/trainings (``jobcache``)
-        as soon as it ends, and one kept there by an earlier run of the same experiment
-        is read back instead of trained again (with ``keep_models``, only if its model
-        file is there too). With ``keep_models`` the workers save the trained networks.
+        With ``keep``, each finished training is kept in OUT/trainings (``jobcache``) as
+        soon as it ends, and one kept there by an earlier run is read back instead of
+        trained again. With ``keep_models`` the workers save the trained networks.
         """
         start = time.perf_counter()
         folder = self.out / jobcache.FOLDER
         outcomes = self._read_back(jobs, folder)
         todo = [i for i in range(len(jobs)) if i not in outcomes]
-
-        def finished(i: int, outcome: Outcome) -> None:
+        if self.jobs == 1 or len(todo) <= 1:
+            done = ((i, _job(jobs[i], self._model_target(jobs[i]))) for i in todo)
+        else:
+            futures = {self._executor().submit(_job, jobs[i], self._model_target(jobs[i])): i
+                       for i in todo}
+            done = ((futures[f], f.result()) for f in as_completed(futures))  # as they end
+        for i, outcome in done:
             if self.keep:  # noted first: a stop during the write counts it if it landed
                 self.kept.add(jobcache.path_for(folder, jobs[i], self.identity))
                 jobcache.save(folder, jobs[i], self.identity, outcome)
             outcomes[i] = outcome
             self._progress(outcome, len(outcomes), len(jobs))
-
-        if self.jobs == 1 or len(todo) <= 1:
-            for i in todo:
-                finished(i, _job(*jobs[i], self._model_target(jobs[i])))
-        else:
-            futures = {self._executor().submit(_job, *jobs[i], self._model_target(jobs[i])): i
-                       for i in todo}
-            for f in as_completed(futures):  # report each training as it ends
-                finished(futures[f], f.result())
-        self.log(f"  {len(jobs)} training(s) in {time.perf_counter() - start:.0f} s"
-                 + (f" ({len(jobs) - len(todo)} read back)" if len(todo) < len(jobs) else ""))
+        read = f" ({len(jobs) - len(todo)} read back)" if len(todo) < len(jobs) else ""
+        self.log(f"  {len(jobs)} training(s) in {time.perf_counter() - start:.0f} s{read}")
         return [outcomes[i] for i in range(len(jobs))]
 
     def _read_back(self, jobs: Sequence[jobcache.Job], folder: Path) -> dict[int, Outcome]:
         """The jobs' trainings kept in ``folder`` by an earlier run (with ``keep``), by
-        index; one whose model ``keep_models`` wants but cannot find is left out (trained
-        again), so that no kept training silently lacks its model."""
+        index; one without the model ``keep_models`` wants is left out (trained again)."""
         outcomes: dict[int, Outcome] = {}
         for i, j in enumerate(jobs if self.keep else ()):
             kept = jobcache.load(folder, j, self.identity,
@@ -163,9 +153,8 @@ class Context:
         if self._model_owners.setdefault(path, key) != key:
             path = folder / f"{jobcache.stem(job)}-{key}.npz"
         config = json.loads(json.dumps(job[1], default=str))  # its settings, as JSON
-        meta = {"label": job[0], "experiment": self.experiment, "training": key,
-                "config": config}
-        return str(path), meta
+        return str(path), {"label": job[0], "experiment": self.experiment, "training": key,
+                           "config": config}
 
     def _has_model(self, job: jobcache.Job, outcome: Outcome) -> bool:
         """Whether a training read back has all ``keep_models`` asks for: its own model
@@ -186,48 +175,51 @@ class Context:
                      f"{fmt_pct([o.summary.get('test_accuracy', float('nan'))])} ({note})")
 
     def _executor(self) -> ProcessPoolExecutor:
-        if self._pool is None:
-            import multiprocessing
-
-            # Spawned workers read the BLAS variables when they import NumPy, and the pool
-            # starts them on demand (not all at once), so the variables stay set until
-            # close(); NumPy in this process was loaded before and keeps its threads.
-            threads = max(1, (os.cpu_count() or 1) // self.jobs)
-            self._saved_env = {v: os.environ.get(v) for v in BLAS_VARS}
-            os.environ.update({v: str(threads) for v in BLAS_VARS})
-            self._other_children = set(multiprocessing.active_children())
-            self._pool = ProcessPoolExecutor(
-                self.jobs, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_ignore_sigint)  # Ctrl-C is the parent's to handle
-        return self._pool
+        self._workers = self._workers or Workers(self.jobs)
+        return self._workers.pool
 
     def close(self, abort: bool = False) -> None:
         """Shut the worker processes down: after their work, or (``abort``, on a stop)
         at once, the queued trainings dropped and the running ones killed."""
-        if self._pool is None:
-            return
+        workers, self._workers = self._workers, None
+        if workers is not None:
+            workers.close(abort)
+
+
+class Workers:
+    """A pool of ``n`` spawned processes that ignore Ctrl-C (the parent's to handle), each
+    with cores // n BLAS threads."""
+
+    def __init__(self, n: int) -> None:
+        # Spawned workers read the BLAS variables when they import NumPy, and the pool
+        # starts them on demand, so the variables stay set until close(); NumPy in this
+        # process was loaded before and keeps its threads.
+        self.saved_env = {v: os.environ.get(v) for v in BLAS_VARS}
+        os.environ.update(dict.fromkeys(BLAS_VARS, str(max(1, (os.cpu_count() or 1) // n))))
+        self.others = set(multiprocessing.active_children())  # not the pool's
+        self.pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=signal.signal,
+                                        initargs=(signal.SIGINT, signal.SIG_IGN))
+
+    def close(self, abort: bool) -> None:
         try:
             if abort:
-                self._stop_workers()
-            self._pool.shutdown()
+                self.stop()
+            self.pool.shutdown()
         except BaseException:  # interrupted while waiting: stop them all the same
-            self._stop_workers()
+            self.stop()
             raise
         finally:
-            self._pool = None
-            for v, old in self._saved_env.items():
+            for v, old in self.saved_env.items():
                 if old is None:
                     os.environ.pop(v, None)
                 else:
                     os.environ[v] = old
 
-    def _stop_workers(self) -> None:
-        """Drop the queued trainings and end the pool's processes (SIGTERM, then SIGKILL)."""
-        import multiprocessing
-
-        assert self._pool is not None
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        workers = [w for w in multiprocessing.active_children() if w not in self._other_children]
+    def stop(self) -> None:
+        """Drop the queued trainings and end the processes (SIGTERM, then SIGKILL)."""
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        workers = [w for w in multiprocessing.active_children() if w not in self.others]
         for w in workers:
             w.terminate()
         for w in workers:
@@ -237,43 +229,33 @@ class Context:
                 w.join(5)
 
 
-def _ignore_sigint() -> None:
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 # --- the worker side ---------------------------------------------------------------------
 
 _DATA_CACHE: dict[tuple[Any, ...], Data] = {}
 
 
 def load_data_for(cfg: TrainConfig, quick: bool) -> Data:
-    """The dataset of ``cfg`` (cached per process), sliced for quick runs."""
+    """The dataset of ``cfg`` (cached per process); for quick runs the first QUICK_SIZES
+    rows of each split, standardized with the slice's statistics."""
     key = (cfg.dataset, cfg.data_dir, cfg.split, cfg.val_size, cfg.n_train, cfg.strict_checksums,
            cfg.seed if cfg.dataset != "cifar10" else 0, quick)
     if key not in _DATA_CACHE:
         from klayer.training.plan import load_data
 
         data = load_data(cfg)
-        _DATA_CACHE[key] = subsample(data) if quick else data
+        if quick:
+            train, val, test = (Split(np.asarray(s.X[:n]), np.asarray(s.y[:n])) for s, n in
+                                zip((data.train, data.val, data.test), QUICK_SIZES, strict=True))
+            data = Data(train, val, test, data.num_classes, data.name, data.image_shape,
+                        classes=data.classes)
+        _DATA_CACHE[key] = data
     return _DATA_CACHE[key]
 
 
-def subsample(data: Data) -> Data:
-    """The first QUICK_SIZES rows of each split, standardized with the slice's statistics."""
-    parts = {}
-    for name, n in QUICK_SIZES.items():
-        split = getattr(data, name)
-        parts[name] = Split(np.asarray(split.X[:n]), np.asarray(split.y[:n]))
-    return Data(parts["train"], parts["val"], parts["test"], data.num_classes, data.name,
-                data.image_shape, classes=data.classes)
-
-
-def _job(label: str, values: dict[str, Any], post: str | None, quick: bool,
-         model: ModelTarget | None = None) -> Outcome:
-    """Train one configuration (in a worker process); save its network to ``model``'s
-    path when given (a diverged one has none), then run the ``post`` evaluation."""
+def _job(job: jobcache.Job, model: ModelTarget | None = None) -> Outcome:
+    """Train one job (in a worker process); save its network to ``model``'s path when
+    given (a diverged one has none), then run its post-evaluation."""
+    label, values, post, quick = job
     import warnings
 
     from klayer.data.fetch import ChecksumWarning
@@ -286,19 +268,14 @@ def _job(label: str, values: dict[str, Any], post: str | None, quick: bool,
     try:
         result = trainer.run()
     except Diverged as e:  # a result too: e.g. no BN at a large eta (the eta study)
-        nan = float("nan")
         summary = {"diverged": str(e), "wall_seconds": time.perf_counter() - start,
-                   **dict.fromkeys(ACCURACIES, nan)}
+                   **dict.fromkeys(ACCURACIES, float("nan"))}
         if model is not None:  # no model, nor an earlier run's under its name
             Path(model[0]).unlink(missing_ok=True)
         return Outcome(label, cfg.seed, values, summary, trainer.rows)
     if model is not None:
         _save_model(result, Path(model[0]), model[1])
-    if post and post not in POST_EVALUATIONS:  # a fresh worker process: register them
-        import importlib
-
-        importlib.import_module(f"{__package__}.registry")
-    extra = POST_EVALUATIONS[post](result) if post else {}
+    extra = post(result) if post else {}
     return Outcome(label, cfg.seed, values, result.summary, result.rows, extra)
 
 
@@ -318,7 +295,7 @@ def _save_model(result: Any, path: Path, meta: dict[str, Any]) -> None:
         raise OutputError(cannot_write(path, e)) from None
 
 
-# --- aggregation -----------------------------------------------------------------------------
+# --- aggregation and report pieces -----------------------------------------------------------
 
 
 def by_label(outcomes: Sequence[Outcome]) -> dict[str, list[Outcome]]:
@@ -347,48 +324,23 @@ def fmt_pct(xs: Sequence[float]) -> str:
     return text if len(ok) == len(xs) else f"{text} ({len(xs) - len(ok)} diverged)"
 
 
-# --- report pieces ---------------------------------------------------------------------------
-
-
-def accuracy_table(title: str, groups: dict[str, list[Outcome]]) -> Table:
-    rows = [[label, fmt_pct(values(os, "test_accuracy")), fmt_pct(values(os, "val_accuracy")),
-             fmt_pct(values(os, "train_accuracy"))] for label, os in groups.items()]
-    return Table(title, ["configuration", "test", "validation", "training"], rows)
-
-
-def runs_table(specs: Sequence[RunSpec], groups: dict[str, list[Outcome]]) -> Table:
-    """What was trained: overrides of the defaults, seeds and wall time per configuration."""
-    rows = []
-    for s in specs:
-        os = groups[s.label]
-        keys = ", ".join(f"{k}={_show(v)}" for k, v in s.overrides.items()) or "(defaults)"
-        wall = mean_std(values(os, "wall_seconds"))[0]
-        rows.append([s.label, keys, ",".join(str(o.seed) for o in os), f"{wall:.1f} s"])
-    return Table("Trainings (overrides of the default configuration)",
-                 ["configuration", "overrides", "seeds", "wall time / run"], rows)
-
-
 def _show(v: Any) -> str:
     return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
 
 
-CURVE_STYLES = {"train": "dashed: training", "val": "solid: validation"}
-
-
 def curves(ctx: Context, name: str, groups: dict[str, list[Outcome]],
-           panels: Sequence[tuple[str, Sequence[str], str]],
-           splits: Sequence[str] = ("train", "val")) -> Figure:
-    """One figure: a panel per (title, labels, metric) with spread over seeds."""
+           panels: Sequence[tuple[str, Sequence[str], str]]) -> Figure:
+    """One figure: a panel per (title, labels, metric) with the training and validation
+    curves, mean and spread over seeds."""
     def draw(labels: Sequence[str], metric: str) -> Callable[[Any], None]:
         return lambda ax: plot_spread(ax, [(lb, [o.rows for o in groups[lb]]) for lb in labels],
-                                      metric, splits)
+                                      metric, ("train", "val"))
     path = ctx.out / "figures" / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     save_panels(path, [(t, draw(lbs, m)) for t, lbs, m in panels])
-    captions = "; ".join(t for t, _, _ in panels)
-    styles = ", ".join(CURVE_STYLES[s] for s in splits)  # what plot_spread draws, no more
     spread = " Shaded: min-max over seeds." if ctx.seeds > 1 else ""
-    return Figure(f"{captions}. {styles[0].upper()}{styles[1:]}.{spread}", path)
+    return Figure(f"{'; '.join(t for t, _, _ in panels)}. Dashed: training, solid: "
+                  f"validation.{spread}", path)
 
 
 def mean_of(groups: dict[str, list[Outcome]], label: str, key: str = "test_accuracy") -> float:
@@ -396,6 +348,17 @@ def mean_of(groups: dict[str, list[Outcome]], label: str, key: str = "test_accur
 
 
 def finish(key: str, specs: Sequence[RunSpec], groups: dict[str, list[Outcome]],
-           **parts: Any) -> Section:
-    """A report section with the table of trainings behind it."""
-    return Section(key, runs=runs_table(specs, groups), **parts)
+           tables: list[Table] | None = None, **parts: Any) -> Section:
+    """A report section with the table of what was trained behind it (overrides of the
+    defaults, seeds and wall time per configuration); ``tables`` by default the final
+    accuracies."""
+    if tables is None:
+        tables = [Table("Final accuracy", ["configuration", "test", "validation", "training"],
+                        [[lb, *(fmt_pct(values(os, k)) for k in ACCURACIES)]
+                         for lb, os in groups.items()])]
+    rows = [[s.label, ", ".join(f"{k}={_show(v)}" for k, v in s.overrides.items())
+             or "(defaults)", ",".join(str(o.seed) for o in groups[s.label]),
+             f"{mean_of(groups, s.label, 'wall_seconds'):.1f} s"] for s in specs]
+    runs = Table("Trainings (overrides of the default configuration)",
+                 ["configuration", "overrides", "seeds", "wall time / run"], rows)
+    return Section(key, tables=tables, runs=runs, **parts)

@@ -13,6 +13,7 @@ from klayer.cli.common import (
     Command,
     UsageError,
     as_usage,
+    at_least,
     parse_widths,
 )
 
@@ -70,9 +71,7 @@ def _case(args: argparse.Namespace) -> int:
 
     if Path(args.out).suffix not in (".npz", ".mat"):
         raise UsageError(f"--out must end in .npz or .mat, got {args.out}")
-    for flag, value, low in (("--d", args.d, 1), ("--n", args.n, 2), ("--seed", args.seed, 0)):
-        if value < low:
-            raise UsageError(f"{flag} must be >= {low}, got {value}")
+    at_least(args, d=1, n=2, seed=0)
     if not (args.lam >= 0 and args.eps >= 0):
         raise UsageError("--lambda and --eps must be >= 0")
     X = y = None

@@ -10,7 +10,15 @@ from typing import Any
 
 import numpy as np
 
-from klayer.cli.common import EXIT_OK, Command, UsageError, as_usage, check_writable, read_toml
+from klayer.cli.common import (
+    EXIT_OK,
+    Command,
+    UsageError,
+    as_usage,
+    at_least,
+    check_writable,
+    read_toml,
+)
 from klayer.core.config import TrainConfig
 from klayer.core.network import Network
 from klayer.data.batchfile import DataError
@@ -89,6 +97,50 @@ def _data_of(args: argparse.Namespace, net: Network, toml: Path, recorded: dict[
     return data
 
 
+def add_predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL.npz|RUN_DIR", help="a model file written by "
+                   "klayer train, or its run folder")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="PNG or JPEG images (resized to "
+                   "32x32 RGB), .npy arrays (n x 3072 or n x 32 x 32 x 3 uint8) or CIFAR-10 "
+                   "batch files")
+    p.add_argument("--top", type=int, default=3, help="classes shown per input (default 3)")
+    p.add_argument("--json", action="store_true", help="one JSON object: every input's "
+                   "probabilities by class")
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """Class probabilities of the inputs, standardized as the model's training data were."""
+    import json
+
+    from klayer.core.losses import log_softmax
+    from klayer.data.datasets import CIFAR_CLASSES
+    from klayer.data.images import read_images
+
+    at_least(args, top=1)
+    model = Path(args.model) / "model.npz" if Path(args.model).is_dir() else Path(args.model)
+    net, meta, extras = modelfile.load(model)
+    if net.config.d != 3072:
+        raise UsageError(f"{model} takes d = {net.config.d} inputs, not 32x32 RGB images")
+    read = [read_images(path) for path in args.inputs]  # every input checked before output
+    X = np.concatenate([x for x, _ in read]).astype(np.float64)
+    if "mean" in extras and "std" in extras:
+        X = (X - extras["mean"]) / extras["std"]
+    probs = np.exp(log_softmax(net.scores(X.astype(net.dtype)).astype(np.float64)))
+    K = net.config.num_classes
+    classes = CIFAR_CLASSES if meta.get("dataset") == "cifar10" and K == 10 else tuple(
+        str(i) for i in range(K))
+    labels = [label for _, names in read for label in names]
+    if args.json:
+        print(json.dumps({"model": str(model), "classes": list(classes), "predictions": [
+            {"input": label, "probabilities": dict(zip(classes, map(float, p), strict=True))}
+            for label, p in zip(labels, probs, strict=True)]}, indent=2))
+        return EXIT_OK
+    for label, p in zip(labels, probs, strict=True):
+        top = np.argsort(-p)[: args.top]
+        print(f"{label}: " + ", ".join(f"{classes[i]} {p[i]:.1%}" for i in top))
+    return EXIT_OK
+
+
 def add_plot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders written by klayer train")
     p.add_argument("--out", metavar="DIR", default=".", help="where to write the PNGs (default .)")
@@ -160,6 +212,8 @@ def run_data(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Command] = {
     "evaluate": ("accuracy, confusion matrix and first-layer weights of a saved model",
                  add_evaluate_args, run_evaluate),
+    "predict": ("class probabilities of your own images (PNG, JPEG, .npy, CIFAR batch)",
+                add_predict_args, run_predict),
     "plot": ("overlay the curves of several runs", add_plot_args, run_plot),
     "data": ("download CIFAR-10 or show where it is", add_data_args, run_data),
 }

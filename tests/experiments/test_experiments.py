@@ -47,6 +47,9 @@ def test_bn_stats_on_images_reports_the_2x2x2_table(tmp_path: Path) -> None:
             and "%" in line]
     assert len(rows) == 4 and all(line.count("%") == 2 for line in rows)
     assert sum("adaptive" in line for line in rows) == 2
+    figure = out / "figures" / "bn-stats.png"  # running vs precise, accuracy per setting
+    assert figure.stat().st_size > 10_000 and "figures/bn-stats.png" in md
+    assert "test accuracy with the statistics from training" in md
 
 
 def test_seeds_give_mean_and_std(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from klayer.experiments.runner import (
     values,
 )
 from klayer.report.html import Figure, Section, Table
+from klayer.report.plots import plot_bars, plot_spread, save_panels
 
 NINE = (50, 30, 20, 20, 10, 10, 10, 10)
 SEVEN_NARROW = (50, 50, 50, 20, 20, 10)
@@ -204,7 +205,28 @@ def bn_stats(ctx: Context) -> Section:
     text = [f"PreciseBN changes test accuracy by {100 * (precise - ema):+.2f} points against "
             "moving averages. Adaptive BN recomputes every layer's statistics on the test "
             "images themselves (weights fixed); flipped: on mirrored test images."]
-    return finish("bn-stats", specs, groups, text=text, tables=[table])
+    return finish("bn-stats", specs, groups, text=text, tables=[table],
+                  figures=[_bn_stats_figure(ctx, groups)])
+
+
+def _bn_stats_figure(ctx: Context, groups: dict[str, list[Outcome]]) -> Figure:
+    """Test accuracy per setting (bars: running vs precise statistics), and the
+    validation curves of the two trainings."""
+    settings = [("trained", "plain"), ("trained", "flipped"), ("adaptive", "plain"),
+                ("adaptive", "flipped")]
+    names = ["trained stats", "trained, flipped", "adaptive", "adaptive, flipped"]
+    bars = [(label, [values(groups[label], f"{a}/{t}") for a, t in settings])
+            for label in groups]
+    path = ctx.out / "figures" / "bn-stats.png"
+    save_panels(path, [
+        ("test accuracy by the statistics used", lambda ax: plot_bars(
+            ax, names, bars, "test accuracy (%)")),
+        ("validation accuracy while training", lambda ax: plot_spread(
+            ax, [(lb, [o.rows for o in groups[lb]]) for lb in groups], "accuracy", ("val",)))])
+    spread = " Error bars and shading: min-max over seeds." if ctx.seeds > 1 else ""
+    return Figure("Left: test accuracy with the statistics from training (moving averages "
+                  "or PreciseBN) and with adaptive statistics of the test images, plain and "
+                  f"mirrored. Right: validation accuracy during training.{spread}", path)
 
 
 def bn_placement(ctx: Context) -> Section:

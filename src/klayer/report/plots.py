@@ -53,6 +53,23 @@ def plot_spread(ax: Axes, groups: Sequence[tuple[str, Sequence[Rows]]], key: str
     _axes(ax, "update step", LABELS[key], "x-small")
 
 
+def plot_bars(ax: Axes, categories: Sequence[str],
+              series: Sequence[tuple[str, Sequence[Sequence[float]]]], ylabel: str) -> None:
+    """Grouped bars: per category, one bar per series at the mean of its values (in %),
+    with an error bar from min to max (over seeds) and the mean written on top."""
+    width = 0.8 / max(len(series), 1)
+    for i, (label, per_category) in enumerate(series):
+        means = np.array([np.mean(v) for v in per_category]) * 100
+        lo = means - np.array([np.min(v) for v in per_category]) * 100
+        hi = np.array([np.max(v) for v in per_category]) * 100 - means
+        x = np.arange(len(categories)) + (i - (len(series) - 1) / 2) * width
+        bars = ax.bar(x, means, width, yerr=[lo, hi], capsize=3, color=f"C{i % 10}",
+                      label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize="x-small", padding=2)
+    ax.set_xticks(np.arange(len(categories)), categories, fontsize="small")
+    _axes(ax, "", ylabel, "small")
+
+
 def plot_scatter(ax: Axes, stages: Sequence[tuple[str, Sequence[float], Sequence[float]]],
                  chosen: float | None = None) -> None:
     """Validation accuracy against log10(lambda) per search stage; a dashed line at ``chosen``."""

@@ -57,7 +57,6 @@ def check_batchable(cfgs: Sequence[TrainConfig]) -> None:
         raise ValueError("batched trials do not support precise_per_epoch > 0")
 
 
-
 class BatchedTrainer:
     """Train ``len(cfgs)`` networks together on one mini-batch sequence.
 

@@ -35,7 +35,6 @@ class Plan:
     lr: Callable[[int], float]
 
 
-
 def load_data(cfg: TrainConfig) -> Data:
     """The dataset the config names (CIFAR-10 found via data_dir / $KLAYER_DATA_DIR / cache)."""
     if cfg.dataset == "synthetic":

@@ -57,12 +57,8 @@ class Diverged(RuntimeError):
     """The cost became NaN or infinite."""
 
 
-
 class ResumeMismatch(ValueError):
     """A checkpoint was made with other settings than the run being resumed."""
-
-
-
 
 
 # --- the loop ------------------------------------------------------------------------------

@@ -530,3 +530,31 @@ def test_bad_storage_and_worker_flags_are_usage_errors(tmp_path: Path, args: lis
     assert r.returncode == 2 and match in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     assert (tmp_path / "notes.txt").read_text() == "some notes\nnot a journal\n"
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql+psycopg://klayer:s3cret@db/klayer", "postgresql+psycopg://klayer:***@db/klayer"),
+    ("postgresql://u:p@ss@db:5432/k", "postgresql://u:***@db:5432/k"),  # a raw @ in it
+    ("postgresql://u@db/k?sslmode=require&password=s3cret", "postgresql://u@db/k?sslmode="
+     "require&password=***"),
+    ("runs/search/lam/journal.log", "runs/search/lam/journal.log"),
+])
+def test_passwords_are_masked_wherever_they_sit(url: str, shown: str) -> None:
+    assert search_storage.masked(url) == shown
+
+
+def test_a_url_with_one_slash_is_refused_not_taken_for_a_path(tmp_path: Path) -> None:
+    bad = "postgresql+psycopg:/klayer:s3cret@db/klayer"
+    r = klayer("search", "init", "--study", "s", "--storage", bad, "--param",
+               "lambda=1e-4..1e-1:log", "--trials", "2", *TRAIN, cwd=tmp_path)
+    assert r.returncode == 2 and "starts like a database URL" in r.stderr
+    assert "s3cret" not in r.stdout + r.stderr and not list(tmp_path.iterdir())
+
+
+def test_init_never_prints_a_password_and_hints_a_command_that_works(tmp_path: Path) -> None:
+    url = "sqlite:///" + str(tmp_path / "s.db") + "?password=s3cret"
+    r = klayer("search", "init", "--study", "s", "--storage", url, "--param",
+               "lambda=1e-4..1e-1:log", "--trials", "2", *TRAIN, cwd=tmp_path)
+    assert "s3cret" not in r.stdout + r.stderr, r.stdout + r.stderr
+    if r.returncode == 0:  # SQLite takes no password; either way nothing shows it
+        assert 'next: klayer search worker --study s --storage "$KLAYER_STORAGE"' in r.stdout

@@ -189,8 +189,13 @@ def _print_created(args: argparse.Namespace, info: StudyInfo) -> None:
     if info.parent is not None:
         print(f"  from the top {args.top_k} trials of {args.parent}: {info.parent['trials']}")
     print(f"  data {info.fingerprint[:23]}..., klayer {info.version}")
-    hint = f" --storage {where}" if args.storage else ""
+    secret = where != info.storage  # a pasted masked URL would fail: name the variable
+    hint = (' --storage "$KLAYER_STORAGE"' if secret else f" --storage {where}"
+            ) if args.storage else ""
     print(f"next: klayer search worker --study {info.name}{hint} --jobs 2")
+    if args.storage and secret:
+        print("  (export KLAYER_STORAGE=<the URL> first, or use a password-less URL with "
+              "PGPASSWORD or ~/.pgpass: `ps` shows command lines to every user)")
 
 
 def _from_parent(args: argparse.Namespace, raw: dict[str, Any]) -> tuple[

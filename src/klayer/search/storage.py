@@ -65,14 +65,35 @@ def resolve_storage(study: str, storage: str | None = None, runs_dir: str | Path
     return spec if spec else str(study_dir(study, runs_dir) / "journal.log")
 
 
+# "postgresql+psycopg:" and the like: a scheme of two or more letters (C:/ is a drive)
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")
+
+
 def is_url(spec: str) -> bool:
-    """Whether a storage is a database URL (else a journal file path)."""
-    return "://" in spec
+    """Whether a storage is a database URL (else a journal file path). Something that
+    starts like a URL but does not parse as one (``scheme:/user:pw@host``) is refused,
+    never taken for a path: it would make folders named after the password."""
+    if "://" in spec:
+        return True
+    if _SCHEME.match(spec):
+        raise SearchError(f"--storage: {masked(spec)} starts like a database URL but is not "
+                          "one (scheme://user@host/database); a journal file needs a path")
+    return False
 
 
 def masked(spec: str) -> str:
-    """A storage URL without its password, for messages and attributes."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", spec)
+    """A storage URL without its secrets, for messages and attributes: the password of
+    its user part (which may hold a raw '@': the host follows the last one) and any
+    ``password=`` in its query string."""
+    scheme, sep, rest = spec.partition("://")
+    if not sep:
+        scheme, sep, rest = spec.partition(":/")
+    authority, slash, tail = rest.partition("/")
+    user, at, host = authority.rpartition("@")
+    if at and ":" in user:
+        authority = f"{user.split(':', 1)[0]}:***@{host}"
+    tail = re.sub(r"(?i)((?:^|[?&])password=)[^&]*", r"\1***", tail)
+    return f"{scheme}{sep}{authority}{slash}{tail}" if sep else spec
 
 
 def open_storage(spec: str, heartbeat_interval: int = HEARTBEAT_INTERVAL,
@@ -129,7 +150,8 @@ def _rdb_storage(spec: str, heartbeat_interval: int,
                 spec, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=heartbeat_interval,
                 grace_period=grace_period, **retry)
     except Exception as e:  # sqlalchemy errors: bad URL, server down, no such database
-        raise SearchError(f"--storage: cannot open {masked(spec)}: {e}") from None
+        raise SearchError(f"--storage: cannot open {masked(spec)}: "
+                          f"{str(e).replace(spec, masked(spec))}") from None
 
 
 @contextmanager

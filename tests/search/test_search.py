@@ -558,3 +558,30 @@ def test_init_never_prints_a_password_and_hints_a_command_that_works(tmp_path: P
     assert "s3cret" not in r.stdout + r.stderr, r.stdout + r.stderr
     if r.returncode == 0:  # SQLite takes no password; either way nothing shows it
         assert 'next: klayer search worker --study s --storage "$KLAYER_STORAGE"' in r.stdout
+
+
+def test_an_init_cut_short_is_made_again_and_delete_asks_first(tmp_path: Path) -> None:
+    init = ("search", "init", "--study", "h", "--param", "lambda=1e-4..1e-1:log", "--trials",
+            "2", *TRAIN)
+    (tmp_path / "runs" / "search" / "h").mkdir(parents=True)
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+        journal(tmp_path, "h")))
+    half = optuna.create_study(study_name="h", storage=storage)  # killed before its settings
+    half.set_user_attr("sampler", "random")
+    r = klayer("search", "status", "--study", "h", cwd=tmp_path)
+    assert r.returncode == 2 and "still being created" in r.stderr
+    r = klayer(*init, cwd=tmp_path)
+    assert r.returncode == 0 and "created study h" in r.stdout, r.stderr
+    r = klayer(*init, cwd=tmp_path)  # a finished study is never replaced
+    assert r.returncode == 2 and "already exists" in r.stderr
+    no = subprocess.run([sys.executable, "-m", "klayer", "search", "delete", "--study", "h"],
+                        cwd=tmp_path, input="nope\n", capture_output=True, text=True,
+                        timeout=120, env=_env())
+    assert no.returncode == 0 and "not deleted" in no.stdout
+    assert klayer("search", "status", "--study", "h", cwd=tmp_path).returncode == 0
+    r = klayer("search", "delete", "--study", "h", "--yes", cwd=tmp_path)
+    assert r.returncode == 0 and "deleted study h (0 trials)" in r.stdout, r.stderr
+    r = klayer("search", "status", "--study", "h", cwd=tmp_path)
+    assert r.returncode == 2 and "no study 'h'" in r.stderr
+    r = klayer("search", "delete", "--study", "gone", "--yes", cwd=tmp_path)
+    assert r.returncode == 2 and "no study 'gone'" in r.stderr

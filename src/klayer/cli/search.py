@@ -105,6 +105,28 @@ def _add_reap(r: argparse.ArgumentParser) -> None:
     r.add_argument("--no-retry", action="store_true", help="do not queue the reaped trials again")
 
 
+def _add_delete(d: argparse.ArgumentParser) -> None:
+    d.add_argument("--yes", action="store_true",
+                   help="do not ask: delete at once (for scripts)")
+
+
+def run_delete(args: argparse.Namespace) -> int:
+    """Delete a study after the user types its name (or with --yes)."""
+    from klayer.search import storage
+
+    where = _storage(args)
+    if not args.yes:
+        answer = input(f"delete study {args.study!r} and all its trials from "
+                       f"{storage.masked(where)}? type its name to confirm: ")
+        if answer.strip() != args.study:
+            print("not deleted")
+            return EXIT_OK
+    with common.as_usage():
+        n = storage.delete_study(args.study, where)
+    print(f"deleted study {args.study} ({n} trials); its run folders, if any, are kept")
+    return EXIT_OK
+
+
 def _add_best(b: argparse.ArgumentParser) -> None:
     b.add_argument("--retrain", action="store_true",
                    help="train the best configuration again and report its test accuracy")
@@ -356,6 +378,7 @@ _ACTIONS = (  # (its flags, name, run, help, description)
      "waiting / failed)."),
     (_add_reap, "reap", run_reap,
      "mark abandoned RUNNING trials FAIL (and queue them again)", None),
+    (_add_delete, "delete", run_delete, "delete a study and its trials (asks first)", None),
     (_add_best, "best", run_best,
      "the best trial; --retrain trains it again and tests it", None),
 )

@@ -273,8 +273,11 @@ def create_study(name: str, storage: str, config: TrainConfig, data: Data, space
     try:
         study = optuna.create_study(study_name=name, storage=st, direction="maximize")
     except optuna.exceptions.DuplicatedStudyError:
-        raise SearchError(f"study {name!r} already exists in {masked(storage)}; pick another "
-                          "name (workers join it with klayer search worker)") from None
+        if not _half_made(name, st):
+            raise SearchError(f"study {name!r} already exists in {masked(storage)}; pick "
+                              "another name (workers join it with klayer search worker)") from None
+        optuna.delete_study(study_name=name, storage=st)  # an init cut short: made again
+        study = optuna.create_study(study_name=name, storage=st, direction="maximize")
     attrs: dict[str, Any] = {
         A_CONFIG: config.to_dict(), A_SPACE: space, A_SAMPLER: sampler, A_TRIALS: n_trials,
         A_DATA: data_fingerprint(data), A_VERSION: __version__,
@@ -288,6 +291,27 @@ def create_study(name: str, storage: str, config: TrainConfig, data: Data, space
     attrs[A_FORMAT] = FORMAT  # last: no worker joins before every point is queued
     study.set_user_attr(A_FORMAT, FORMAT)
     return _study_info(name, storage, st, attrs)
+
+
+def _half_made(name: str, st: optuna.storages.BaseStorage) -> bool:
+    """A study that ``create_study`` began and never finished (killed between its steps):
+    no format attribute yet, and no trial ever ran (only queued grid points, if any)."""
+    study = optuna.load_study(study_name=name, storage=st)
+    return A_FORMAT not in study.user_attrs and all(
+        t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False))
+
+
+def delete_study(name: str, storage: str) -> int:
+    """Delete a study and its trials (Optuna's ``delete_study``); the trials it had."""
+    if not is_url(storage) and not Path(storage).exists():
+        raise SearchError(f"no study {name!r}: {storage} does not exist")
+    st = open_storage(storage)
+    try:
+        n = len(optuna.load_study(study_name=name, storage=st).get_trials(deepcopy=False))
+        optuna.delete_study(study_name=name, storage=st)
+    except KeyError:
+        raise SearchError(f"no study {name!r} in {masked(storage)}") from None
+    return n
 
 
 def point_key(params: dict[str, Any]) -> str:

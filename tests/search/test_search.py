@@ -585,3 +585,17 @@ def test_an_init_cut_short_is_made_again_and_delete_asks_first(tmp_path: Path) -
     assert r.returncode == 2 and "no study 'h'" in r.stderr
     r = klayer("search", "delete", "--study", "gone", "--yes", cwd=tmp_path)
     assert r.returncode == 2 and "no study 'gone'" in r.stderr
+
+
+def test_a_worker_must_use_the_studys_fault_timing(tmp_path: Path) -> None:
+    r = klayer("search", "init", "--study", "t", "--param", "lambda=1e-4..1e-1:log",
+               "--trials", "1", "--heartbeat-interval", "5", "--grace-period", "20", *TRAIN,
+               cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    _, info = search_storage.load_study("t", journal(tmp_path, "t"))
+    assert (info.heartbeat_interval, info.grace_period) == (5, 20)
+    r = klayer("search", "worker", "--study", "t", "--grace-period", "3", cwd=tmp_path)
+    assert r.returncode == 2 and "--grace-period 3: study 't' uses 20 s" in r.stderr
+    r = klayer("search", "init", "--study", "u", "--param", "lambda=1e-4..1e-1:log",
+               "--heartbeat-interval", "30", "--grace-period", "30", *TRAIN, cwd=tmp_path)
+    assert r.returncode == 2 and "must exceed --heartbeat-interval" in r.stderr

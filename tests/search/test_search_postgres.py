@@ -33,7 +33,8 @@ from klayer.search import storage as search_storage  # noqa: E402
 
 TRAIN = ["--dataset", "synthetic", "--hidden", "16", "--n-batch", "50", "--n-s", "1500",
          "--cycles", "1", "--evals-per-cycle", "1", "--checkpoint-every", "0"]  # ~1.5 s trials
-HEARTBEAT = ["--heartbeat-interval", "1", "--grace-period", "2", "--poll", "0.2"]
+TIMING = ["--heartbeat-interval", "1", "--grace-period", "2"]  # the study's, set at init
+HEARTBEAT = [*TIMING, "--poll", "0.2"]  # a worker may repeat the study's timing
 
 
 def _binary(name: str) -> str | None:
@@ -122,7 +123,7 @@ def running_of(url: str, name: str, worker_pid: int) -> list[Any]:
 
 def test_killed_worker_trial_is_retried_and_the_study_completes(
         postgres: str, tmp_path: Path) -> None:
-    r = klayer("search", "init", "--study", "kill", "--storage", postgres, "--param",
+    r = klayer("search", "init", "--study", "kill", "--storage", postgres, *TIMING, "--param",
                "lambda=1e-4..1e-1:log", "--trials", "5", *TRAIN, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     a = spawn("search", "worker", "--study", "kill", "--storage", postgres, *HEARTBEAT,
@@ -150,7 +151,7 @@ def test_killed_worker_trial_is_retried_and_the_study_completes(
 
 def test_sigterm_marks_the_trial_failed_not_running(postgres: str, tmp_path: Path) -> None:
     long = [a if a != "1500" else "200000" for a in TRAIN]
-    r = klayer("search", "init", "--study", "term", "--storage", postgres, "--param",
+    r = klayer("search", "init", "--study", "term", "--storage", postgres, *TIMING, "--param",
                "lambda=1e-4..1e-1:log", "--trials", "3", *long, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     w = spawn("search", "worker", "--study", "term", "--storage", postgres, *HEARTBEAT,
@@ -167,8 +168,8 @@ def test_sigterm_marks_the_trial_failed_not_running(postgres: str, tmp_path: Pat
 
 def test_grid_points_each_run_once_by_concurrent_workers(postgres: str, tmp_path: Path) -> None:
     quick = [a if a != "1500" else "20" for a in TRAIN]
-    r = klayer("search", "init", "--study", "grid", "--storage", postgres, "--sampler", "grid",
-               "--param", "lambda=0.01..0.08:points=8", *quick, cwd=tmp_path)
+    r = klayer("search", "init", "--study", "grid", "--storage", postgres, *TIMING,
+               "--sampler", "grid", "--param", "lambda=0.01..0.08:points=8", *quick, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     procs = [spawn("search", "worker", "--study", "grid", "--storage", postgres, *HEARTBEAT,
                    *extra, cwd=tmp_path) for extra in ([], [], ["--batch-trials", "2"])]
@@ -179,3 +180,15 @@ def test_grid_points_each_run_once_by_concurrent_workers(postgres: str, tmp_path
     assert all(t.state == TrialState.COMPLETE for t in ts), outs
     assert sorted(t.params["lambda"] for t in ts) == pytest.approx(
         [0.01 * i for i in range(1, 9)], rel=1e-12), outs  # each point once, no other
+
+
+def test_the_fault_timing_belongs_to_the_study(postgres: str, tmp_path: Path) -> None:
+    """A worker with a shorter grace period would fail other workers' healthy trials."""
+    r = klayer("search", "init", "--study", "timing", "--storage", postgres, "--param",
+               "lambda=1e-4..1e-1:log", "--trials", "1", *TRAIN, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = klayer("search", "worker", "--study", "timing", "--storage", postgres,
+               "--grace-period", "3", cwd=tmp_path)
+    assert r.returncode == 2 and "--grace-period 3: study 'timing' uses 300 s" in r.stderr
+    _, info = search_storage.load_study("timing", postgres)
+    assert (info.heartbeat_interval, info.grace_period) == (60, 300)

@@ -67,7 +67,16 @@ def _add_init(q: argparse.ArgumentParser) -> None:
     q.add_argument("--top-k", type=int, default=5, help="--parent: trials to take (default 5)")
     q.add_argument("--margin", type=float, default=0.25,
                    help="--parent: widen each range by this fraction of its span (default 0.25)")
+    _fault_timing(q, "the study's, the same for every worker")
     common.add_config_flags(q)
+
+
+def _fault_timing(p: argparse.ArgumentParser, whose: str) -> None:
+    p.add_argument("--heartbeat-interval", type=int, help="PostgreSQL: seconds between "
+                   f"heartbeats of a running trial ({whose}; 60 at init)")
+    p.add_argument("--grace-period", type=int, help="PostgreSQL, and a journal's trials "
+                   "without a worker label: seconds without a sign of life before a trial is "
+                   f"failed and retried ({whose}; 300 at init)")
 
 
 def _add_worker(w: argparse.ArgumentParser) -> None:
@@ -79,10 +88,7 @@ def _add_worker(w: argparse.ArgumentParser) -> None:
                    "pass (same architecture; lambda and learning rates differ)")
     w.add_argument("--sampler-seed", type=int, help="seed of this worker's sampler (default: "
                    "from host, pid and time; give every machine a different one)")
-    w.add_argument("--heartbeat-interval", type=int, default=60,
-                   help="PostgreSQL: seconds between heartbeats of a running trial (default 60)")
-    w.add_argument("--grace-period", type=int, default=300, help="PostgreSQL: seconds without "
-                   "heartbeat before a trial is failed and retried (default 300)")
+    _fault_timing(w, "must equal the study's, set by search init; default: the study's")
     w.add_argument("--poll", type=float, default=5.0,
                    help="seconds between looks at the study while others finish (default 5)")
     w.add_argument("--max-failures", type=int, default=10,
@@ -177,7 +183,7 @@ def run_init(args: argparse.Namespace) -> int:
         base = common.resolve_config(args)
     with common.as_usage():
         plan.validate(base)
-    common.at_least(args, grid_points=2)
+    common.at_least(args, grid_points=2, heartbeat_interval=1, grace_period=1)
     searched = space.normalize_space(raw, base)
     if args.sampler == "grid":
         for spec in searched.values():
@@ -188,8 +194,10 @@ def run_init(args: argparse.Namespace) -> int:
         raise UsageError(f"--parent {args.parent} was searched on other data "
                          f"({parent_fp[:19]}...); use the same data set")
     trials = 16 if args.trials is None else args.trials
+    timing = {k: v for k, v in (("heartbeat_interval", args.heartbeat_interval),
+                                ("grace_period", args.grace_period)) if v is not None}
     info = storage.create_study(args.study, where, base, data, searched, trials, args.sampler,
-                                parent)
+                                parent, **timing)
     _print_created(args, info)
     return EXIT_OK
 
@@ -246,8 +254,6 @@ def run_worker(args: argparse.Namespace) -> int:
 
     common.at_least(args, jobs=1, threads=1, batch_trials=1, heartbeat_interval=1,
                     grace_period=1, max_failures=1)
-    if args.grace_period <= args.heartbeat_interval:
-        raise UsageError("--grace-period must exceed --heartbeat-interval")
     if args.sampler_seed is not None and not 0 <= args.sampler_seed < 2**32:
         raise UsageError(f"--sampler-seed must be in [0, 2^32), got {args.sampler_seed}")
     if not 0 < args.poll < 86400:  # NaN fails too

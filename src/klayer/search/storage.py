@@ -51,6 +51,8 @@ LOCAL_KEYS = ("data_dir", "strict_checksums", "checkpoint_every")
 A_CONFIG, A_SPACE, A_SAMPLER, A_TRIALS = "config", "space", "sampler", "n_trials"
 A_DATA, A_VERSION, A_PARENT, A_CREATED = "data_fingerprint", "klayer_version", "parent", "created"
 A_GRID = "grid"  # the grid sampler's points, each queued once at creation
+# the study's fault timing, the same for every worker (seconds)
+A_HEARTBEAT, A_GRACE = "heartbeat_interval", "grace_period"
 A_FORMAT, FORMAT = "klayer_format", 1  # the study format this klayer reads (set last)
 
 
@@ -215,17 +217,21 @@ class StudyInfo:
     parent: dict[str, Any] | None = None
     attrs: dict[str, Any] = field(default_factory=dict, repr=False)
     grid: list[dict[str, Any]] | None = None  # a grid study's points (None: not queued)
+    heartbeat_interval: int = HEARTBEAT_INTERVAL  # seconds between a trial's heartbeats
+    grace_period: int = GRACE_PERIOD  # seconds without one before a trial is failed
 
 
 def load_study(name: str, storage: str, sampler: optuna.samplers.BaseSampler | None = None,
-               heartbeat_interval: int = HEARTBEAT_INTERVAL,
-               grace_period: int = GRACE_PERIOD) -> tuple[optuna.Study, StudyInfo]:
-    """Open an existing klayer study; SearchError if there is none by that name, or if it
-    is not of this klayer's study format."""
+               heartbeat_interval: int | None = None,
+               grace_period: int | None = None) -> tuple[optuna.Study, StudyInfo]:
+    """Open an existing klayer study; SearchError if there is none by that name, if it is
+    not of this klayer's study format, or if a worker's ``heartbeat_interval`` /
+    ``grace_period`` (None: the study's) disagree with the study's, set at init: with
+    another grace period a worker would fail other workers' healthy trials."""
     if not is_url(storage) and not Path(storage).exists():
         raise SearchError(f"no study {name!r}: {storage} does not exist; create it with "
                           f"klayer search init --study {name} ...")
-    st = open_storage(storage, heartbeat_interval, grace_period)
+    st = open_storage(storage)
     try:
         study = optuna.load_study(study_name=name, storage=st, sampler=sampler)
     except KeyError:
@@ -240,7 +246,19 @@ def load_study(name: str, storage: str, sampler: optuna.samplers.BaseSampler | N
                 "by an earlier klayer, or not by klayer search init, or still being created)")
         raise SearchError(f"study {name!r} has {what}; this klayer reads study format "
                           f"{FORMAT} only: create the study again with klayer search init")
-    return study, _study_info(name, storage, st, attrs)
+    info = _study_info(name, storage, st, attrs)
+    for flag, mine, its in (("--heartbeat-interval", heartbeat_interval,
+                             info.heartbeat_interval),
+                            ("--grace-period", grace_period, info.grace_period)):
+        if mine is not None and mine != its:
+            raise SearchError(f"{flag} {mine}: study {name!r} uses {its} s (set by search "
+                              "init, the same for every worker); leave the flag out")
+    if is_url(storage) and (info.heartbeat_interval, info.grace_period) != (
+            HEARTBEAT_INTERVAL, GRACE_PERIOD):  # the storage's heartbeat is the study's
+        st = open_storage(storage, info.heartbeat_interval, info.grace_period)
+        study = optuna.load_study(study_name=name, storage=st, sampler=sampler)
+        info = _study_info(name, storage, st, attrs)
+    return study, info
 
 
 def _study_info(name: str, storage: str, st: optuna.storages.BaseStorage,
@@ -248,12 +266,15 @@ def _study_info(name: str, storage: str, st: optuna.storages.BaseStorage,
     return StudyInfo(name, storage, TrainConfig.from_dict(attrs[A_CONFIG]), attrs[A_SPACE],
                      attrs[A_SAMPLER], int(attrs[A_TRIALS]), attrs[A_DATA], attrs[A_VERSION],
                      Store(st, st.get_study_id_from_name(name)), attrs.get(A_PARENT), attrs,
-                     attrs.get(A_GRID))
+                     attrs.get(A_GRID), int(attrs.get(A_HEARTBEAT, HEARTBEAT_INTERVAL)),
+                     int(attrs.get(A_GRACE, GRACE_PERIOD)))
 
 
 def create_study(name: str, storage: str, config: TrainConfig, data: Data, space: Space,
                  n_trials: int = 16, sampler: str = "random",
-                 parent: dict[str, Any] | None = None) -> StudyInfo:
+                 parent: dict[str, Any] | None = None,
+                 heartbeat_interval: int = HEARTBEAT_INTERVAL,
+                 grace_period: int = GRACE_PERIOD) -> StudyInfo:
     """Create the study once, with its set-up as user attributes; SearchError if it exists.
 
     A grid study runs each point of its grid once, whatever ``n_trials`` says: every
@@ -266,6 +287,9 @@ def create_study(name: str, storage: str, config: TrainConfig, data: Data, space
         raise SearchError(f"--sampler {sampler!r}: valid: {', '.join(SAMPLERS)}")
     if n_trials < 1:
         raise SearchError(f"--trials must be >= 1, got {n_trials}")
+    if not 0 < heartbeat_interval < grace_period:
+        raise SearchError(f"--grace-period ({grace_period}) must exceed --heartbeat-interval "
+                          f"({heartbeat_interval}), which must be >= 1")
     points = grid_points(space) if sampler == "grid" else None
     if points is not None:
         n_trials = len(points)
@@ -282,7 +306,7 @@ def create_study(name: str, storage: str, config: TrainConfig, data: Data, space
         A_CONFIG: config.to_dict(), A_SPACE: space, A_SAMPLER: sampler, A_TRIALS: n_trials,
         A_DATA: data_fingerprint(data), A_VERSION: __version__,
         A_CREATED: datetime.now().isoformat(timespec="seconds"), A_PARENT: parent,
-        A_GRID: points}
+        A_GRID: points, A_HEARTBEAT: heartbeat_interval, A_GRACE: grace_period}
     attrs = {k: v for k, v in attrs.items() if v is not None}
     for key, value in attrs.items():
         study.set_user_attr(key, value)

@@ -35,8 +35,6 @@ from klayer.data.datasets import Data
 from klayer.search.faults import Heartbeat, beat, fail_stale, recover, retry_trial, unlabelled
 from klayer.search.space import Space, config_for, fmt_params, grid, suggest
 from klayer.search.storage import (
-    GRACE_PERIOD,
-    HEARTBEAT_INTERVAL,
     check_data,
     claim_queued,
     free_trials,
@@ -74,8 +72,8 @@ class WorkerOptions:
     sampler_seed: int | None = None
     data_dir: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)  # this worker's explicit settings
-    heartbeat_interval: int = HEARTBEAT_INTERVAL
-    grace_period: int = GRACE_PERIOD
+    heartbeat_interval: int | None = None  # None: the study's (a different value is refused)
+    grace_period: int | None = None
     poll: float = 5.0  # seconds between looks at the study while others finish
     max_failures: int = 10  # consecutive failed trials before the worker gives up
     quiet: bool = False
@@ -180,10 +178,10 @@ class Worker:
         """Fail and queue again the trials of workers that died (heartbeat or no label)."""
         fail_stale(self.study)
         lost = recover(self.study, self.store, unlabelled(before=datetime.now() - timedelta(
-            seconds=self.opts.grace_period)), "its worker died as it began the trial")
+            seconds=self.info.grace_period)), "its worker died as it began the trial")
         if lost:
             self.log(f"unlabelled trial(s) {', '.join(f'#{n}' for n in lost)} older than "
-                     f"{self.opts.grace_period} s failed and queued again")
+                     f"{self.info.grace_period} s failed and queued again")
 
     def _sleep(self) -> bool:
         """Wait one poll interval; False if a stop signal came meanwhile."""

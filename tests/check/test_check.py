@@ -269,3 +269,23 @@ def test_cases_round_trip_and_mat_cells_are_read(tmp_path, suffix: str) -> None:
         report = compare(back, load_arrays(tmp_path / "mine.mat"))
         assert any("lambda W instead of 2 lambda W in every layer" in d
                    for d in report.diagnosis), report.text()
+
+
+def test_a_matlab_struct_of_cell_arrays_is_read(tmp_path) -> None:
+    from scipy.io import savemat
+
+    from klayer.check import load_arrays
+
+    case = case_for(3)
+    W, b, g, be = student(case.eps, ("c_not_summed", 2))(case.X, case.Y, case.W, case.b,
+                                                         case.gamma, case.beta, case.lam)
+
+    def cell(arrays):
+        out = np.empty((1, len(arrays)), dtype=object)
+        out[0, :] = arrays
+        return out
+
+    grads = {"grad_W": cell(W), "grad_b": cell(b), "grad_gamma": cell(g), "grad_beta": cell(be)}
+    savemat(tmp_path / "mine.mat", {"grads": grads})  # MATLAB: grads.grad_W{l}, ...
+    report = compare(case, load_arrays(tmp_path / "mine.mat"))
+    assert any("c is not summed over the batch in layer 2" in d for d in report.diagnosis)

@@ -105,17 +105,25 @@ def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
             with np.load(path, allow_pickle=False) as z:
                 raw = {k: z[k] for k in z.files}
     except Exception as e:  # a truncated zip, a MATLAB v7.3 file, ... (any reader error)
-        raise CheckFileError(f"{path}: cannot read it as {path.suffix or 'npz'}: {e}") from None
+        hint = " (a MATLAB v7.3 file: save it with save(..., '-v7'))" if "7.3" in str(e) else ""
+        raise CheckFileError(f"{path}: cannot read it as {path.suffix or 'npz'}: {e}{hint}"
+                             ) from None
     out: dict[str, np.ndarray] = {}
     for key, a in raw.items():
-        if a.dtype == object:  # a cell array: W{1}, W{2}, ...
-            out.update({f"{key}{l}": np.asarray(c, np.float64)
-                        for l, c in enumerate(a.reshape(-1), 1)})
-        elif a.dtype.kind in "fiub":
-            out[key] = np.asarray(a, np.float64)
-        else:
-            raise CheckFileError(f"{path}: {key} is not a numeric array ({a.dtype})")
+        out.update(_flatten(path, key, a))
     return out
+
+
+def _flatten(path: Path, key: str, a: np.ndarray) -> dict[str, np.ndarray]:
+    """``key``'s arrays: a cell array as key1, key2, ...; a MATLAB struct by its fields."""
+    if a.dtype.names:  # a struct (grads.W{l}, grads.b{l}, ...): its fields, by name
+        return {k: v for f in a.dtype.names for k, v in
+                _flatten(path, f, a[f].reshape(-1)[0]).items()}
+    if a.dtype == object:  # a cell array: W{1}, W{2}, ...
+        return {f"{key}{l}": np.asarray(c, np.float64) for l, c in enumerate(a.reshape(-1), 1)}
+    if a.dtype.kind in "fiub":
+        return {key: np.asarray(a, np.float64)}
+    raise CheckFileError(f"{path}: {key} is not a numeric array ({a.dtype})")
 
 
 def load_case(path: str | Path) -> Case:

@@ -92,9 +92,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     threadpool_limits(args.threads)
     if args.mode == "peak":
         return {"flops_per_second": sgemm_peak()}
-    from klayer.search.worker import evaluate_trained
     from klayer.training import trainer as train
-    from klayer.training.batched import BatchedTrainer
+    from klayer.training.batched import BatchedTrainer, evaluate_trained
     from klayer.training.plan import make_plan
 
     data = load(args)

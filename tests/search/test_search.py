@@ -19,6 +19,7 @@ import pytest
 from optuna.trial import TrialState
 
 from klayer.core.config import TrainConfig
+from klayer.search import backend as search_backend
 from klayer.search import space as search_space
 from klayer.search import status
 from klayer.search import storage as search_storage
@@ -325,7 +326,7 @@ def test_a_dead_writers_journal_lock_can_be_freed(tmp_path: Path,
     """Optuna frees the lock of a journal writer that died (after 30 s) only if the lock,
     a symlink to the journal, resolves; a relative one never does, and every worker
     then waits forever. So journals given by a relative path are opened absolute."""
-    from klayer.search.storage import open_storage
+    from klayer.search.backend import open_storage
 
     monkeypatch.chdir(tmp_path)
     storage = open_storage("runs/search/s/journal.log")
@@ -463,7 +464,7 @@ def test_durations_seeds_and_storage_names(monkeypatch: pytest.MonkeyPatch) -> N
     assert search_storage.resolve_storage("s") == str(Path("runs/search/s/journal.log"))
     monkeypatch.setenv("KLAYER_STORAGE", "postgresql+psycopg://u:secret@h/db")
     assert search_storage.resolve_storage("s") == "postgresql+psycopg://u:secret@h/db"
-    assert search_storage.masked(search_storage.resolve_storage("s")) == "postgresql+psycopg://u:***@h/db"
+    assert search_backend.masked(search_storage.resolve_storage("s")) == "postgresql+psycopg://u:***@h/db"
 
 
 def test_run_study_from_python_coarse_then_fine(tmp_path: Path) -> None:
@@ -540,7 +541,7 @@ def test_bad_storage_and_worker_flags_are_usage_errors(tmp_path: Path, args: lis
     ("runs/search/lam/journal.log", "runs/search/lam/journal.log"),
 ])
 def test_passwords_are_masked_wherever_they_sit(url: str, shown: str) -> None:
-    assert search_storage.masked(url) == shown
+    assert search_backend.masked(url) == shown
 
 
 def test_a_url_with_one_slash_is_refused_not_taken_for_a_path(tmp_path: Path) -> None:
@@ -599,3 +600,22 @@ def test_a_worker_must_use_the_studys_fault_timing(tmp_path: Path) -> None:
     r = klayer("search", "init", "--study", "u", "--param", "lambda=1e-4..1e-1:log",
                "--heartbeat-interval", "30", "--grace-period", "30", *TRAIN, cwd=tmp_path)
     assert r.returncode == 2 and "must exceed --heartbeat-interval" in r.stderr
+
+
+def test_two_workers_finishing_the_last_trial_at_once_never_overshoot(tmp_path: Path) -> None:
+    """Both asked while one COMPLETE trial was missing; the second to finish is not counted
+    (the race that overshot 13/12 with four workers and short trials)."""
+    from klayer.search.worker import Worker, WorkerOptions
+
+    r = klayer("search", "init", "--study", "b", "--param", "lambda=1e-4..1e-1:log",
+               "--trials", "1", *TRAIN, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    opts = WorkerOptions(study="b", storage=journal(tmp_path, "b"), quiet=True)
+    a, b = Worker(opts), Worker(opts)
+    jobs_a, jobs_b = a._ask(1), b._ask(1)  # both see 0 of 1 COMPLETE
+    a._run_jobs(jobs_a)
+    b._run_jobs(jobs_b)
+    states = [t.state for t in trials(tmp_path, "b")]
+    assert states.count(TrialState.COMPLETE) == 1 and states.count(TrialState.FAIL) == 1
+    late = next(t for t in trials(tmp_path, "b") if t.state == TrialState.FAIL)
+    assert "over budget" in late.user_attrs["fail_reason"] and "val_accuracy" in late.user_attrs

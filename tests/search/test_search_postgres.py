@@ -192,3 +192,21 @@ def test_the_fault_timing_belongs_to_the_study(postgres: str, tmp_path: Path) ->
     assert r.returncode == 2 and "--grace-period 3: study 'timing' uses 300 s" in r.stderr
     _, info = search_storage.load_study("timing", postgres)
     assert (info.heartbeat_interval, info.grace_period) == (60, 300)
+
+
+def test_the_budget_holds_when_two_workers_finish_at_once(postgres: str, tmp_path: Path) -> None:
+    """The advisory lock: the second of two trials asked for the last place is not counted."""
+    from klayer.search.worker import Worker, WorkerOptions
+
+    quick = [a if a != "1500" else "20" for a in TRAIN]
+    r = klayer("search", "init", "--study", "budget", "--storage", postgres, "--param",
+               "lambda=1e-4..1e-1:log", "--trials", "1", *quick, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    opts = WorkerOptions(study="budget", storage=postgres, quiet=True)
+    a, b = Worker(opts), Worker(opts)
+    jobs_a, jobs_b = a._ask(1), b._ask(1)
+    a._run_jobs(jobs_a)
+    b._run_jobs(jobs_b)
+    study, _ = search_storage.load_study("budget", postgres)
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states.count(TrialState.COMPLETE) == 1 and states.count(TrialState.FAIL) == 1

@@ -118,12 +118,12 @@ def _add_delete(d: argparse.ArgumentParser) -> None:
 
 def run_delete(args: argparse.Namespace) -> int:
     """Delete a study after the user types its name (or with --yes)."""
-    from klayer.search import storage
+    from klayer.search import backend, storage
 
     where = _storage(args)
     if not args.yes:
         answer = input(f"delete study {args.study!r} and all its trials from "
-                       f"{storage.masked(where)}? type its name to confirm: ")
+                       f"{backend.masked(where)}? type its name to confirm: ")
         if answer.strip() != args.study:
             print("not deleted")
             return EXIT_OK
@@ -204,9 +204,9 @@ def run_init(args: argparse.Namespace) -> int:
 
 def _print_created(args: argparse.Namespace, info: StudyInfo) -> None:
     """What ``search init`` made, with a note when a grid overrides --trials."""
-    from klayer.search import space, storage
+    from klayer.search import backend, space
 
-    where = storage.masked(info.storage)
+    where = backend.masked(info.storage)
     print(f"created study {info.name} in {where}")
     if info.grid is not None:
         print(f"  grid of {len(info.grid)} points, each queued once, sampler grid")
@@ -232,7 +232,7 @@ def _from_parent(args: argparse.Namespace, raw: dict[str, Any]) -> tuple[
         dict[str, Any], TrainConfig, dict[str, Any], str]:
     """--parent: the space narrowed to its top trials (``raw`` entries win), its base
     configuration with this command's settings, the parent attribute, its data fingerprint."""
-    from klayer.search import space, storage
+    from klayer.search import backend, space, storage
 
     common.at_least(args, top_k=1)
     where = storage.resolve_storage(args.parent, args.parent_storage or args.storage,
@@ -242,7 +242,7 @@ def _from_parent(args: argparse.Namespace, raw: dict[str, Any]) -> tuple[
     if not top:
         raise UsageError(f"--parent {args.parent}: no COMPLETE trial to narrow from")
     base = common.config_from({**p_info.config.to_dict(), **explicit_values(args)})
-    parent = {"study": args.parent, "storage": storage.masked(where), "top_k": args.top_k,
+    parent = {"study": args.parent, "storage": backend.masked(where), "top_k": args.top_k,
               "margin": args.margin, "trials": [t.number for t in top],
               "best_value": top[0].value, "space": p_info.space}
     return ({**space.child_space(p_info.space, top, args.margin), **raw}, base, parent,

@@ -18,7 +18,8 @@ from datetime import datetime
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from klayer.search.storage import MAX_RETRY, RETRY, Store, no_experimental_warnings
+from klayer.search.backend import MAX_RETRY, RETRY, no_experimental_warnings
+from klayer.search.storage import Store
 
 
 class Heartbeat:

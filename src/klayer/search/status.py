@@ -19,9 +19,10 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from klayer.search.backend import masked
 from klayer.search.faults import fail_trial
 from klayer.search.space import SearchError, describe_space, fmt_params, fmt_value
-from klayer.search.storage import GRID_STATES, Store, StudyInfo, grid_progress, masked, top_trials
+from klayer.search.storage import GRID_STATES, Store, StudyInfo, grid_progress, top_trials
 
 TEST_KEYS = ("test_accuracy", "test_loss")  # trial user attributes shown with show_test
 

@@ -18,7 +18,7 @@ import signal
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -30,8 +30,8 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from klayer import __version__
 from klayer.core.config import TrainConfig
-from klayer.core.network import Network
 from klayer.data.datasets import Data
+from klayer.search.backend import budget_lock, masked
 from klayer.search.faults import Heartbeat, beat, fail_stale, recover, retry_trial, unlabelled
 from klayer.search.space import Space, config_for, fmt_params, grid, suggest
 from klayer.search.storage import (
@@ -39,17 +39,14 @@ from klayer.search.storage import (
     claim_queued,
     free_trials,
     load_study,
-    masked,
     point_key,
     progress,
     queued_params,
     seed_of,
     worker_config,
 )
-from klayer.training import evaluation
 from klayer.training import trainer as train
-from klayer.training.batched import BatchedTrainer, batch_key
-from klayer.training.evaluation import evaluate_many
+from klayer.training.batched import BatchedTrainer, batch_key, evaluate_trained
 from klayer.training.plan import load_data, make_plan, validate_for_data
 from klayer.training.stop import Stopped, StopSignals
 
@@ -334,7 +331,17 @@ class Worker:
                 **r, "steps": plans[i].total_steps, "seconds": seconds / len(group)})
 
     def _complete(self, trial: Trial, params: dict[str, Any], attrs: dict[str, Any]) -> None:
-        with self.stop.held():
+        """Tell a finished trial COMPLETE, unless the study met its budget meanwhile (other
+        workers' trials ended first): then FAIL, with its results kept as attributes."""
+        with self.stop.held(), budget_lock(self.store.storage, self.opts.storage,
+                                           self.opts.study):
+            done = self.counts()[TrialState.COMPLETE]
+            if self.grid is None and done >= self.info.n_trials:
+                reason = (f"over budget: the study had its {done} COMPLETE trials when this "
+                          "one ended; not counted")
+                self._finish(trial, TrialState.FAIL, None, {**attrs, "fail_reason": reason})
+                self.log(f"#{trial.number} {reason}")
+                return
             if self._finish(trial, TrialState.COMPLETE, attrs["val_accuracy"], attrs) is not None:
                 self.failures = 0
                 test = f"  test {attrs['test_accuracy']:.2%}" if self.opts.show_test else ""
@@ -372,25 +379,3 @@ class Worker:
             self.log(f"#{trial.number} was marked {now.name} while it ran (reaped?); its "
                      "result is not recorded")
             return None
-
-
-def evaluate_trained(nets: Sequence[Network], cfgs: Sequence[TrainConfig],
-                     data: Data) -> list[dict[str, float]]:
-    """Final metrics of networks trained together: PreciseBN if asked, then train, val
-    and test in shared passes (``evaluation.evaluate_many``); test flip-averaged if asked."""
-    if not nets:
-        return []
-    for net, cfg in zip(nets, cfgs, strict=True):
-        if cfg.bn_stats == "precise":
-            evaluation.population_stats(net, data, data.train.X, cfg.precise_examples)
-    lams = [c.lam for c in cfgs]
-    tr = evaluate_many(nets, data, data.train.X, data.train.y, lams)
-    va = evaluate_many(nets, data, data.val.X, data.val.y, lams)
-    if cfgs[0].tta_flip:
-        te = [evaluation.evaluate(n, data, data.test.X, data.test.y, c.lam, tta_flip=True)
-              for n, c in zip(nets, cfgs, strict=True)]
-    else:
-        te = evaluate_many(nets, data, data.test.X, data.test.y, lams)
-    return [{"val_accuracy": v.accuracy, "test_accuracy": t.accuracy,
-             "train_accuracy": a.accuracy, "val_loss": v.loss, "test_loss": t.loss}
-            for a, v, t in zip(tr, va, te, strict=True)]

@@ -29,7 +29,7 @@ from klayer.core.network import Network, training_loss
 from klayer.core.optim import SGD
 from klayer.core.stack import Stack
 from klayer.data.datasets import Data
-from klayer.training.evaluation import evaluate_many
+from klayer.training.evaluation import evaluate, evaluate_many, population_stats
 from klayer.training.plan import make_optimizer_for
 from klayer.training.trainer import MiniBatches, streams
 
@@ -165,3 +165,25 @@ class BatchedTrainer:
             for i, net in zip(self.active, self.stack.networks(), strict=True):
                 out[int(i)] = net
         return out
+
+
+def evaluate_trained(nets: Sequence[Network], cfgs: Sequence[TrainConfig],
+                     data: Data) -> list[dict[str, float]]:
+    """Final metrics of networks trained together: PreciseBN if asked, then train, val
+    and test in shared passes (``evaluation.evaluate_many``); test flip-averaged if asked."""
+    if not nets:
+        return []
+    for net, cfg in zip(nets, cfgs, strict=True):
+        if cfg.bn_stats == "precise":
+            population_stats(net, data, data.train.X, cfg.precise_examples)
+    lams = [c.lam for c in cfgs]
+    tr = evaluate_many(nets, data, data.train.X, data.train.y, lams)
+    va = evaluate_many(nets, data, data.val.X, data.val.y, lams)
+    if cfgs[0].tta_flip:
+        te = [evaluate(n, data, data.test.X, data.test.y, c.lam, tta_flip=True)
+              for n, c in zip(nets, cfgs, strict=True)]
+    else:
+        te = evaluate_many(nets, data, data.test.X, data.test.y, lams)
+    return [{"val_accuracy": v.accuracy, "test_accuracy": t.accuracy,
+             "train_accuracy": a.accuracy, "val_loss": v.loss, "test_loss": t.loss}
+            for a, v, t in zip(tr, va, te, strict=True)]

@@ -210,3 +210,37 @@ def test_the_budget_holds_when_two_workers_finish_at_once(postgres: str, tmp_pat
     study, _ = search_storage.load_study("budget", postgres)
     states = [t.state for t in study.get_trials(deepcopy=False)]
     assert states.count(TrialState.COMPLETE) == 1 and states.count(TrialState.FAIL) == 1
+
+
+def test_a_dead_workers_trial_is_found_while_the_others_still_train(
+        postgres: str, tmp_path: Path) -> None:
+    """Stale trials are looked for on the heartbeat's timer, not when a trial ends."""
+    long = [a if a != "1500" else "200000" for a in TRAIN]  # trials of minutes
+    r = klayer("search", "init", "--study", "timer", "--storage", postgres, *TIMING, "--param",
+               "lambda=1e-4..1e-1:log", "--trials", "2", *long, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    a = spawn("search", "worker", "--study", "timer", "--storage", postgres, *HEARTBEAT,
+              cwd=tmp_path)
+    b = spawn("search", "worker", "--study", "timer", "--storage", postgres, *HEARTBEAT,
+              cwd=tmp_path)
+    try:
+        for w in (a, b):
+            wait_for(lambda w=w: [t for t in running_of(postgres, "timer", w.pid)
+                                  if 0 in t.intermediate_values])
+        a.kill()
+        a.wait(timeout=30)
+        start = time.monotonic()
+
+        def failed() -> list[Any]:
+            study, _ = search_storage.load_study("timer", postgres)
+            return [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                    if t.user_attrs.get("worker", "").endswith(f":{a.pid}")]
+
+        wait_for(failed, timeout=20)
+        assert time.monotonic() - start < 2 + 1 + 5  # grace + one interval + slack
+        assert running_of(postgres, "timer", b.pid), "b still trains its own trial"
+    finally:
+        for w in (a, b):
+            if w.poll() is None:
+                w.terminate()
+                w.wait(timeout=60)

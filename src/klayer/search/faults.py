@@ -24,9 +24,13 @@ from klayer.search.storage import Store
 
 class Heartbeat:
     """Record the RDB heartbeat of running trials (by number) every interval, in a thread
-    while the block runs; nothing on a journal file."""
+    while the block runs; nothing on a journal file. With ``study``, each beat also
+    fails (and retries) other workers' stale trials, so a dead worker's trial is found
+    within the grace period and one interval, not when a trial here ends."""
 
-    def __init__(self, store: Store, numbers: Sequence[int]) -> None:
+    def __init__(self, store: Store, numbers: Sequence[int],
+                 study: optuna.Study | None = None) -> None:
+        self.study = study
         rdb = store.storage
         self.rdb = rdb if isinstance(rdb, optuna.storages.RDBStorage) else None
         self.interval = self.rdb.get_heartbeat_interval() if self.rdb else None
@@ -51,6 +55,8 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self.beat()
+            if self.study is not None:
+                fail_stale(self.study)
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()

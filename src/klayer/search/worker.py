@@ -262,7 +262,7 @@ class Worker:
             groups.setdefault(batch_key(job.cfg), []).append(job)
         pending = list(jobs)
         try:
-            with Heartbeat(self.store, [j.trial.number for j in jobs]):
+            with Heartbeat(self.store, [j.trial.number for j in jobs], self.study):
                 for group in groups.values():
                     if len(group) == 1:
                         self._run_one(group[0])

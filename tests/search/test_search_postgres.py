@@ -239,8 +239,27 @@ def test_a_dead_workers_trial_is_found_while_the_others_still_train(
         wait_for(failed, timeout=20)
         assert time.monotonic() - start < 2 + 1 + 5  # grace + one interval + slack
         assert running_of(postgres, "timer", b.pid), "b still trains its own trial"
+        r = klayer("search", "status", "--study", "timer", "--storage", postgres, cwd=tmp_path)
+        assert "no heartbeat: its worker died or hung" in r.stdout, r.stdout
     finally:
         for w in (a, b):
             if w.poll() is None:
                 w.terminate()
                 w.wait(timeout=60)
+
+
+def test_a_postgres_worker_uses_optunas_heartbeat_without_its_warning(
+        postgres: str, tmp_path: Path) -> None:
+    """The heartbeat is Optuna's, recorded for the worker's trials; asking and telling go
+    through a storage without it, so Optuna's 'supposed to be used with Study.optimize'
+    warning has no cause (it is not filtered)."""
+    quick = [a if a != "1500" else "20" for a in TRAIN]
+    r = klayer("search", "init", "--study", "quiet", "--storage", postgres, *TIMING, "--param",
+               "lambda=1e-4..1e-1:log", "--trials", "2", *quick, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = klayer("search", "worker", "--study", "quiet", "--storage", postgres, "--poll", "0.2",
+               cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "supposed to be used with" not in r.stdout + r.stderr
+    study, _ = search_storage.load_study("quiet", postgres)
+    assert sum(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)) == 2

@@ -54,9 +54,11 @@ def masked(spec: str) -> str:
     return f"{scheme}{sep}{authority}{slash}{tail}" if sep else spec
 
 
-def open_storage(spec: str, heartbeat_interval: int = HEARTBEAT_INTERVAL,
+def open_storage(spec: str, heartbeat_interval: int | None = HEARTBEAT_INTERVAL,
                  grace_period: int = GRACE_PERIOD) -> optuna.storages.BaseStorage:
-    """A journal file (a path) or an RDB storage (a URL) with pre-ping, heartbeat and retry."""
+    """A journal file (a path) or an RDB storage (a URL) with pre-ping, and with heartbeat
+    and retry unless ``heartbeat_interval`` is None (a worker asks and tells through such
+    a storage: Optuna means its heartbeat for ``Study.optimize``)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if is_url(spec):
         return _rdb_storage(spec, heartbeat_interval, grace_period)
@@ -93,7 +95,7 @@ def _journal_storage(path: Path) -> optuna.storages.BaseStorage:
         raise SearchError(f"--storage: {path} is not an Optuna journal file ({e})") from None
 
 
-def _rdb_storage(spec: str, heartbeat_interval: int,
+def _rdb_storage(spec: str, heartbeat_interval: int | None,
                  grace_period: int) -> optuna.storages.BaseStorage:
     if spec.startswith("postgresql"):
         try:
@@ -103,10 +105,11 @@ def _rdb_storage(spec: str, heartbeat_interval: int,
                               ) from None
     try:
         with no_experimental_warnings():
-            retry: dict[str, Any] = {RETRY_ARG: RETRY(max_retry=MAX_RETRY)}
-            return optuna.storages.RDBStorage(
-                spec, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period, **retry)
+            beats: dict[str, Any] = {} if heartbeat_interval is None else {
+                "heartbeat_interval": heartbeat_interval, "grace_period": grace_period,
+                RETRY_ARG: RETRY(max_retry=MAX_RETRY)}
+            return optuna.storages.RDBStorage(spec, engine_kwargs={"pool_pre_ping": True},
+                                              **beats)
     except Exception as e:  # sqlalchemy errors: bad URL, server down, no such database
         raise SearchError(f"--storage: cannot open {masked(spec)}: "
                           f"{str(e).replace(spec, masked(spec))}") from None

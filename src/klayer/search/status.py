@@ -144,6 +144,8 @@ def _trial_table(trials: Sequence[FrozenTrial], keys: list[str], now: datetime,
         age = (now - t.datetime_start).total_seconds() if t.datetime_start else 0.0
         test = t.user_attrs.get("test_accuracy")
         note = t.user_attrs.get("fail_reason", "")
+        if t.state == TrialState.FAIL and not note:  # klayer records a reason for all others
+            note = "no heartbeat: its worker died or hung (failed by Optuna)"
         if "failed_trial" in t.system_attrs:
             note = (note + " " if note else "") + f"retry of #{t.system_attrs['failed_trial']}"
         rows.append([str(t.number), t.state.name,

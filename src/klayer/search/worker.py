@@ -31,10 +31,11 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from klayer import __version__
 from klayer.core.config import TrainConfig
 from klayer.data.datasets import Data
-from klayer.search.backend import budget_lock, masked
+from klayer.search.backend import budget_lock, is_url, masked, open_storage
 from klayer.search.faults import Heartbeat, beat, fail_stale, recover, retry_trial, unlabelled
 from klayer.search.space import Space, config_for, fmt_params, grid, suggest
 from klayer.search.storage import (
+    Store,
     check_data,
     claim_queued,
     free_trials,
@@ -105,10 +106,17 @@ class Worker:
         self.id = worker_id()
         self._log = log or (lambda s: print(s, flush=True))
         self.stop = StopSignals()
-        self.study, self.info = load_study(opts.study, opts.storage,
-                                           heartbeat_interval=opts.heartbeat_interval,
-                                           grace_period=opts.grace_period)
-        self.store = self.info.store
+        # heartbeats and stale checks go through the study's heartbeat storage; asking and
+        # telling (outside Study.optimize) through one without it, on a database
+        self.hb_study, self.info = load_study(opts.study, opts.storage,
+                                              heartbeat_interval=opts.heartbeat_interval,
+                                              grace_period=opts.grace_period)
+        self.beats = self.store = self.info.store
+        self.study = self.hb_study
+        if is_url(opts.storage):
+            plain = open_storage(opts.storage, heartbeat_interval=None)
+            self.study = optuna.load_study(study_name=opts.study, storage=plain)
+            self.store = Store(plain, self.beats.study_id)
         self.base = worker_config(self.info, opts.overrides, opts.data_dir)
         self.data = data if data is not None else load_data(self.base)
         check_data(self.info, self.data)
@@ -173,7 +181,7 @@ class Worker:
 
     def _housekeep(self) -> None:
         """Fail and queue again the trials of workers that died (heartbeat or no label)."""
-        fail_stale(self.study)
+        fail_stale(self.hb_study)
         lost = recover(self.study, self.store, unlabelled(before=datetime.now() - timedelta(
             seconds=self.info.grace_period)), "its worker died as it began the trial")
         if lost:
@@ -222,7 +230,7 @@ class Worker:
         try:
             for _ in range(k):
                 trial = self.study.ask()
-                beat(self.store, trial.number)
+                beat(self.beats, trial.number)
                 out.append((trial, suggest(trial, self.info.space)))
                 fixed = {key: v for key, v in out[0][1].items() if key not in BATCHABLE_PARAMS}
                 if len(out) == 1 and k > 1 and fixed:
@@ -243,7 +251,7 @@ class Worker:
             trial = claim_queued(self.study, self.store, fixed)
             if trial is None:
                 break
-            beat(self.store, trial.number)
+            beat(self.beats, trial.number)
             point = queued_params(self.store.trial(trial.number))
             problem = ("not a point of the study's grid" if point_key(point) not in self.grid
                        else "its grid point is done already" if point_key(point) in done
@@ -262,7 +270,7 @@ class Worker:
             groups.setdefault(batch_key(job.cfg), []).append(job)
         pending = list(jobs)
         try:
-            with Heartbeat(self.store, [j.trial.number for j in jobs], self.study):
+            with Heartbeat(self.beats, [j.trial.number for j in jobs], self.hb_study):
                 for group in groups.values():
                     if len(group) == 1:
                         self._run_one(group[0])

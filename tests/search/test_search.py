@@ -288,8 +288,14 @@ def test_sigterm_fails_the_running_trials_of_every_worker(tmp_path: Path) -> Non
     out, _ = p.communicate(timeout=60)
     assert p.returncode == 143, out
     ts = trials(tmp_path, "t")
-    assert len(ts) == 2 and all(t.state == TrialState.FAIL for t in ts), out
-    assert all("SIGTERM" in t.user_attrs["fail_reason"] for t in ts)
+    failed = [t for t in ts if t.state == TrialState.FAIL]
+    assert len(failed) == 2 and all("SIGTERM" in t.user_attrs["fail_reason"] for t in failed)
+    # each stopped trial is queued again with its parameters, and so runs with its seed
+    again = {t.system_attrs["failed_trial"]: t for t in ts if t.state == TrialState.WAITING}
+    assert sorted(again) == sorted(t.number for t in failed), out
+    for t in failed:
+        assert again[t.number].params == t.params
+        assert search_storage.seed_of(again[t.number], 0) == t.user_attrs["seed"]
 
 
 def test_a_killed_worker_is_noticed_and_its_trial_retried(tmp_path: Path) -> None:

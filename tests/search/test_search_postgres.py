@@ -162,8 +162,9 @@ def test_sigterm_marks_the_trial_failed_not_running(postgres: str, tmp_path: Pat
     assert w.returncode == 143, out
     study, _ = search_storage.load_study("term", postgres)
     ts = study.get_trials(deepcopy=False)
-    assert [t.state for t in ts] == [TrialState.FAIL], out
+    assert [t.state for t in ts] == [TrialState.FAIL, TrialState.WAITING], out
     assert "SIGTERM" in ts[0].user_attrs["fail_reason"]
+    assert ts[1].params == ts[0].params and ts[1].system_attrs["failed_trial"] == 0  # retried
 
 
 def test_grid_points_each_run_once_by_concurrent_workers(postgres: str, tmp_path: Path) -> None:

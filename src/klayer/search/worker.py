@@ -358,16 +358,16 @@ class Worker:
 
     def _fail(self, trial: Trial, params: dict[str, Any], reason: str, count: bool = True,
               retry: bool = False) -> None:
-        """Fail the trial with ``reason``; with ``retry`` (a fault, not the trial's own
-        outcome) a grid trial is queued again, so its point is still tried."""
+        """Fail the trial with ``reason``; with ``retry`` (a stop or a fault, not the
+        trial's own outcome) it is queued again with its parameters (and so its seed)."""
         with self.stop.held():
             failed = self._finish(trial, TrialState.FAIL, None, {"fail_reason": reason})
             if failed is not None:
                 self.failures += count
                 self.log(f"#{trial.number} FAIL  {reason}  {fmt_params(params)}")
-                if retry and self.grid is not None:
+                if retry:
                     retry_trial(self.study, failed, max_retry=None)
-                    self.log(f"#{trial.number}'s grid point is queued again")
+                    self.log(f"#{trial.number} is queued again with the same parameters")
 
     def _finish(self, trial: Trial, state: TrialState, value: float | None,
                 attrs: dict[str, Any]) -> FrozenTrial | None:

@@ -53,6 +53,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+SERVER: dict[str, Callable[[float], None]] = {}  # the running server's outage(seconds)
+
+
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[str]:
     """A throw-away PostgreSQL server; yields a postgresql+psycopg:// URL of an empty database."""
@@ -84,6 +87,13 @@ def postgres() -> Iterator[str]:
     except subprocess.CalledProcessError as e:
         shutil.rmtree(root, ignore_errors=True)
         pytest.fail(f"could not start PostgreSQL: {e.stderr!r}")
+    def outage(seconds: float) -> None:  # the database down for a while, then back
+        run(pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop")
+        time.sleep(seconds)
+        run(pg_ctl, "-D", str(data), "-l", str(root / "log"), "-w", "-t", "60", "-o",
+            f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+
+    SERVER["outage"] = outage
     try:
         with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres",
                              autocommit=True) as conn:
@@ -264,3 +274,36 @@ def test_a_postgres_worker_uses_optunas_heartbeat_without_its_warning(
     assert "supposed to be used with" not in r.stdout + r.stderr
     study, _ = search_storage.load_study("quiet", postgres)
     assert sum(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)) == 2
+
+
+def test_workers_ride_out_a_database_restart(postgres: str, tmp_path: Path) -> None:
+    """Two workers keep going through a 3 s outage; the study reaches its budget, every
+    trial once, and each worker says once a step that it waits (no traceback)."""
+    r = klayer("search", "init", "--study", "outage", "--storage", postgres, *TIMING,
+               "--param", "lambda=1e-4..1e-1:log", "--trials", "8", *TRAIN, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    procs = [spawn("search", "worker", "--study", "outage", "--storage", postgres, *HEARTBEAT,
+                   cwd=tmp_path) for _ in range(2)]
+    wait_for(lambda: any(running_of(postgres, "outage", p.pid) for p in procs))
+    SERVER["outage"](3.0)
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert any("storage unreachable" in o for o in outs) and not any(
+        "Traceback" in o for o in outs), outs
+    study, _ = search_storage.load_study("outage", postgres)
+    ts = study.get_trials(deepcopy=False)
+    assert sum(t.state == TrialState.COMPLETE for t in ts) == 8
+    assert not [t for t in ts if t.state == TrialState.RUNNING]
+
+
+def test_a_worker_gives_up_after_its_storage_timeout(postgres: str, tmp_path: Path) -> None:
+    r = klayer("search", "init", "--study", "gone", "--storage", postgres, *TIMING,
+               "--param", "lambda=1e-4..1e-1:log", "--trials", "50", *TRAIN, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    w = spawn("search", "worker", "--study", "gone", "--storage", postgres, *HEARTBEAT,
+              "--storage-timeout", "3", cwd=tmp_path)
+    wait_for(lambda: running_of(postgres, "gone", w.pid))
+    SERVER["outage"](10.0)
+    out, _ = w.communicate(timeout=120)
+    assert w.returncode == 6, out
+    assert "unreachable for 3 s" in out and "Traceback" not in out, out

@@ -4,7 +4,8 @@ Exit codes: 0 ok, 1 a check failed (``klayer gradcheck``'s FAIL, ``klayer check`
 disagreement), 2 usage (bad flag or
 config value, a file of another klayer format: FormatError), 3 diverged training, 4 data
 (missing, corrupt or foreign file), 5 output (the run folder cannot be written: read-only,
-disk full), 130 / 143 interrupted by SIGINT / SIGTERM, 141 the output pipe closed
+disk full), 6 a search worker's storage stayed unreachable past --storage-timeout,
+130 / 143 interrupted by SIGINT / SIGTERM, 141 the output pipe closed
 (``klayer ... | head``).
 Each subcommand module has a COMMANDS dict: name -> (help, add_arguments, run).
 """
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="klayer",
         description="k-layer fully-connected networks with batch normalization, in NumPy.",
         epilog="exit codes: 0 ok, 1 check failed, 2 usage, 3 diverged, 4 data, 5 output, "
-               "130/143 interrupted, 141 output pipe closed",
+               "6 storage unreachable, 130/143 interrupted, 141 output pipe closed",
     )
     parser.add_argument("--version", action="version",
                         version=f"klayer {__version__} (kernels: {kernels.BACKEND})")

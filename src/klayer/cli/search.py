@@ -91,6 +91,9 @@ def _add_worker(w: argparse.ArgumentParser) -> None:
     _fault_timing(w, "must equal the study's, set by search init; default: the study's")
     w.add_argument("--poll", type=float, default=5.0,
                    help="seconds between looks at the study while others finish (default 5)")
+    w.add_argument("--storage-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="ride out a storage outage this long, retrying with backoff, then "
+                   "exit 6 (default 600)")
     w.add_argument("--max-failures", type=int, default=10,
                    help="stop after this many failed trials in a row (default 10)")
     w.add_argument("--quiet", action="store_true", help="no line per trial")
@@ -256,6 +259,8 @@ def run_worker(args: argparse.Namespace) -> int:
                     grace_period=1, max_failures=1)
     if args.sampler_seed is not None and not 0 <= args.sampler_seed < 2**32:
         raise UsageError(f"--sampler-seed must be in [0, 2^32), got {args.sampler_seed}")
+    if not 0 < args.storage_timeout < 10**7:  # NaN fails too
+        raise UsageError(f"--storage-timeout must be > 0 seconds, got {args.storage_timeout}")
     if not 0 < args.poll < 86400:  # NaN fails too
         raise UsageError(f"--poll must be a number of seconds in (0, 86400), got {args.poll}")
     overrides = explicit_values(args)
@@ -264,6 +269,7 @@ def run_worker(args: argparse.Namespace) -> int:
         sampler_seed=args.sampler_seed, data_dir=overrides.pop("data_dir", None),
         overrides=overrides, heartbeat_interval=args.heartbeat_interval,
         grace_period=args.grace_period, poll=args.poll, max_failures=args.max_failures,
+        storage_timeout=args.storage_timeout,
         quiet=args.quiet, show_test=args.show_test)
     return pool.run_workers(opts, jobs=args.jobs, threads=args.threads)
 

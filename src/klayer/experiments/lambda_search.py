@@ -33,9 +33,9 @@ from klayer.experiments.jobcache import Outcome
 from klayer.experiments.runner import Context, RunSpec, fmt_pct, load_data_for, mean_std, values
 from klayer.report.html import Figure, Section, Table
 from klayer.report.plots import plot_scatter, save_panels
+from klayer.search.faults import worker_id
 from klayer.search.space import normalize_space, suggest
 from klayer.search.storage import create_study, load_study, retrain_seeds, trial_seed
-from klayer.search.worker import worker_id
 
 COARSE = (-5.0, -1.0)
 TOP_K = 3  # a finer stage spans at least the best TOP_K trials of the previous one,

@@ -151,3 +151,18 @@ def budget_lock(storage: optuna.storages.BaseStorage, spec: str, study: str) -> 
             yield
         finally:
             conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+
+
+class StorageGone(Exception):
+    """The storage stayed unreachable for longer than the worker's --storage-timeout."""
+
+
+def storage_errors() -> tuple[type[BaseException], ...]:
+    """What an unreachable storage raises: Optuna's internal storage error and, where
+    SQLAlchemy is installed (the postgres extra), its database errors."""
+    errors: list[type[BaseException]] = [optuna.exceptions.StorageInternalError]
+    try:
+        from sqlalchemy.exc import DBAPIError
+    except ImportError:  # pragma: no cover - journal-only installs
+        return tuple(errors)
+    return (*errors, DBAPIError)

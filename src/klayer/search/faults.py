@@ -10,16 +10,33 @@ callback then fail and retry the trials of a worker that vanished. On a journal 
 from __future__ import annotations
 
 import copy
+import os
+import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from typing import TypeVar
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from klayer.search.backend import MAX_RETRY, RETRY, no_experimental_warnings
+from klayer.search.backend import (
+    MAX_RETRY,
+    RETRY,
+    StorageGone,
+    masked,
+    no_experimental_warnings,
+    storage_errors,
+)
 from klayer.search.storage import Store
+from klayer.training.stop import StopSignals
+
+
+def worker_id() -> str:
+    """This process as trials record it: host:pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class Heartbeat:
@@ -124,3 +141,28 @@ def retry_trial(study: optuna.Study, trial: FrozenTrial, max_retry: int | None =
                         if k not in ("worker", "fail_reason", "batch", "order_seed")}
     with no_experimental_warnings():
         RETRY(max_retry=max_retry)(study, trial)
+
+
+STORAGE_ERRORS = storage_errors()
+EXIT_STORAGE = 6  # a worker's exit code when the storage stays unreachable (documented)
+T = TypeVar("T")
+
+
+def ride_out(fn: Callable[[], T], what: str, storage: str, timeout: float, stop: StopSignals,
+             who: str) -> T:
+    """fn(), tried again while the storage is unreachable, after 1, 2, 4, ... (at most 30)
+    s, one line each on stderr, for up to ``timeout`` seconds; then StorageGone naming the
+    (masked) storage. A stop signal ends the wait at once."""
+    deadline, delay = time.monotonic() + timeout, 1.0
+    while True:
+        try:
+            return fn()
+        except STORAGE_ERRORS as e:
+            if time.monotonic() + delay > deadline:
+                raise StorageGone(f"storage {masked(storage)} unreachable for {timeout:g} s "
+                                  f"({what}): {str(e).splitlines()[0][:200]}") from None
+            print(f"[{who}] storage unreachable ({what}); retrying in {delay:g} s",
+                  file=sys.stderr, flush=True)
+            with stop.armed():
+                time.sleep(delay)
+            delay = min(2 * delay, 30.0)

@@ -70,7 +70,7 @@ def spawn_worker(opts: WorkerOptions, threads: int, j: int) -> subprocess.Popen[
     argv = [sys.executable, "-m", "klayer", "search", "worker", "--study", opts.study,
             "--jobs", "1", "--threads", str(threads), "--max-failures", str(opts.max_failures),
             "--batch-trials", str(opts.batch_trials),
-            "--poll", str(opts.poll)]
+            "--poll", str(opts.poll), "--storage-timeout", str(opts.storage_timeout)]
     if opts.data_dir is not None:
         argv += ["--data-dir", opts.data_dir]
     if opts.sampler_seed is not None:

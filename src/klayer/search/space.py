@@ -15,6 +15,7 @@ from dataclasses import fields
 from typing import Any
 
 import numpy as np
+import optuna
 from optuna.trial import FrozenTrial, Trial
 
 from klayer.core.config import TrainConfig, key_name
@@ -304,3 +305,13 @@ def fmt_value(v: Any) -> str:
 def fmt_params(params: dict[str, Any]) -> str:
     """A trial's parameters as ``key=value`` pairs."""
     return " ".join(f"{k}={fmt_value(v)}" for k, v in params.items())
+
+
+def make_sampler(name: str, space: Space, seed: int | None) -> optuna.samplers.BaseSampler:
+    """A worker's sampler. A grid study's workers sample nothing (they claim its queued
+    points); its GridSampler only refuses a trial queued by hand without every parameter."""
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "grid":
+        return optuna.samplers.GridSampler(grid(space), seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)

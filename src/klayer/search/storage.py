@@ -155,6 +155,21 @@ def load_study(name: str, storage: str, sampler: optuna.samplers.BaseSampler | N
     return study, info
 
 
+def open_for_worker(name: str, storage: str, heartbeat_interval: int | None,
+                    grace_period: int | None) -> tuple[optuna.Study, optuna.Study, StudyInfo,
+                                                       Store]:
+    """(the study through its heartbeat storage, for heartbeats and stale checks; the
+    study to ask and tell through, on a database one without the heartbeat, which Optuna
+    means for ``Study.optimize``; its info; that study's Store)."""
+    hb_study, info = load_study(name, storage, heartbeat_interval=heartbeat_interval,
+                                grace_period=grace_period)
+    if not is_url(storage):
+        return hb_study, hb_study, info, info.store
+    plain = open_storage(storage, heartbeat_interval=None)
+    return (hb_study, optuna.load_study(study_name=name, storage=plain), info,
+            Store(plain, info.store.study_id))
+
+
 def _study_info(name: str, storage: str, st: optuna.storages.BaseStorage,
                 attrs: dict[str, Any]) -> StudyInfo:
     return StudyInfo(name, storage, TrainConfig.from_dict(attrs[A_CONFIG]), attrs[A_SPACE],

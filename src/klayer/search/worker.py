@@ -1,28 +1,26 @@
 """A search worker: asks Optuna for trials, trains them, tells the results.
 
-A ``Worker`` runs in one process until its study has its budget of COMPLETE trials (a
-grid study: until no point is queued or running), and refuses a study whose configuration
-or data differ from its own. Trial n trains with the seed SeedSequence([base seed, n]) (a
-retry: its original's n); validation accuracy is the objective, test accuracy, seed,
-worker (host:pid) and timings are user attributes. With ``batch_trials`` T > 1 it trains
-T trials that share the architecture together (``batched``). A diverged or invalid trial
-fails and the worker goes on; SIGINT / SIGTERM fail the running trials (a grid trial is
-queued again) and stop it. Test accuracies are printed only with ``show_test``.
+A ``Worker`` runs until its study has its budget of COMPLETE trials (a grid study: until
+no point is queued or running). Trial n trains with the seed SeedSequence([base seed, n])
+(a retry: its original's n); validation accuracy is the objective, test accuracy, seed,
+worker (host:pid) and timings are user attributes. ``batch_trials`` T > 1 trains T trials
+of one architecture together. A diverged or invalid trial fails and the worker goes on; a
+stop fails the running trials and queues them again; a storage outage is ridden out.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
-import socket
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import numpy as np
 import optuna
@@ -31,15 +29,25 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from klayer import __version__
 from klayer.core.config import TrainConfig
 from klayer.data.datasets import Data
-from klayer.search.backend import budget_lock, is_url, masked, open_storage
-from klayer.search.faults import Heartbeat, beat, fail_stale, recover, retry_trial, unlabelled
-from klayer.search.space import Space, config_for, fmt_params, grid, suggest
+from klayer.search.backend import StorageGone, budget_lock, masked
+from klayer.search.faults import (
+    EXIT_STORAGE,
+    STORAGE_ERRORS,
+    Heartbeat,
+    beat,
+    fail_stale,
+    recover,
+    retry_trial,
+    ride_out,
+    unlabelled,
+    worker_id,
+)
+from klayer.search.space import config_for, fmt_params, make_sampler, suggest
 from klayer.search.storage import (
-    Store,
     check_data,
     claim_queued,
     free_trials,
-    load_study,
+    open_for_worker,
     point_key,
     progress,
     queued_params,
@@ -53,11 +61,7 @@ from klayer.training.stop import Stopped, StopSignals
 
 # Parameters trials trained together may differ in (batched.BATCHABLE by TOML key).
 BATCHABLE_PARAMS = ("lambda", "eta_min", "eta_max", "eta", "decay")
-
-
-def worker_id() -> str:
-    """This process as trials record it: host:pid."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+T = TypeVar("T")
 
 
 @dataclass
@@ -74,6 +78,7 @@ class WorkerOptions:
     grace_period: int | None = None
     poll: float = 5.0  # seconds between looks at the study while others finish
     max_failures: int = 10  # consecutive failed trials before the worker gives up
+    storage_timeout: float = 600.0  # seconds of storage outage ridden out before EXIT_STORAGE
     quiet: bool = False
     show_test: bool = False  # print each trial's test accuracy too
 
@@ -87,16 +92,6 @@ class _Job:
     params: dict[str, Any]
 
 
-def make_sampler(name: str, space: Space, seed: int | None) -> optuna.samplers.BaseSampler:
-    """A worker's sampler. A grid study's workers sample nothing (they claim its queued
-    points); its GridSampler only refuses a trial queued by hand without every parameter."""
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "grid":
-        return optuna.samplers.GridSampler(grid(space), seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
-
-
 class Worker:
     """One worker process: asks, trains and tells until the study has its budget."""
 
@@ -106,17 +101,9 @@ class Worker:
         self.id = worker_id()
         self._log = log or (lambda s: print(s, flush=True))
         self.stop = StopSignals()
-        # heartbeats and stale checks go through the study's heartbeat storage; asking and
-        # telling (outside Study.optimize) through one without it, on a database
-        self.hb_study, self.info = load_study(opts.study, opts.storage,
-                                              heartbeat_interval=opts.heartbeat_interval,
-                                              grace_period=opts.grace_period)
-        self.beats = self.store = self.info.store
-        self.study = self.hb_study
-        if is_url(opts.storage):
-            plain = open_storage(opts.storage, heartbeat_interval=None)
-            self.study = optuna.load_study(study_name=opts.study, storage=plain)
-            self.store = Store(plain, self.beats.study_id)
+        self.hb_study, self.study, self.info, self.store = open_for_worker(
+            opts.study, opts.storage, opts.heartbeat_interval, opts.grace_period)
+        self.beats = self.info.store  # heartbeats and stale checks: the heartbeat storage
         self.base = worker_config(self.info, opts.overrides, opts.data_dir)
         self.data = data if data is not None else load_data(self.base)
         check_data(self.info, self.data)
@@ -141,10 +128,19 @@ class Worker:
         return Counter(t.state for t in self.study.get_trials(deepcopy=False))
 
     def run(self) -> int:
-        """Work until the budget is met; 0, or 128 + the signal that stopped it."""
+        """Work until the budget is met; 0, 128 + the signal that stopped it, or
+        EXIT_STORAGE when the storage stayed unreachable past --storage-timeout."""
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         with self.stop:
-            return self._loop()
+            try:
+                return self._loop()
+            except StorageGone as e:
+                print(f"[{self.id}] {e}", file=sys.stderr, flush=True)
+                return EXIT_STORAGE
+
+    def _retrying(self, what: str, fn: Callable[[], T]) -> T:
+        return ride_out(fn, what, self.opts.storage, self.opts.storage_timeout, self.stop,
+                        self.id)
 
     def _loop(self) -> int:
         n = self.info.n_trials
@@ -154,8 +150,8 @@ class Worker:
         waiting_said = False
         while not self.stop.signum:
             with self.stop.held():
-                self._housekeep()
-            free = free_trials(self.study, self.info)
+                self._retrying("looking for dead workers' trials", self._housekeep)
+            free = self._retrying("counting trials", lambda: free_trials(self.study, self.info))
             if free is None:
                 break
             if free == 0:
@@ -169,8 +165,9 @@ class Worker:
                     break
                 continue
             waiting_said = False
-            jobs = self._ask(min(self.opts.batch_trials, free))
             try:
+                jobs = self._retrying("asking for a trial",
+                                      partial(self._ask, min(self.opts.batch_trials, free)))
                 self._run_jobs(jobs)
             except Stopped:
                 break
@@ -290,7 +287,8 @@ class Worker:
 
         def report(kind: str, info: dict[str, float]) -> None:
             if kind == "eval":
-                with self.stop.held(), suppress(optuna.exceptions.UpdateFinishedTrialError):
+                with self.stop.held(), suppress(optuna.exceptions.UpdateFinishedTrialError,
+                                                   *STORAGE_ERRORS):
                     trial.report(info["val_accuracy"], int(info["step"]))
 
         start = time.perf_counter()
@@ -331,7 +329,8 @@ class Worker:
                 self._fail(job.trial, job.params, f"diverged: {bt.diverged[i]}")
                 continue
             r = results[ok.index(i)]
-            with self.stop.held(), suppress(optuna.exceptions.UpdateFinishedTrialError):
+            with self.stop.held(), suppress(optuna.exceptions.UpdateFinishedTrialError,
+                                                   *STORAGE_ERRORS):
                 # the learning curve, as a lone trial reports it
                 for step, acc in [*bt.curves[i], (plans[i].total_steps, r["val_accuracy"])]:
                     job.trial.report(acc, step)
@@ -339,6 +338,9 @@ class Worker:
                 **r, "steps": plans[i].total_steps, "seconds": seconds / len(group)})
 
     def _complete(self, trial: Trial, params: dict[str, Any], attrs: dict[str, Any]) -> None:
+        self._retrying("telling a result", lambda: self._complete_now(trial, params, attrs))
+
+    def _complete_now(self, trial: Trial, params: dict[str, Any], attrs: dict[str, Any]) -> None:
         """Tell a finished trial COMPLETE, unless the study met its budget meanwhile (other
         workers' trials ended first): then FAIL, with its results kept as attributes."""
         with self.stop.held(), budget_lock(self.store.storage, self.opts.storage,
@@ -358,6 +360,11 @@ class Worker:
 
     def _fail(self, trial: Trial, params: dict[str, Any], reason: str, count: bool = True,
               retry: bool = False) -> None:
+        self._retrying("telling a failure",
+                       lambda: self._fail_now(trial, params, reason, count, retry))
+
+    def _fail_now(self, trial: Trial, params: dict[str, Any], reason: str, count: bool,
+                  retry: bool) -> None:
         """Fail the trial with ``reason``; with ``retry`` (a stop or a fault, not the
         trial's own outcome) it is queued again with its parameters (and so its seed)."""
         with self.stop.held():

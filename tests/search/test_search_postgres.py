@@ -307,3 +307,21 @@ def test_a_worker_gives_up_after_its_storage_timeout(postgres: str, tmp_path: Pa
     out, _ = w.communicate(timeout=120)
     assert w.returncode == 6, out
     assert "unreachable for 3 s" in out and "Traceback" not in out, out
+
+
+def test_an_init_cut_short_is_made_again_and_can_be_deleted(postgres: str,
+                                                            tmp_path: Path) -> None:
+    import optuna
+
+    half = optuna.create_study(study_name="half", storage=postgres)  # init killed here
+    half.set_user_attr("sampler", "random")
+    init = ("search", "init", "--study", "half", "--storage", postgres, *TIMING, "--param",
+            "lambda=1e-4..1e-1:log", "--trials", "2", *TRAIN)
+    r = klayer(*init, cwd=tmp_path)
+    assert r.returncode == 0 and "created study half" in r.stdout, r.stderr
+    assert klayer(*init, cwd=tmp_path).returncode == 2  # a finished study stays
+    r = klayer("search", "delete", "--study", "half", "--storage", postgres, "--yes",
+               cwd=tmp_path)
+    assert r.returncode == 0 and "deleted study half" in r.stdout, r.stderr
+    r = klayer("search", "status", "--study", "half", "--storage", postgres, cwd=tmp_path)
+    assert r.returncode == 2 and "no study 'half'" in r.stderr

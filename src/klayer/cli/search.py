@@ -1,4 +1,4 @@
-"""``klayer search``: hyperparameter studies on Optuna (init, worker, status, reap, best)."""
+"""``klayer search``: studies on Optuna (init, worker, status, reap, delete, best)."""
 
 from __future__ import annotations
 
@@ -125,13 +125,15 @@ def run_delete(args: argparse.Namespace) -> int:
 
     where = _storage(args)
     if not args.yes:
-        answer = input(f"delete study {args.study!r} and all its trials from "
-                       f"{backend.masked(where)}? type its name to confirm: ")
+        try:
+            answer = input(f"delete study {args.study!r} and all its trials from "
+                           f"{backend.masked(where)}? type its name to confirm: ")
+        except EOFError:  # nothing to answer from: nothing is deleted
+            answer = ""
         if answer.strip() != args.study:
-            print("not deleted")
+            print("not deleted (type the study's name, or give --yes)")
             return EXIT_OK
-    with common.as_usage():
-        n = storage.delete_study(args.study, where)
+    n = storage.delete_study(args.study, where)  # SearchError: exit 2, naming the study
     print(f"deleted study {args.study} ({n} trials); its run folders, if any, are kept")
     return EXIT_OK
 
@@ -206,29 +208,11 @@ def run_init(args: argparse.Namespace) -> int:
 
 
 def _print_created(args: argparse.Namespace, info: StudyInfo) -> None:
-    """What ``search init`` made, with a note when a grid overrides --trials."""
-    from klayer.search import backend, space
+    """What ``search init`` made (``status.created_text``)."""
+    from klayer.search import status
 
-    where = backend.masked(info.storage)
-    print(f"created study {info.name} in {where}")
-    if info.grid is not None:
-        print(f"  grid of {len(info.grid)} points, each queued once, sampler grid")
-        if args.trials is not None and args.trials != len(info.grid):
-            print(f"  note: grid has {len(info.grid)} points: the study runs "
-                  f"{len(info.grid)} trials, not the {args.trials} asked")
-    else:
-        print(f"  {info.n_trials} COMPLETE trials wanted, sampler {info.sampler}")
-    print(f"  space: {space.describe_space(info.space)}")
-    if info.parent is not None:
-        print(f"  from the top {args.top_k} trials of {args.parent}: {info.parent['trials']}")
-    print(f"  data {info.fingerprint[:23]}..., klayer {info.version}")
-    secret = where != info.storage  # a pasted masked URL would fail: name the variable
-    hint = (' --storage "$KLAYER_STORAGE"' if secret else f" --storage {where}"
-            ) if args.storage else ""
-    print(f"next: klayer search worker --study {info.name}{hint} --jobs 2")
-    if args.storage and secret:
-        print("  (export KLAYER_STORAGE=<the URL> first, or use a password-less URL with "
-              "PGPASSWORD or ~/.pgpass: `ps` shows command lines to every user)")
+    print(status.created_text(info, args.trials, args.top_k, args.parent,
+                              storage_given=bool(args.storage)))
 
 
 def _from_parent(args: argparse.Namespace, raw: dict[str, Any]) -> tuple[

@@ -185,3 +185,30 @@ def trials_json(study: optuna.Study, show_test: bool = False) -> list[dict[str, 
                                    if t.datetime_complete else None),
              "retry_of": t.system_attrs.get("failed_trial")}
             for t in study.get_trials(deepcopy=False)]
+
+
+def created_text(info: StudyInfo, asked: int | None, top_k: int, parent: str | None,
+                 storage_given: bool) -> str:
+    """What ``search init`` made, with a note when a grid overrides --trials, and the
+    worker command to run next (never with a password: a pasted masked URL would fail)."""
+    where = masked(info.storage)
+    lines = [f"created study {info.name} in {where}"]
+    if info.grid is not None:
+        lines.append(f"  grid of {len(info.grid)} points, each queued once, sampler grid")
+        if asked is not None and asked != len(info.grid):
+            lines.append(f"  note: grid has {len(info.grid)} points: the study runs "
+                         f"{len(info.grid)} trials, not the {asked} asked")
+    else:
+        lines.append(f"  {info.n_trials} COMPLETE trials wanted, sampler {info.sampler}")
+    lines.append(f"  space: {describe_space(info.space)}")
+    if info.parent is not None:
+        lines.append(f"  from the top {top_k} trials of {parent}: {info.parent['trials']}")
+    lines.append(f"  data {info.fingerprint[:23]}..., klayer {info.version}")
+    secret = where != info.storage
+    hint = (' --storage "$KLAYER_STORAGE"' if secret else f" --storage {where}"
+            ) if storage_given else ""
+    lines.append(f"next: klayer search worker --study {info.name}{hint} --jobs 2")
+    if storage_given and secret:
+        lines.append("  (export KLAYER_STORAGE=<the URL> first, or use a password-less URL "
+                     "with PGPASSWORD or ~/.pgpass: `ps` shows command lines to every user)")
+    return "\n".join(lines)

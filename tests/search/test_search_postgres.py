@@ -284,7 +284,9 @@ def test_workers_ride_out_a_database_restart(postgres: str, tmp_path: Path) -> N
     assert r.returncode == 0, r.stderr
     procs = [spawn("search", "worker", "--study", "outage", "--storage", postgres, *HEARTBEAT,
                    cwd=tmp_path) for _ in range(2)]
-    wait_for(lambda: any(running_of(postgres, "outage", p.pid) for p in procs))
+    seen: set[int] = set()  # both workers have joined and trained before the outage
+    wait_for(lambda: seen.update(p.pid for p in procs if running_of(postgres, "outage", p.pid))
+             or len(seen) == 2)
     SERVER["outage"](3.0)
     outs = [p.communicate(timeout=180)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs

@@ -144,7 +144,7 @@ class Worker:
 
     def _loop(self) -> int:
         n = self.info.n_trials
-        c = self.counts()
+        c = self._retrying("counting trials", self.counts)
         self.log(f"joined study {self.opts.study!r} ({masked(self.opts.storage)}): "
                  f"{c[TrialState.COMPLETE]}/{n} COMPLETE, {c[TrialState.RUNNING]} RUNNING")
         waiting_said = False
@@ -156,7 +156,7 @@ class Worker:
                 break
             if free == 0:
                 if not waiting_said:
-                    c = self.counts()
+                    c = self._retrying("counting trials", self.counts)
                     self.log(f"{c[TrialState.COMPLETE]}/{n} COMPLETE; waiting for "
                              f"{c[TrialState.RUNNING]} running trial(s) of other workers "
                              "(klayer search reap frees abandoned ones)")
@@ -200,7 +200,8 @@ class Worker:
             self.log(f"stopped by {signal.Signals(self.stop.signum).name}")
             return 128 + self.stop.signum
         how = ": " if self.grid is not None else " has "
-        self.log(f"done: study {self.opts.study!r}{how}{progress(self.study, self.info)}")
+        done = self._retrying("counting trials", lambda: progress(self.study, self.info))
+        self.log(f"done: study {self.opts.study!r}{how}{done}")
         return 0
 
     def _ask(self, k: int) -> list[_Job]:

@@ -289,3 +289,12 @@ def test_a_matlab_struct_of_cell_arrays_is_read(tmp_path) -> None:
     savemat(tmp_path / "mine.mat", {"grads": grads})  # MATLAB: grads.grad_W{l}, ...
     report = compare(case, load_arrays(tmp_path / "mine.mat"))
     assert any("c is not summed over the batch in layer 2" in d for d in report.diagnosis)
+
+
+def test_parameters_saved_beside_the_gradients_are_not_taken_for_them() -> None:
+    case = case_for(3)
+    mine = {**_named(student(case.eps), case),
+            **{f"W{l}": W for l, W in enumerate(case.W, 1)}}  # the student's W too
+    report = compare(case, mine)
+    assert report.ok, report.text()
+    assert any("W1 taken for a parameter" in n for n in report.notes)

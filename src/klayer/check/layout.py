@@ -49,7 +49,9 @@ def to_columns(case: Case, mine: dict[str, np.ndarray], layout: str = "auto",
     grads, values, notes = {}, {}, []
     for key, a in mine.items():
         name = key[5:] if key.startswith("grad_") else key
-        if name in grad_shapes and (key.startswith("grad_") or name not in value_shapes):
+        if key in grad_shapes and "grad_" + key in mine:  # W1 beside grad_W1: a parameter
+            notes.append(f"note: {key} taken for a parameter (grad_{key} is given); ignored")
+        elif name in grad_shapes and (key.startswith("grad_") or name not in value_shapes):
             grads[name] = np.asarray(a, np.float64)
         elif name in value_shapes:
             values[name] = np.asarray(a, np.float64)

@@ -252,18 +252,22 @@ def wait(result: Any) -> None:
         jax.block_until_ready(result)
 
 
+def run_flags(p: argparse.ArgumentParser, peers: str) -> None:
+    """The flags of how the peers run: rounds, cores, which peers, the JSON file."""
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds per peer")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="cores for each")
+    p.add_argument("--peers", default=peers, help="comma-separated, of " + ", ".join(PEERS))
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--worker", choices=PEERS, help=argparse.SUPPRESS)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data-dir", help="CIFAR-10 folder (default: random uint8 stand-in data)")
     p.add_argument("--hidden", default="50,50", help="hidden widths (default 50,50)")
     p.add_argument("--steps", type=int, default=2000, help="timed update steps per round")
     p.add_argument("--warmup", type=int, default=200, help="untimed steps first (compiles)")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds per peer")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="cores for each")
-    p.add_argument("--peers", default=",".join(PEERS), help="comma-separated, of " +
-                   ", ".join(PEERS))
-    p.add_argument("--json", help="also write the results to this JSON file")
-    p.add_argument("--worker", choices=PEERS, help=argparse.SUPPRESS)
+    run_flags(p, ",".join(PEERS))
     args = p.parse_args()
     if args.worker:
         worker(args)

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 from _common import machine, run_worker
-from bench_peers import PEERS, env_for, installed, load_sets, make_peer, wait
+from bench_peers import env_for, installed, load_sets, make_peer, run_flags, wait
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -57,12 +56,7 @@ def main() -> None:
     p.add_argument("--target", type=float, default=0.525, help="accuracy to reach (0.525)")
     p.add_argument("--every", type=int, default=250, help="updates between evaluations")
     p.add_argument("--max-steps", type=int, default=4 * 2 * 2250, help="give up after (4 cycles)")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds per peer")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="cores for each")
-    p.add_argument("--peers", default="klayer,torch-malloc,torch-compile,jax",
-                   help="comma-separated, of " + ", ".join(PEERS))
-    p.add_argument("--json", help="also write the results to this JSON file")
-    p.add_argument("--worker", choices=PEERS, help=argparse.SUPPRESS)
+    run_flags(p, "klayer,torch-malloc,torch-compile,jax")
     args = p.parse_args()
     if args.worker:
         worker(args)

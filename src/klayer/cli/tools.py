@@ -40,15 +40,21 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
                    help="refuse CIFAR-10 files whose checksums differ from the official ones")
 
 
-def run_evaluate(args: argparse.Namespace) -> int:
-    from klayer.report.plots import save_confusion, save_montage  # matplotlib
-
-    model = Path(args.model)
+def _model_file(arg: str) -> Path:
+    """MODEL.npz, or RUN_DIR's model.npz (UsageError if the folder has none)."""
+    model = Path(arg)
     if model.is_dir():
         model = model / "model.npz"
         if not model.is_file():
             raise UsageError(f"{model.parent}: no model.npz (is it a finished klayer run "
                              "folder?)")
+    return model
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from klayer.report.plots import save_confusion, save_montage  # matplotlib
+
+    model = _model_file(args.model)
     toml = model.parent / "config.toml"  # the data a model was trained on, found again
     recorded = read_toml(toml, flag=str(toml)) if toml.is_file() else {}
     net, meta, extras = modelfile.load(model)
@@ -117,7 +123,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from klayer.data.images import read_images
 
     at_least(args, top=1)
-    model = Path(args.model) / "model.npz" if Path(args.model).is_dir() else Path(args.model)
+    model = _model_file(args.model)
     net, meta, extras = modelfile.load(model)
     if net.config.d != 3072:
         raise UsageError(f"{model} takes d = {net.config.d} inputs, not 32x32 RGB images")

@@ -298,3 +298,11 @@ def test_parameters_saved_beside_the_gradients_are_not_taken_for_them() -> None:
     report = compare(case, mine)
     assert report.ok, report.text()
     assert any("W1 taken for a parameter" in n for n in report.notes)
+
+
+def test_compressed_npz_files_are_read(tmp_path) -> None:
+    from klayer.check import load_arrays
+
+    case = case_for(3)
+    np.savez_compressed(tmp_path / "mine.npz", **_named(student(case.eps), case))
+    assert compare(case, load_arrays(tmp_path / "mine.npz")).ok  # np.savez_compressed too

@@ -10,14 +10,13 @@ code indexes as ``W{l}``. Students' files may use cell arrays and names with or 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from klayer.check.course import Array, Case
+from klayer.data.files import atomic_write
 
 GROUPS = ("W", "b", "gamma", "beta")
 
@@ -70,22 +69,11 @@ def save_case(case: Case, path: str | Path) -> None:
             cells = np.empty((1, len(getattr(case, group))), dtype=object)
             cells[0, :] = getattr(case, group)
             arrays[group] = cells
-        _atomic(path, lambda f: savemat(f, arrays))
+        atomic_write(path, lambda f: savemat(f, arrays))
     elif path.suffix == ".npz":
-        _atomic(path, lambda f: np.savez(f, **arrays))
+        atomic_write(path, lambda f: np.savez(f, **arrays))
     else:
         raise CheckFileError(f"{path}: the case file must end in .npz or .mat")
-
-
-def _atomic(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
@@ -102,7 +90,7 @@ def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
 
             raw = {k: v for k, v in loadmat(path).items() if not k.startswith("__")}
         else:
-            with np.load(path, allow_pickle=False) as z:
+            with np.load(path, allow_pickle=False) as z:  # savez_compressed too: students use it
                 raw = {k: z[k] for k in z.files}
     except Exception as e:  # a truncated zip, a MATLAB v7.3 file, ... (any reader error)
         hint = " (a MATLAB v7.3 file: save it with save(..., '-v7'))" if "7.3" in str(e) else ""

@@ -53,9 +53,10 @@ Peer = tuple[Callable[[int], Any], Callable[[Any], float]]
 
 
 def cyclic(t: int) -> float:
-    """The cyclical learning rate of update t (klayer's ``core.schedules.cyclic``)."""
-    p = t % (2 * N_S)
-    return ETA_MIN + (ETA_MAX - ETA_MIN) * (p / N_S if p < N_S else 2 - p / N_S)
+    """The recipe's cyclical learning rate of update t, the same for every peer."""
+    from klayer.core.schedules import cyclic as triangle
+
+    return triangle(t, ETA_MIN, ETA_MAX, N_S)
 
 
 def load_sets(data_dir: str | None) -> Any:

@@ -27,11 +27,12 @@ from klayer.search import studies as search
 from klayer.training import trainer as train
 from klayer.training.stop import StopSignals
 
-# About 0.1-0.3 s per trial on synthetic data.
+# About 0.1-0.3 s per trial on synthetic data. No pruning: these tests count on every
+# trial training to its end (tests/search/test_pruning.py tests pruning).
 TRAIN = ["--dataset", "synthetic", "--hidden", "16", "--n-batch", "50", "--n-s", "20",
-         "--cycles", "1", "--evals-per-cycle", "2", "--checkpoint-every", "0"]
+         "--cycles", "1", "--evals-per-cycle", "2", "--checkpoint-every", "0", "--pruner", "none"]
 LONG = ["--dataset", "synthetic", "--hidden", "16", "--n-batch", "50", "--n-s", "200000",
-        "--cycles", "1", "--evals-per-cycle", "1", "--checkpoint-every", "0"]
+        "--cycles", "1", "--evals-per-cycle", "1", "--checkpoint-every", "0", "--pruner", "none"]
 FAST = ["--poll", "0.2"]
 
 

@@ -41,7 +41,7 @@ def test_concurrent_workers_try_every_grid_point_exactly_once(tmp_path: Path) ->
     again = klayer("search", "worker", "--study", "g", *FAST, cwd=tmp_path)
     assert again.returncode == 0 and len(trials(tmp_path, "g")) == 8, again.stdout
     status = klayer("search", "status", "--study", "g", cwd=tmp_path).stdout
-    assert "grid: 8 points: 8 done, 0 running, 0 waiting, 0 failed" in status, status
+    assert "grid: 8 points: 8 done, 0 pruned, 0 running, 0 waiting, 0 failed" in status, status
     for value in GRID:
         line = next(ln for ln in status.splitlines() if ln.strip().startswith(
             f"lambda={value:.4g} "))
@@ -59,7 +59,7 @@ def test_a_grid_runs_its_points_whatever_trials_says(tmp_path: Path) -> None:
     assert sorted(t.system_attrs["fixed_params"]["lambda"] for t in waiting) == \
         np.linspace(0.01, 0.06, 6).tolist()
     status = klayer("search", "status", "--study", "g", cwd=tmp_path).stdout
-    assert "grid: 6 points: 0 done, 0 running, 6 waiting, 0 failed" in status, status
+    assert "grid: 6 points: 0 done, 0 pruned, 0 running, 6 waiting, 0 failed" in status, status
     r = klayer("search", "init", "--study", "h", "--sampler", "grid", "--param",
                "lambda=0.01..0.06:points=6", *TRAIN, cwd=tmp_path)
     assert r.returncode == 0 and "grid has" not in r.stdout  # --trials not given: no note
@@ -104,7 +104,7 @@ def test_a_diverged_grid_point_is_its_result_and_the_grid_still_ends(tmp_path: P
     state = {t.params["eta_max"]: t.state for t in ts}
     assert state == {0.05: TrialState.COMPLETE, 1e12: TrialState.FAIL}
     status = klayer("search", "status", "--study", "d", cwd=tmp_path).stdout
-    assert "grid: 2 points: 1 done, 0 running, 0 waiting, 1 failed" in status, status
+    assert "grid: 2 points: 1 done, 0 pruned, 0 running, 0 waiting, 1 failed" in status, status
 
 
 def test_a_batched_grid_worker_trains_points_of_one_architecture_together(
@@ -124,7 +124,7 @@ def test_a_batched_grid_worker_trains_points_of_one_architecture_together(
         assert [ts[n].params["hidden"] for n in t.user_attrs["batch"]] == [t.params["hidden"]] * 4
     off = ts[-1]
     assert off.state == TrialState.FAIL and "not a point" in off.user_attrs["fail_reason"]
-    assert "8/8 grid points COMPLETE" in w.stdout and "lambda=0.5" in w.stdout
+    assert "8/8 grid points done" in w.stdout and "lambda=0.5" in w.stdout
 
 
 # --- B: test accuracy only with --show-test ---------------------------------------------------

@@ -32,7 +32,8 @@ from optuna.trial import TrialState  # noqa: E402
 from klayer.search import storage as search_storage  # noqa: E402
 
 TRAIN = ["--dataset", "synthetic", "--hidden", "16", "--n-batch", "50", "--n-s", "1500",
-         "--cycles", "1", "--evals-per-cycle", "1", "--checkpoint-every", "0"]  # ~1.5 s trials
+         "--cycles", "1", "--evals-per-cycle", "1", "--checkpoint-every", "0",
+         "--pruner", "none"]  # ~1.5 s trials; tests/search/test_pruning.py prunes
 TIMING = ["--heartbeat-interval", "1", "--grace-period", "2"]  # the study's, set at init
 HEARTBEAT = [*TIMING, "--poll", "0.2"]  # a worker may repeat the study's timing
 

@@ -104,6 +104,35 @@ def test_a_diverged_trial_leaves_the_others_alone() -> None:
             np.testing.assert_allclose(got.params[name], ref.params[name], rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "nesterov"])
+def test_pruned_trials_leave_the_stack_and_the_others_do_not_change(optimizer: str) -> None:
+    """``on_eval`` answering True takes a trial out of the stack at that evaluation (its
+    curve ends there); the others end as they do with no trial pruned."""
+    data = make_synthetic(n_train=600, seed=0)
+    cfgs = [replace(BASE, optimizer=optimizer, lam=lam, eta_max=em, seed=s)
+            for lam, em, s in TRIALS]
+    plans = [make_plan(c, data.train.n) for c in cfgs]
+    every = plans[0].eval_every
+
+    def batched(prune: dict[int, int]) -> BatchedTrainer:
+        bt = BatchedTrainer(cfgs, data, [p.lr for p in plans], plans[0].steps_per_epoch,
+                            plans[0].total_steps, eval_every=every,
+                            on_eval=lambda i, t, acc: prune.get(i) == t)
+        bt.run()
+        return bt
+
+    full, pruned = batched({}), batched({1: every, 3: 2 * every})
+    assert pruned.pruned == {1: every, 3: 2 * every} and not pruned.diverged
+    assert [t for t, _ in pruned.curves[1]] == [0, every]
+    assert pruned.curves[3] == full.curves[3][:3]
+    nets, ref = pruned.networks(), full.networks()
+    assert nets[1] is None and nets[3] is None
+    for i in (0, 2):
+        assert pruned.curves[i] == full.curves[i]
+        for name, value in ref[i].params.items():  # type: ignore[union-attr]
+            np.testing.assert_array_equal(nets[i].params[name], value)  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize("overrides", [{"optimizer": "sgd"},
                                        {"optimizer": "momentum", "momentum": 0.5, "eta": 2.0}])
 def test_a_float32_trial_diverges_at_the_step_it_would_alone(

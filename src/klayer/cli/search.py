@@ -53,13 +53,21 @@ def _add_init(q: argparse.ArgumentParser) -> None:
     q.add_argument("--param", action="append", default=[], metavar="KEY=SPEC",
                    help="a search-space entry: KEY=LOW..HIGH[:log][:step=S][:points=N] or "
                    "KEY=A|B|C (repeatable; overrides --space)")
-    q.add_argument("--trials", type=int, help="COMPLETE trials the workers stop at (default "
-                   "16; a grid study runs each of its points once instead)")
+    q.add_argument("--trials", type=int, help="trials (COMPLETE or PRUNED) the workers stop "
+                   "at (default 16; a grid study runs each of its points once instead)")
     q.add_argument("--sampler", choices=("random", "tpe", "grid"), default="random",
                    help="Optuna sampler (default random); grid: every point of the grid is "
                    "queued once and the workers stop when all have run")
     q.add_argument("--grid-points", type=int, default=5,
                    help="grid sampler: values per range without points (default 5)")
+    q.add_argument("--pruner", choices=("none", "median", "sha", "hyperband"),
+                   help="stop hopeless trials at an evaluation (default sha: successive "
+                   "halving, ASHA); every worker prunes the same way")
+    q.add_argument("--min-resource", type=int, metavar="STEPS",
+                   help="pruner: training steps before a trial can be pruned (default: the "
+                   "base training's steps / reduction factor^2)")
+    q.add_argument("--reduction-factor", type=int, metavar="R",
+                   help="sha, hyperband: 1/R of the trials at a rung go on (default 3)")
     q.add_argument("--parent", metavar="STUDY",
                    help="coarse to fine: ranges from the top trials of this study")
     q.add_argument("--parent-storage", metavar="URL|FILE",
@@ -105,6 +113,8 @@ def _add_status(s: argparse.ArgumentParser) -> None:
     s.add_argument("--stuck-after", metavar="DURATION", help="warn about trials RUNNING longer "
                    "than this (default 3x the median trial, at least 5m)")
     s.add_argument("--json", action="store_true", help="the trials as JSON")
+    s.add_argument("--plot", metavar="FILE.png", help="also draw best-so-far validation "
+                   "accuracy against wall time and against trials, pruned trials marked")
     _show_test_flag(s, "show the trials' test accuracies (and test losses in --json) too")
 
 
@@ -175,11 +185,13 @@ def explicit_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_init(args: argparse.Namespace) -> int:
-    from klayer.search import space, storage
+    from klayer.search import pruning, space, storage
     from klayer.training import plan
 
     where = _storage(args)
     raw: dict[str, Any] = dict(read_toml(args.space, "--space")) if args.space else {}
+    prune = {k: raw.pop(k) for k in pruning.KEYS if k in raw}  # the file's pruner keys
+    prune.update({k: getattr(args, k) for k in pruning.KEYS if getattr(args, k) is not None})
     raw.update(space.parse_param(text) for text in args.param)
     parent, parent_fp = None, None
     if args.parent:
@@ -189,12 +201,15 @@ def run_init(args: argparse.Namespace) -> int:
     with common.as_usage():
         plan.validate(base)
     common.at_least(args, grid_points=2, heartbeat_interval=1, grace_period=1)
+    data = plan.load_data(base)
+    total = plan.make_plan(base, len(data.train.y)).total_steps
+    pruner = pruning.pruner_settings(prune.get("pruner"), prune.get("min_resource"),
+                                     prune.get("reduction_factor"), total)
     searched = space.normalize_space(raw, base)
     if args.sampler == "grid":
         for spec in searched.values():
             if "choices" not in spec:
                 spec.setdefault("points", args.grid_points)
-    data = plan.load_data(base)
     if parent_fp is not None and storage.data_fingerprint(data) != parent_fp:
         raise UsageError(f"--parent {args.parent} was searched on other data "
                          f"({parent_fp[:19]}...); use the same data set")
@@ -202,7 +217,7 @@ def run_init(args: argparse.Namespace) -> int:
     timing = {k: v for k, v in (("heartbeat_interval", args.heartbeat_interval),
                                 ("grace_period", args.grace_period)) if v is not None}
     info = storage.create_study(args.study, where, base, data, searched, trials, args.sampler,
-                                parent, **timing)
+                                parent, pruner=pruner, **timing)
     _print_created(args, info)
     return EXIT_OK
 
@@ -261,12 +276,17 @@ def run_worker(args: argparse.Namespace) -> int:
 def run_status(args: argparse.Namespace) -> int:
     from klayer.search import status, storage
 
+    if args.plot and Path(args.plot).suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise UsageError(f"--plot {args.plot}: give a .png, .pdf or .svg file name")
     study, info = storage.load_study(args.study, _storage(args))
     if args.json:
         print(json.dumps(status.trials_json(study, args.show_test), indent=1, default=str))
     else:
         stuck = status.parse_duration(args.stuck_after) if args.stuck_after else None
         print(status.status_text(study, info, stuck, args.show_test))
+    if args.plot:
+        print(f"wrote {status.save_progress_plot(study, info, Path(args.plot))}",
+              file=sys.stderr if args.json else sys.stdout)
     return EXIT_OK
 
 

@@ -80,6 +80,24 @@ def plot_scatter(ax: Axes, stages: Sequence[tuple[str, Sequence[float], Sequence
     _axes(ax, "log10(lambda)", "validation accuracy (%)", "small")
 
 
+def plot_best_so_far(ax: Axes, x: Sequence[float], values: Sequence[float | None],
+                     pruned: Sequence[bool], xlabel: str) -> None:
+    """A search's progress: each finished trial's validation accuracy at ``x`` (its end),
+    pruned ones as crosses at their last reported accuracy, and the best so far of the
+    complete ones as a step line (``values`` in [0, 1]; None: nothing reported)."""
+    xs, ys, flags = np.asarray(x, float), np.array([np.nan if v is None else v for v in values],
+                                                   float) * 100, np.asarray(pruned, bool)
+    done = ~flags & np.isfinite(ys)
+    best = np.fmax.accumulate(np.where(done, ys, -np.inf)) if len(ys) else ys
+    shown = np.isfinite(best)
+    ax.step(xs[shown], best[shown], where="post", color="C0", label="best so far")
+    ax.scatter(xs[done], ys[done], s=18, color="C0", alpha=0.6, label="complete")
+    if flags.any():
+        ax.scatter(xs[flags], ys[flags], s=22, marker="x", color="C3",
+                   label="pruned (last report)")
+    _axes(ax, xlabel, "validation accuracy (%)", "small")
+
+
 def save_overlay(out: Path, runs: Sequence[tuple[str, Rows]], title: str = "",
                  size: tuple[float, float] = (7, 4.5)) -> list[Path]:
     """loss.png, cost.png and accuracy.png in ``out``: the runs' curves, overlaid."""

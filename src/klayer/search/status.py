@@ -14,6 +14,7 @@ import statistics
 from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -90,10 +91,12 @@ def status_text(study: optuna.Study, info: StudyInfo, stuck: float | None = None
     if info.parent:
         lines.append(f"child of {info.parent.get('study')} (top {info.parent.get('top_k')} "
                      f"trials {info.parent.get('trials')})")
+    done = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
     lines += [f"space: {describe_space(info.space)}",
-              f"{counts[TrialState.COMPLETE]}/{info.n_trials} COMPLETE, "
-              f"{counts[TrialState.RUNNING]} RUNNING, {counts[TrialState.WAITING]} WAITING, "
-              f"{counts[TrialState.FAIL]} FAIL"]
+              f"pruner: {info.pruner.describe()}",
+              f"{done}/{info.n_trials} done: {counts[TrialState.COMPLETE]} COMPLETE, "
+              f"{counts[TrialState.PRUNED]} PRUNED; {counts[TrialState.RUNNING]} RUNNING, "
+              f"{counts[TrialState.WAITING]} WAITING, {counts[TrialState.FAIL]} FAIL"]
     if info.grid is not None:
         lines += ["", *_grid_lines(info.grid, trials, show_test)]
     lines += ["", *_trial_table(trials, list(info.space), now, show_test), "",
@@ -144,6 +147,9 @@ def _trial_table(trials: Sequence[FrozenTrial], keys: list[str], now: datetime,
         age = (now - t.datetime_start).total_seconds() if t.datetime_start else 0.0
         test = t.user_attrs.get("test_accuracy")
         note = t.user_attrs.get("fail_reason", "")
+        if t.state == TrialState.PRUNED:
+            note = f"pruned at step {t.user_attrs.get('pruned_step', t.last_step)}" + (
+                f" of {t.user_attrs['steps']}" if "steps" in t.user_attrs else "")
         if t.state == TrialState.FAIL and not note:  # klayer records a reason for all others
             note = "no heartbeat: its worker died or hung (failed by Optuna)"
         if "failed_trial" in t.system_attrs:
@@ -199,7 +205,9 @@ def created_text(info: StudyInfo, asked: int | None, top_k: int, parent: str | N
             lines.append(f"  note: grid has {len(info.grid)} points: the study runs "
                          f"{len(info.grid)} trials, not the {asked} asked")
     else:
-        lines.append(f"  {info.n_trials} COMPLETE trials wanted, sampler {info.sampler}")
+        lines.append(f"  {info.n_trials} trials (COMPLETE or PRUNED) wanted, sampler "
+                     f"{info.sampler}")
+    lines.append(f"  pruner: {info.pruner.describe()}")
     lines.append(f"  space: {describe_space(info.space)}")
     if info.parent is not None:
         lines.append(f"  from the top {top_k} trials of {parent}: {info.parent['trials']}")
@@ -212,3 +220,34 @@ def created_text(info: StudyInfo, asked: int | None, top_k: int, parent: str | N
         lines.append("  (export KLAYER_STORAGE=<the URL> first, or use a password-less URL "
                      "with PGPASSWORD or ~/.pgpass: `ps` shows command lines to every user)")
     return "\n".join(lines)
+
+
+def finished_in_order(trials: Sequence[FrozenTrial]) -> list[tuple[float, FrozenTrial]]:
+    """The COMPLETE and PRUNED trials in the order they ended, each with the seconds from
+    the study's first trial start to its end."""
+    ended = sorted(((t.datetime_complete, t) for t in trials if t.datetime_complete and
+                    t.state in (TrialState.COMPLETE, TrialState.PRUNED)),
+                   key=lambda e: (e[0], e[1].number))
+    starts = [t.datetime_start for t in trials if t.datetime_start]
+    if not ended or not starts:
+        return []
+    first = min(starts)
+    return [((end - first).total_seconds(), t) for end, t in ended]
+
+
+def save_progress_plot(study: optuna.Study, info: StudyInfo, path: Path) -> Path:
+    """``search status --plot``: best-so-far validation accuracy against wall time and
+    against trials ended, the pruned trials marked (where a search stops paying off)."""
+    from klayer.report.plots import plot_best_so_far, save_panels  # matplotlib: only here
+    ended = finished_in_order(study.get_trials(deepcopy=False))
+    if not ended:
+        raise SearchError(f"study {info.name!r} has no COMPLETE or PRUNED trial to plot yet")
+    values = [t.value for _, t in ended]
+    pruned = [t.state == TrialState.PRUNED for _, t in ended]
+    minutes = [s / 60 for s, _ in ended]
+    count = list(range(1, len(ended) + 1))
+    return save_panels(path, [
+        (f"{info.name}: against wall time", lambda ax: plot_best_so_far(
+            ax, minutes, values, pruned, "minutes since the first trial started")),
+        (f"pruner {info.pruner.pruner}: against trials", lambda ax: plot_best_so_far(
+            ax, count, values, pruned, "trials ended"))])

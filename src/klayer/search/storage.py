@@ -30,6 +30,7 @@ from klayer.core.config import TrainConfig
 from klayer.data import datasets
 from klayer.data.datasets import Data
 from klayer.search.backend import GRACE_PERIOD, HEARTBEAT_INTERVAL, is_url, masked, open_storage
+from klayer.search.pruning import PrunerSettings
 from klayer.search.space import SearchError, Space, fmt_params, grid_points
 
 SAMPLERS = ("random", "tpe", "grid")
@@ -44,6 +45,9 @@ A_DATA, A_VERSION, A_PARENT, A_CREATED = "data_fingerprint", "klayer_version", "
 A_GRID = "grid"  # the grid sampler's points, each queued once at creation
 # the study's fault timing, the same for every worker (seconds)
 A_HEARTBEAT, A_GRACE = "heartbeat_interval", "grace_period"
+A_PRUNER = "pruner"  # pruning.PrunerSettings, the same for every worker
+# The states that use up the budget: a pruned trial was sampled and got its answer.
+DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 A_FORMAT, FORMAT = "klayer_format", 1  # the study format this klayer reads (set last)
 
 
@@ -113,6 +117,7 @@ class StudyInfo:
     grid: list[dict[str, Any]] | None = None  # a grid study's points (None: not queued)
     heartbeat_interval: int = HEARTBEAT_INTERVAL  # seconds between a trial's heartbeats
     grace_period: int = GRACE_PERIOD  # seconds without one before a trial is failed
+    pruner: PrunerSettings = field(default_factory=PrunerSettings)
 
 
 def load_study(name: str, storage: str, sampler: optuna.samplers.BaseSampler | None = None,
@@ -176,14 +181,16 @@ def _study_info(name: str, storage: str, st: optuna.storages.BaseStorage,
                      attrs[A_SAMPLER], int(attrs[A_TRIALS]), attrs[A_DATA], attrs[A_VERSION],
                      Store(st, st.get_study_id_from_name(name)), attrs.get(A_PARENT), attrs,
                      attrs.get(A_GRID), int(attrs.get(A_HEARTBEAT, HEARTBEAT_INTERVAL)),
-                     int(attrs.get(A_GRACE, GRACE_PERIOD)))
+                     int(attrs.get(A_GRACE, GRACE_PERIOD)),
+                     PrunerSettings.from_attr(attrs.get(A_PRUNER)))
 
 
 def create_study(name: str, storage: str, config: TrainConfig, data: Data, space: Space,
                  n_trials: int = 16, sampler: str = "random",
                  parent: dict[str, Any] | None = None,
                  heartbeat_interval: int = HEARTBEAT_INTERVAL,
-                 grace_period: int = GRACE_PERIOD) -> StudyInfo:
+                 grace_period: int = GRACE_PERIOD,
+                 pruner: PrunerSettings | None = None) -> StudyInfo:
     """Create the study once, with its set-up as user attributes; SearchError if it exists.
 
     A grid study runs each point of its grid once, whatever ``n_trials`` says: every
@@ -215,7 +222,8 @@ def create_study(name: str, storage: str, config: TrainConfig, data: Data, space
         A_CONFIG: config.to_dict(), A_SPACE: space, A_SAMPLER: sampler, A_TRIALS: n_trials,
         A_DATA: data_fingerprint(data), A_VERSION: __version__,
         A_CREATED: datetime.now().isoformat(timespec="seconds"), A_PARENT: parent,
-        A_GRID: points, A_HEARTBEAT: heartbeat_interval, A_GRACE: grace_period}
+        A_GRID: points, A_HEARTBEAT: heartbeat_interval, A_GRACE: grace_period,
+        A_PRUNER: (pruner or PrunerSettings()).to_attr()}
     attrs = {k: v for k, v in attrs.items() if v is not None}
     for key, value in attrs.items():
         study.set_user_attr(key, value)
@@ -278,13 +286,15 @@ def claim_queued(study: optuna.Study, store: Store,
 
 
 # a grid point's state: that of its first trial in this order ("missing" without one)
-GRID_STATES = {TrialState.COMPLETE: "done", TrialState.RUNNING: "running",
+GRID_STATES = {TrialState.COMPLETE: "done", TrialState.PRUNED: "pruned",
+               TrialState.RUNNING: "running",
                TrialState.WAITING: "waiting", TrialState.FAIL: "failed"}
 
 
 def grid_progress(points: list[dict[str, Any]], trials: list[FrozenTrial]
                   ) -> list[tuple[dict[str, Any], str, list[FrozenTrial]]]:
-    """Each grid point, its state and its trials: done (a COMPLETE trial), else running,
+    """Each grid point, its state and its trials: done (a COMPLETE trial), else pruned,
+    else running,
     else waiting (queued), else failed; "missing" if no trial has its parameters."""
     mine: dict[str, list[FrozenTrial]] = {point_key(p): [] for p in points}
     for t in trials:
@@ -305,7 +315,7 @@ def free_trials(study: optuna.Study, info: StudyInfo) -> int | None:
     running = c[TrialState.RUNNING]
     if info.grid is not None:
         return c[TrialState.WAITING] or (0 if running else None)
-    left = info.n_trials - c[TrialState.COMPLETE]
+    left = info.n_trials - sum(c[s] for s in DONE)
     return None if left <= 0 else max(left - running, 0)
 
 
@@ -348,13 +358,15 @@ def check_data(info: StudyInfo, data: Data) -> None:
 
 
 def progress(study: optuna.Study, info: StudyInfo) -> str:
-    """'5/8 COMPLETE trials', or a grid study's points done and those not done (failed,
-    not queued, ...)."""
+    """'5/8 trials done (3 COMPLETE, 2 PRUNED)', or a grid study's points done and those
+    not done (failed, not queued, ...)."""
     trials = study.get_trials(deepcopy=False)
     if info.grid is None:
-        done = sum(t.state == TrialState.COMPLETE for t in trials)
-        return f"{done}/{info.n_trials} COMPLETE trials"
+        c = Counter(t.state for t in trials)
+        return (f"{sum(c[s] for s in DONE)}/{info.n_trials} trials done "
+                f"({c[TrialState.COMPLETE]} COMPLETE, {c[TrialState.PRUNED]} PRUNED)")
     points = grid_progress(info.grid, trials)
-    left = [f"{fmt_params(p)} ({state})" for p, state, _ in points if state != "done"]
-    return (f"{len(points) - len(left)}/{len(points)} grid points COMPLETE"
+    left = [f"{fmt_params(p)} ({state})" for p, state, _ in points
+            if state not in ("done", "pruned")]
+    return (f"{len(points) - len(left)}/{len(points)} grid points done"
             + (f"; not done: {', '.join(left)}" if left else ""))

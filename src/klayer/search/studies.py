@@ -16,6 +16,7 @@ from optuna.trial import FrozenTrial
 from klayer.core.config import TrainConfig, to_toml
 from klayer.data.datasets import Data
 from klayer.search.pool import run_workers
+from klayer.search.pruning import pruner_settings
 from klayer.search.space import SearchError, Space, child_space, config_for, normalize_space
 from klayer.search.storage import (
     StudyInfo,
@@ -32,7 +33,7 @@ from klayer.training import runfolder
 from klayer.training import trainer as train
 from klayer.training.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from klayer.training.checkpoint import CheckpointError
-from klayer.training.plan import load_data
+from klayer.training.plan import load_data, make_plan
 
 
 def best_config(study: optuna.Study, info: StudyInfo, cycles: float | None = None,
@@ -142,10 +143,14 @@ def run_study(name: str, config: TrainConfig, space: dict[str, Any] | None = Non
               n_trials: int = 16, *, storage: str | None = None, runs_dir: str | Path = "runs",
               sampler: str = "random", parent: str | None = None, top_k: int = 5,
               margin: float = 0.25, jobs: int = 1, threads: int = 1, batch_trials: int = 1,
+              pruner: str = "none", min_resource: int | None = None,
+              reduction_factor: int | None = None, sampler_seed: int | None = None,
               data: Data | None = None, quiet: bool = True) -> tuple[optuna.Study, StudyInfo]:
     """``klayer search init`` (a child of ``parent`` if given; a study that exists already
     is joined as it is) then ``worker``, from Python: the study and its set-up. ``space``
-    entries override the parent's; ``data`` (used with jobs = 1) spares loading it again."""
+    entries override the parent's; ``pruner`` and its settings are ``pruning``'s;
+    ``sampler_seed`` seeds the (first) worker's sampler; ``data`` (used with jobs = 1)
+    spares loading it again."""
     spec = resolve_storage(name, storage, runs_dir)
     if data is None:
         data = load_data(config)
@@ -156,10 +161,13 @@ def run_study(name: str, config: TrainConfig, space: dict[str, Any] | None = Non
             raw, parent_attr = _from_parent(parent, resolve_storage(parent, storage, runs_dir),
                                             top_k, margin)
         raw.update(space or {})
+        total = make_plan(config, len(data.train.y)).total_steps
         create_study(name, spec, config, data, normalize_space(raw, config), n_trials,
-                     sampler, parent_attr)
+                     sampler, parent_attr, pruner=pruner_settings(
+                         pruner, min_resource, reduction_factor, total))
     opts = WorkerOptions(study=name, storage=spec, batch_trials=batch_trials,
-                         data_dir=config.data_dir, quiet=quiet, poll=1.0)
+                         sampler_seed=sampler_seed, data_dir=config.data_dir, quiet=quiet,
+                         poll=1.0)
     code = run_workers(opts, jobs=jobs, threads=threads, data=data if jobs <= 1 else None)
     if code:
         raise SearchError(f"the workers of study {name!r} stopped with exit code {code}")

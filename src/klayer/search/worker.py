@@ -1,11 +1,13 @@
 """A search worker: asks Optuna for trials, trains them, tells the results.
 
-A ``Worker`` runs until its study has its budget of COMPLETE trials (a grid study: until
+A ``Worker`` runs until its study has its budget of COMPLETE or PRUNED trials (a grid study: until
 no point is queued or running). Trial n trains with the seed SeedSequence([base seed, n])
 (a retry: its original's n); validation accuracy is the objective, test accuracy, seed,
 worker (host:pid) and timings are user attributes. ``batch_trials`` T > 1 trains T trials
-of one architecture together. A diverged or invalid trial fails and the worker goes on; a
-stop fails the running trials and queues them again; a storage outage is ridden out.
+of one architecture together. The study's pruner (``pruning``) may stop a trial at any
+evaluation: it ends PRUNED, its learning curve kept, and counts toward the budget. A
+diverged or invalid trial fails and the worker goes on; a stop fails the running trials
+and queues them again; a storage outage is ridden out.
 """
 
 from __future__ import annotations
@@ -14,36 +16,32 @@ import hashlib
 import signal
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable
-from contextlib import suppress
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
 import optuna
-from optuna.trial import FrozenTrial, Trial, TrialState
+from optuna.trial import Trial, TrialState
 
 from klayer import __version__
-from klayer.core.config import TrainConfig
 from klayer.data.datasets import Data
-from klayer.search.backend import StorageGone, budget_lock, masked
+from klayer.search.backend import StorageGone, masked
 from klayer.search.faults import (
     EXIT_STORAGE,
-    STORAGE_ERRORS,
-    Heartbeat,
     beat,
     fail_stale,
     recover,
-    retry_trial,
     ride_out,
     unlabelled,
     worker_id,
 )
-from klayer.search.space import config_for, fmt_params, make_sampler, suggest
+from klayer.search.pruning import make_pruner
+from klayer.search.space import config_for, make_sampler, suggest
 from klayer.search.storage import (
+    DONE,
     check_data,
     claim_queued,
     free_trials,
@@ -54,9 +52,8 @@ from klayer.search.storage import (
     seed_of,
     worker_config,
 )
-from klayer.training import trainer as train
-from klayer.training.batched import BatchedTrainer, batch_key, evaluate_trained
-from klayer.training.plan import load_data, make_plan, validate_for_data
+from klayer.search.trials import Job, TrialRunner
+from klayer.training.plan import load_data, validate_for_data
 from klayer.training.stop import Stopped, StopSignals
 
 # Parameters trials trained together may differ in (batched.BATCHABLE by TOML key).
@@ -83,16 +80,7 @@ class WorkerOptions:
     show_test: bool = False  # print each trial's test accuracy too
 
 
-@dataclass
-class _Job:
-    """A trial asked for, with its configuration and its parameters (Optuna values)."""
-
-    trial: Trial
-    cfg: TrainConfig
-    params: dict[str, Any]
-
-
-class Worker:
+class Worker(TrialRunner):
     """One worker process: asks, trains and tells until the study has its budget."""
 
     def __init__(self, opts: WorkerOptions, log: Callable[[str], None] | None = None,
@@ -117,15 +105,14 @@ class Worker:
                 time.time_ns()]).generate_state(1)[0])
         # the study was loaded with Optuna's default sampler
         self.study.sampler = make_sampler(self.info.sampler, self.info.space, seed)
+        self.study.pruner = make_pruner(self.info.pruner)
         self.grid = None if self.info.grid is None else {point_key(p) for p in self.info.grid}
         self.failures = 0
+        self.show_test = opts.show_test
 
     def log(self, text: str) -> None:
         if not self.opts.quiet:
             self._log(f"[{self.id}] {text}")
-
-    def counts(self) -> Counter[TrialState]:
-        return Counter(t.state for t in self.study.get_trials(deepcopy=False))
 
     def run(self) -> int:
         """Work until the budget is met; 0, 128 + the signal that stopped it, or
@@ -204,7 +191,7 @@ class Worker:
         self.log(f"done: study {self.opts.study!r}{how}{done}")
         return 0
 
-    def _ask(self, k: int) -> list[_Job]:
+    def _ask(self, k: int) -> list[Job]:
         """Up to k trials, labelled with this worker and their seeds, as jobs."""
         with self.stop.held():
             asked = self._claim_grid(k) if self.grid is not None else self._ask_sampled(k)
@@ -216,7 +203,7 @@ class Worker:
                 try:
                     cfg = config_for(self.base, p, seed)
                     validate_for_data(cfg, self.data)  # e.g. a batch larger than the data
-                    jobs.append(_Job(trial, cfg, p))
+                    jobs.append(Job(trial, cfg, p))
                 except (ValueError, TypeError) as e:
                     self._fail(trial, p, f"invalid configuration: {e}")
             return jobs
@@ -242,7 +229,7 @@ class Worker:
         non-batchable parameters); none is sampled, so none repeats or leaves the grid."""
         assert self.grid is not None
         done = {point_key(queued_params(t)) for t in self.study.get_trials(
-            deepcopy=False, states=(TrialState.COMPLETE,))}
+            deepcopy=False, states=DONE)}
         out: list[tuple[Trial, dict[str, Any]]] = []
         fixed: dict[str, Any] | None = None
         while len(out) < k:
@@ -260,138 +247,3 @@ class Worker:
             out.append((trial, suggest(trial, self.info.space)))  # the queued values
             fixed = fixed or {key: v for key, v in point.items() if key not in BATCHABLE_PARAMS}
         return out
-
-    def _run_jobs(self, jobs: list[_Job]) -> None:
-        """Train the jobs (together where they share the architecture) and tell the results."""
-        groups: dict[tuple[Any, ...], list[_Job]] = {}
-        for job in jobs:
-            groups.setdefault(batch_key(job.cfg), []).append(job)
-        pending = list(jobs)
-        try:
-            with Heartbeat(self.beats, [j.trial.number for j in jobs], self.hb_study):
-                for group in groups.values():
-                    if len(group) == 1:
-                        self._run_one(group[0])
-                    else:
-                        self._run_batch(group)
-                    pending = [j for j in pending if j not in group]
-        except (Stopped, Exception) as e:  # a stop or an error: no trial may stay RUNNING
-            stop = e.name if isinstance(e, Stopped) else None
-            reason = (f"interrupted by {stop} (worker {self.id} stopped)" if stop
-                      else f"error: {type(e).__name__}: {e}")
-            for job in pending:
-                self._fail(job.trial, job.params, reason, count=stop is None, retry=True)
-            raise
-
-    def _run_one(self, job: _Job) -> None:
-        trial = job.trial
-
-        def report(kind: str, info: dict[str, float]) -> None:
-            if kind == "eval":
-                with self.stop.held(), suppress(optuna.exceptions.UpdateFinishedTrialError,
-                                                   *STORAGE_ERRORS):
-                    trial.report(info["val_accuracy"], int(info["step"]))
-
-        start = time.perf_counter()
-        try:
-            with self.stop.armed():
-                # no run folder, so no checkpoints (they change nothing in the result)
-                # and no train-set curve: a trial reports only validation accuracies
-                result = train.train(replace(job.cfg, checkpoint_every=0), self.data,
-                                     callback=report, train_curve=False)
-        except train.Diverged as e:
-            self._fail(trial, job.params, f"diverged: {e}")
-            return
-        keep = ("val_accuracy", "test_accuracy", "train_accuracy", "val_loss", "test_loss", "steps")
-        self._complete(trial, job.params, {k: result.summary[k] for k in keep} | {
-            "seconds": time.perf_counter() - start, "order_seed": job.cfg.shuffle_seed})
-
-    def _run_batch(self, group: list[_Job]) -> None:
-        cfgs = [j.cfg for j in group]
-        plans = [make_plan(c, len(self.data.train.y)) for c in cfgs]
-        numbers = [j.trial.number for j in group]
-        with self.stop.held():
-            for j in group:
-                j.trial.set_user_attr("batch", numbers)
-                j.trial.set_user_attr("order_seed", cfgs[0].shuffle_seed)
-        start = time.perf_counter()
-        with self.stop.armed():
-            bt = BatchedTrainer(cfgs, self.data, [p.lr for p in plans],
-                                plans[0].steps_per_epoch, plans[0].total_steps,
-                                order_seed=cfgs[0].shuffle_seed,
-                                eval_every=plans[0].eval_every)
-            nets = bt.run()
-            ok = [i for i, net in enumerate(nets) if net is not None]
-            done = [net for net in nets if net is not None]
-            results = evaluate_trained(done, [cfgs[i] for i in ok], self.data)
-        seconds = time.perf_counter() - start
-        for i, job in enumerate(group):
-            if i in bt.diverged:
-                self._fail(job.trial, job.params, f"diverged: {bt.diverged[i]}")
-                continue
-            r = results[ok.index(i)]
-            with self.stop.held(), suppress(optuna.exceptions.UpdateFinishedTrialError,
-                                                   *STORAGE_ERRORS):
-                # the learning curve, as a lone trial reports it
-                for step, acc in [*bt.curves[i], (plans[i].total_steps, r["val_accuracy"])]:
-                    job.trial.report(acc, step)
-            self._complete(job.trial, job.params, {
-                **r, "steps": plans[i].total_steps, "seconds": seconds / len(group)})
-
-    def _complete(self, trial: Trial, params: dict[str, Any], attrs: dict[str, Any]) -> None:
-        self._retrying("telling a result", lambda: self._complete_now(trial, params, attrs))
-
-    def _complete_now(self, trial: Trial, params: dict[str, Any], attrs: dict[str, Any]) -> None:
-        """Tell a finished trial COMPLETE, unless the study met its budget meanwhile (other
-        workers' trials ended first): then FAIL, with its results kept as attributes."""
-        with self.stop.held(), budget_lock(self.store.storage, self.opts.storage,
-                                           self.opts.study):
-            done = self.counts()[TrialState.COMPLETE]
-            if self.grid is None and done >= self.info.n_trials:
-                reason = (f"over budget: the study had its {done} COMPLETE trials when this "
-                          "one ended; not counted")
-                self._finish(trial, TrialState.FAIL, None, {**attrs, "fail_reason": reason})
-                self.log(f"#{trial.number} {reason}")
-                return
-            if self._finish(trial, TrialState.COMPLETE, attrs["val_accuracy"], attrs) is not None:
-                self.failures = 0
-                test = f"  test {attrs['test_accuracy']:.2%}" if self.opts.show_test else ""
-                self.log(f"#{trial.number} COMPLETE  val {attrs['val_accuracy']:.2%}{test}  "
-                         f"{fmt_params(params)}  ({attrs['seconds']:.1f} s)")
-
-    def _fail(self, trial: Trial, params: dict[str, Any], reason: str, count: bool = True,
-              retry: bool = False) -> None:
-        self._retrying("telling a failure",
-                       lambda: self._fail_now(trial, params, reason, count, retry))
-
-    def _fail_now(self, trial: Trial, params: dict[str, Any], reason: str, count: bool,
-                  retry: bool) -> None:
-        """Fail the trial with ``reason``; with ``retry`` (a stop or a fault, not the
-        trial's own outcome) it is queued again with its parameters (and so its seed)."""
-        with self.stop.held():
-            failed = self._finish(trial, TrialState.FAIL, None, {"fail_reason": reason})
-            if failed is not None:
-                self.failures += count
-                self.log(f"#{trial.number} FAIL  {reason}  {fmt_params(params)}")
-                if retry:
-                    retry_trial(self.study, failed, max_retry=None)
-                    self.log(f"#{trial.number} is queued again with the same parameters")
-
-    def _finish(self, trial: Trial, state: TrialState, value: float | None,
-                attrs: dict[str, Any]) -> FrozenTrial | None:
-        """Record attributes and tell: the finished trial; None if someone (reap) finished
-        it meanwhile."""
-        try:
-            for key, v in attrs.items():
-                trial.set_user_attr(key, v)
-            try:
-                return self.study.tell(trial, value, state=state)
-            except RuntimeError as e:  # the grid sampler's study.stop() after the last point
-                if "Study.stop" not in str(e):  # (optuna stores the result first)
-                    raise
-                return self.store.trial(trial.number)
-        except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
-            now = self.store.trial(trial.number).state
-            self.log(f"#{trial.number} was marked {now.name} while it ran (reaped?); its "
-                     "result is not recorded")
-            return None

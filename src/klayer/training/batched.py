@@ -68,12 +68,15 @@ class BatchedTrainer:
     (a lone Trainer given that ``order_seed`` sees the same mini-batches). A trial whose cost
     becomes NaN or infinite is dropped from the stack and its reason kept in
     ``diverged`` (index -> message); the others go on. With ``eval_every``, ``run``
-    records each trial's validation curve in ``curves``.
+    records each trial's validation curve in ``curves``, and ``on_eval(i, step, accuracy)``
+    hears of each point; where it answers True, trial i leaves the stack there (pruned:
+    ``pruned`` maps it to that step). Leaving changes nothing in the others' results.
     """
 
     def __init__(self, cfgs: Sequence[TrainConfig], data: Data,
                  lrs: Sequence[Callable[[int], float]], steps_per_epoch: int,
-                 total_steps: int, order_seed: int | None = None, eval_every: int = 0) -> None:
+                 total_steps: int, order_seed: int | None = None, eval_every: int = 0,
+                 on_eval: Callable[[int, int, float], bool] | None = None) -> None:
         check_batchable(cfgs)
         if len(lrs) != len(cfgs):
             raise ValueError(f"{len(cfgs)} configurations but {len(lrs)} schedules")
@@ -84,6 +87,8 @@ class BatchedTrainer:
         self.lam = np.array([c.lam for c in cfgs], np.float64)
         self.active = np.arange(len(cfgs))  # original index of each stacked trial
         self.diverged: dict[int, str] = {}
+        self.pruned: dict[int, int] = {}  # trial index -> the step where it left
+        self.on_eval = on_eval
         nets, self.dropout_rngs = [], []
         for c in cfgs:
             init_rng, _, dropout_rng, _ = streams(c.seed)
@@ -134,17 +139,22 @@ class BatchedTrainer:
                 f"the cost became {cost[j]} at step {self.t}; try a smaller eta_max / eta")
         rows = np.flatnonzero(~bad)
         grads = {k: self.stack.trials_of(k, v, rows) for k, v in grads.items()}
+        self._keep(rows)
+        return grads
+
+    def _keep(self, rows: np.ndarray) -> None:
+        """Keep only the stacked trials at ``rows``: networks, optimizer state, streams."""
         self.stack.keep(rows)
         for bufs in self.opt.state.values():  # the optimizer's state, trial by trial
             for name, b in bufs.items():
                 bufs[name] = self.stack.trials_of(name, b, rows)
         self.active = self.active[rows]
         self.dropout_rngs = [self.dropout_rngs[j] for j in rows]
-        return grads
+        self._penalty = None if self._penalty is None else self._penalty[rows]
 
     def run(self) -> list[Network | None]:
         """Step to the end (recording ``curves``); each trial's network, or None where it
-        diverged."""
+        diverged or was pruned."""
         while self.t < self.total_steps and len(self.active):
             if self.eval_every and self.t % self.eval_every == 0:
                 self.curve_point()
@@ -156,11 +166,17 @@ class BatchedTrainer:
         steps where a lone Trainer with the same eval_every evaluates, and equal to it)."""
         val = self.data.val
         nets = self.stack.networks()
-        for i, m in zip(self.active, evaluate_many(nets, self.data, val.X, val.y), strict=True):
-            self.curves[int(i)].append((self.t, m.accuracy))
+        leave = np.zeros(len(self.active), bool)
+        for j, m in enumerate(evaluate_many(nets, self.data, val.X, val.y)):
+            i = int(self.active[j])
+            self.curves[i].append((self.t, m.accuracy))
+            if self.on_eval is not None and self.on_eval(i, self.t, m.accuracy):
+                self.pruned[i], leave[j] = self.t, True
+        if leave.any():
+            self._keep(np.flatnonzero(~leave))
 
     def networks(self) -> list[Network | None]:
-        out: list[Network | None] = [None] * (len(self.active) + len(self.diverged))
+        out: list[Network | None] = [None] * len(self.curves)
         if len(self.active):
             for i, net in zip(self.active, self.stack.networks(), strict=True):
                 out[int(i)] = net

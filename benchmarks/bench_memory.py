@@ -92,7 +92,8 @@ def main() -> None:
             runs.append(measure(cmd + args.extra, env, args.interval))
     peak = statistics.median(r["max_rss_mb"] for r in runs)
     length_desc = (f"{args.steps} steps" if args.steps is not None
-                   else f"{args.cycles if args.cycles is not None else 2:g} cycles")
+                   else f"{args.cycles:g} cycles" if args.cycles is not None
+                   else "the length the flags give" if args.extra else "2 cycles")
     import numpy
 
     result = {

@@ -24,8 +24,10 @@ from klayer.experiments.runner import Context
 from klayer.search import storage as search_storage
 
 
-def two_stages(out: Path) -> tuple[list[Trial], list[Trial], tuple[float, float]]:
-    ctx = Context({"dataset": "synthetic", "seed": 7}, quick=True, out=out, log=lambda s: None)
+def two_stages(out: Path, pruner: str = "none", jobs: int = 1
+               ) -> tuple[list[Trial], list[Trial], tuple[float, float]]:
+    ctx = Context({"dataset": "synthetic", "seed": 7}, quick=True, out=out, log=lambda s: None,
+                  pruner=pruner, jobs=jobs)
     coarse, parent = run_stage(ctx, "coarse", *COARSE, 4, 0)
     lo, hi = finer_range(coarse, *COARSE)
     fine, _ = run_stage(ctx, "fine", lo, hi, 3, 4, parent)
@@ -40,9 +42,9 @@ def test_stages_are_a_study_and_its_child(tmp_path: Path) -> None:
         ts = study.get_trials(deepcopy=False)
         assert [t.state for t in ts] == [TrialState.COMPLETE] * len(trials)
         assert info.n_trials == len(trials) and info.config.seed == 7
-        for t, mine in zip(ts, trials, strict=True):
+        for t, mine in zip(ts, trials, strict=True):  # queued in order: trial k is point k
             assert mine.number == first + t.number
-            seed = search_storage.trial_seed(7, mine.number)
+            seed = search_storage.trial_seed(7, t.number)
             assert t.user_attrs["seed"] == seed == mine.outcome.seed
             assert math.log10(t.params["lambda"]) == mine.log_lam
             assert t.value == mine.val_accuracy and t.intermediate_values
@@ -63,6 +65,28 @@ def test_a_rerun_starts_a_fresh_journal_and_draws_the_same_lambdas(tmp_path: Pat
     journal_file = str(tmp_path / "lambda-search" / "journal.log")
     study, _ = search_storage.load_study("lambda-coarse", journal_file)
     assert len(study.get_trials()) == 4
+
+
+def test_pruned_stages_and_workers_train_the_same_lambdas(tmp_path: Path) -> None:
+    """With pruning, and with 2 workers, the stages draw and train the same lambdas (queued
+    up front); a pruned trial keeps its curve and state but has no final accuracy, so it
+    is never a contender or finalist. Its curve matches the unpruned run's up to there."""
+    plain = two_stages(tmp_path / "plain")
+    pruned = two_stages(tmp_path / "sha", pruner="sha")
+    coarse, coarse_sha = plain[0], pruned[0]
+    assert [t.log_lam for t in coarse] == [t.log_lam for t in coarse_sha]
+    states = [t.outcome.summary["state"] for t in coarse_sha]
+    assert "PRUNED" in states and "COMPLETE" in states, states
+    for full, mine in zip(coarse, coarse_sha, strict=True):
+        assert mine.outcome.rows == full.outcome.rows[:len(mine.outcome.rows)]
+        if mine.outcome.summary["state"] == "PRUNED":
+            assert math.isnan(mine.val_accuracy) and mine not in contenders(coarse_sha)
+            assert mine.outcome.summary["pruned_step"] == mine.outcome.rows[-1]["step"]
+        else:
+            assert mine.val_accuracy == full.val_accuracy
+    two = two_stages(tmp_path / "jobs", jobs=2)
+    assert [t.log_lam for t in two[0]] == [t.log_lam for t in coarse]
+    assert [t.val_accuracy for t in two[0]] == [t.val_accuracy for t in coarse]
 
 
 def fake(number: int, log_lam: float, val: float, n_val: int = 5000) -> Trial:
@@ -93,7 +117,7 @@ def test_finalists_are_the_best_distinct_lambdas() -> None:
 
 def test_the_race_retrains_each_finalist_with_several_seeds(tmp_path: Path) -> None:
     ctx = Context({"dataset": "synthetic", "seed": 7}, quick=True, out=tmp_path,
-                  log=lambda s: None)
+                  log=lambda s: None, pruner="none")  # 4 trials: every one a candidate
     coarse, _ = run_stage(ctx, "coarse", *COARSE, 4, 0)
     finals = finalists(coarse)
     raced = race(ctx, finals)

@@ -26,9 +26,9 @@ PRUNED = ["--dataset", "synthetic", "--hidden", "16", "--n-batch", "50", "--n-s"
           "--reduction-factor", "2"]
 
 
-def test_pruner_settings_are_checked_and_default_to_two_rungs() -> None:
+def test_pruner_settings_are_checked_and_default_to_half_the_training() -> None:
     s = pruner_settings(None, None, None, 9000)
-    assert s == PrunerSettings("sha", 1000, 3, 9000)
+    assert s == PrunerSettings("sha", 4500, 4, 9000)
     assert PrunerSettings.from_attr(s.to_attr()) == s
     assert PrunerSettings.from_attr(None).pruner == "none"  # a study made before pruners
     assert pruner_settings("none", None, None, 9000).pruner == "none"
@@ -58,7 +58,7 @@ def test_the_pruner_comes_from_flags_or_the_space_file_and_is_stored(tmp_path: P
     assert bad.returncode == 2 and "--min-resource" in bad.stderr and "40" in bad.stderr
     assert not Path(journal(tmp_path, "q")).exists()  # refused before anything was made
     default = klayer("search", "init", "--study", "d", *PRUNED[:16], cwd=tmp_path)
-    assert "pruner: sha (min 4 steps, reduction factor 3, of 40)" in default.stdout
+    assert "pruner: sha (min 20 steps, reduction factor 4, of 40)" in default.stdout
 
 
 def check_pruned_study(cwd: Path, name: str, budget: int) -> list[optuna.trial.FrozenTrial]:

@@ -121,6 +121,9 @@ def test_pruned_trials_leave_the_stack_and_the_others_do_not_change(optimizer: s
         bt.run()
         return bt
 
+    gone = batched(dict.fromkeys(range(4), every))  # all at once: the run ends there
+    assert gone.pruned == dict.fromkeys(range(4), every) and gone.t == every
+    assert gone.networks() == [None] * 4
     full, pruned = batched({}), batched({1: every, 3: 2 * every})
     assert pruned.pruned == {1: every, 3: 2 * every} and not pruned.diverged
     assert [t for t, _ in pruned.curves[1]] == [0, every]

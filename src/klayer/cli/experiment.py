@@ -40,6 +40,8 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
                    help="a slice of the data and short runs (~1-2 min); marked in the report")
     p.add_argument("--out", metavar="DIR",
                    help="report folder (default runs/experiment-<name>-<timestamp>)")
+    p.add_argument("--pruner", choices=("none", "median", "sha", "hyperband"), default="sha",
+                   help="lambda-search: the pruner of its two search stages (default sha)")
     p.add_argument("--keep-models", action="store_true",
                    help="also save every trained network as OUT/models/<experiment>/"
                    "<configuration>-seed<S>.npz, for klayer evaluate (default: none)")
@@ -60,7 +62,8 @@ def run_experiment_cmd(args: argparse.Namespace) -> int:
     base = {"dataset": args.dataset, "seed": args.seed,
             **({"data_dir": args.data_dir} if args.data_dir else {})}
     ctx = Context(base=base, seeds=args.seeds, jobs=args.jobs, quick=args.quick, out=out,
-                  log=lambda m: print(m, flush=True), keep=True, keep_models=args.keep_models)
+                  log=lambda m: print(m, flush=True), keep=True, keep_models=args.keep_models,
+                  pruner=args.pruner)
     with StopSignals() as stop, ExitStack() as held:
         try:
             with stop.armed():

@@ -64,10 +64,10 @@ def _add_init(q: argparse.ArgumentParser) -> None:
                    help="stop hopeless trials at an evaluation (default sha: successive "
                    "halving, ASHA); every worker prunes the same way")
     q.add_argument("--min-resource", type=int, metavar="STEPS",
-                   help="pruner: training steps before a trial can be pruned (default: the "
-                   "base training's steps / reduction factor^2)")
+                   help="pruner: training steps before a trial can be pruned (default: half "
+                   "of the base training)")
     q.add_argument("--reduction-factor", type=int, metavar="R",
-                   help="sha, hyperband: 1/R of the trials at a rung go on (default 3)")
+                   help="sha, hyperband: 1/R of the trials at a rung go on (default 4)")
     q.add_argument("--parent", metavar="STUDY",
                    help="coarse to fine: ranges from the top trials of this study")
     q.add_argument("--parent-storage", metavar="URL|FILE",
@@ -185,7 +185,7 @@ def explicit_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_init(args: argparse.Namespace) -> int:
-    from klayer.search import pruning, space, storage
+    from klayer.search import pruning, space, status, storage
     from klayer.training import plan
 
     where = _storage(args)
@@ -202,9 +202,9 @@ def run_init(args: argparse.Namespace) -> int:
         plan.validate(base)
     common.at_least(args, grid_points=2, heartbeat_interval=1, grace_period=1)
     data = plan.load_data(base)
-    total = plan.make_plan(base, len(data.train.y)).total_steps
     pruner = pruning.pruner_settings(prune.get("pruner"), prune.get("min_resource"),
-                                     prune.get("reduction_factor"), total)
+                                     prune.get("reduction_factor"),
+                                     plan.make_plan(base, len(data.train.y)).total_steps)
     searched = space.normalize_space(raw, base)
     if args.sampler == "grid":
         for spec in searched.values():
@@ -218,16 +218,9 @@ def run_init(args: argparse.Namespace) -> int:
                                 ("grace_period", args.grace_period)) if v is not None}
     info = storage.create_study(args.study, where, base, data, searched, trials, args.sampler,
                                 parent, pruner=pruner, **timing)
-    _print_created(args, info)
-    return EXIT_OK
-
-
-def _print_created(args: argparse.Namespace, info: StudyInfo) -> None:
-    """What ``search init`` made (``status.created_text``)."""
-    from klayer.search import status
-
     print(status.created_text(info, args.trials, args.top_k, args.parent,
                               storage_given=bool(args.storage)))
+    return EXIT_OK
 
 
 def _from_parent(args: argparse.Namespace, raw: dict[str, Any]) -> tuple[

@@ -70,6 +70,7 @@ class Context:
     keep: bool = False  # keep each finished training in OUT/trainings, read back on a re-run
     keep_models: bool = False  # save each trained network in OUT/models (--keep-models)
     experiment: str = ""  # the experiment running now: the models' subfolder
+    pruner: str = "sha"  # the pruner of the experiments that search (lambda-search)
     identity: dict[str, Any] = field(default_factory=dict)  # jobcache.identity, for the keys
     # this run's kept trainings (read back, or written or being written: count those that
     # exist), and the model files it has named (path -> job key)

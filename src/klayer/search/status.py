@@ -98,7 +98,8 @@ def status_text(study: optuna.Study, info: StudyInfo, stuck: float | None = None
               f"{counts[TrialState.PRUNED]} PRUNED; {counts[TrialState.RUNNING]} RUNNING, "
               f"{counts[TrialState.WAITING]} WAITING, {counts[TrialState.FAIL]} FAIL"]
     if info.grid is not None:
-        lines += ["", *_grid_lines(info.grid, trials, show_test)]
+        lines += ["", *_grid_lines(info.grid, trials, show_test,
+                                   "grid" if info.sampler == "grid" else "queued")]
     lines += ["", *_trial_table(trials, list(info.space), now, show_test), "",
               _best_line(study, show_test)]
     limit = stuck if stuck is not None else stuck_after(trials)
@@ -114,7 +115,7 @@ def status_text(study: optuna.Study, info: StudyInfo, stuck: float | None = None
 
 
 def _grid_lines(points: list[dict[str, Any]], trials: Sequence[FrozenTrial],
-                show_test: bool) -> list[str]:
+                show_test: bool, what: str = "grid") -> list[str]:
     """A grid study's points: how many are in each state, then one line per point with
     its state and trials (the COMPLETE one with its accuracy)."""
     progress = grid_progress(points, list(trials))
@@ -127,7 +128,7 @@ def _grid_lines(points: list[dict[str, Any]], trials: Sequence[FrozenTrial],
         if result and show_test:
             result += _test_text(done[0])
         rows.append([fmt_params(point), state, " ".join(f"#{t.number}" for t in ts), result])
-    return [f"grid: {len(points)} points: {counts}", *_columns(rows, indent="  ")]
+    return [f"{what}: {len(points)} points: {counts}", *_columns(rows, indent="  ")]
 
 
 def _test_text(t: FrozenTrial) -> str:
@@ -200,7 +201,7 @@ def created_text(info: StudyInfo, asked: int | None, top_k: int, parent: str | N
     where = masked(info.storage)
     lines = [f"created study {info.name} in {where}"]
     if info.grid is not None:
-        lines.append(f"  grid of {len(info.grid)} points, each queued once, sampler grid")
+        lines.append(f"  {len(info.grid)} points, each queued once, sampler {info.sampler}")
         if asked is not None and asked != len(info.grid):
             lines.append(f"  note: grid has {len(info.grid)} points: the study runs "
                          f"{len(info.grid)} trials, not the {asked} asked")

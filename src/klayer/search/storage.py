@@ -190,11 +190,14 @@ def create_study(name: str, storage: str, config: TrainConfig, data: Data, space
                  parent: dict[str, Any] | None = None,
                  heartbeat_interval: int = HEARTBEAT_INTERVAL,
                  grace_period: int = GRACE_PERIOD,
-                 pruner: PrunerSettings | None = None) -> StudyInfo:
+                 pruner: PrunerSettings | None = None,
+                 points: list[dict[str, Any]] | None = None) -> StudyInfo:
     """Create the study once, with its set-up as user attributes; SearchError if it exists.
 
     A grid study runs each point of its grid once, whatever ``n_trials`` says: every
-    point is queued here, and its budget is the number of points. The format attribute
+    point is queued here, and its budget is the number of points. ``points`` (drawn by
+    the caller, e.g. an experiment's seeded random draws) are queued and run the same
+    way, whatever the number of workers. The format attribute
     comes last, once the study is complete: ``load_study`` refuses a study without it.
     """
     if not STUDY_NAME.match(name):
@@ -206,7 +209,8 @@ def create_study(name: str, storage: str, config: TrainConfig, data: Data, space
     if not 0 < heartbeat_interval < grace_period:
         raise SearchError(f"--grace-period ({grace_period}) must exceed --heartbeat-interval "
                           f"({heartbeat_interval}), which must be >= 1")
-    points = grid_points(space) if sampler == "grid" else None
+    if points is None and sampler == "grid":
+        points = grid_points(space)
     if points is not None:
         n_trials = len(points)
     st = open_storage(storage)

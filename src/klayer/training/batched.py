@@ -158,6 +158,8 @@ class BatchedTrainer:
         while self.t < self.total_steps and len(self.active):
             if self.eval_every and self.t % self.eval_every == 0:
                 self.curve_point()
+                if not len(self.active):  # every trial left at this point
+                    break
             self.step()
         return self.networks()
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import optuna
@@ -12,7 +10,7 @@ import pytest
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
-from test_search import FAST, journal, kill_workers, klayer, spawn, training, trials, wait_for
+from test_search import FAST, journal, kill_one_of_two_workers, klayer, trials
 
 from klayer.search import storage as search_storage
 from klayer.search.pruning import PrunerSettings, make_pruner, pruner_settings
@@ -120,17 +118,7 @@ def test_a_killed_worker_with_pruning_loses_no_trial_and_runs_none_twice(
     args[args.index("--min-resource") + 1] = "375"
     r = klayer("search", "init", "--study", "k", "--trials", "6", *args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    p = spawn("search", "worker", "--study", "k", "--jobs", "2", *FAST, cwd=tmp_path)
-    try:
-        victim = wait_for(lambda: training(tmp_path, "k"), "a trial in its training loop")
-        pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
-        os.kill(pid, signal.SIGKILL)
-        out, _ = p.communicate(timeout=180)
-    finally:
-        if p.poll() is None:
-            p.kill()
-        kill_workers(tmp_path, "k")
-    assert p.returncode == 0, out
+    victim, _, out = kill_one_of_two_workers(tmp_path, "k")
     ts = trials(tmp_path, "k")
     failed = [t for t in ts if t.state == TrialState.FAIL]
     assert [t.number for t in failed] == [victim.number], out

@@ -101,6 +101,23 @@ def kill_workers(cwd: Path, name: str) -> None:
             os.kill(int(pid), signal.SIGKILL)
 
 
+def kill_one_of_two_workers(cwd: Path, name: str) -> tuple[optuna.trial.FrozenTrial, int, str]:
+    """``search worker --jobs 2`` with one worker SIGKILLed in its training loop; (its
+    trial then, its pid, the output), the command having ended with exit 0."""
+    p = spawn("search", "worker", "--study", name, "--jobs", "2", *FAST, cwd=cwd)
+    try:
+        victim = wait_for(lambda: training(cwd, name), "a trial in its training loop")
+        pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
+        os.kill(pid, signal.SIGKILL)
+        out, _ = p.communicate(timeout=180)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        kill_workers(cwd, name)
+    assert p.returncode == 0, out
+    return victim, pid, out
+
+
 @pytest.fixture(scope="module")
 def lam_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A lambda search of 8 trials done by 2 worker processes (shared by several tests)."""
@@ -304,17 +321,7 @@ def test_a_killed_worker_is_noticed_and_its_trial_retried(tmp_path: Path) -> Non
     r = klayer("search", "init", "--study", "k", "--param", "lambda=1e-4..1e-1:log",
                "--trials", "3", *args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    p = spawn("search", "worker", "--study", "k", "--jobs", "2", *FAST, cwd=tmp_path)
-    try:
-        victim = wait_for(lambda: training(tmp_path, "k"), "a trial in its training loop")
-        pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
-        os.kill(pid, signal.SIGKILL)
-        out, _ = p.communicate(timeout=120)
-    finally:
-        if p.poll() is None:
-            p.kill()
-        kill_workers(tmp_path, "k")
-    assert p.returncode == 0, out
+    victim, pid, out = kill_one_of_two_workers(tmp_path, "k")
     assert f"worker {pid} died (SIGKILL)" in out
     ts = trials(tmp_path, "k")
     failed = [t for t in ts if t.state == TrialState.FAIL]

@@ -26,8 +26,11 @@ from klayer.search import storage as search_storage
 
 def two_stages(out: Path, pruner: str = "none", jobs: int = 1
                ) -> tuple[list[Trial], list[Trial], tuple[float, float]]:
-    ctx = Context({"dataset": "synthetic", "seed": 7}, quick=True, out=out, log=lambda s: None,
-                  pruner=pruner, jobs=jobs)
+    """Both stages; with jobs > 1 not quick (quick stages run one worker), but as short."""
+    base = {"dataset": "synthetic", "seed": 7}
+    if jobs > 1:
+        base |= {"n_s": 40, "val_size": 1000, "evals_per_cycle": 4}
+    ctx = Context(base, quick=jobs == 1, out=out, log=lambda s: None, pruner=pruner, jobs=jobs)
     coarse, parent = run_stage(ctx, "coarse", *COARSE, 4, 0)
     lo, hi = finer_range(coarse, *COARSE)
     fine, _ = run_stage(ctx, "fine", lo, hi, 3, 4, parent)
@@ -84,9 +87,10 @@ def test_pruned_stages_and_workers_train_the_same_lambdas(tmp_path: Path) -> Non
             assert mine.outcome.summary["pruned_step"] == mine.outcome.rows[-1]["step"]
         else:
             assert mine.val_accuracy == full.val_accuracy
-    two = two_stages(tmp_path / "jobs", jobs=2)
-    assert [t.log_lam for t in two[0]] == [t.log_lam for t in coarse]
-    assert [t.val_accuracy for t in two[0]] == [t.val_accuracy for t in coarse]
+    two, one = (two_stages(tmp_path / f"jobs{j}", jobs=j)[0] for j in (2, 1))
+    assert [t.log_lam for t in two] == [t.log_lam for t in one]  # the same queued draws
+    one_by_lam = {t.log_lam: t.outcome.summary["state"] for t in one}
+    assert all(one_by_lam[t.log_lam] == t.outcome.summary["state"] == "COMPLETE" for t in two)
 
 
 def fake(number: int, log_lam: float, val: float, n_val: int = 5000) -> Trial:

@@ -78,7 +78,8 @@ def run_stage(ctx: Context, name: str, lo: float, hi: float, n: int, first: int,
     """Stage ``name``: study lambda-<name> (a fresh journal file without ``parent``, the
     previous stage's record), ``n`` lambdas log-uniform in [10^lo, 10^hi] drawn by
     Optuna's random sampler seeded with SeedSequence([base seed, first]), queued, and
-    trained by ``ctx.jobs`` search workers with the study's pruner; the stage's trial k
+    trained by ``ctx.jobs`` search workers (one for quick runs, whose data is a slice only
+    this process holds) with the study's pruner; the stage's trial k
     (numbered ``first + k`` over all stages) trains with seed SeedSequence([base seed, k]).
     The trials, and the stage's record for its child (its contenders)."""
     base_seed, study_name = int(ctx.base.get("seed", 0)), f"lambda-{name}"
@@ -97,8 +98,9 @@ def run_stage(ctx: Context, name: str, lo: float, hi: float, n: int, first: int,
     ctx.log(f"lambda-search {name} stage: {n} trials, pruner {info.pruner.describe()}")
     opts = WorkerOptions(study=study_name, storage=str(storage), data_dir=config.data_dir,
                          quiet=True, poll=0.5)
-    code = run_workers(opts, jobs=ctx.jobs, threads=max(1, (os.cpu_count() or 1) // ctx.jobs),
-                       data=data if ctx.jobs <= 1 else None)
+    jobs = 1 if ctx.quick else ctx.jobs  # a worker process would load all of the data
+    code = run_workers(opts, jobs=jobs, threads=max(1, (os.cpu_count() or 1) // jobs),
+                       data=data if jobs <= 1 else None)
     if code > 128:
         raise Stopped(code - 128)
     if code:

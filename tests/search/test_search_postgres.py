@@ -116,6 +116,12 @@ def spawn(*args: str, cwd: Path) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
+def worker(postgres: str, study: str, *extra: str, cwd: Path) -> subprocess.Popen[str]:
+    """``klayer search worker`` on ``study`` with the tests' heartbeat timing."""
+    return spawn("search", "worker", "--study", study, "--storage", postgres, *HEARTBEAT,
+                 *extra, cwd=cwd)
+
+
 def wait_for(cond: Any, timeout: float = 60.0) -> Any:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -137,10 +143,8 @@ def test_killed_worker_trial_is_retried_and_the_study_completes(
     r = klayer("search", "init", "--study", "kill", "--storage", postgres, *TIMING, "--param",
                "lambda=1e-4..1e-1:log", "--trials", "5", *TRAIN, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    a = spawn("search", "worker", "--study", "kill", "--storage", postgres, *HEARTBEAT,
-              cwd=tmp_path)
-    b = spawn("search", "worker", "--study", "kill", "--storage", postgres, *HEARTBEAT,
-              cwd=tmp_path)
+    a = worker(postgres, "kill", cwd=tmp_path)
+    b = worker(postgres, "kill", cwd=tmp_path)
     # in its training loop: its first evaluation (step 0) is reported, the last write before
     wait_for(lambda: [t for t in running_of(postgres, "kill", a.pid) if 0 in t.intermediate_values])
     a.kill()  # SIGKILL mid-trial: no chance to clean up
@@ -165,8 +169,7 @@ def test_sigterm_marks_the_trial_failed_not_running(postgres: str, tmp_path: Pat
     r = klayer("search", "init", "--study", "term", "--storage", postgres, *TIMING, "--param",
                "lambda=1e-4..1e-1:log", "--trials", "3", *long, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    w = spawn("search", "worker", "--study", "term", "--storage", postgres, *HEARTBEAT,
-              cwd=tmp_path)
+    w = worker(postgres, "term", cwd=tmp_path)
     wait_for(lambda: running_of(postgres, "term", w.pid))
     w.send_signal(signal.SIGTERM)
     out, _ = w.communicate(timeout=60)
@@ -183,8 +186,8 @@ def test_grid_points_each_run_once_by_concurrent_workers(postgres: str, tmp_path
     r = klayer("search", "init", "--study", "grid", "--storage", postgres, *TIMING,
                "--sampler", "grid", "--param", "lambda=0.01..0.08:points=8", *quick, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    procs = [spawn("search", "worker", "--study", "grid", "--storage", postgres, *HEARTBEAT,
-                   *extra, cwd=tmp_path) for extra in ([], [], ["--batch-trials", "2"])]
+    procs = [worker(postgres, "grid", *extra, cwd=tmp_path)
+             for extra in ([], [], ["--batch-trials", "2"])]
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], outs
     study, _ = search_storage.load_study("grid", postgres)
@@ -231,10 +234,8 @@ def test_a_dead_workers_trial_is_found_while_the_others_still_train(
     r = klayer("search", "init", "--study", "timer", "--storage", postgres, *TIMING, "--param",
                "lambda=1e-4..1e-1:log", "--trials", "2", *long, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    a = spawn("search", "worker", "--study", "timer", "--storage", postgres, *HEARTBEAT,
-              cwd=tmp_path)
-    b = spawn("search", "worker", "--study", "timer", "--storage", postgres, *HEARTBEAT,
-              cwd=tmp_path)
+    a = worker(postgres, "timer", cwd=tmp_path)
+    b = worker(postgres, "timer", cwd=tmp_path)
     try:
         for w in (a, b):
             wait_for(lambda w=w: [t for t in running_of(postgres, "timer", w.pid)
@@ -283,8 +284,7 @@ def test_workers_ride_out_a_database_restart(postgres: str, tmp_path: Path) -> N
     r = klayer("search", "init", "--study", "outage", "--storage", postgres, *TIMING,
                "--param", "lambda=1e-4..1e-1:log", "--trials", "8", *TRAIN, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    procs = [spawn("search", "worker", "--study", "outage", "--storage", postgres, *HEARTBEAT,
-                   cwd=tmp_path) for _ in range(2)]
+    procs = [worker(postgres, "outage", cwd=tmp_path) for _ in range(2)]
     seen: set[int] = set()  # both workers have joined and trained before the outage
     wait_for(lambda: seen.update(p.pid for p in procs if running_of(postgres, "outage", p.pid))
              or len(seen) == 2)
@@ -303,8 +303,7 @@ def test_a_worker_gives_up_after_its_storage_timeout(postgres: str, tmp_path: Pa
     r = klayer("search", "init", "--study", "gone", "--storage", postgres, *TIMING,
                "--param", "lambda=1e-4..1e-1:log", "--trials", "50", *TRAIN, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    w = spawn("search", "worker", "--study", "gone", "--storage", postgres, *HEARTBEAT,
-              "--storage-timeout", "3", cwd=tmp_path)
+    w = worker(postgres, "gone", "--storage-timeout", "3", cwd=tmp_path)
     wait_for(lambda: running_of(postgres, "gone", w.pid))
     SERVER["outage"](10.0)
     out, _ = w.communicate(timeout=120)

@@ -201,15 +201,15 @@ def run_init(args: argparse.Namespace) -> int:
     with common.as_usage():
         plan.validate(base)
     common.at_least(args, grid_points=2, heartbeat_interval=1, grace_period=1)
-    data = plan.load_data(base)
-    pruner = pruning.pruner_settings(prune.get("pruner"), prune.get("min_resource"),
-                                     prune.get("reduction_factor"),
-                                     plan.make_plan(base, len(data.train.y)).total_steps)
     searched = space.normalize_space(raw, base)
     if args.sampler == "grid":
         for spec in searched.values():
             if "choices" not in spec:
                 spec.setdefault("points", args.grid_points)
+    data = plan.load_data(base)
+    pruner = pruning.pruner_settings(prune.get("pruner"), prune.get("min_resource"),
+                                     prune.get("reduction_factor"),
+                                     plan.make_plan(base, len(data.train.y)).total_steps)
     if parent_fp is not None and storage.data_fingerprint(data) != parent_fp:
         raise UsageError(f"--parent {args.parent} was searched on other data "
                          f"({parent_fp[:19]}...); use the same data set")

@@ -23,7 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 from klayer.search.backend import masked
 from klayer.search.faults import fail_trial
 from klayer.search.space import SearchError, describe_space, fmt_params, fmt_value
-from klayer.search.storage import GRID_STATES, Store, StudyInfo, grid_progress, top_trials
+from klayer.search.storage import DONE, GRID_STATES, Store, StudyInfo, grid_progress, top_trials
 
 TEST_KEYS = ("test_accuracy", "test_loss")  # trial user attributes shown with show_test
 
@@ -91,7 +91,7 @@ def status_text(study: optuna.Study, info: StudyInfo, stuck: float | None = None
     if info.parent:
         lines.append(f"child of {info.parent.get('study')} (top {info.parent.get('top_k')} "
                      f"trials {info.parent.get('trials')})")
-    done = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
+    done = sum(counts[s] for s in DONE)
     lines += [f"space: {describe_space(info.space)}",
               f"pruner: {info.pruner.describe()}",
               f"{done}/{info.n_trials} done: {counts[TrialState.COMPLETE]} COMPLETE, "
@@ -226,8 +226,8 @@ def created_text(info: StudyInfo, asked: int | None, top_k: int, parent: str | N
 def finished_in_order(trials: Sequence[FrozenTrial]) -> list[tuple[float, FrozenTrial]]:
     """The COMPLETE and PRUNED trials in the order they ended, each with the seconds from
     the study's first trial start to its end."""
-    ended = sorted(((t.datetime_complete, t) for t in trials if t.datetime_complete and
-                    t.state in (TrialState.COMPLETE, TrialState.PRUNED)),
+    ended = sorted(((t.datetime_complete, t) for t in trials
+                    if t.datetime_complete and t.state in DONE),
                    key=lambda e: (e[0], e[1].number))
     starts = [t.datetime_start for t in trials if t.datetime_start]
     if not ended or not starts:

@@ -53,7 +53,7 @@ def profile(args: argparse.Namespace) -> dict[str, float]:
         c0 = clock()
         pos = (bt.t % bt.steps_per_epoch) * 100
         idx = bt.order[pos : pos + 100]
-        X = data.standardize_rows(data.train.X, idx, dtype=stack.dtype, out=buf)
+        X = data.train_rows(idx, dtype=stack.dtype, out=buf)
         buf = X
         c1 = clock()
         scores, caches = stack.forward(X, train=True)

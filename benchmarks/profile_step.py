@@ -51,7 +51,7 @@ def profile(args: argparse.Namespace) -> dict[str, float]:
     for t in range(args.steps):
         c0 = clock()
         idx = order[(t % per_epoch) * 100 : (t % per_epoch + 1) * 100]
-        Xb = data.standardize_rows(data.train.X, idx, dtype=net.dtype, out=buf)
+        Xb = data.train_rows(idx, dtype=net.dtype, out=buf)
         buf, yb = Xb, data.train.y[idx]  # the trainer reuses its mini-batch buffer too
         c1 = clock()
         scores, caches = net.forward(Xb, train=True)

@@ -74,22 +74,22 @@ def test_gather_standardize_is_bit_identical_to_numpy() -> None:
     data = Data(train=Split(X, rng.integers(0, 3, 500)), val=Split(X[:5], np.zeros(5, int)),
                 test=Split(X[:5], np.zeros(5, int)), num_classes=3)
     idx = np.concatenate([rng.permutation(500)[:64], [0, 499, 7, 7]])  # repeats and ends
-    fused = data.standardize_rows(X, idx)
+    fused = data.train_rows(idx)
     assert fused.dtype == F32 and fused.shape == (68, 37)
     np.testing.assert_array_equal(fused, data.standardize(X[idx]))
-    np.testing.assert_array_equal(data.standardize_rows(X, idx, dtype=np.float64),
+    np.testing.assert_array_equal(data.train_rows(idx, dtype=np.float64),
                                   data.standardize(X[idx], dtype=np.float64))
     # a training loop's buffer is reused when it fits, and left alone when it does not
     buf = np.empty((68, 37), F32)
-    assert data.standardize_rows(X, idx, out=buf) is buf
+    assert data.train_rows(idx, out=buf) is buf
     np.testing.assert_array_equal(buf, fused)
     small = np.zeros((4, 37), F32)
-    again = data.standardize_rows(X, idx, out=small)
+    again = data.train_rows(idx, out=small)
     assert again is not small and not small.any()
     np.testing.assert_array_equal(again, fused)
     frozen = np.zeros((68, 37), F32)
     frozen.flags.writeable = False
-    assert data.standardize_rows(X, idx, out=frozen) is not frozen and not frozen.any()
+    assert data.train_rows(idx, out=frozen) is not frozen and not frozen.any()
 
 
 def test_gather_standardize_rejects_bad_rows_and_sizes() -> None:

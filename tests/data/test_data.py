@@ -223,7 +223,7 @@ def test_data_built_by_hand_floors_constant_features() -> None:
     d = Data(s, s, s, num_classes=2)
     assert d.std[1] > 0 and np.isfinite(d.standardize(X)).all()
     assert d.classes == ("0", "1") and d.d == 3 and d.n_train == 4
-    e = d.with_standardization(np.ones(3), np.full(3, 2.0))
+    e = d.with_transform(np.ones(3), np.full(3, 2.0))
     np.testing.assert_allclose(e.standardize(X[:1], np.float64), [[0, -0.5, -0.5]])
     with pytest.raises(ValueError):
         Split(X, [0, 1])

@@ -60,7 +60,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     net, meta, extras = modelfile.load(model)
     data = _data_of(args, net, toml, recorded, meta)
     if "mean" in extras and "std" in extras:  # the standardization the model was trained with
-        data = data.with_standardization(extras["mean"], extras["std"])
+        data = data.with_transform(extras["mean"], extras["std"], extras.get("whiten"))
     out = Path(args.out) if args.out else model.resolve().parent
     check_writable(out, flag="--out" if args.out else "the model's folder (or give --out)")
     split = getattr(data, args.split)
@@ -131,6 +131,8 @@ def run_predict(args: argparse.Namespace) -> int:
     X = np.concatenate([x for x, _ in read]).astype(np.float64)
     if "mean" in extras and "std" in extras:
         X = (X - extras["mean"]) / extras["std"]
+    if "whiten" in extras:
+        X = X @ extras["whiten"]  # (n, d) @ (d, d), as in training
     probs = np.exp(log_softmax(net.scores(X.astype(net.dtype)).astype(np.float64)))
     K = net.config.num_classes
     classes = CIFAR_CLASSES if meta.get("dataset") == "cifar10" and K == 10 else tuple(

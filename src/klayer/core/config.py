@@ -144,6 +144,7 @@ def _check_open_interval(name: str, value: Any, lo: float, hi: float) -> None:
 DATASETS = ("cifar10", "digits", "synthetic")
 SPLITS = ("full", "assignment")
 BN_STATS = ("ema", "precise")
+WHITEN = ("none", "pca", "zca")  # input whitening (klayer.data.whitening)
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")  # optim.OPTIMIZERS' keys
 SCHEDULES = ("cyclic", "constant", "step", "exponential", "one_cycle")  # schedules.SCHEDULES'
 LENGTH_KEYS = ("cycles", "epochs", "steps")
@@ -214,6 +215,11 @@ class TrainConfig:
     flip: bool = _f(False, "augment: random horizontal flips (images only)")
     translate: int = _f(0, "augment: random translations of up to this many pixels")
     tta_flip: bool = _f(False, "test-time flip averaging (images only)")
+    whiten: str = _f("none", "input whitening fitted on the training split: none, pca or zca "
+                     "(zca keeps images images; pca takes no image augmentation)",
+                     choices=WHITEN)
+    whiten_eps: float = _f(0.1, "whitening epsilon, added to the eigenvalues of the "
+                           "standardized inputs' covariance (they sum to d)")
     # bookkeeping
     checkpoint_every: int = _f(1000, "steps between checkpoints (0: only at the end and on "
                                "interrupt)")
@@ -231,6 +237,7 @@ class TrainConfig:
         _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("split", self.split, SPLITS)
         _check_choice("bn_stats", self.bn_stats, BN_STATS)
+        _check_choice("whiten", self.whiten, WHITEN)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("schedule", self.schedule, SCHEDULES)
         for name in ("val_size", "n_batch", "decay_every", "evals_per_cycle"):
@@ -244,7 +251,7 @@ class TrainConfig:
             _check_int("order_seed", self.order_seed, 0)
         if self.steps is not None:
             _check_int("steps", self.steps, 1)
-        for name in ("eta_min", "eta_max", "eta", "decay", "adam_eps"):
+        for name in ("eta_min", "eta_max", "eta", "decay", "adam_eps", "whiten_eps"):
             _check_positive(name, getattr(self, name))
         if self.eta_min > self.eta_max:
             raise ValueError(f"eta_min ({self.eta_min:g}) must not exceed eta_max "
@@ -264,6 +271,11 @@ class TrainConfig:
         given = [k for k in LENGTH_KEYS if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"give only one training length, got {' and '.join(given)}")
+        image_ops = [k for k in ("flip", "translate", "tta_flip", "flip_fraction")
+                     if getattr(self, k)]
+        if self.whiten == "pca" and image_ops:
+            raise ValueError(f"whiten = pca makes inputs that are not images, so "
+                             f"{', '.join(image_ops)} cannot apply; use whiten = zca")
         if self.cycles is not None and self.schedule != "cyclic":
             raise ValueError("cycles only applies to schedule = cyclic; use epochs or steps")
 

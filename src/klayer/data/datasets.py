@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from pathlib import Path
@@ -20,6 +21,8 @@ import numpy as np
 import numpy.typing as npt
 
 from klayer.core import kernels
+from klayer.core.network import EVAL_CHUNK
+from klayer.data import whitening
 from klayer.data.batchfile import D_CIFAR, load_batch
 from klayer.data.files import atomic_write, file_stats
 
@@ -94,8 +97,10 @@ class Data:
     mean: npt.NDArray[np.float64] = field(default_factory=lambda: np.empty(0))
     std: npt.NDArray[np.float64] = field(default_factory=lambda: np.empty(0))
     classes: tuple[str, ...] = ()
+    whiten: npt.NDArray[np.float64] = field(default_factory=lambda: np.empty((0, 0)))
     _scale: dict[Any, tuple[np.ndarray, np.ndarray]] = field(
         default_factory=dict, init=False, repr=False)
+    _cache: dict[Any, Any] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         d = self.d
@@ -109,6 +114,9 @@ class Data:
         if self.mean.shape != (d,) or self.std.shape != (d,):
             raise ValueError(f"mean/std must have shape ({d},), got {self.mean.shape} "
                              f"and {self.std.shape}")
+        self.whiten = np.asarray(self.whiten, dtype=np.float64)
+        if self.whiten.size and self.whiten.shape != (d, d):
+            raise ValueError(f"whiten must have shape ({d}, {d}), got {self.whiten.shape}")
         if not self.classes:
             self.classes = tuple(str(i) for i in range(self.num_classes))
 
@@ -123,28 +131,50 @@ class Data:
         return self.train.n
 
     def standardize(self, X_raw: np.ndarray, dtype: npt.DTypeLike = np.float32) -> np.ndarray:
-        """(X_raw - mean) / std as a new (n, d) array of ``dtype``."""
+        """(X_raw - mean) / std, then whitened if ``whiten`` is set: a new (n, d) array."""
         shift, inv_std = self._scaling(dtype)
         out = np.array(X_raw, dtype=shift.dtype)  # a plain copy, even of a memmap slice
         out -= shift
         out *= inv_std
+        if self.whiten.size:
+            out = out @ self._typed("whiten", self.whiten, dtype)  # (n, d) @ (d, d)
         return out
 
-    def standardize_rows(self, X_raw: np.ndarray, idx: np.ndarray,
-                         dtype: npt.DTypeLike = np.float32,
-                         out: np.ndarray | None = None) -> np.ndarray:
-        """``standardize(X_raw[idx])``: a mini-batch, in one fused pass where it can be.
+    def train_rows(self, idx: np.ndarray, dtype: npt.DTypeLike = np.float32,
+                   out: np.ndarray | None = None) -> np.ndarray:
+        """``standardize(train.X[idx])``: a mini-batch, in one fused pass where it can be.
 
         With the C kernels, float32 and uint8 rows, the rows are gathered, converted and
         standardized in one pass (same rounding as ``standardize``) into ``out`` when it
         fits: a training loop's buffer, reused so that no step pays page faults for a
-        new 1.2 MB array.
+        new 1.2 MB array. Whitened rows come from the whole training split, whitened
+        once (``standardize`` in chunks, so the same values) and kept.
         """
+        X_raw = self.train.X
+        if self.whiten.size:
+            key = ("train", np.dtype(dtype))
+            if key not in self._cache:
+                whole = np.empty(X_raw.shape, dtype)  # (n, d), filled a chunk at a time
+                for i, chunk in zip(range(0, len(X_raw), EVAL_CHUNK), self.chunks(X_raw, dtype),
+                                    strict=True):
+                    whole[i : i + len(chunk)] = chunk
+                self._cache[key] = whole
+            whole = self._cache[key]
+            if (out is None or out.shape != (len(idx), self.d) or out.dtype != whole.dtype
+                    or not out.flags.writeable):
+                return whole[idx]
+            return np.take(whole, idx, axis=0, out=out)
         shift, inv_std = self._scaling(dtype)
         if (X_raw.dtype == np.uint8 and X_raw.ndim == 2 and X_raw.flags.c_contiguous
                 and kernels.enabled(shift, inv_std)):
             return kernels.gather_standardize(X_raw, idx, shift, inv_std, out)
         return self.standardize(X_raw[idx], dtype)
+
+    def chunks(self, X_raw: np.ndarray, dtype: npt.DTypeLike = np.float32,
+               size: int = EVAL_CHUNK) -> Iterator[np.ndarray]:
+        """``standardize`` of X_raw, ``size`` rows at a time."""
+        for i in range(0, len(X_raw), size):
+            yield self.standardize(X_raw[i : i + size], dtype)
 
     def _scaling(self, dtype: npt.DTypeLike) -> tuple[np.ndarray, np.ndarray]:
         """The shift (mean) and scale (1 / std) in ``dtype``, made once per dtype: the
@@ -154,9 +184,33 @@ class Data:
             self._scale[key] = (self.mean.astype(key), (1.0 / self.std).astype(key))
         return self._scale[key]
 
-    def with_standardization(self, mean: np.ndarray, std: np.ndarray) -> Data:
-        """A copy (sharing the splits) that standardizes with the given statistics."""
-        return replace(self, mean=np.asarray(mean), std=np.asarray(std))
+    def _typed(self, name: str, a: np.ndarray, dtype: npt.DTypeLike) -> np.ndarray:
+        key = (name, np.dtype(dtype))
+        if key not in self._cache:
+            self._cache[key] = a.astype(dtype)
+        return self._cache[key]
+
+    def with_transform(self, mean: np.ndarray, std: np.ndarray,
+                       whiten: np.ndarray | None = None) -> Data:
+        """A copy (sharing the splits) that standardizes (and whitens) as given."""
+        return replace(self, mean=np.asarray(mean), std=np.asarray(std),
+                       whiten=np.empty((0, 0)) if whiten is None else np.asarray(whiten))
+
+    def whitened(self, kind: str, eps: float) -> Data:
+        """A copy whitened by ``kind`` (none, pca, zca; see ``whiten.fit``), fitted on the
+        training split's standardized rows only. Made once per (kind, eps) and kept."""
+        if kind == "none":
+            return self
+        key = ("whitened", kind, eps)
+        if key not in self._cache:
+            W = whitening.fit(self.chunks(self.train.X, np.float64), self.d, kind, eps)
+            self._cache[key] = self.with_transform(self.mean, self.std, W)
+        return self._cache[key]
+
+    def transform_arrays(self) -> dict[str, np.ndarray]:
+        """What a model file keeps of the inputs' transform: mean, std (and whiten)."""
+        arrays = {"mean": self.mean, "std": self.std}
+        return {**arrays, "whiten": self.whiten} if self.whiten.size else arrays
 
 
 def data_fingerprint(data: Data) -> str:

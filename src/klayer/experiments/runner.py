@@ -291,7 +291,7 @@ def _save_model(result: Any, path: Path, meta: dict[str, Any]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         modelfile.save(result.net, path, metadata=meta,
-                       extras={"mean": data.mean, "std": data.std})
+                       extras=data.transform_arrays())
     except OSError as e:
         raise OutputError(cannot_write(path, e)) from None
 

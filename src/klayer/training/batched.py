@@ -81,7 +81,7 @@ class BatchedTrainer:
         if len(lrs) != len(cfgs):
             raise ValueError(f"{len(cfgs)} configurations but {len(lrs)} schedules")
         self.cfg = cfgs[0]
-        self.data = data
+        self.data = data = data.whitened(self.cfg.whiten, self.cfg.whiten_eps)
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
         self.lrs = list(lrs)
         self.lam = np.array([c.lam for c in cfgs], np.float64)

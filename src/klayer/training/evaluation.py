@@ -28,18 +28,16 @@ FOLD_MAX_RATIO = 1e3  # largest |mean| / std of a feature that ``folded`` takes
 
 def batches(data: Data, X: Array, flip: bool = False) -> Iterator[Array]:
     """Standardized (and optionally mirrored) chunks of X, EVAL_CHUNK rows at a time."""
-    for i in range(0, len(X), EVAL_CHUNK):
-        chunk = data.standardize(X[i : i + EVAL_CHUNK], dtype=np.float32)
-        if flip and data.image_shape is not None:
-            chunk = hflip(chunk, data.image_shape)
-        yield chunk
+    for chunk in data.chunks(X, np.float32, EVAL_CHUNK):
+        yield hflip(chunk, data.image_shape) if flip and data.image_shape is not None else chunk
 
 
 def folded(net: Network, data: Data) -> Network | None:
     """A copy of ``net`` that takes raw rows: data's standardization folded into layer 1.
 
     s_1 = ((x - mean) / std) W_1 + b_1 = x (W_1 / std) + (b_1 - (mean / std) W_1),
-    with std dividing W_1's rows (d, m_1); computed in float64. Only the first linear
+    with std dividing W_1's rows (d, m_1); computed in float64. Whitened data fold the
+    whitening matrix P (d, d) in first: W_1 is replaced by P W_1. Only the first linear
     map reads the input (skip connections start at hidden layers), so the copy's
     scores equal net's on standardized rows, to rounding. None when some feature's
     |mean| / std exceeds FOLD_MAX_RATIO (say, a constant non-zero pixel): x (W_1 / std)
@@ -50,6 +48,8 @@ def folded(net: Network, data: Data) -> Network | None:
         return None
     out = net.copy()
     W1 = net.params["W1"].astype(np.float64)  # (d, m_1)
+    if data.whiten.size:
+        W1 = data.whiten @ W1  # (d, d) @ (d, m_1)
     out.params["W1"][...] = W1 / std[:, None]
     out.params["b1"][...] = net.params["b1"] - (mean / std) @ W1
     return out

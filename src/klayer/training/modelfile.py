@@ -9,7 +9,8 @@ Keys (all plain arrays, so ``np.load(path, allow_pickle=False)`` reads them):
   the architecture's bn_convention is "pytorch")
 * ``bn_updates``    0-d int, training passes that updated the running statistics
 * ``metadata``      0-d string, JSON with free-form information (dataset, seed, ...)
-* ``extra/<name>``  optional arrays, e.g. extra/mean and extra/std: the input standardization
+* ``extra/<name>``  optional arrays: extra/mean and extra/std (d,), the input standardization,
+  and extra/whiten (d, d), the whitening applied after it (``Data.transform_arrays``)
 
 Weights are stored as in klayer (rows are examples): W_course = W.T.
 """
@@ -112,4 +113,10 @@ def _from_arrays(files: dict[str, np.ndarray]) -> tuple[Network, dict[str, Any],
     net.stats.update(arrays_like(files, "stats", net.stats))
     net.bn_updates = count(files, "bn_updates")
     extras = {k.split("/", 1)[1]: v for k, v in files.items() if k.startswith("extra/")}
+    d = config.d
+    for name, shape in (("mean", (d,)), ("std", (d,)), ("whiten", (d, d))):
+        a = extras.get(name)
+        if a is not None and (a.shape != shape or a.dtype.kind != "f" or not np.isfinite(a).all()):
+            raise ModelFileError(f"extra/{name} must be finite floats of shape {shape}, got "
+                                 f"{a.dtype} {a.shape}")
     return net, metadata, extras

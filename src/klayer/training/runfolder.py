@@ -63,7 +63,7 @@ def save_run(result: Result, out: Path) -> None:
             write_text(path, text)
         path = out / "model.npz"
         modelfile.save(result.net, path, metadata=meta,
-                       extras={"mean": data.mean, "std": data.std})
+                       extras=data.transform_arrays())
         path = out / "summary.json"
         write_text(path, json.dumps(result.summary, indent=2) + "\n")
     except OSError as e:

@@ -84,6 +84,7 @@ class Trainer:
                  callback: Callable[[str, dict[str, float]], None] | None = None,
                  run_dir: str | Path | None = None, train_curve: bool = True) -> None:
         cfg = resolve_length(cfg, len(data.train.y))  # n_s and the length, written out
+        data = data.whitened(cfg.whiten, cfg.whiten_eps)  # fitted once per Data, then kept
         self.cfg, self.data, self.callback = cfg, data, callback
         self.train_curve = train_curve  # False: evaluations before the last skip the train set
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -327,7 +328,7 @@ class MiniBatches:
         if pos == 0 and cfg.shuffle:
             self.order = self.shuffle_rng.permutation(len(data.train.y))
         idx = self.order[pos : pos + cfg.n_batch]
-        X = self._buf = data.standardize_rows(data.train.X, idx, dtype=self.dtype, out=self._buf)
+        X = self._buf = data.train_rows(idx, dtype=self.dtype, out=self._buf)
         if data.image_shape is not None and cfg.flip:
             X = random_flip(X, data.image_shape, self.aug_rng)
         if data.image_shape is not None and cfg.translate:

@@ -1,0 +1,127 @@
+"""Input whitening (``--whiten pca|zca``): the math, the fit/apply split, the model file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest_data_helpers import make_cifar_folder
+
+from klayer.core.config import TrainConfig
+from klayer.core.network import Network
+from klayer.data import whitening
+from klayer.data.datasets import Data, Split
+from klayer.training import modelfile
+from klayer.training.evaluation import evaluate
+from klayer.training.trainer import train
+
+
+def correlated(n: int, d: int, seed: int) -> np.ndarray:
+    """Rows with strongly correlated, unequally scaled features (n, d)."""
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(d, d)) * np.geomspace(3.0, 0.1, d)[:, None]
+    return rng.normal(size=(n, d)) @ mix + rng.normal(size=d)
+
+
+def data_of(train: np.ndarray, other: np.ndarray) -> Data:
+    y = np.arange(len(train)) % 3
+    z = np.arange(len(other)) % 3
+    return Data(Split(train, y), Split(other, z), Split(other, z), num_classes=3)
+
+
+@pytest.mark.parametrize("kind", ["pca", "zca"])
+def test_whitened_training_rows_have_the_promised_covariance(kind: str) -> None:
+    eps = 1e-3
+    data = data_of(correlated(4000, 12, 0), correlated(50, 12, 1)).whitened(kind, eps)
+    Z = data.standardize(data.train.X, np.float64)  # standardized, then whitened
+    C = Z.T @ Z / len(Z)  # (d, d)
+    S = data.standardize(data.train.X, np.float64) @ np.linalg.inv(data.whiten)  # unwhitened
+    lam = np.linalg.eigvalsh(S.T @ S / len(S))  # eigenvalues of the standardized covariance
+    np.testing.assert_allclose(np.sort(np.diag(C)) if kind == "pca" else np.linalg.eigvalsh(C),
+                               np.sort(lam / (lam + eps)), rtol=1e-8, atol=1e-10)
+    if kind == "pca":  # principal axes: decorrelated
+        np.testing.assert_allclose(C - np.diag(np.diag(C)), 0.0, atol=1e-8)
+    else:  # W = U diag U^T: symmetric, the least rotation that whitens
+        np.testing.assert_allclose(data.whiten, data.whiten.T, atol=1e-12)
+
+
+def test_whitening_is_fitted_on_the_training_split_only() -> None:
+    train = correlated(2000, 10, 0)
+    a = data_of(train, correlated(40, 10, 1)).whitened("zca", 0.1)
+    b = data_of(train, 100.0 * correlated(40, 10, 2) - 7.0).whitened("zca", 0.1)
+    np.testing.assert_array_equal(a.whiten, b.whiten)  # other splits do not enter the fit
+    np.testing.assert_array_equal(a.mean, b.mean)
+    alone = whitening.fit([a.with_transform(a.mean, a.std).standardize(train, np.float64)],
+                          10, "zca", 0.1)
+    np.testing.assert_allclose(a.whiten, alone, rtol=1e-9, atol=1e-12)
+    assert data_of(train, train[:40]).whitened("none", 0.1).whiten.size == 0
+
+
+def test_training_rows_and_evaluation_see_the_same_whitened_inputs() -> None:
+    data = data_of(correlated(600, 16, 0), correlated(200, 16, 1)).whitened("zca", 0.05)
+    idx = np.array([5, 0, 599, 5, 17])
+    np.testing.assert_array_equal(data.train_rows(idx), data.standardize(data.train.X[idx]))
+    buf = np.empty((5, 16), np.float32)
+    assert data.train_rows(idx, out=buf) is buf
+    net = Network(TrainConfig(hidden=(8,)).net_config(d=16, num_classes=3), rng=0)
+    # evaluate folds mean, std and whitening into W1; here they are applied to the inputs
+    logits = net.scores(data.standardize(data.val.X, np.float64).astype(np.float32))
+    m = evaluate(net, data, data.val.X, data.val.y)
+    assert m.accuracy == np.mean(logits.argmax(axis=1) == data.val.y)
+
+
+def test_pca_refuses_image_augmentation_by_name() -> None:
+    with pytest.raises(ValueError, match="flip, translate cannot apply"):
+        TrainConfig(whiten="pca", flip=True, translate=2)
+    with pytest.raises(ValueError, match="whiten_eps"):
+        TrainConfig(whiten="zca", whiten_eps=0.0)
+    with pytest.raises(ValueError, match="whiten"):
+        TrainConfig(whiten="zac")
+
+
+def test_a_whitened_model_file_carries_its_whitening(tmp_path: Path) -> None:
+    cwd = tmp_path
+    make_cifar_folder(cwd / "cifar" / "cifar-10-batches-py", rows=120)
+    r = subprocess.run([sys.executable, "-m", "klayer", "train", "--data-dir", "cifar",
+                        "--val-size", "100", "--hidden", "8", "--n-batch", "50", "--steps", "20",
+                        "--whiten", "zca", "--whiten-eps", "0.5", "--flip", "--quiet",
+                        "--out", "run"], capture_output=True, text=True, cwd=cwd, timeout=300)
+    assert r.returncode == 0, r.stderr
+    net, _, extras = modelfile.load(cwd / "run" / "model.npz")
+    assert extras["whiten"].shape == (3072, 3072)
+    ev = subprocess.run([sys.executable, "-m", "klayer", "evaluate", "run", "--data-dir", "cifar",
+                         "--split", "test"], capture_output=True, text=True, cwd=cwd, timeout=300)
+    assert ev.returncode == 0, ev.stderr
+    # the model file alone reproduces the test accuracy the run reported
+    import json
+
+    summary = json.loads((cwd / "run" / "summary.json").read_text())
+    from klayer.data.datasets import load_cifar10
+
+    raw = load_cifar10(cwd / "cifar" / "cifar-10-batches-py", val_size=100)
+    X = (raw.test.X - extras["mean"]) / extras["std"] @ extras["whiten"]
+    acc = np.mean(net.scores(X.astype(np.float32)).argmax(axis=1) == raw.test.y)
+    assert acc == pytest.approx(summary["test_accuracy"], abs=1e-12)
+    assert f"{acc:.2%}" in ev.stdout
+    # a model file whose whitening is malformed is refused by name
+    files = dict(np.load(cwd / "run" / "model.npz"))
+    files["extra/whiten"] = files["extra/whiten"][:5]
+    np.savez(cwd / "bad.npz", **files)
+    with pytest.raises(modelfile.ModelFileError, match="extra/whiten"):
+        modelfile.load(cwd / "bad.npz")
+
+
+def test_training_with_whitening_learns() -> None:
+    rng = np.random.default_rng(0)
+    X = correlated(1500, 20, 3)
+    w = rng.normal(size=(20, 3))
+    y = (X @ w).argmax(axis=1)
+    data = Data(Split(X[:1000], y[:1000]), Split(X[1000:1250], y[1000:1250]),
+                Split(X[1250:], y[1250:]), num_classes=3)
+    for kind in ("none", "zca", "pca"):
+        res = train(TrainConfig(dataset="synthetic", hidden=(16,), whiten=kind, epochs=10,
+                                n_batch=50, lam=0.0), data)
+        assert res.summary["test_accuracy"] > 0.85, kind

@@ -68,6 +68,25 @@ def test_skip_without_batch_norm_and_label_smoothing() -> None:
     assert max(r.max_rel_error for r in rows) <= BOUND
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_mixed_targets_of_mixup_and_cutmix(smoothing: float) -> None:
+    """The cost of a mixed mini-batch, w CE(y) + (1 - w) CE(y2), against numerical
+    differences; and its gradients are the w-weighted mix of the two labels' gradients
+    (the gradient is linear in the target)."""
+    cfg = NetConfig(d=12, hidden=(16, 16, 16), batch_norm=True)
+    net, X, y = make_check_problem(cfg, n=10, seed=4)
+    rng = np.random.default_rng(2)
+    y2 = rng.integers(0, cfg.num_classes, 10)
+    w = np.full(10, 0.3)
+    rows = check_gradients(net, X, y, lam=0.05, label_smoothing=smoothing, mix=(y2, w))
+    assert max(r.max_rel_error for r in rows) <= BOUND
+    _, _, mixed = net.copy().loss_and_grads(X, y, label_smoothing=smoothing, mix=(y2, w))
+    _, _, g1 = net.copy().loss_and_grads(X, y, label_smoothing=smoothing)
+    _, _, g2 = net.copy().loss_and_grads(X, y2, label_smoothing=smoothing)
+    for name, g in mixed.items():
+        np.testing.assert_allclose(g, 0.3 * g1[name] + 0.7 * g2[name], rtol=1e-9, atol=1e-15)
+
+
 def test_checker_catches_a_wrong_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
     """The checker must fail loudly on a small but real backward-pass bug."""
     import klayer.core.network as network_mod

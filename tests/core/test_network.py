@@ -188,12 +188,12 @@ def trained_net(**kw: object) -> tuple[Network, np.ndarray]:
 def test_save_load_gives_identical_predictions(tmp_path: Path, kw: dict) -> None:
     net, X = trained_net(**kw)
     path = tmp_path / "model.npz"
-    modelfile.save(net, path, metadata={"seed": 3}, extras={"mean": np.arange(3.0)})
+    modelfile.save(net, path, metadata={"seed": 3}, extras={"mean": np.arange(20.0)})
     loaded, meta, extras = modelfile.load(path)
     np.testing.assert_array_equal(loaded.scores(X), net.scores(X))
     assert loaded.config == net.config and loaded.bn_updates == net.bn_updates
     assert meta == {"seed": 3}
-    np.testing.assert_array_equal(extras["mean"], np.arange(3.0))
+    np.testing.assert_array_equal(extras["mean"], np.arange(20.0))
     with np.load(path, allow_pickle=False) as z:  # readable without klayer or pickle
         assert "param/W1" in z.files and str(z["format"]) == "klayer-model-1"
     assert [p.name for p in tmp_path.iterdir()] == ["model.npz"]  # no temporary left

@@ -263,3 +263,31 @@ def test_float32_forward_matches_float64_torch(position: str) -> None:
     for a, b in zip(f32, masks, strict=True):
         assert np.array_equal(a != 0, b != 0)
         assert_close("float32 mask", a, b, rtol=1e-7, atol=0)
+
+
+# --- 3. mixed targets (mixup, cutmix) with label smoothing -------------------------------
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_mixed_targets_match_torch_soft_label_cross_entropy(smoothing: float) -> None:
+    """A mixed mini-batch's cost and gradients against torch's cross-entropy with
+    probability targets w onehot(y) + (1 - w) onehot(y2) and the same label smoothing."""
+    cfg = NetConfig(d=D, dtype="float64", hidden=(16, 16))
+    net, X, y = make_check_problem(cfg, n=N, seed=5)
+    rng = np.random.default_rng(1)
+    y2, w = rng.integers(0, cfg.num_classes, N), rng.uniform(0, 1, N)
+    w[:3] = [0.0, 1.0, 0.5]
+    y2[2] = y[2]  # a row mixed with its own class
+    twin = TorchTwin(net)
+    loss, cost, grads = net.loss_and_grads(X, y, 0.01, label_smoothing=smoothing, mix=(y2, w))
+    logits = twin.forward(X, train=True, masks=same_masks(cfg, N, SEED))
+    eye = torch.eye(cfg.num_classes, dtype=torch.float64)
+    tw = torch.from_numpy(w)[:, None]
+    target = tw * eye[torch.from_numpy(y)] + (1 - tw) * eye[torch.from_numpy(y2)]
+    t_loss = F.cross_entropy(logits, target, label_smoothing=smoothing)
+    t_cost = t_loss + 0.01 * sum((W * W).sum() for W in twin.W.values())
+    t_cost.backward()
+    assert_close("loss", loss, t_loss, rtol=1e-12, atol=0)
+    assert_close("cost", cost, t_cost, rtol=1e-12, atol=0)
+    for name, p in twin.params.items():
+        assert_close(f"d{name}", grads[name], p.grad, rtol=1e-10, atol=1e-13)

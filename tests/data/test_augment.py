@@ -1,4 +1,4 @@
-"""Augmentation on flattened image rows (flips, translations) and test-time flip averaging."""
+"""Augmentation on flattened image rows (flips, translations, shifts) and test-time views."""
 
 from __future__ import annotations
 
@@ -8,7 +8,15 @@ import pytest
 from klayer.core.config import NetConfig
 from klayer.core.losses import log_softmax
 from klayer.core.network import EVAL_CHUNK, Network
-from klayer.data.augment import hflip, random_flip, random_translate
+from klayer.data.augment import (
+    cutmix,
+    hflip,
+    mixup,
+    random_flip,
+    random_translate,
+    shift,
+    tta_views,
+)
 from klayer.data.datasets import Data, Split
 from klayer.training.evaluation import evaluate, evaluate_many, folded
 
@@ -123,3 +131,107 @@ def test_a_constant_non_zero_feature_is_evaluated_unfolded() -> None:
     assert got.accuracy == ref.accuracy and got.loss == pytest.approx(ref.loss, rel=1e-6)
     many = evaluate_many([net, net.copy()], data, data.test.X, data.test.y)
     assert all(m.accuracy == ref.accuracy for m in many)
+
+
+# --- shifts and test-time views ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("dy", "dx"), [(1, 0), (0, -2), (-1, 3), (2, 2)])
+def test_shift_moves_pixels_and_fills_the_border(dy: int, dx: int) -> None:
+    X = images(2)
+    fill = np.arange(D, dtype=np.float64)
+    got = shift(X, SHAPE, dy, dx, fill).reshape(2, *SHAPE)
+    src, F = X.reshape(2, *SHAPE), fill.reshape(SHAPE)
+    _, h, w = SHAPE
+    for r in range(h):
+        for c in range(w):
+            inside = 0 <= r - dy < h and 0 <= c - dx < w
+            want = src[:, :, r - dy, c - dx] if inside else np.broadcast_to(F[:, r, c], (2, 3))
+            np.testing.assert_array_equal(got[:, :, r, c], want)
+    np.testing.assert_array_equal(shift(X, SHAPE, dy, dx), shift(X, SHAPE, dy, dx, 0 * fill))
+    np.testing.assert_array_equal(shift(X, SHAPE, 0, 0), X)
+
+
+def test_tta_views_start_with_the_plain_image() -> None:
+    assert tta_views(False, 0) == [(False, 0, 0)]
+    assert tta_views(True, 0) == [(False, 0, 0), (True, 0, 0)]
+    views = tta_views(True, 2)
+    assert len(views) == 10 and views[0] == (False, 0, 0) and len(set(views)) == 10
+    assert {(dy, dx) for _, dy, dx in views} == {(0, 0), (-2, -2), (-2, 2), (2, -2), (2, 2)}
+
+
+def test_shifted_views_average_as_on_standardized_images() -> None:
+    """evaluate's folded path (raw rows, border filled with the mean) gives the accuracy of
+    averaging the probabilities of views made from standardized rows (border 0)."""
+    rng = np.random.default_rng(3)
+    n = 300
+
+    def split() -> Split:
+        return Split(rng.integers(0, 256, (n, D), dtype=np.uint8), rng.integers(0, 4, n))
+
+    data = Data(split(), split(), split(), num_classes=4, image_shape=SHAPE)
+    net = Network(NetConfig(d=D, num_classes=4, hidden=(16,), dtype="float64"), rng=rng)
+    net.forward(data.standardize(data.train.X, dtype=np.float64), train=True)  # BN stats
+    Z = data.standardize(data.test.X, dtype=np.float64)
+    probs = sum(np.exp(log_softmax(net.scores(shift(hflip(Z, SHAPE) if m else Z, SHAPE, dy, dx))))
+                for m, dy, dx in tta_views(True, 1))
+    want = np.mean(probs.argmax(axis=1) == data.test.y)
+    got = evaluate(net, data, data.test.X, data.test.y, tta_flip=True, tta_shift=1)
+    assert got.accuracy == want
+    plain = evaluate(net, data, data.test.X, data.test.y)
+    assert got.loss == plain.loss  # the loss stays single-view
+    assert got.accuracy != plain.accuracy  # the views changed some answers
+
+
+# --- mixup and cutmix ----------------------------------------------------------------------
+
+
+def test_mixup_blends_each_row_with_its_partner() -> None:
+    X, y = images(8), np.arange(8)
+    mixed, (y2, w) = mixup(X, y, 0.4, np.random.default_rng(0))
+    assert np.all(w == w[0]) and 0 < w[0] < 1
+    partner = X[y2]  # y is the row index here, so y2 says which row each was mixed with
+    np.testing.assert_allclose(mixed, w[0] * X + (1 - w[0]) * partner, rtol=1e-12)
+    assert sorted(y2) == list(range(8))  # a permutation
+    again, (y3, _) = mixup(X, y, 0.4, np.random.default_rng(0))
+    np.testing.assert_array_equal(again, mixed)
+    np.testing.assert_array_equal(y3, y2)
+
+
+def test_cutmix_pastes_a_box_and_weights_labels_by_the_share_left() -> None:
+    rng = np.random.default_rng(1)
+    X = np.repeat(np.arange(6.0)[:, None], D, axis=1)  # image i is all i
+    y = np.arange(6)
+    for _ in range(20):
+        out, (y2, w) = cutmix(X, y, SHAPE, 1.0, rng)
+        own = (out == X).mean(axis=1)  # share of each image's pixels still its own
+        moved = y2 != y
+        np.testing.assert_allclose(own[moved], w[moved])
+        np.testing.assert_array_equal(out[~moved], X[~moved])
+        box = out.reshape(6, *SHAPE) != X.reshape(6, *SHAPE)
+        if moved.any():  # the pasted pixels are the partner's, the same box in every channel
+            i = int(np.flatnonzero(moved)[0])
+            assert np.all(out[i][box[i].reshape(-1)] == y2[i])
+            assert np.all(box[i] == box[i][:1])
+
+
+def test_mixed_batches_follow_mix_prob() -> None:
+    from klayer.core.config import TrainConfig
+    from klayer.training.trainer import MiniBatches
+
+    rng = np.random.default_rng(0)
+    n = 400
+    data = Data(Split(rng.integers(0, 256, (n, D), dtype=np.uint8), rng.integers(0, 4, n)),
+                Split(np.zeros((4, D), np.uint8), np.zeros(4)),
+                Split(np.zeros((4, D), np.uint8), np.zeros(4)), num_classes=4,
+                image_shape=SHAPE)
+
+    def mixed(**kw: float) -> int:
+        """How many of 200 mini-batches came mixed."""
+        cfg = TrainConfig(n_batch=20, **kw)  # type: ignore[arg-type]
+        batches = MiniBatches(cfg, data, n // 20, np.float32, seed=0)
+        return sum(batches(t)[2] is not None for t in range(200))
+
+    assert mixed() == 0 and mixed(mixup=0.2, mix_prob=0.0) == 0
+    assert mixed(mixup=0.2) == mixed(cutmix=1.0) == 200
+    assert 70 <= mixed(mixup=0.2, cutmix=1.0, mix_prob=0.5) <= 130  # about half

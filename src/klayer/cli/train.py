@@ -181,7 +181,8 @@ def _warn_unused(cfg: TrainConfig, images: bool) -> None:
     if cifar_only:
         warnings.warn(f"ignored for the {cfg.dataset} data: {', '.join(cifar_only)} "
                       "(CIFAR-10 only)", stacklevel=2)
-    augment = [k for k in ("flip", "translate", "tta_flip") if not images and getattr(cfg, k)]
+    augment = [k for k in ("flip", "translate", "cutmix", "tta_flip", "tta_shift")
+               if not images and getattr(cfg, k)]
     if augment:
         warnings.warn(f"ignored for the {cfg.dataset} data, which are not images: "
                       f"{', '.join(augment)}", stacklevel=2)

@@ -214,7 +214,15 @@ class TrainConfig:
                               "and with adaptive statistics")
     flip: bool = _f(False, "augment: random horizontal flips (images only)")
     translate: int = _f(0, "augment: random translations of up to this many pixels")
+    mixup: float = _f(0.0, "augment: mixup alpha; a mixed mini-batch blends its rows with "
+                      "a shuffled copy, weight ~ Beta(alpha, alpha) (0: off)")
+    cutmix: float = _f(0.0, "augment: cutmix alpha; a mixed mini-batch pastes a box of a "
+                       "shuffled copy into each image (0: off; images only)")
+    mix_prob: float = _f(1.0, "probability that a mini-batch is mixed (mixup or cutmix; "
+                         "with both, either one half the time)")
     tta_flip: bool = _f(False, "test-time flip averaging (images only)")
+    tta_shift: int = _f(0, "test-time augmentation: also average over the image shifted "
+                        "diagonally by this many pixels (five crops; ten with tta_flip)")
     whiten: str = _f("none", "input whitening fitted on the training split: none, pca or zca "
                      "(zca keeps images images; pca takes no image augmentation)",
                      choices=WHITEN)
@@ -242,7 +250,7 @@ class TrainConfig:
         _check_choice("schedule", self.schedule, SCHEDULES)
         for name in ("val_size", "n_batch", "decay_every", "evals_per_cycle"):
             _check_int(name, getattr(self, name), 1)
-        for name in ("precise_per_epoch", "precise_examples", "translate", "seed",
+        for name in ("precise_per_epoch", "precise_examples", "translate", "tta_shift", "seed",
                      "checkpoint_every"):
             _check_int(name, getattr(self, name), 0)
         if self.n_s is not None:
@@ -262,6 +270,11 @@ class TrainConfig:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         if self.n_train is not None:
             _check_int("n_train", self.n_train, 1)
+        for name in ("mixup", "cutmix"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} (alpha) must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.mix_prob <= 1:
+            raise ValueError(f"mix_prob must be in [0, 1], got {self.mix_prob!r}")
         if not 0 <= self.flip_fraction <= 1:
             raise ValueError(f"flip_fraction must be in [0, 1], got {self.flip_fraction!r}")
         for name in ("cycles", "epochs"):
@@ -271,7 +284,8 @@ class TrainConfig:
         given = [k for k in LENGTH_KEYS if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"give only one training length, got {' and '.join(given)}")
-        image_ops = [k for k in ("flip", "translate", "tta_flip", "flip_fraction")
+        image_ops = [k for k in ("flip", "translate", "cutmix", "tta_flip", "tta_shift",
+                                 "flip_fraction")
                      if getattr(self, k)]
         if self.whiten == "pca" and image_ops:
             raise ValueError(f"whiten = pca makes inputs that are not images, so "
@@ -314,7 +328,9 @@ def unknown_key(key: str, valid: Iterable[str], what: str = "key") -> str:
     """'unknown key hiden (did you mean hidden?)': the closest valid names, not all 48."""
     import difflib
 
-    close = difflib.get_close_matches(key, list(valid), n=2, cutoff=0.6)
+    score = {v: difflib.SequenceMatcher(None, key, v).ratio() for v in valid}
+    ranked = sorted((v for v in score if score[v] >= 0.6), key=lambda v: -score[v])
+    close = [v for v in ranked[:2] if score[v] >= score[ranked[0]] - 0.1]  # near-ties only
     hint = (f" (did you mean {' or '.join(close)}?)" if close else
             " (the keys are klayer train's flags, with _ for -)")
     return f"unknown {what} {key}{hint}"

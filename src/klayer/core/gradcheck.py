@@ -30,7 +30,7 @@ import numpy as np
 
 from klayer.core.config import NetConfig
 from klayer.core.layers import Array
-from klayer.core.losses import log_softmax
+from klayer.core.losses import Mix, log_softmax
 from klayer.core.network import Labels, Network
 
 
@@ -87,7 +87,7 @@ class GradCheckRow:
 
 def check_gradients(net: Network, X: Array, y: Labels, lam: float = 0.0,
                     h: float | None = None, sample: int | None = None, seed: int = 0,
-                    label_smoothing: float = 0.0) -> list[GradCheckRow]:
+                    label_smoothing: float = 0.0, mix: Mix | None = None) -> list[GradCheckRow]:
     """Compare analytic and numerical gradients of J for every parameter tensor of ``net``.
 
     ``sample`` limits each tensor to that many randomly chosen elements (the sampled
@@ -105,13 +105,21 @@ def check_gradients(net: Network, X: Array, y: Labels, lam: float = 0.0,
         scores, _ = hi.forward(X_hi, train=True, rng=np.random.default_rng(seed),
                                update_stats=False)
         logp = log_softmax(scores)  # kept in extended precision: no float() round trip
-        nll = -logp[np.arange(len(y)), y]
-        if label_smoothing:
-            nll = (1 - label_smoothing) * nll - label_smoothing * logp.mean(axis=1)
-        return nll.mean() + lam * sum((W * W).sum() for W in hi.weights())
+
+        def nll(labels: Labels) -> Array:  # (n,)
+            out = -logp[np.arange(len(labels)), labels]
+            if label_smoothing:
+                out = (1 - label_smoothing) * out - label_smoothing * logp.mean(axis=1)
+            return out
+
+        loss = nll(y)
+        if mix is not None:  # the mixed target's cross-entropy: w CE(y) + (1 - w) CE(y2)
+            w = mix[1].astype(NUMERIC_DTYPE)
+            loss = w * loss + (1 - w) * nll(mix[0])
+        return loss.mean() + lam * sum((W * W).sum() for W in hi.weights())
 
     _, _, grads = net.loss_and_grads(X, y, lam, rng=np.random.default_rng(seed),
-                                     label_smoothing=label_smoothing, check=False)
+                                     label_smoothing=label_smoothing, check=False, mix=mix)
     pick = np.random.default_rng([seed, 1])
     rows = []
     for name, param in hi.params.items():

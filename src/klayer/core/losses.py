@@ -14,6 +14,10 @@ import numpy.typing as npt
 
 Array = npt.NDArray[np.floating]
 Labels = npt.NDArray[np.integer]
+# A mixed mini-batch (mixup, cutmix): each row i is w_i parts an example of class y_i and
+# 1 - w_i parts one of class y2_i; this is (y2 (n,), w (n,)). Its target is the mixture
+# w_i T(y_i) + (1 - w_i) T(y2_i) of the two (smoothed) one-hot targets.
+Mix = tuple[Labels, Array]
 
 
 def log_softmax(scores: Array) -> Array:
@@ -32,20 +36,23 @@ def _nll(logp: Array, y: Labels, label_smoothing: float) -> Array:
     return nll
 
 
-def cross_entropy(scores: Array, y: Labels, label_smoothing: float = 0.0) -> float:
-    """Mean cross-entropy of softmax(scores) (n, K) against integer labels y (n,)."""
-    return float(_nll(log_softmax(scores), y, label_smoothing).mean())
+def cross_entropy(scores: Array, y: Labels, label_smoothing: float = 0.0,
+                  mix: Mix | None = None) -> float:
+    """Mean cross-entropy of softmax(scores) (n, K) against integer labels y (n,) (and
+    a ``mix``, as in ``softmax_cross_entropy``)."""
+    return float(softmax_cross_entropy(scores, y, label_smoothing, mix)[0])
 
 
 def softmax_cross_entropy(
-    scores: Array, y: Labels, label_smoothing: float = 0.0
+    scores: Array, y: Labels, label_smoothing: float = 0.0, mix: Mix | None = None
 ) -> tuple[Array, Array]:
     """Mean cross-entropy and its gradient with respect to the scores.
 
     With P = softmax(scores) and T the (smoothed) one-hot targets, the course's
     G = -(Y - P) / n becomes, for rows, dscores = (P - T) / n.   (..., n, K) -> (..., n, K);
     the loss is a 0-d array for one network, (T,) for a stack. Label smoothing eps uses
-    targets (1 - eps) * onehot + eps / K.
+    targets (1 - eps) * onehot + eps / K; a ``mix`` (y2, w) the targets w T(y) + (1 - w)
+    T(y2), whose cross-entropy is w CE(y) + (1 - w) CE(y2) (linear in the target).
     """
     n, k = scores.shape[-2:]
     logp = log_softmax(scores)  # (..., n, K)
@@ -54,9 +61,13 @@ def softmax_cross_entropy(
     dscores = np.exp(logp)  # P
     if label_smoothing:
         dscores -= label_smoothing / k
+    if mix is None:
         dscores[..., rows, y] -= 1 - label_smoothing
     else:
-        dscores[..., rows, y] -= 1
+        y2, w = mix[0], np.asarray(mix[1], dscores.dtype)  # (n,), (n,)
+        nll = w * nll + (1 - w) * _nll(logp, y2, label_smoothing)
+        dscores[..., rows, y] -= (1 - label_smoothing) * w
+        dscores[..., rows, y2] -= (1 - label_smoothing) * (1 - w)
     dscores /= n
     return nll.mean(axis=-1), dscores
 

@@ -34,7 +34,7 @@ from klayer.core.layers import (
     relu_backward,
     relu_forward,
 )
-from klayer.core.losses import accuracy, cross_entropy, l2_penalty, softmax_cross_entropy
+from klayer.core.losses import Mix, accuracy, cross_entropy, l2_penalty, softmax_cross_entropy
 
 Labels = npt.NDArray[np.integer]
 EVAL_CHUNK = 1000  # rows per evaluation chunk (benchmarks/bench_load.py measures it)
@@ -304,17 +304,18 @@ class Network:
 
     def loss_and_grads(self, X: Array, y: Labels, lam: float = 0.0,
                        rng: np.random.Generator | None = None, label_smoothing: float = 0.0,
-                       check: bool = True, grad_l2: bool = True,
+                       check: bool = True, grad_l2: bool = True, mix: Mix | None = None,
                        ) -> tuple[float, float, dict[str, Array]]:
         """One training-mode pass: (loss, cost, gradients of the cost).
 
         With ``grad_l2=False`` the gradients leave out the L2 term 2 lambda W, for an
-        optimizer that adds it itself (``Optimizer.step(..., l2=2 lambda)``).
+        optimizer that adds it itself (``Optimizer.step(..., l2=2 lambda)``). ``mix``:
+        the second labels and weights of a mixed mini-batch (``losses.Mix``).
         """
         if check:
             X, y = self.check_inputs(X, y)
         scores, caches = self.forward(X, train=True, rng=rng)
-        loss, dscores = training_loss(scores, y, label_smoothing)
+        loss, dscores = training_loss(scores, y, label_smoothing, mix)
         cost = loss + l2_penalty(self.weights(), lam)
         return loss, cost, self.backward(dscores, caches, lam if grad_l2 else 0.0)
 
@@ -385,12 +386,13 @@ def _bn_relu_backward(dh: Array, relu_out: Array, cache: BNCache,
     return (*batchnorm_backward(relu_backward(dh, relu_out), cache, gamma), None)
 
 
-def training_loss(scores: Array, y: Labels, label_smoothing: float = 0.0) -> tuple[Any, Array]:
+def training_loss(scores: Array, y: Labels, label_smoothing: float = 0.0,
+                  mix: Mix | None = None) -> tuple[Any, Array]:
     """Mean cross-entropy (a float; (T,) for a stack's (T, n, K) scores) and dJ/dscores
-    (``losses.softmax_cross_entropy``; in C for float32)."""
-    if not label_smoothing and kernels.enabled(scores):
+    (``losses.softmax_cross_entropy``; in C for float32 hard labels)."""
+    if not label_smoothing and mix is None and kernels.enabled(scores):
         if scores.ndim == 3:
             return kernels.softmax_cross_entropy_stack(scores, y)
         return kernels.softmax_cross_entropy(scores, y)
-    loss, dscores = softmax_cross_entropy(scores, y, label_smoothing)
+    loss, dscores = softmax_cross_entropy(scores, y, label_smoothing, mix)
     return (float(loss) if loss.ndim == 0 else loss), dscores

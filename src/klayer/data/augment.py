@@ -1,4 +1,4 @@
-"""Image augmentation on flattened rows: random flips and translations, test-time flips.
+"""Augmentation on flattened image rows: flips, translations, mixup, cutmix, test-time views.
 
 CIFAR-10 rows hold an image channel-major, (3, 32, 32) flattened to 3072 values. All
 functions take X (n, d) with d = prod(image_shape) and return a new (n, d) array.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from klayer.core.layers import Array
+from klayer.core.losses import Labels, Mix
 
 
 def hflip(X: Array, image_shape: tuple[int, int, int]) -> Array:
@@ -44,3 +45,58 @@ def random_translate(
     for i in range(n):  # n = one mini-batch; a crop per image is cheap next to the matmuls
         out[i] = padded[i, :, k - dy[i] : k - dy[i] + h, k - dx[i] : k - dx[i] + w]
     return out.reshape(n, -1)
+
+
+def shift(X: Array, image_shape: tuple[int, int, int], dy: int, dx: int,
+          fill: Array | None = None) -> Array:
+    """Every image moved dy rows down and dx columns right; uncovered pixels take ``fill``
+    (d,) (the raw value that standardizes to 0: the training mean), or 0. (n, d) -> (n, d)."""
+    n = X.shape[0]
+    c, h, w = image_shape
+    out = np.zeros((n, c, h, w), X.dtype) if fill is None else np.empty((n, c, h, w), X.dtype)
+    if fill is not None:
+        out[:] = fill.reshape(c, h, w)
+    src = X.reshape(n, c, h, w)
+    out[:, :, max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = \
+        src[:, :, max(-dy, 0) : h - max(dy, 0), max(-dx, 0) : w - max(dx, 0)]
+    return out.reshape(n, -1)
+
+
+def tta_views(flip: bool, shift_by: int) -> list[tuple[bool, int, int]]:
+    """Test-time views as (mirrored, dy, dx), the plain image first: the image, with
+    ``shift_by`` its four diagonal shifts (five crops of the padded image), and with
+    ``flip`` the mirror image of each."""
+    s = shift_by
+    moves = [(0, 0)] + ([(-s, -s), (-s, s), (s, -s), (s, s)] if s else [])
+    return [(m, dy, dx) for m in ((False, True) if flip else (False,)) for dy, dx in moves]
+
+
+def mixup(X: Array, y: Labels, alpha: float, rng: np.random.Generator) -> tuple[Array, Mix]:
+    """Mixup (Zhang et al. 2018): each row becomes w x_i + (1 - w) x_p(i), p a random
+    permutation of the mini-batch and w ~ Beta(alpha, alpha) shared by the batch.
+    Returns the mixed rows (n, d) and the loss's second labels and weights (``Mix``)."""
+    n = X.shape[0]
+    w = rng.beta(alpha, alpha)
+    perm = rng.permutation(n)
+    mixed = w * X + (1 - w) * X[perm]
+    return mixed.astype(X.dtype, copy=False), (y[perm], np.full(n, w))
+
+
+def cutmix(X: Array, y: Labels, image_shape: tuple[int, int, int], alpha: float,
+           rng: np.random.Generator) -> tuple[Array, Mix]:
+    """CutMix (Yun et al. 2019): a box of each image is replaced by the same box of the
+    image p(i), p a random permutation; the box covers about 1 - w of the image, w ~
+    Beta(alpha, alpha), centred uniformly and clipped at the border. The labels' weight
+    is the share of the image left uncovered."""
+    n = X.shape[0]
+    c, h, w = image_shape
+    keep = rng.beta(alpha, alpha)
+    perm = rng.permutation(n)
+    bh, bw = int(h * np.sqrt(1 - keep)), int(w * np.sqrt(1 - keep))  # box size
+    cy, cx = int(rng.integers(h)), int(rng.integers(w))  # box centre
+    top, bottom = max(cy - bh // 2, 0), min(cy + bh - bh // 2, h)
+    left, right = max(cx - bw // 2, 0), min(cx + bw - bw // 2, w)
+    out = X.reshape(n, c, h, w).copy()
+    out[:, :, top:bottom, left:right] = X.reshape(n, c, h, w)[perm, :, top:bottom, left:right]
+    share = 1 - (bottom - top) * (right - left) / (h * w)  # of image i left
+    return out.reshape(n, -1), (y[perm], np.full(n, share))

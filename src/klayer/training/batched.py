@@ -108,10 +108,10 @@ class BatchedTrainer:
     def step(self) -> None:
         """One update of every remaining trial on the next shared mini-batch."""
         cfg, stack, t = self.cfg, self.stack, self.t
-        X, y = self.batches(t)  # the lone Trainer's mini-batch t, shared by all trials
+        X, y, mix = self.batches(t)  # the lone Trainer's mini-batch t, shared by all trials
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             scores, caches = stack.forward(X, train=True, rng=self.dropout_rngs)
-            loss, dscores = training_loss(scores, y, cfg.label_smoothing)
+            loss, dscores = training_loss(scores, y, cfg.label_smoothing, mix)
             lam = self.lam[self.active]
             penalty = stack.penalty() if self._penalty is None else self._penalty
             cost = loss + np.where(lam == 0, 0.0, lam * penalty)
@@ -188,7 +188,7 @@ class BatchedTrainer:
 def evaluate_trained(nets: Sequence[Network], cfgs: Sequence[TrainConfig],
                      data: Data) -> list[dict[str, float]]:
     """Final metrics of networks trained together: PreciseBN if asked, then train, val
-    and test in shared passes (``evaluation.evaluate_many``); test flip-averaged if asked."""
+    and test in shared passes (``evaluation.evaluate_many``); test view-averaged if asked."""
     if not nets:
         return []
     for net, cfg in zip(nets, cfgs, strict=True):
@@ -197,8 +197,8 @@ def evaluate_trained(nets: Sequence[Network], cfgs: Sequence[TrainConfig],
     lams = [c.lam for c in cfgs]
     tr = evaluate_many(nets, data, data.train.X, data.train.y, lams)
     va = evaluate_many(nets, data, data.val.X, data.val.y, lams)
-    if cfgs[0].tta_flip:
-        te = [evaluate(n, data, data.test.X, data.test.y, c.lam, tta_flip=True)
+    if cfgs[0].tta_flip or cfgs[0].tta_shift:
+        te = [evaluate(n, data, data.test.X, data.test.y, c.lam, c.tta_flip, c.tta_shift)
               for n, c in zip(nets, cfgs, strict=True)]
     else:
         te = evaluate_many(nets, data, data.test.X, data.test.y, lams)

@@ -20,7 +20,7 @@ from klayer.core.layers import Array
 from klayer.core.losses import log_softmax
 from klayer.core.network import EVAL_CHUNK, Metrics, Network
 from klayer.core.stack import Stack
-from klayer.data.augment import hflip
+from klayer.data.augment import hflip, shift, tta_views
 from klayer.data.datasets import Data
 
 FOLD_MAX_RATIO = 1e3  # largest |mean| / std of a feature that ``folded`` takes
@@ -62,32 +62,38 @@ def raw_chunks(X: Array, dtype: np.dtype) -> Iterator[Array]:
 
 
 def model_inputs(nets: Sequence[Network], data: Data, X: Array,
-                 dtype: npt.DTypeLike) -> tuple[list[Network], Iterator[Array]]:
+                 dtype: npt.DTypeLike) -> tuple[list[Network], Iterator[Array], Array | None]:
     """What to evaluate, and on what: the networks ``folded`` with raw chunks of X when
-    all of them fold, else the networks themselves with standardized chunks."""
+    all of them fold, else the networks themselves with standardized chunks; and the
+    input value that stands for "no signal" there (the raw mean; None: zero)."""
     folds = [f for f in (folded(net, data) for net in nets) if f is not None]
     if len(folds) == len(nets):
-        return folds, raw_chunks(X, np.dtype(dtype))
-    return list(nets), (c.astype(dtype, copy=False) for c in batches(data, X))
+        return folds, raw_chunks(X, np.dtype(dtype)), data.mean.astype(dtype)
+    return list(nets), (c.astype(dtype, copy=False) for c in batches(data, X)), None
 
 
 def evaluate(net: Network, data: Data, X: Array, y: Array, lam: float = 0.0,
-             tta_flip: bool = False) -> Metrics:
-    """Loss, cost and accuracy in evaluation mode, in chunks; optionally flip-averaged."""
-    return evaluate_many([net], data, X, y, [lam], tta_flip)[0]
+             tta_flip: bool = False, tta_shift: int = 0) -> Metrics:
+    """Loss, cost and accuracy in evaluation mode, in chunks; optionally averaged over
+    test-time views (``augment.tta_views``)."""
+    return evaluate_many([net], data, X, y, [lam], tta_flip, tta_shift)[0]
 
 
 def evaluate_many(nets: Sequence[Network], data: Data, X: Array, y: Array,
-                  lams: Sequence[float] | None = None, tta_flip: bool = False) -> list[Metrics]:
+                  lams: Sequence[float] | None = None, tta_flip: bool = False,
+                  tta_shift: int = 0) -> list[Metrics]:
     """Evaluation-mode loss, cost and accuracy of same-shaped networks on (X, y).
 
     Every chunk of X goes in raw (the standardization folded into each first layer when
     it can) through one network, or through several at once as a ``Stack`` (all first
-    layers in one wide product). ``tta_flip`` averages the probabilities of each image
-    and its mirror image (the accuracy; the loss stays single-view).
+    layers in one wide product). ``tta_flip`` and ``tta_shift`` average the probabilities
+    of each image's test-time views: mirrored, and shifted diagonally by ``tta_shift``
+    pixels (the accuracy; the loss stays single-view).
     """
-    models, chunks = model_inputs(nets, data, X, nets[0].dtype)
+    models, chunks, fill = model_inputs(nets, data, X, nets[0].dtype)
     model = models[0] if len(models) == 1 else Stack(models)
+    shape = data.image_shape
+    views = tta_views(tta_flip, tta_shift)[1:] if shape is not None else []
     nll = np.zeros(len(nets))
     correct = np.zeros(len(nets), np.int64)
     i = 0
@@ -95,9 +101,10 @@ def evaluate_many(nets: Sequence[Network], data: Data, X: Array, y: Array,
         yc = y[i : i + len(chunk)]
         logp = log_softmax(model.forward(chunk, train=False)[0])  # (..., n, K)
         nll -= logp[..., np.arange(len(yc)), yc].sum(axis=-1)
-        if tta_flip and data.image_shape is not None:
-            flipped = model.forward(hflip(chunk, data.image_shape), train=False)[0]
-            logp = np.logaddexp(logp, log_softmax(flipped))
+        for mirrored, dy, dx in views:
+            assert shape is not None
+            v = shift(hflip(chunk, shape) if mirrored else chunk, shape, dy, dx, fill)
+            logp = np.logaddexp(logp, log_softmax(model.forward(v, train=False)[0]))
         correct += (logp.argmax(axis=-1) == yc).sum(axis=-1)
         i += len(chunk)
     lam = np.zeros(len(nets)) if lams is None else np.asarray(lams, np.float64)

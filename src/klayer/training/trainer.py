@@ -29,8 +29,9 @@ from klayer import __version__
 from klayer.core import kernels
 from klayer.core.config import TrainConfig
 from klayer.core.layers import Array
+from klayer.core.losses import Mix
 from klayer.core.network import Labels, Metrics, Network
-from klayer.data.augment import hflip, random_flip, random_translate
+from klayer.data.augment import cutmix, hflip, mixup, random_flip, random_translate
 from klayer.data.batchfile import DataError
 from klayer.data.datasets import Data, data_fingerprint
 from klayer.training import checkpoint, modelfile, trainstate
@@ -110,12 +111,12 @@ class Trainer:
     def step(self) -> float:
         """One mini-batch update; returns the mini-batch loss."""
         cfg, data, net, t = self.cfg, self.data, self.net, self.t
-        Xb, yb = self.batches(t)  # (n_batch, d), (n_batch,)
+        Xb, yb, mix = self.batches(t)  # (n_batch, d), (n_batch,), None or mixed labels
         with np.errstate(over="ignore", invalid="ignore"):  # a non-finite cost is checked next
             loss, cost, grads = net.loss_and_grads(Xb, yb, cfg.lam,
                                                    rng=self.dropout_rng,
                                                    label_smoothing=cfg.label_smoothing,
-                                                   check=False, grad_l2=False)
+                                                   check=False, grad_l2=False, mix=mix)
         if not math.isfinite(cost):
             raise Diverged(f"the cost became {cost} at step {t}")
         lr = self.plan.lr(t)
@@ -321,8 +322,9 @@ class MiniBatches:
         self.order = np.arange(len(data.train.y))  # this epoch's example order
         self._buf: Array | None = None
 
-    def __call__(self, t: int) -> tuple[Array, Labels]:
-        """Mini-batch t (0-based update count): X (n_batch, d), y (n_batch,)."""
+    def __call__(self, t: int) -> tuple[Array, Labels, Mix | None]:
+        """Mini-batch t (0-based update count): X (n_batch, d), y (n_batch,), and the
+        second labels and weights when it is mixed (``losses.Mix``), else None."""
         cfg, data = self.cfg, self.data
         pos = (t % self.per_epoch) * cfg.n_batch
         if pos == 0 and cfg.shuffle:
@@ -333,7 +335,16 @@ class MiniBatches:
             X = random_flip(X, data.image_shape, self.aug_rng)
         if data.image_shape is not None and cfg.translate:
             X = random_translate(X, data.image_shape, cfg.translate, self.aug_rng)
-        return X, data.train.y[idx]
+        y = data.train.y[idx]
+        cut = cfg.cutmix if data.image_shape is not None else 0.0
+        if not (cfg.mixup or cut) or self.aug_rng.random() >= cfg.mix_prob:
+            return X, y, None
+        if cut and (not cfg.mixup or self.aug_rng.random() < 0.5):
+            assert data.image_shape is not None
+            X, mix = cutmix(X, y, data.image_shape, cut, self.aug_rng)
+        else:
+            X, mix = mixup(X, y, cfg.mixup, self.aug_rng)
+        return X, y, mix
 
 
 def _notify(callback: Callable[[str, dict[str, float]], None] | None, kind: str,
@@ -358,7 +369,7 @@ def _eval_row(net: Network, data: Data, cfg: TrainConfig, plan: Plan, t: int,
 
 def _summary(net: Network, data: Data, cfg: TrainConfig, plan: Plan,
              rows: list[dict[str, float]], wall: float) -> dict[str, Any]:
-    test = evaluate(net, data, data.test.X, data.test.y, cfg.lam, tta_flip=cfg.tta_flip)
+    test = evaluate(net, data, data.test.X, data.test.y, cfg.lam, cfg.tta_flip, cfg.tta_shift)
     last = rows[-1]
     summary: dict[str, Any] = {
         "train_accuracy": last["train_accuracy"], "val_accuracy": last["val_accuracy"],
@@ -371,6 +382,9 @@ def _summary(net: Network, data: Data, cfg: TrainConfig, plan: Plan,
         "klayer_version": __version__, "numpy_version": np.__version__,
         "python_version": platform.python_version(), "kernels": kernels.BACKEND,
     }
+    if (cfg.tta_flip or cfg.tta_shift) and data.image_shape is not None:
+        summary["test_accuracy_single_view"] = evaluate(net, data, data.test.X,
+                                                        data.test.y).accuracy
     if cfg.adaptive_bn and cfg.batch_norm:
         for flip in (False, True) if data.image_shape is not None else (False,):
             adapted = net.copy()

@@ -125,3 +125,22 @@ def test_training_with_whitening_learns() -> None:
         res = train(TrainConfig(dataset="synthetic", hidden=(16,), whiten=kind, epochs=10,
                                 n_batch=50, lam=0.0), data)
         assert res.summary["test_accuracy"] > 0.85, kind
+
+
+def test_test_time_views_of_whitened_images_are_made_after_whitening() -> None:
+    from klayer.core.losses import log_softmax
+    from klayer.data.augment import hflip, shift, tta_views
+
+    rng = np.random.default_rng(4)
+    shape = (3, 4, 4)
+    X = rng.integers(0, 256, (1500, 48)).astype(np.uint8)
+    y = rng.integers(0, 10, 1500)
+    data = Data(Split(X[:500], y[:500]), Split(X[500:], y[500:]), Split(X[500:], y[500:]),
+                num_classes=10, image_shape=shape).whitened("zca", 0.1)
+    net = Network(TrainConfig(hidden=(32,), dtype="float64").net_config(d=48), rng=1)
+    net.params["W1"] *= 10  # views then change many answers
+    Z = data.standardize(data.test.X, np.float64)  # whitened, then views as in training
+    probs = sum(np.exp(log_softmax(net.scores(shift(hflip(Z, shape) if m else Z, shape, a, b))))
+                for m, a, b in tta_views(True, 1))
+    got = evaluate(net, data, data.test.X, data.test.y, tta_flip=True, tta_shift=1)
+    assert got.accuracy == np.mean(probs.argmax(axis=1) == data.test.y)

@@ -41,7 +41,7 @@ def trainer(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def profile(args: argparse.Namespace) -> dict[str, float]:
     import numpy as np
 
-    from klayer.core.network import training_loss as softmax_cross_entropy
+    from klayer.core.losses import training_loss as softmax_cross_entropy
 
     bt, data = trainer(args)
     for _ in range(args.warmup):

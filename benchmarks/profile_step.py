@@ -33,8 +33,7 @@ def profile(args: argparse.Namespace) -> dict[str, float]:
 
     from klayer.core import kernels
     from klayer.core.config import TrainConfig
-    from klayer.core.losses import l2_penalty
-    from klayer.core.network import training_loss
+    from klayer.core.losses import l2_penalty, training_loss
     from klayer.training.trainer import Trainer
 
     data = training_data(args.data_dir)

@@ -87,17 +87,38 @@ def test_mixed_targets_of_mixup_and_cutmix(smoothing: float) -> None:
         np.testing.assert_allclose(g, 0.3 * g1[name] + 0.7 * g2[name], rtol=1e-9, atol=1e-15)
 
 
+@pytest.mark.parametrize("k", [2, 3, 4, 9])
+@pytest.mark.parametrize("extra", [{}, {"bn_position": "after"}, {"skip": True},
+                                   {"dropout": 0.2}, {"bn_eps": 1e-5}],
+                         ids=["before", "after", "skip", "dropout", "eps1e-5"])
+def test_layer_norm_gradients_exact(k: int, extra: dict) -> None:
+    cfg = NetConfig(d=12, hidden=HIDDEN[k], batch_norm=False, layer_norm=True, **extra)
+    assert max(worst(cfg, lam=0.1).values()) <= BOUND
+
+
+def test_layer_norm_is_the_same_in_training_and_evaluation() -> None:
+    cfg = NetConfig(d=12, hidden=(16, 12), batch_norm=False, layer_norm=True, dtype="float64")
+    net, X, _ = make_check_problem(cfg, n=10, seed=1)
+    train, _ = net.forward(X, train=True)
+    np.testing.assert_allclose(net.forward(X, train=False)[0], train, rtol=1e-12)
+    assert net.stats == {} and {"gamma1", "beta1", "gamma2", "beta2"} <= set(net.params)
+    one = net.forward(X[:1], train=True)[0]  # per example: no batch statistics
+    np.testing.assert_allclose(one, train[:1], rtol=1e-12)
+    with pytest.raises(ValueError, match="layer_norm replaces batch norm"):
+        NetConfig(d=12, layer_norm=True)
+
+
 def test_checker_catches_a_wrong_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
     """The checker must fail loudly on a small but real backward-pass bug."""
-    import klayer.core.network as network_mod
+    import klayer.core.layers as layers_mod
 
-    real = network_mod.batchnorm_backward
+    real = layers_mod.batchnorm_backward
 
     def off_by_a_bit(dy, cache, gamma):  # type: ignore[no-untyped-def]
         ds, dg, db = real(dy, cache, gamma)
         return ds * 1.001, dg, db
 
-    monkeypatch.setattr(network_mod, "batchnorm_backward", off_by_a_bit)
+    monkeypatch.setattr(layers_mod, "batchnorm_backward", off_by_a_bit)
     errors = worst(NetConfig(d=12, hidden=(16, 12), batch_norm=True), lam=0.0)
     assert errors["W1"] > 1e-4  # the first layer sees the corrupted signal
     assert errors["W3"] <= BOUND  # the last layer does not

@@ -186,7 +186,7 @@ def test_softmax_cross_entropy_matches_numpy() -> None:
 
 def test_stacked_softmax_cross_entropy_is_each_networks(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from klayer.core.network import training_loss as stacked
+    from klayer.core.losses import training_loss as stacked
 
     rng = np.random.default_rng(5)
     scores = rng.normal(0, 3, (4, 50, 10)).astype(F32)

@@ -50,13 +50,14 @@ class TorchTwin:
         self.skips = cfg.skip_sources()
         self.W: dict[int, torch.Tensor] = {}
         self.b: dict[int, torch.Tensor] = {}
-        self.bn: dict[int, nn.BatchNorm1d] = {}
+        self.bn: dict[int, nn.BatchNorm1d | nn.LayerNorm] = {}
         self.params: dict[str, torch.Tensor] = {}
         for l in range(1, cfg.k + 1):
             self.W[l] = self.params[f"W{l}"] = self._leaf(net.params[f"W{l}"])
             self.b[l] = self.params[f"b{l}"] = self._leaf(net.params[f"b{l}"])
-            if l < cfg.k and cfg.batch_norm:
-                bn = nn.BatchNorm1d(
+            if l < cfg.k and (cfg.batch_norm or cfg.layer_norm):
+                bn = nn.LayerNorm(cfg.widths[l], eps=cfg.bn_eps, dtype=torch.float64) if (
+                    cfg.layer_norm) else nn.BatchNorm1d(
                     cfg.widths[l], eps=cfg.bn_eps, momentum=1 - cfg.bn_alpha,
                     dtype=torch.float64,
                 )
@@ -81,7 +82,7 @@ class TorchTwin:
             s = h @ self.W[l] + self.b[l]
             if l in self.skips:
                 s = s + outs[self.skips[l]]
-            if not cfg.batch_norm:
+            if not (cfg.batch_norm or cfg.layer_norm):
                 h = torch.relu(s)
             elif cfg.bn_position == "before":
                 h = torch.relu(self.bn[l](s))
@@ -108,7 +109,9 @@ def same_masks(cfg: NetConfig, n: int, seed: int) -> list[np.ndarray] | None:
 # --- 1. logits, cost and every gradient, float64 -----------------------------------
 
 BN_VARIANTS = {"nobn": dict(batch_norm=False), "before": dict(bn_position="before"),
-               "after": dict(bn_position="after")}
+               "after": dict(bn_position="after"),
+               "ln-before": dict(batch_norm=False, layer_norm=True, bn_eps=1e-5),
+               "ln-after": dict(batch_norm=False, layer_norm=True, bn_position="after")}
 DEPTHS = {1: (), 2: (30,), 3: (30, 20), 4: (20, 20, 10), 9: (50, 30, 20, 20, 10, 10, 10, 10)}
 CASES = [
     pytest.param(dict(hidden=h, **bn), lam, id=f"k{k}-{name}-lam{lam}")

@@ -49,9 +49,13 @@ def lone(cfg: TrainConfig, data: Data, order_seed: int) -> Trainer:
         {"optimizer": "adamw", "hidden": (), "label_smoothing": 0.1},
         {"schedule": "constant", "cycles": None, "steps": 60, "dataset": "images",
          "flip": True, "translate": 2},
+        {"batch_norm": False, "layer_norm": True, "optimizer": "nesterov", "mixup": 0.4},
+        {"schedule": "constant", "cycles": None, "steps": 60, "dataset": "images",
+         "cutmix": 1.0, "mixup": 0.2, "mix_prob": 0.7, "whiten": "zca", "tta_flip": True,
+         "tta_shift": 1},
     ],
     ids=["bn", "no-bn-momentum", "bn-after-nesterov", "adam-skip-dropout", "adamw-linear",
-         "constant-augment"],
+         "constant-augment", "layer-norm-mixup", "zca-cutmix-views"],
 )
 def test_four_trials_together_equal_four_alone(overrides: dict[str, object]) -> None:
     images = overrides.get("dataset") == "images"

@@ -46,6 +46,8 @@ class NetConfig:
     num_classes: int = 10
     hidden: tuple[int, ...] = _f((50, 50), "hidden widths, comma-separated")
     batch_norm: bool = _f(True, "batch norm in every hidden layer")
+    layer_norm: bool = _f(False, "layer norm in every hidden layer instead (needs "
+                          "batch_norm = false; at bn_position, with bn_eps)")
     bn_position: str = _f("before", "batch norm before or after the ReLU", choices=BN_POSITIONS)
     bn_alpha: float = _f(0.9, "running averages keep alpha of their old value")
     bn_eps: float = _f(BN_EPS, "batch-norm epsilon")
@@ -72,9 +74,12 @@ class NetConfig:
         _check_positive("init_sigma", self.init_sigma)
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        for name in ("batch_norm", "skip"):
+        for name in ("batch_norm", "layer_norm", "skip"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.batch_norm and self.layer_norm:
+            raise ValueError("layer_norm replaces batch norm: set batch_norm = false "
+                             "(--no-batch-norm) as well")
 
     @property
     def k(self) -> int:
@@ -171,6 +176,7 @@ class TrainConfig:
     # architecture: NetConfig's fields, with its defaults and help (``_arch``)
     hidden: tuple[int, ...] = _arch("hidden")
     batch_norm: bool = _arch("batch_norm")
+    layer_norm: bool = _arch("layer_norm")
     bn_position: str = _arch("bn_position")
     bn_alpha: float = _arch("bn_alpha")
     bn_eps: float = _arch("bn_eps")

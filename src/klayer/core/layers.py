@@ -128,6 +128,53 @@ def batchnorm_backward(dy: Array, cache: BNCache, gamma: Array) -> tuple[Array, 
     return ds, dgamma, dbeta
 
 
+# --- layer normalization -----------------------------------------------------------------
+
+
+class LNCache(NamedTuple):
+    """What the layer-norm backward pass needs."""
+
+    x_hat: Array  # (..., n, m) normalized input
+    inv_std: Array  # (..., n)   1 / sqrt(var + eps), one per example
+
+
+def layernorm_forward(s: Array, gamma: Array, beta: Array, eps: float) -> tuple[Array, LNCache]:
+    """Layer norm (Ba, Kiros & Hinton 2016): batch norm's maths over each example's m
+    units instead of over the batch, so training and evaluation compute the same and
+    there are no running statistics. s (..., n, m) -> gamma * x_hat + beta, with
+    x_hat = (s - mu_i) / sqrt(var_i + eps), mu_i and var_i (biased) of row i."""
+    mu = s.mean(axis=-1, keepdims=True)  # (..., n, 1)
+    x_hat = s - mu  # (..., n, m)
+    var = np.einsum("...ij,...ij->...i", x_hat, x_hat) / s.shape[-1]  # (..., n)
+    inv_std = 1.0 / np.sqrt(var + eps)  # (..., n)
+    x_hat *= inv_std[..., None]
+    y = x_hat * gamma[..., None, :]
+    y += beta[..., None, :]
+    return y, LNCache(x_hat, inv_std)
+
+
+def layernorm_backward(dy: Array, cache: LNCache, gamma: Array) -> tuple[Array, Array, Array]:
+    """dy (..., n, m) -> (ds, dgamma, dbeta). Per row, with g = dy . gamma (dJ/dx_hat):
+    ds = inv_std (g - mean_j g - x_hat mean_j (g . x_hat)), batch norm's formula with
+    the roles of the axes swapped (means over a row's units, not over the batch)."""
+    x_hat, inv_std = cache
+    dgamma = np.einsum("...ij,...ij->...j", dy, x_hat)  # (..., m), summed over examples
+    dbeta = dy.sum(axis=-2)  # (..., m)
+    g = dy * gamma[..., None, :]  # (..., n, m)
+    ds = g - g.mean(axis=-1, keepdims=True)
+    ds -= x_hat * (np.einsum("...ij,...ij->...i", g, x_hat) / g.shape[-1])[..., None]
+    ds *= inv_std[..., None]
+    return ds, dgamma, dbeta
+
+
+def norm_backward(dy: Array, cache: BNCache | LNCache,
+                  gamma: Array) -> tuple[Array, Array, Array]:
+    """Backward through batch norm or layer norm, told apart by their caches."""
+    if isinstance(cache, LNCache):
+        return layernorm_backward(dy, cache, gamma)
+    return batchnorm_backward(dy, cache, gamma)
+
+
 # --- dropout ----------------------------------------------------------------
 
 

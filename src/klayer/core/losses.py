@@ -8,9 +8,12 @@ cross-entropy) and cost (loss + penalty) are reported separately.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from klayer.core import kernels
 
 Array = npt.NDArray[np.floating]
 Labels = npt.NDArray[np.integer]
@@ -82,3 +85,15 @@ def l2_penalty(weights: Iterable[Array], lam: float) -> float:
 def accuracy(scores: Array, y: Labels) -> float:
     """Fraction of rows whose highest score is the true label."""
     return float(np.mean(scores.argmax(axis=-1) == y))
+
+
+def training_loss(scores: Array, y: Labels, label_smoothing: float = 0.0,
+                  mix: Mix | None = None) -> tuple[Any, Array]:
+    """Mean cross-entropy (a float; (T,) for a stack's (T, n, K) scores) and dJ/dscores
+    (``softmax_cross_entropy``; in C for float32 hard labels)."""
+    if not label_smoothing and mix is None and kernels.enabled(scores):
+        if scores.ndim == 3:
+            return kernels.softmax_cross_entropy_stack(scores, y)
+        return kernels.softmax_cross_entropy(scores, y)
+    loss, dscores = softmax_cross_entropy(scores, y, label_smoothing, mix)
+    return (float(loss) if loss.ndim == 0 else loss), dscores

@@ -24,17 +24,19 @@ from klayer.core.config import NetConfig
 from klayer.core.layers import (
     Array,
     BNCache,
-    batchnorm_backward,
+    LNCache,
     batchnorm_forward_eval,
     batchnorm_forward_train,
     bias_backward,
     dropout_mask,
+    layernorm_forward,
     linear_backward,
     linear_forward,
+    norm_backward,
     relu_backward,
     relu_forward,
 )
-from klayer.core.losses import Mix, accuracy, cross_entropy, l2_penalty, softmax_cross_entropy
+from klayer.core.losses import Mix, accuracy, cross_entropy, l2_penalty, training_loss
 
 Labels = npt.NDArray[np.integer]
 EVAL_CHUNK = 1000  # rows per evaluation chunk (benchmarks/bench_load.py measures it)
@@ -46,7 +48,7 @@ class LayerCache(NamedTuple):
 
     x: Array  # (n, m_{l-1}) input of the linear map
     relu_out: Array | None  # (n, m_l) output of the ReLU (its mask is relu_out > 0)
-    bn: BNCache | None  # batch-norm cache
+    bn: BNCache | LNCache | None  # batch-norm (or layer-norm) cache
     mask: Array | None  # (n, m_l) dropout mask
 
 
@@ -90,9 +92,10 @@ class Network:
                 std = cfg.init_sigma
             self.params[f"W{l}"] = (rng.standard_normal((fan_in, fan_out)) * std).astype(self.dtype)
             self.params[f"b{l}"] = np.zeros(fan_out, self.dtype)
-            if l < cfg.k and cfg.batch_norm:
+            if l < cfg.k and (cfg.batch_norm or cfg.layer_norm):
                 self.params[f"gamma{l}"] = np.ones(fan_out, self.dtype)
                 self.params[f"beta{l}"] = np.zeros(fan_out, self.dtype)
+            if l < cfg.k and cfg.batch_norm:
                 # Running statistics start at 0 / 1 (as torch's); the assignment's
                 # convention overwrites them with the first mini-batch's. Either way an
                 # evaluation before any training step is finite and meaningful.
@@ -171,8 +174,8 @@ class Network:
             s = self._affine(l, h, bias=not bias_in_bn)  # (..., n, m_l)
             if l in self._skips:
                 s += outs[self._skips[l]]  # residual: s_l += h_{l-2}
-            bn: BNCache | None = None
-            if not cfg.batch_norm:
+            bn: BNCache | LNCache | None = None
+            if not (cfg.batch_norm or cfg.layer_norm):
                 r = out = relu_forward(s)
             elif cfg.bn_position == "before":
                 r, bn = self._batchnorm(s, l, train, update_stats, stats_sink, relu=True,
@@ -213,8 +216,9 @@ class Network:
         return dropout_mask(shape, self.config.dropout, rng, self.dtype)
 
     def _batchnorm(self, s: Array, l: int, train: bool, update_stats: bool, sink: Sink | None,
-                   relu: bool = False, bias: Array | None = None) -> tuple[Array, BNCache | None]:
-        """Batch norm of layer l (then a ReLU when ``relu``): its output and cache.
+                   relu: bool = False, bias: Array | None = None,
+                   ) -> tuple[Array, BNCache | LNCache | None]:
+        """Batch norm (or layer norm) of layer l (then a ReLU when ``relu``): output, cache.
 
         ``bias``, the linear map's b when the caller left it out, is added to s first
         (in place). In training mode with float32 and the C kernels, that addition,
@@ -222,8 +226,11 @@ class Network:
         (``kernels.bn_relu_forward``), the same maths as the NumPy code.
         """
         gamma, beta = self.params[f"gamma{l}"], self.params[f"beta{l}"]
-        mu_av, var_av = self.stats[f"mu{l}"], self.stats[f"var{l}"]
         eps, n = self.config.bn_eps, s.shape[-2]
+        if self.config.layer_norm:  # the same in training and evaluation: no statistics
+            y, ln = layernorm_forward(s, gamma, beta, eps)
+            return (relu_forward(y) if relu else y), ln if train else None
+        mu_av, var_av = self.stats[f"mu{l}"], self.stats[f"var{l}"]
         if not train:
             y = batchnorm_forward_eval(s, gamma, beta, mu_av, var_av, eps)
             return (relu_forward(y) if relu else y), None
@@ -280,15 +287,13 @@ class Network:
             if c.mask is not None:
                 dh = dh * c.mask
             assert c.relu_out is not None
-            if not cfg.batch_norm:
+            if c.bn is None:
                 ds = relu_backward(dh, c.relu_out)
             elif cfg.bn_position == "before":
-                assert c.bn is not None
                 ds, grads[f"gamma{l}"], grads[f"beta{l}"], db = _bn_relu_backward(
                     dh, c.relu_out, c.bn, p[f"gamma{l}"])
             else:
-                assert c.bn is not None
-                dr, grads[f"gamma{l}"], grads[f"beta{l}"] = batchnorm_backward(
+                dr, grads[f"gamma{l}"], grads[f"beta{l}"] = norm_backward(
                     dh, c.bn, p[f"gamma{l}"])
                 ds = relu_backward(dr, c.relu_out)
             if l in self._skips:
@@ -375,24 +380,14 @@ class Network:
         return X, y
 
 
-def _bn_relu_backward(dh: Array, relu_out: Array, cache: BNCache,
+def _bn_relu_backward(dh: Array, relu_out: Array, cache: BNCache | LNCache,
                       gamma: Array) -> tuple[Array, Array, Array, Array | None]:
     """Backward through ReLU then batch norm: (ds, dgamma, dbeta, db), fused in C where it
     can be, with db = sum_i ds_i, the bias gradient of the layer's linear map (None from
     the NumPy code: ``bias_backward`` sums it then)."""
-    if kernels.enabled(dh, relu_out, cache.x_hat, cache.inv_std, gamma):
+    if isinstance(cache, BNCache) and kernels.enabled(dh, relu_out, cache.x_hat,
+                                                      cache.inv_std, gamma):
         return kernels.bn_relu_backward(dh, relu_out, cache.x_hat, cache.inv_std, gamma,
                                         want_db=True)
-    return (*batchnorm_backward(relu_backward(dh, relu_out), cache, gamma), None)
+    return (*norm_backward(relu_backward(dh, relu_out), cache, gamma), None)
 
-
-def training_loss(scores: Array, y: Labels, label_smoothing: float = 0.0,
-                  mix: Mix | None = None) -> tuple[Any, Array]:
-    """Mean cross-entropy (a float; (T,) for a stack's (T, n, K) scores) and dJ/dscores
-    (``losses.softmax_cross_entropy``; in C for float32 hard labels)."""
-    if not label_smoothing and mix is None and kernels.enabled(scores):
-        if scores.ndim == 3:
-            return kernels.softmax_cross_entropy_stack(scores, y)
-        return kernels.softmax_cross_entropy(scores, y)
-    loss, dscores = softmax_cross_entropy(scores, y, label_smoothing, mix)
-    return (float(loss) if loss.ndim == 0 else loss), dscores

@@ -25,7 +25,8 @@ import numpy as np
 
 from klayer.core.config import TrainConfig
 from klayer.core.layers import Array
-from klayer.core.network import Network, training_loss
+from klayer.core.losses import training_loss
+from klayer.core.network import Network
 from klayer.core.optim import SGD
 from klayer.core.stack import Stack
 from klayer.data.datasets import Data

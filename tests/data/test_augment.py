@@ -217,7 +217,7 @@ def test_cutmix_pastes_a_box_and_weights_labels_by_the_share_left() -> None:
 
 def test_mixed_batches_follow_mix_prob() -> None:
     from klayer.core.config import TrainConfig
-    from klayer.training.trainer import MiniBatches
+    from klayer.training.minibatches import MiniBatches
 
     rng = np.random.default_rng(0)
     n = 400

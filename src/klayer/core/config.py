@@ -276,11 +276,7 @@ class TrainConfig:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         if self.n_train is not None:
             _check_int("n_train", self.n_train, 1)
-        for name in ("mixup", "cutmix"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} (alpha) must be >= 0, got {getattr(self, name)!r}")
-        if not 0 <= self.mix_prob <= 1:
-            raise ValueError(f"mix_prob must be in [0, 1], got {self.mix_prob!r}")
+        _check_inputs(self)
         if not 0 <= self.flip_fraction <= 1:
             raise ValueError(f"flip_fraction must be in [0, 1], got {self.flip_fraction!r}")
         for name in ("cycles", "epochs"):
@@ -290,12 +286,6 @@ class TrainConfig:
         given = [k for k in LENGTH_KEYS if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"give only one training length, got {' and '.join(given)}")
-        image_ops = [k for k in ("flip", "translate", "cutmix", "tta_flip", "tta_shift",
-                                 "flip_fraction")
-                     if getattr(self, k)]
-        if self.whiten == "pca" and image_ops:
-            raise ValueError(f"whiten = pca makes inputs that are not images, so "
-                             f"{', '.join(image_ops)} cannot apply; use whiten = zca")
         if self.cycles is not None and self.schedule != "cyclic":
             raise ValueError("cycles only applies to schedule = cyclic; use epochs or steps")
 
@@ -358,6 +348,20 @@ def _widths(hidden: Any) -> tuple[Any, ...]:
     return tuple(hidden)
 
 
+def _check_inputs(cfg: TrainConfig) -> None:
+    """Mixing and whitening: alphas >= 0, a probability, no image operation on PCA inputs."""
+    for name in ("mixup", "cutmix"):
+        if not getattr(cfg, name) >= 0:
+            raise ValueError(f"{name} (alpha) must be >= 0, got {getattr(cfg, name)!r}")
+    if not 0 <= cfg.mix_prob <= 1:
+        raise ValueError(f"mix_prob must be in [0, 1], got {cfg.mix_prob!r}")
+    image_ops = [k for k in ("flip", "translate", "cutmix", "tta_flip", "tta_shift",
+                             "flip_fraction") if getattr(cfg, k)]
+    if cfg.whiten == "pca" and image_ops:
+        raise ValueError(f"whiten = pca makes inputs that are not images, so "
+                         f"{', '.join(image_ops)} cannot apply; use whiten = zca")
+
+
 def _check_types(cfg: TrainConfig) -> None:
     """Each value must have its field's type (ints may stand for floats)."""
     hints = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
@@ -379,11 +383,7 @@ def _check_types(cfg: TrainConfig) -> None:
 
 def to_toml(values: dict[str, Any]) -> str:
     """A flat mapping of str/int/float/bool/list values as TOML (None values are left out)."""
-    lines = []
-    for key, value in values.items():
-        if value is None:
-            continue
-        lines.append(f"{key} = {_toml_value(value)}")
+    lines = [f"{key} = {_toml_value(value)}" for key, value in values.items() if value is not None]
     return "\n".join(lines) + "\n"
 
 

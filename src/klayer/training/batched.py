@@ -31,8 +31,8 @@ from klayer.core.optim import SGD
 from klayer.core.stack import Stack
 from klayer.data.datasets import Data
 from klayer.training.evaluation import evaluate, evaluate_many, population_stats
+from klayer.training.minibatches import MiniBatches, streams
 from klayer.training.plan import make_optimizer_for
-from klayer.training.trainer import MiniBatches, streams
 
 # TrainConfig fields that may differ between the trials of one batch.
 BATCHABLE = ("lam", "eta_min", "eta_max", "eta", "decay", "seed", "name")

@@ -28,15 +28,14 @@ import numpy as np
 from klayer import __version__
 from klayer.core import kernels
 from klayer.core.config import TrainConfig
-from klayer.core.layers import Array
-from klayer.core.losses import Mix
-from klayer.core.network import Labels, Metrics, Network
-from klayer.data.augment import cutmix, hflip, mixup, random_flip, random_translate
+from klayer.core.network import Metrics, Network
+from klayer.data.augment import hflip
 from klayer.data.batchfile import DataError
 from klayer.data.datasets import Data, data_fingerprint
 from klayer.training import checkpoint, modelfile, trainstate
 from klayer.training.checkpoint import CheckpointError
 from klayer.training.evaluation import evaluate, population_stats
+from klayer.training.minibatches import MiniBatches, streams
 from klayer.training.plan import (
     Plan,
     make_optimizer_for,
@@ -299,52 +298,6 @@ def train(cfg: TrainConfig, data: Data,
     that; the training set is 9x larger), and their train columns are NaN.
     """
     return Trainer(cfg, data, callback, train_curve=train_curve).run()
-
-
-def streams(seed: int) -> list[np.random.Generator]:
-    """The four generators of SeedSequence(seed): initialization, shuffling, dropout and
-    augmentation (one stream each, so that turning dropout on keeps the batch order)."""
-    return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4)]
-
-
-class MiniBatches:
-    """A run's mini-batches: each epoch a new order of the training set (``shuffle``),
-    then n_batch rows at a time, standardized into one reused buffer and augmented.
-
-    The shuffling and augmentation generators come from SeedSequence(``seed``), so runs
-    (or a stack of trials) given the same seed see the same mini-batches.
-    """
-
-    def __init__(self, cfg: TrainConfig, data: Data, steps_per_epoch: int, dtype: Any,
-                 seed: int) -> None:
-        self.cfg, self.data, self.per_epoch, self.dtype = cfg, data, steps_per_epoch, dtype
-        _, self.shuffle_rng, _, self.aug_rng = streams(seed)
-        self.order = np.arange(len(data.train.y))  # this epoch's example order
-        self._buf: Array | None = None
-
-    def __call__(self, t: int) -> tuple[Array, Labels, Mix | None]:
-        """Mini-batch t (0-based update count): X (n_batch, d), y (n_batch,), and the
-        second labels and weights when it is mixed (``losses.Mix``), else None."""
-        cfg, data = self.cfg, self.data
-        pos = (t % self.per_epoch) * cfg.n_batch
-        if pos == 0 and cfg.shuffle:
-            self.order = self.shuffle_rng.permutation(len(data.train.y))
-        idx = self.order[pos : pos + cfg.n_batch]
-        X = self._buf = data.train_rows(idx, dtype=self.dtype, out=self._buf)
-        if data.image_shape is not None and cfg.flip:
-            X = random_flip(X, data.image_shape, self.aug_rng)
-        if data.image_shape is not None and cfg.translate:
-            X = random_translate(X, data.image_shape, cfg.translate, self.aug_rng)
-        y = data.train.y[idx]
-        cut = cfg.cutmix if data.image_shape is not None else 0.0
-        if not (cfg.mixup or cut) or self.aug_rng.random() >= cfg.mix_prob:
-            return X, y, None
-        if cut and (not cfg.mixup or self.aug_rng.random() < 0.5):
-            assert data.image_shape is not None
-            X, mix = cutmix(X, y, data.image_shape, cut, self.aug_rng)
-        else:
-            X, mix = mixup(X, y, cfg.mixup, self.aug_rng)
-        return X, y, mix
 
 
 def _notify(callback: Callable[[str, dict[str, float]], None] | None, kind: str,

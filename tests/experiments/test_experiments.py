@@ -122,9 +122,16 @@ def test_the_best_recipe_is_valid_and_its_ablation_ends_at_it() -> None:
     specs = ablation_specs(recipe)
     assert specs[0].label == BASELINE and specs[0].overrides == {}
     assert specs[-1].overrides == {k: v for k, v in recipe.items() if k not in ALWAYS}
-    assert all(a.overrides.items() < b.overrides.items() for a, b in itertools.pairwise(specs))
+    assert specs[-1].label.endswith("(the recipe)")
+    for a, b in itertools.pairwise(specs):  # each row keeps every key and adds or changes some
+        assert set(a.overrides) <= set(b.overrides) and a.overrides != b.overrides
     without = ablation_specs({k: v for k, v in recipe.items() if k != "label_smoothing"})
     assert len(without) == len(specs) - 1  # a left-out ingredient gets no row
+    # a longer recipe trains its schedule row at the staged length, then a row of its own
+    longer = ablation_specs({**recipe, "epochs": 100})
+    staged = [s for s in longer if "epochs" in s.overrides]
+    assert staged[0].overrides["epochs"] == 40 and staged[-1].overrides["epochs"] == 100
+    assert len(longer) == len(ablation_specs({**recipe, "epochs": 40})) + 1
     with pytest.raises(ValueError, match="no ingredient"):
         ablation_specs({**recipe, "skip": True})
 

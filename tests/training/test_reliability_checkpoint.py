@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,23 @@ def test_state_dict_round_trip_continues_bit_identically(tmp_path: Path, cut: in
     second = Trainer(HARD, data, run_dir=tmp_path)
     found = second.resume(warn=pytest.fail)
     assert found is not None and found[0] == cut
+    second.run()
+    states_equal(ref.state_dict(), second.state_dict())
+
+
+@pytest.mark.parametrize("cfg", [
+    replace(HARD, whiten="zca", mixup=0.3, cutmix=1.0, mix_prob=0.8, tta_flip=True, tta_shift=1),
+    replace(HARD, batch_norm=False, layer_norm=True, mixup=0.2)], ids=["zca-mix", "layer-norm"])
+def test_whitened_mixed_and_layer_norm_runs_resume_bit_identically(
+        tmp_path: Path, cfg: TrainConfig) -> None:
+    data = image_data()
+    ref = Trainer(cfg, data)
+    ref.run()
+    first = Trainer(cfg, data, run_dir=tmp_path)
+    with pytest.raises(Stopped):
+        first.run(should_stop=lambda: 15 if first.t == 37 else None)
+    second = Trainer(cfg, data, run_dir=tmp_path)
+    assert second.resume(warn=pytest.fail) is not None
     second.run()
     states_equal(ref.state_dict(), second.state_dict())
 

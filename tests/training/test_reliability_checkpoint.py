@@ -72,7 +72,8 @@ def test_state_dict_round_trip_continues_bit_identically(tmp_path: Path, cut: in
 
 @pytest.mark.parametrize("cfg", [
     replace(HARD, whiten="zca", mixup=0.3, cutmix=1.0, mix_prob=0.8, tta_flip=True, tta_shift=1),
-    replace(HARD, batch_norm=False, layer_norm=True, mixup=0.2)], ids=["zca-mix", "layer-norm"])
+    replace(HARD, batch_norm=False, layer_norm=True, mixup=0.2),
+    replace(HARD, ema=0.9)], ids=["zca-mix", "layer-norm", "ema"])
 def test_whitened_mixed_and_layer_norm_runs_resume_bit_identically(
         tmp_path: Path, cfg: TrainConfig) -> None:
     data = image_data()

@@ -189,6 +189,8 @@ class TrainConfig:
     # cost
     lam: float = _f(0.005, "L2 regularization lambda on the weight matrices", flag="lambda")
     label_smoothing: float = _f(0.0, "label smoothing epsilon")
+    ema: float = _f(0.0, "weight EMA decay per step (e.g. 0.999; 0: off): the trained network "
+                    "is the average, with its own batch-norm statistics (PreciseBN)")
     # optimization
     n_batch: int = _f(100, "mini-batch size")
     optimizer: str = _f("sgd", "sgd, momentum, nesterov, adam or adamw", choices=OPTIMIZERS)
@@ -224,14 +226,12 @@ class TrainConfig:
                       "a shuffled copy, weight ~ Beta(alpha, alpha) (0: off)")
     cutmix: float = _f(0.0, "augment: cutmix alpha; a mixed mini-batch pastes a box of a "
                        "shuffled copy into each image (0: off; images only)")
-    mix_prob: float = _f(1.0, "probability that a mini-batch is mixed (mixup or cutmix; "
-                         "with both, either one half the time)")
+    mix_prob: float = _f(1.0, "share of mini-batches mixed (mixup or cutmix; both: each half)")
     tta_flip: bool = _f(False, "test-time flip averaging (images only)")
-    tta_shift: int = _f(0, "test-time augmentation: also average over the image shifted "
-                        "diagonally by this many pixels (five crops; ten with tta_flip)")
-    whiten: str = _f("none", "input whitening fitted on the training split: none, pca or zca "
-                     "(zca keeps images images; pca takes no image augmentation)",
-                     choices=WHITEN)
+    tta_shift: int = _f(0, "test-time crops: also average over the image shifted diagonally "
+                        "by this many pixels (five views; ten with tta_flip)")
+    whiten: str = _f("none", "input whitening fitted on the training split (zca keeps images "
+                     "images; pca takes no image augmentation)", choices=WHITEN)
     whiten_eps: float = _f(0.1, "whitening epsilon, added to the eigenvalues of the "
                            "standardized inputs' covariance (they sum to d)")
     # bookkeeping
@@ -280,9 +280,8 @@ class TrainConfig:
         if not 0 <= self.flip_fraction <= 1:
             raise ValueError(f"flip_fraction must be in [0, 1], got {self.flip_fraction!r}")
         for name in ("cycles", "epochs"):
-            value = getattr(self, name)
-            if value is not None:
-                _check_positive(name, value)
+            if getattr(self, name) is not None:
+                _check_positive(name, getattr(self, name))
         given = [k for k in LENGTH_KEYS if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"give only one training length, got {' and '.join(given)}")
@@ -353,6 +352,8 @@ def _check_inputs(cfg: TrainConfig) -> None:
     for name in ("mixup", "cutmix"):
         if not getattr(cfg, name) >= 0:
             raise ValueError(f"{name} (alpha) must be >= 0, got {getattr(cfg, name)!r}")
+    if not 0 <= cfg.ema < 1:
+        raise ValueError(f"ema must be in [0, 1), got {cfg.ema!r}")
     if not 0 <= cfg.mix_prob <= 1:
         raise ValueError(f"mix_prob must be in [0, 1], got {cfg.mix_prob!r}")
     image_ops = [k for k in ("flip", "translate", "cutmix", "tta_flip", "tta_shift",

@@ -280,3 +280,30 @@ def make_optimizer(name: str, **kwargs: Any) -> Optimizer:
         raise ValueError(f"optimizer {name!r} takes no {', '.join(unknown)}; "
                          f"valid: {', '.join(valid) or 'none'}")
     return OPTIMIZERS[name](**kwargs)
+
+
+class WeightAverage:
+    """An exponential moving average of the parameters (Polyak averaging with a decay).
+
+    Every ``every`` steps, avg = f avg + (1 - f) params with f = decay^every: the average
+    a per-step update would keep, sampled every ``every`` steps, so that averaging costs
+    a few passes over the weights per ``every`` steps, not per step (a pass over a wide
+    net's 3.8M weights costs a sizeable part of a step). ``state_dict`` holds ``avg``.
+    """
+
+    def __init__(self, params: Params, decay: float, every: int = 10) -> None:
+        self.decay = _check("ema", decay, 0.0, 1.0, lo_open=True)
+        self.every = every
+        self.avg = {k: v.copy() for k, v in params.items()}
+
+    def update(self, params: Params, t: int) -> None:
+        """Fold in ``params`` after update t (1-based) when t is a multiple of ``every``."""
+        if t % self.every:
+            return
+        f = self.decay**self.every
+        for name, a in self.avg.items():
+            a *= f
+            a += (1 - f) * params[name]
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {k: v.copy() for k, v in self.avg.items()}

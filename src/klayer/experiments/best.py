@@ -37,6 +37,7 @@ INGREDIENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("+ PreciseBN", ("bn_stats",)),
     ("+ test-time flip averaging", ("tta_flip",)),
     ("+ ZCA whitening", ("whiten", "whiten_eps")),
+    ("+ weight averaging (EMA)", ("ema",)),
     ("+ mixup", ("mixup",)),
     ("+ cutmix", ("cutmix", "mix_prob")),
     ("+ test-time crops", ("tta_shift",)),

@@ -56,6 +56,8 @@ def check_batchable(cfgs: Sequence[TrainConfig]) -> None:
                                  f"{a!r} != {b!r} (only {', '.join(BATCHABLE)} may differ)")
     if first.precise_per_epoch:
         raise ValueError("batched trials do not support precise_per_epoch > 0")
+    if first.ema:
+        raise ValueError("batched trials do not support ema > 0")
 
 
 class BatchedTrainer:

@@ -29,6 +29,7 @@ from klayer import __version__
 from klayer.core import kernels
 from klayer.core.config import TrainConfig
 from klayer.core.network import Metrics, Network
+from klayer.core.optim import WeightAverage
 from klayer.data.augment import hflip
 from klayer.data.batchfile import DataError
 from klayer.data.datasets import Data, data_fingerprint
@@ -94,6 +95,7 @@ class Trainer:
         self.batches = MiniBatches(cfg, data, self.plan.steps_per_epoch, self.net.dtype,
                                    cfg.shuffle_seed)  # order_seed, or seed
         self.opt = make_optimizer_for(cfg)
+        self.ema = WeightAverage(self.net.params, cfg.ema) if cfg.ema else None
         self.t = 0  # updates done
         self.rows: list[dict[str, float]] = []
         self.elapsed = 0.0  # training seconds spent before this process (on resume)
@@ -121,6 +123,8 @@ class Trainer:
         lr = self.plan.lr(t)
         self.opt.step(net.params, grads, lr, l2=2 * cfg.lam)  # the L2 term is added here
         self.t += 1
+        if self.ema is not None:
+            self.ema.update(net.params, self.t)
         if self.precise_every and cfg.bn_stats == "precise" and self.t % self.precise_every == 0:
             population_stats(net, data, data.train.X, cfg.precise_examples)
         _notify(self.callback, "step", {"step": self.t, "lr": lr, "loss": loss})
@@ -156,7 +160,9 @@ class Trainer:
                            f"with a smaller {key} (now {getattr(self.cfg, key):g}). "
                            f"{kept}") from None
         if not self.finished:
-            if self.cfg.bn_stats == "precise":
+            if self.ema is not None:  # the average is the network; its own BN statistics
+                self.net.params.update(self.ema.state_dict())
+            if self.cfg.bn_stats == "precise" or self.ema is not None:
                 population_stats(self.net, self.data, self.data.train.X,
                                  self.cfg.precise_examples)
             if not self._evaluated(self.t):
@@ -221,6 +227,8 @@ class Trainer:
         d.update({f"param/{k}": v.copy() for k, v in self.net.params.items()})
         d.update({f"stats/{k}": v.copy() for k, v in self.net.stats.items()})
         d.update({f"opt/{k}": v for k, v in self.opt.state_dict().items()})
+        if self.ema is not None:
+            d.update({f"ema/{k}": v for k, v in self.ema.state_dict().items()})
         return d
 
     def load_state_dict(self, d: dict[str, np.ndarray]) -> None:
@@ -246,6 +254,8 @@ class Trainer:
         params = modelfile.arrays_like(d, "param", self.net.params, CheckpointError,
                                         exact=True)
         stats = modelfile.arrays_like(d, "stats", self.net.stats, CheckpointError, exact=True)
+        ema = (modelfile.arrays_like(d, "ema", self.net.params, CheckpointError, exact=True)
+               if self.ema is not None else {})
         opt_state = trainstate.optimizer_state(d, params)
         order = trainstate.epoch_order(d, len(self.data.train.y))
         rngs = trainstate.generators(d, 3)
@@ -258,6 +268,8 @@ class Trainer:
         # all checked: apply
         self.net.params.update(params)
         self.net.stats.update(stats)
+        if self.ema is not None:
+            self.ema.avg = ema
         self.net.bn_updates = modelfile.count(d, "bn_updates", CheckpointError)
         self.opt, self.t, self.batches.order, self.rows = opt, t, order, rows
         self.batches.shuffle_rng, self.dropout_rng, self.batches.aug_rng = rngs

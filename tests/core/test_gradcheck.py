@@ -96,6 +96,16 @@ def test_layer_norm_gradients_exact(k: int, extra: dict) -> None:
     assert max(worst(cfg, lam=0.1).values()) <= BOUND
 
 
+@pytest.mark.parametrize("norm", [{}, {"batch_norm": False, "layer_norm": True}],
+                         ids=["bn", "ln"])
+def test_inverted_bottleneck_residual_blocks(norm: dict) -> None:
+    """--skip with widths w, 4w, w, 4w, w: two inverted-bottleneck residual blocks
+    (s_3 += h_1, s_5 += h_3), the block of Bachmann et al.'s MLPs with layer norm."""
+    cfg = NetConfig(d=12, hidden=(8, 32, 8, 32, 8), skip=True, **norm)
+    assert cfg.skip_sources() == {3: 1, 5: 3}
+    assert max(worst(cfg, lam=0.1).values()) <= BOUND
+
+
 def test_layer_norm_is_the_same_in_training_and_evaluation() -> None:
     cfg = NetConfig(d=12, hidden=(16, 12), batch_norm=False, layer_norm=True, dtype="float64")
     net, X, _ = make_check_problem(cfg, n=10, seed=1)

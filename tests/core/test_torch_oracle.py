@@ -125,6 +125,10 @@ CASES = [
     pytest.param(dict(hidden=(16,) * 5, skip=True, **bn), 0.1, id=f"k6-skip-{name}")
     for name, bn in BN_VARIANTS.items()
 ] + [
+    pytest.param(dict(hidden=(8, 32, 8, 32, 8), skip=True, **bn), 0.1,
+                 id=f"k6-inverted-bottleneck-{name}")
+    for name, bn in BN_VARIANTS.items()
+] + [
     pytest.param(dict(hidden=(16,) * 5, skip=True, dropout=0.3, bn_position="after"), 0.0,
                  id="k6-skip-dropout-after"),
 ]

@@ -158,7 +158,7 @@ def test_bad_input_is_named(X: np.ndarray, y: np.ndarray | None, match: str) -> 
         ({"init": "kaiming"}, "unknown init 'kaiming'; valid: he, xavier, normal"),
         ({"bn_position": "middle"}, "unknown bn_position"),
         ({"bn_alpha": 1.0}, "bn_alpha must be in"),
-        ({"bn_eps": 0}, "bn_eps must be a number > 0"),
+        ({"bn_eps": 0}, "bn_eps must be a number > 0 \\(finite\\)"),
         ({"dropout": 1.0}, "dropout must be in"),
         ({"d": 0}, "d must be an integer >= 1"),
         ({"dtype": "float16"}, "unknown dtype"),

@@ -144,3 +144,21 @@ def test_test_time_views_of_whitened_images_are_made_after_whitening() -> None:
                 for m, a, b in tta_views(True, 1))
     got = evaluate(net, data, data.test.X, data.test.y, tta_flip=True, tta_shift=1)
     assert got.accuracy == np.mean(probs.argmax(axis=1) == data.test.y)
+
+
+def test_pca_coordinates_are_no_image_and_bad_values_are_named() -> None:
+    from klayer.training.plan import validate_for_data
+
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 256, (200, 48)).astype(np.uint8)
+    data = Data(Split(X[:150], np.arange(150) % 3), Split(X[150:], np.arange(50) % 3),
+                Split(X[150:], np.arange(50) % 3), num_classes=3, image_shape=(3, 4, 4))
+    assert data.whitened("pca", 0.1).image_shape is None  # nothing may flip or shift it
+    assert data.whitened("zca", 0.1).image_shape == (3, 4, 4)
+    for bad in ({"whiten_eps": float("inf")}, {"mixup": float("inf")},
+                {"cutmix": float("nan")}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TrainConfig(**bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"tta_shift \(4\) must be less than the image size"):
+        validate_for_data(TrainConfig(n_batch=50, tta_shift=4), data)
+    validate_for_data(TrainConfig(n_batch=50, tta_shift=3), data)

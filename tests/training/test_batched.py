@@ -9,7 +9,7 @@ import pytest
 
 from klayer.core.config import TrainConfig
 from klayer.data.datasets import Data, Split, make_synthetic
-from klayer.training.batched import BatchedTrainer, check_batchable
+from klayer.training.batched import BatchedTrainer, check_batchable, evaluate_trained
 from klayer.training.evaluation import evaluate, evaluate_many
 from klayer.training.plan import make_plan
 from klayer.training.trainer import Trainer
@@ -89,6 +89,23 @@ def test_four_trials_together_equal_four_alone(overrides: dict[str, object]) -> 
         assert m.accuracy == one.accuracy
         assert m.loss == pytest.approx(one.loss, rel=1e-9)
         assert m.cost == pytest.approx(one.cost, rel=1e-9)
+
+
+def test_trials_trained_on_whitened_inputs_are_scored_on_them() -> None:
+    """A search's batched trials get their final metrics (PreciseBN, accuracies, test-time
+    views) from the whitened inputs they trained on, as a lone run's summary does."""
+    data = image_data()
+    cfgs = [replace(BASE, whiten="zca", bn_stats="precise", precise_examples=200,
+                    tta_flip=True, tta_shift=1, lam=lam, eta_max=em, seed=s)
+            for lam, em, s in TRIALS[:2]]
+    plans = [make_plan(c, data.train.n) for c in cfgs]
+    bt = BatchedTrainer(cfgs, data, [p.lr for p in plans], plans[0].steps_per_epoch,
+                        plans[0].total_steps)
+    got = evaluate_trained(bt.run(), cfgs, data)  # the worker's own (unwhitened) Data
+    for cfg, metrics in zip(cfgs, got, strict=True):
+        res = Trainer(replace(cfg, order_seed=cfgs[0].seed), data).run()
+        for key in ("val_accuracy", "test_accuracy", "train_accuracy"):
+            assert metrics[key] == res.summary[key], key
 
 
 def test_a_diverged_trial_leaves_the_others_alone() -> None:

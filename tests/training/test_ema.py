@@ -50,6 +50,12 @@ def test_weight_average_folds_in_every_tenth_step() -> None:
     np.testing.assert_array_equal(ema.avg["W1"], 1.0)  # not yet
     ema.update(p, 10)
     np.testing.assert_allclose(ema.avg["W1"], 0.5**10 * 1 + (1 - 0.5**10) * 3, rtol=1e-6)
+    before = ema.avg["W1"].copy()
+    ema.update(p, 10, last=True)  # folded at 10 already
+    np.testing.assert_array_equal(ema.avg["W1"], before)
+    p["W1"][...] = 5.0
+    ema.update(p, 13, last=True)  # the 3 steps since: decay^3
+    np.testing.assert_allclose(ema.avg["W1"], 0.5**3 * before + (1 - 0.5**3) * 5, rtol=1e-6)
 
 
 def test_bad_ema_values_are_named() -> None:

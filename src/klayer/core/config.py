@@ -7,6 +7,7 @@ values raise ``ValueError`` naming the field, before any work starts.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -46,8 +47,7 @@ class NetConfig:
     num_classes: int = 10
     hidden: tuple[int, ...] = _f((50, 50), "hidden widths, comma-separated")
     batch_norm: bool = _f(True, "batch norm in every hidden layer")
-    layer_norm: bool = _f(False, "layer norm in every hidden layer instead (needs "
-                          "batch_norm = false; at bn_position, with bn_eps)")
+    layer_norm: bool = _f(False, "layer norm instead (with batch_norm = false; bn_position, eps)")
     bn_position: str = _f("before", "batch norm before or after the ReLU", choices=BN_POSITIONS)
     bn_alpha: float = _f(0.9, "running averages keep alpha of their old value")
     bn_eps: float = _f(BN_EPS, "batch-norm epsilon")
@@ -135,8 +135,8 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 def _check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a number > 0 (finite), got {value!r}")
 
 
 def _check_open_interval(name: str, value: Any, lo: float, hi: float) -> None:
@@ -350,7 +350,7 @@ def _widths(hidden: Any) -> tuple[Any, ...]:
 def _check_inputs(cfg: TrainConfig) -> None:
     """Mixing and whitening: alphas >= 0, a probability, no image operation on PCA inputs."""
     for name in ("mixup", "cutmix"):
-        if not getattr(cfg, name) >= 0:
+        if not 0 <= getattr(cfg, name) < math.inf:
             raise ValueError(f"{name} (alpha) must be >= 0, got {getattr(cfg, name)!r}")
     if not 0 <= cfg.ema < 1:
         raise ValueError(f"ema must be in [0, 1), got {cfg.ema!r}")

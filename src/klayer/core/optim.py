@@ -285,8 +285,8 @@ def make_optimizer(name: str, **kwargs: Any) -> Optimizer:
 class WeightAverage:
     """An exponential moving average of the parameters (Polyak averaging with a decay).
 
-    Every ``every`` steps, avg = f avg + (1 - f) params with f = decay^every: the average
-    a per-step update would keep, sampled every ``every`` steps, so that averaging costs
+    Every ``every`` steps, avg = f avg + (1 - f) params with f = decay^every: about the
+    average a per-step update would keep, sampled every ``every`` steps, so that it costs
     a few passes over the weights per ``every`` steps, not per step (a pass over a wide
     net's 3.8M weights costs a sizeable part of a step). ``state_dict`` holds ``avg``.
     """
@@ -296,11 +296,13 @@ class WeightAverage:
         self.every = every
         self.avg = {k: v.copy() for k, v in params.items()}
 
-    def update(self, params: Params, t: int) -> None:
-        """Fold in ``params`` after update t (1-based) when t is a multiple of ``every``."""
-        if t % self.every:
+    def update(self, params: Params, t: int, last: bool = False) -> None:
+        """Fold in ``params`` after update t (1-based) when t is a multiple of ``every``,
+        or, when ``last``, the steps since the previous fold (decay^(t mod every))."""
+        since = t % self.every
+        if (since == 0) == last:  # not a folding step; or, last, folded at t already
             return
-        f = self.decay**self.every
+        f = self.decay ** (since or self.every)
         for name, a in self.avg.items():
             a *= f
             a += (1 - f) * params[name]

@@ -3,7 +3,8 @@
 Images stay uint8 (60,000 x 3072 is 184 MB; float64 would be 1.5 GB): ``Data.standardize``
 turns the rows the training loop asks for into floats, one mini-batch at a time. The first
 CIFAR-10 load writes the decoded pixels beside the batches as ``.npy`` files, so later
-loads map them from disk in well under a second.
+loads map them from disk in well under a second. Whitened data (``Data.whitened``) are
+the exception: their training split is whitened once and kept whole, in the training dtype.
 """
 
 from __future__ import annotations
@@ -197,15 +198,19 @@ class Data:
                        whiten=np.empty((0, 0)) if whiten is None else np.asarray(whiten))
 
     def whitened(self, kind: str, eps: float) -> Data:
-        """A copy whitened by ``kind`` (none, pca, zca; see ``whiten.fit``), fitted on the
-        training split's standardized rows only. Made once per (kind, eps) and kept."""
+        """A copy whitened by ``kind`` (none, pca, zca; see ``whitening.fit``), fitted on the
+        training split's standardized rows only. The latest one is kept (searches and
+        experiments train many nets on one Data)."""
         if kind == "none":
             return self
-        key = ("whitened", kind, eps)
-        if key not in self._cache:
+        kept = self._cache.get("whitened")  # one copy: each holds a whitened training split
+        if kept is None or kept[0] != (kind, eps):
             W = whitening.fit(self.chunks(self.train.X, np.float64), self.d, kind, eps)
-            self._cache[key] = self.with_transform(self.mean, self.std, W)
-        return self._cache[key]
+            copy = self.with_transform(self.mean, self.std, W)
+            if kind == "pca":  # principal coordinates are no image: nothing may flip them
+                copy = replace(copy, image_shape=None)
+            self._cache["whitened"] = kept = ((kind, eps), copy)
+        return kept[1]
 
     def transform_arrays(self) -> dict[str, np.ndarray]:
         """What a model file keeps of the inputs' transform: mean, std (and whiten)."""

@@ -6,7 +6,8 @@ covariance is C = Z^T Z / n (d, d) = U diag(lam) U^T. Whitening multiplies each 
     PCA:  W = U diag(1 / sqrt(lam + eps))          (d, d): coordinates on the principal axes
     ZCA:  W = U diag(1 / sqrt(lam + eps)) U^T      (d, d): rotated back, still an image
 
-so that z W has covariance diag(lam / (lam + eps)), about the identity where lam >> eps.
+so that z W has covariance diag(lam / (lam + eps)) (PCA; ZCA: U diag(...) U^T), about
+the identity where lam >> eps.
 eps damps the directions of least variance (mostly noise and JPEG artefacts); the
 eigenvalues of standardized inputs sum to d. ZCA's output keeps the pixel layout (its
 filters are local and nearly shift- and mirror-invariant on natural images), so flips

@@ -194,8 +194,9 @@ def evaluate_trained(nets: Sequence[Network], cfgs: Sequence[TrainConfig],
     and test in shared passes (``evaluation.evaluate_many``); test view-averaged if asked."""
     if not nets:
         return []
+    data = data.whitened(cfgs[0].whiten, cfgs[0].whiten_eps)  # as trained (kept, not refit)
     for net, cfg in zip(nets, cfgs, strict=True):
-        if cfg.bn_stats == "precise":
+        if cfg.bn_stats == "precise" and cfg.batch_norm:
             population_stats(net, data, data.train.X, cfg.precise_examples)
     lams = [c.lam for c in cfgs]
     tr = evaluate_many(nets, data, data.train.X, data.train.y, lams)

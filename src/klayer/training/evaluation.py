@@ -3,8 +3,9 @@
 The images stay uint8 in memory and are read EVAL_CHUNK rows at a time: a float32 chunk
 of 1,000 CIFAR-10 rows is 12 MB, small enough to stay in cache between its conversion
 and the first layer's product (5,000 rows, 61 MB, made a full evaluation 1.7x slower).
-``evaluate`` does not standardize the chunks: it folds the standardization into a copy
-of the first layer (``folded``), which spares two passes over every chunk (a fifth to a
+``evaluate`` does not standardize the chunks: it folds the standardization (and any
+whitening; not for test-time views of whitened inputs) into a copy of the first layer
+(``folded``), which spares two passes over every chunk (a fifth to a
 quarter of an evaluation's time; evaluations take about a third of a default
 ``klayer train``).
 """

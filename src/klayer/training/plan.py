@@ -156,16 +156,19 @@ def _check_text(key: str, value: str) -> None:
 
 
 def validate_for_data(cfg: TrainConfig, data: Data) -> None:
-    """Checks that need the dataset: batch size, translation, and that the net fits in memory."""
+    """Checks that need the dataset: batch size, shifts, and that the run fits in memory."""
     make_plan(cfg, len(data.train.y))
-    if data.image_shape is not None and cfg.translate > min(data.image_shape[1:]):
-        raise ValueError(f"translate ({cfg.translate}) must not exceed the image size "
-                         f"{data.image_shape[1]}x{data.image_shape[2]}")
+    for key in ("translate", "tta_shift"):
+        if data.image_shape is not None and getattr(cfg, key) >= min(data.image_shape[1:]):
+            raise ValueError(f"{key} ({getattr(cfg, key)}) must be less than the image size "
+                             f"{data.image_shape[1]}x{data.image_shape[2]}")
     widths = (data.d, *cfg.hidden, data.num_classes)
     n_params = sum(a * b + b for a, b in zip(widths, widths[1:], strict=False))
     itemsize = np.dtype(cfg.dtype).itemsize
     # parameters, gradients, two optimizer slots, scratch; activations of a batch and a chunk
     need = itemsize * (5 * n_params + 8 * max(cfg.n_batch, EVAL_CHUNK) * sum(widths))
+    if cfg.whiten != "none":  # the whitened training split, kept whole
+        need += itemsize * len(data.train.y) * data.d
     have = _physical_memory()
     if have and need > have:
         raise ValueError(f"hidden: a network of {n_params:,} parameters needs about "

@@ -125,7 +125,8 @@ class Trainer:
         self.t += 1
         if self.ema is not None:
             self.ema.update(net.params, self.t)
-        if self.precise_every and cfg.bn_stats == "precise" and self.t % self.precise_every == 0:
+        if (self.precise_every and cfg.bn_stats == "precise" and cfg.batch_norm
+                and self.t % self.precise_every == 0):
             population_stats(net, data, data.train.X, cfg.precise_examples)
         _notify(self.callback, "step", {"step": self.t, "lr": lr, "loss": loss})
         return loss
@@ -161,8 +162,9 @@ class Trainer:
                            f"{kept}") from None
         if not self.finished:
             if self.ema is not None:  # the average is the network; its own BN statistics
+                self.ema.update(self.net.params, self.t, last=True)
                 self.net.params.update(self.ema.state_dict())
-            if self.cfg.bn_stats == "precise" or self.ema is not None:
+            if self.cfg.batch_norm and (self.cfg.bn_stats == "precise" or self.ema is not None):
                 population_stats(self.net, self.data, self.data.train.X,
                                  self.cfg.precise_examples)
             if not self._evaluated(self.t):

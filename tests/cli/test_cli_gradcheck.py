@@ -81,16 +81,16 @@ def test_a_tol_below_the_errors_fails_with_exit_1() -> None:
 
 def test_a_wrong_gradient_fails_with_exit_1(monkeypatch: pytest.MonkeyPatch,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    import klayer.core.network as network_mod
+    import klayer.core.layers as layers_mod
     from klayer.cli.main import main
 
-    real = network_mod.batchnorm_backward
+    real = layers_mod.batchnorm_backward
 
     def off_by_a_bit(dy, cache, gamma):  # type: ignore[no-untyped-def]
         ds, dg, db = real(dy, cache, gamma)
         return ds * 1.001, dg, db
 
-    monkeypatch.setattr(network_mod, "batchnorm_backward", off_by_a_bit)
+    monkeypatch.setattr(layers_mod, "batchnorm_backward", off_by_a_bit)
     assert main(["gradcheck", "--hidden", "8,8", "--dim", "5", "--n", "4"]) == 1
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("FAIL: ") and "(W1)" in last and "> tol 1e-06" in last, last

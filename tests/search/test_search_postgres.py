@@ -132,10 +132,38 @@ def wait_for(cond: Any, timeout: float = 60.0) -> Any:
     raise AssertionError("timed out")
 
 
-def running_of(url: str, name: str, worker_pid: int) -> list[Any]:
-    study, _ = search_storage.load_study(name, url)
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+_OPEN: dict[tuple[str, str], Any] = {}  # one storage per study polled: no connection churn
+
+
+def trials_of(url: str, name: str, worker_pid: int,
+              states: tuple[TrialState, ...] | None = None) -> list[Any]:
+    """The trials that the worker with process id ``worker_pid`` labelled as its own."""
+    if (url, name) not in _OPEN:
+        _OPEN[url, name] = search_storage.load_study(name, url)[0]
+    return [t for t in _OPEN[url, name].get_trials(deepcopy=False, states=states)
             if t.user_attrs.get("worker", "").endswith(f":{worker_pid}")]
+
+
+def running_of(url: str, name: str, worker_pid: int) -> list[Any]:
+    return trials_of(url, name, worker_pid, (TrialState.RUNNING,))
+
+
+def joined(url: str, name: str, procs: list[subprocess.Popen[str]],
+           timeout: float = 90.0) -> None:
+    """Wait until each worker has claimed a trial; a worker that exits first, or a
+    timeout, fails the test with the workers' own output."""
+    waiting = list(procs)
+    end = time.monotonic() + timeout
+    while waiting and time.monotonic() < end and all(p.poll() is None for p in procs):
+        waiting = [p for p in waiting if not trials_of(url, name, p.pid)]
+        time.sleep(0.1)
+    if waiting:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        outs = {p.pid: p.communicate(timeout=30)[0] for p in procs}
+        raise AssertionError(f"workers {[p.pid for p in waiting]} claimed no trial; "
+                             f"exit codes {[p.returncode for p in procs]}; output {outs}")
 
 
 def test_killed_worker_trial_is_retried_and_the_study_completes(
@@ -285,9 +313,7 @@ def test_workers_ride_out_a_database_restart(postgres: str, tmp_path: Path) -> N
                "--param", "lambda=1e-4..1e-1:log", "--trials", "8", *TRAIN, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     procs = [worker(postgres, "outage", cwd=tmp_path) for _ in range(2)]
-    seen: set[int] = set()  # both workers have joined and trained before the outage
-    wait_for(lambda: seen.update(p.pid for p in procs if running_of(postgres, "outage", p.pid))
-             or len(seen) == 2)
+    joined(postgres, "outage", procs)  # both workers train before the outage
     SERVER["outage"](3.0)
     outs = [p.communicate(timeout=180)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs

@@ -9,7 +9,8 @@ The recipe is ``bench_train.py``'s (float32, batch 100, batch norm, L2 0.005, SG
 After a warm-up, each of ``--steps`` steps runs the phases of ``Trainer.step`` in order,
 through the same calls (the C kernels where they are built), with a clock read between
 them: reading and standardizing the mini-batch, the forward pass, the loss and its
-gradient, the L2 penalty, the backward pass and the update (which adds the L2 term).
+gradient, the L2 penalty (a pass of its own only when the update did not hand back the
+weights' sum of squares), the backward pass and the update (which adds the L2 term).
 It also times the first layer's two matrix products alone, so the rest of a step can
 be read off. Mean microseconds per step are printed.
 """
@@ -46,7 +47,7 @@ def profile(args: argparse.Namespace) -> dict[str, float]:
     total = dict.fromkeys(PHASES, 0.0)
     order = np.random.default_rng(0).permutation(len(data.train.y))
     per_epoch = len(data.train.y) // cfg.n_batch
-    buf = None
+    buf, squares = None, None
     for t in range(args.steps):
         c0 = clock()
         idx = order[(t % per_epoch) * 100 : (t % per_epoch + 1) * 100]
@@ -57,11 +58,12 @@ def profile(args: argparse.Namespace) -> dict[str, float]:
         c2 = clock()
         loss, dscores = training_loss(scores, yb)
         c3 = clock()
-        _cost = loss + l2_penalty(net.weights(), cfg.lam)
+        _cost = loss + (cfg.lam * squares if squares is not None  # as Trainer.step
+                        else l2_penalty(net.weights(), cfg.lam))
         c4 = clock()
         grads = net.backward(dscores, caches)  # the update adds the L2 term, as in training
         c5 = clock()
-        opt.step(net.params, grads, 0.01, l2=2 * cfg.lam)
+        squares = opt.step(net.params, grads, 0.01, l2=2 * cfg.lam)  # and sums W^2 (SGD, C)
         c6 = clock()
         for name, (a, b) in zip(PHASES, ((c0, c1), (c1, c2), (c2, c3), (c3, c4), (c4, c5),
                                          (c5, c6)), strict=True):

@@ -7,6 +7,7 @@ a failure here, not a skip, unless KLAYER_KERNELS=numpy asks for the NumPy code 
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from klayer.core.layers import (
     relu_backward,
     relu_forward,
 )
-from klayer.core.losses import softmax_cross_entropy
+from klayer.core.losses import l2_penalty, softmax_cross_entropy
 from klayer.core.network import Network
 from klayer.core.optim import OPTIMIZERS, SGD, make_optimizer
 from klayer.data.datasets import Data, Split, make_synthetic
@@ -299,6 +300,37 @@ def test_the_update_of_many_parameters_is_each_ones() -> None:
     empty = np.zeros((0, 3), F32)  # an empty matrix: nothing to do, either way
     kernels.sgd_l2_step(empty, empty, 0.1, 0.01)
     assert kernels.sgd_many([empty], [empty], 0.1, [0.01])
+
+
+def test_the_update_of_many_parameters_sums_the_weights_squares() -> None:
+    """With ``sq``, sgd_many writes each updated weight's sum of squares (the next step's
+    L2 penalty) from the same pass, and the parameters come out bit for bit as without;
+    SGD.step hands that penalty back, rounded as l2_penalty's float32 vdots."""
+    rng = np.random.default_rng(9)
+    shapes = [(37, 19), (19,), (19, 3), (3,)]  # lengths that leave a tail after 16s
+    ps = [rng.standard_normal(s).astype(F32) for s in shapes]
+    gs = [rng.standard_normal(s).astype(F32) for s in shapes]
+    l2s = [0.01, 0.0, 0.02, 0.0]
+    refs = [p.copy() for p in ps]
+    sq = np.full(4, np.nan)
+    assert kernels.sgd_many(ps, gs, 0.05, l2s, sq)
+    assert kernels.sgd_many(refs, gs, 0.05, l2s)
+    for p, ref in zip(ps, refs, strict=True):
+        np.testing.assert_array_equal(p, ref)
+    want = [float(np.sum(p.astype(np.float64) ** 2)) if l2 else 0.0
+            for p, l2 in zip(ps, l2s, strict=True)]
+    np.testing.assert_allclose(sq, want, rtol=1e-13)
+    with pytest.raises(ValueError, match="24 bytes of sq"):
+        kernels._C.sgd_many(ps, gs, 0.05, np.array(l2s), np.zeros(3))
+    np.testing.assert_array_equal(ps[0], refs[0])  # refused before any write
+    params = {"W1": ps[0], "b1": ps[1], "W2": ps[2], "b2": ps[3]}
+    grads = {"W1": gs[0], "b1": gs[1], "W2": gs[2], "b2": gs[3]}
+    squares = SGD().step(params, grads, 0.05, l2=0.02)
+    assert squares == pytest.approx(l2_penalty([params["W1"], params["W2"]], 1.0), rel=1e-6)
+    assert SGD().step(params, grads, 0.05) is None  # no L2 term: nothing to sum
+    huge = {"W1": np.full((4, 4), 1e19, F32)}  # its squares overflow float32, as vdot's do
+    assert SGD().step(huge, {"W1": np.zeros((4, 4), F32)}, 0.0, l2=0.01) == math.inf
+    assert l2_penalty([huge["W1"]], 1.0) == math.inf
 
 
 def test_the_stacked_update_refuses_bad_sizes() -> None:

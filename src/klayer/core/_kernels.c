@@ -538,6 +538,31 @@ sgd_l2_block(float *restrict p, const float *restrict g, float lr, float l2, Py_
     }
 }
 
+/* sgd_l2_block with l2 != 0, returning the sum of the updated p^2 in double, from the
+ * same pass (the next step's L2 penalty): sixteen independent sums, so the loop
+ * vectorizes; p is rounded exactly as in sgd_l2_block. */
+KERNEL static double
+sgd_l2_block_sq(float *restrict p, const float *restrict g, float lr, float l2, Py_ssize_t L)
+{
+    double acc[16] = {0.0};
+    Py_ssize_t j = 0;
+    for (; j + 16 <= L; j += 16)
+        for (int k = 0; k < 16; k++) {
+            float t = g[j + k] + l2 * p[j + k];
+            float v = p[j + k] - lr * t;
+            p[j + k] = v;
+            acc[k] += (double)v * v;
+        }
+    for (; j < L; j++) {
+        float t = g[j] + l2 * p[j];
+        p[j] -= lr * t;
+        acc[j % 16] += (double)p[j] * p[j];
+    }
+    double s = 0.0;
+    for (int k = 0; k < 16; k++) s += acc[k];
+    return s;
+}
+
 /* acc[j] += p[j]^2 in double over one row: no chain of dependent additions, so the
  * loop vectorizes (a running sum over j would not, without -ffast-math). */
 KERNEL static void
@@ -633,33 +658,42 @@ done:
  * ps and gs are sequences of float32 buffers (pairwise of one length), l2s a buffer of
  * len(ps) float64s. Every buffer is acquired and checked before any is written, so a bad
  * argument raises and leaves all parameters as they were. Saves a Python call per
- * parameter (34 of them in the 9-layer net with batch norm). */
+ * parameter (34 of them in the 9-layer net with batch norm). sq (len(ps) float64s, or
+ * None) gets, for each i with l2s[i] != 0, the sum of squares of the updated ps[i],
+ * from the same pass (the next step's L2 penalty, with no pass of its own); 0 for the
+ * others. */
 static PyObject *
 sgd_many(PyObject *self, PyObject *args)
 {
-    PyObject *ps_obj, *gs_obj, *ps = NULL, *gs = NULL;
-    Py_buffer l2, *bufs = NULL;
+    PyObject *ps_obj, *gs_obj, *sq_obj = Py_None, *ps = NULL, *gs = NULL;
+    Py_buffer l2, sq = {0}, *bufs = NULL;
     double lr;
-    if (!PyArg_ParseTuple(args, "OOdy*", &ps_obj, &gs_obj, &lr, &l2))
+    if (!PyArg_ParseTuple(args, "OOdy*|O", &ps_obj, &gs_obj, &lr, &l2, &sq_obj))
         return NULL;
+    int want_sq = sq_obj != Py_None;
+    if (want_sq && PyObject_GetBuffer(sq_obj, &sq, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&l2);
+        return NULL;
+    }
     PyObject *ret = NULL;
     Py_ssize_t n = 0, got = 0;
-    double *l2s = NULL;
+    double *l2s = NULL, *sqs = NULL;
     /* tuples of our own: a list could be changed while its items' buffers are taken */
     if (!(ps = PySequence_Tuple(ps_obj)) || !(gs = PySequence_Tuple(gs_obj)))
         goto done;
     n = PyTuple_GET_SIZE(ps);
-    if (PyTuple_GET_SIZE(gs) != n || l2.len != n * 8) {
-        PyErr_Format(PyExc_ValueError, "%zd parameters, %zd gradients and %zd bytes of l2",
-                     n, PyTuple_GET_SIZE(gs), l2.len);
+    if (PyTuple_GET_SIZE(gs) != n || l2.len != n * 8 || (want_sq && sq.len != n * 8)) {
+        PyErr_Format(PyExc_ValueError, "%zd parameters, %zd gradients, %zd bytes of l2 "
+                     "and %zd bytes of sq", n, PyTuple_GET_SIZE(gs), l2.len, want_sq ? sq.len : 0);
         goto done;
     }
     if (!(bufs = calloc((size_t)(2 * n + 1), sizeof(Py_buffer))) ||
-        !(l2s = malloc((size_t)(n + 1) * sizeof(double)))) {
+        !(l2s = malloc((size_t)(2 * n + 1) * sizeof(double)))) {
         PyErr_NoMemory();
         goto done;
     }
     memcpy(l2s, l2.buf, (size_t)n * 8);  /* a private copy, as in sgd_l2_step */
+    sqs = l2s + n;  /* the sums, copied out only once every update is done */
     for (; got < n; got++) {
         Py_buffer *p = &bufs[2 * got], *g = &bufs[2 * got + 1];
         if (PyObject_GetBuffer(PyTuple_GET_ITEM(ps, got), p,
@@ -675,9 +709,18 @@ sgd_many(PyObject *self, PyObject *args)
         }
     }
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++)
-        sgd_l2_block(bufs[2 * i].buf, bufs[2 * i + 1].buf, (float)lr, (float)l2s[i],
-                     bufs[2 * i].len / 4);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        float *p = bufs[2 * i].buf;
+        const float *g = bufs[2 * i + 1].buf;
+        Py_ssize_t L = bufs[2 * i].len / 4;
+        sqs[i] = 0.0;
+        if (want_sq && (float)l2s[i] != 0.0f)
+            sqs[i] = sgd_l2_block_sq(p, g, (float)lr, (float)l2s[i], L);
+        else
+            sgd_l2_block(p, g, (float)lr, (float)l2s[i], L);
+    }
+    if (want_sq)
+        memcpy(sq.buf, sqs, (size_t)n * 8);
     Py_END_ALLOW_THREADS
     ret = Py_NewRef(Py_None);
 done:
@@ -690,6 +733,8 @@ done:
     Py_XDECREF(ps);
     Py_XDECREF(gs);
     PyBuffer_Release(&l2);
+    if (want_sq)
+        PyBuffer_Release(&sq);
     return ret;
 }
 

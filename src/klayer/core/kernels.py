@@ -193,17 +193,22 @@ def sgd_l2_step(p: Array, g: Array, lr: float | Array, l2: float | Array,
     p -= step
 
 
-def sgd_many(ps: list[Array], gs: list[Array], lr: float, l2s: list[float]) -> bool:
+def sgd_many(ps: list[Array], gs: list[Array], lr: float, l2s: list[float],
+             sq: np.ndarray | None = None) -> bool:
     """In place, for every i: ps[i] -= lr (gs[i] + l2s[i] ps[i]) (l2s[i] = 0: ps[i] -= lr
     gs[i]), as ``sgd_l2_step`` / ``sgd_step`` one by one, in one C call. Returns False,
     having done nothing, unless the kernels are built and every array is float32,
-    C-contiguous and shaped like its partner: the caller then updates one by one."""
+    C-contiguous and shaped like its partner: the caller then updates one by one.
+
+    ``sq`` (a float64 array of len(ps)), when given, gets from the same pass each updated
+    ps[i]'s sum of squares (in double) where l2s[i] != 0, and 0 elsewhere: the next
+    step's L2 penalty, with no pass of its own."""
     if len(ps) != len(gs) or len(ps) != len(l2s) or not enabled(*ps, *gs):
         return False
     for p, g in zip(ps, gs, strict=True):
         if p.shape != g.shape:
             return False
-    _C.sgd_many(ps, gs, float(lr), np.array(l2s, np.float64))
+    _C.sgd_many(ps, gs, float(lr), np.array(l2s, np.float64), sq)
     return True
 
 

@@ -310,18 +310,21 @@ class Network:
     def loss_and_grads(self, X: Array, y: Labels, lam: float = 0.0,
                        rng: np.random.Generator | None = None, label_smoothing: float = 0.0,
                        check: bool = True, grad_l2: bool = True, mix: Mix | None = None,
-                       ) -> tuple[float, float, dict[str, Array]]:
+                       squares: float | None = None) -> tuple[float, float, dict[str, Array]]:
         """One training-mode pass: (loss, cost, gradients of the cost).
 
         With ``grad_l2=False`` the gradients leave out the L2 term 2 lambda W, for an
         optimizer that adds it itself (``Optimizer.step(..., l2=2 lambda)``). ``mix``:
         the second labels and weights of a mixed mini-batch (``losses.Mix``).
+        ``squares``: sum_l ||W_l||^2 when already known (handed back by the previous
+        update, ``Optimizer.step``), else None: computed here.
         """
         if check:
             X, y = self.check_inputs(X, y)
         scores, caches = self.forward(X, train=True, rng=rng)
         loss, dscores = training_loss(scores, y, label_smoothing, mix)
-        cost = loss + l2_penalty(self.weights(), lam)
+        cost = loss + (lam * squares if squares is not None and lam != 0
+                       else l2_penalty(self.weights(), lam))
         return loss, cost, self.backward(dscores, caches, lam if grad_l2 else 0.0)
 
     def cost(self, X: Array, y: Labels, lam: float = 0.0, train: bool = False,

@@ -58,7 +58,7 @@ class Optimizer:
         self._per_trial: PerTrial | None = None
 
     def step(self, params: Params, grads: Params, lr: Rate, l2: Rate = 0.0,
-             per_trial: PerTrial | None = None) -> None:
+             per_trial: PerTrial | None = None) -> float | None:
         """Update every array in ``params`` in place from ``grads`` with learning rate lr.
 
         ``l2`` > 0 first adds the L2 term l2 W to the gradient of every weight matrix W
@@ -69,6 +69,10 @@ class Optimizer:
 
         With ``per_trial`` (``Stack.per_trial``) the arrays hold T trials stacked and lr,
         l2 are (T,) arrays, one value per trial: the same update, trial by trial.
+
+        Returns sum_l ||W_l||^2 of the updated weight matrices where the update computed
+        it on the way (plain SGD with l2 > 0 through the C kernels: the next step's L2
+        penalty then needs no pass of its own), else None.
         """
         self.t += 1
         self._per_trial = per_trial
@@ -77,6 +81,7 @@ class Optimizer:
                 self._update_l2(name, p, grads[name], lr, self._buffer(name, p), l2)
             else:
                 self._update(name, p, grads[name], lr, self._buffer(name, p))
+        return None
 
     def _at(self, name: str, x: Rate) -> Any:
         """x for parameter ``name``: per trial, shaped to broadcast against it; else a
@@ -141,16 +146,23 @@ class SGD(Optimizer):
     """Plain gradient descent: p <- p - lr g."""
 
     def step(self, params: Params, grads: Params, lr: Rate, l2: Rate = 0.0,
-             per_trial: PerTrial | None = None) -> None:
+             per_trial: PerTrial | None = None) -> float | None:
         """``Optimizer.step``; for float32 with the C kernels, every parameter in one call
-        (a stack of trials goes through ``Stack.sgd_step``, fused per trial)."""
+        that also sums the updated weights' squares (a stack of trials goes through
+        ``Stack.sgd_step``, fused per trial)."""
         names = list(params)
+        weight = [n.startswith("W") for n in names]
+        sq = np.zeros(len(names))
         if per_trial is None and np.ndim(l2) == np.ndim(lr) == 0 and kernels.sgd_many(
                 [params[n] for n in names], [grads[n] for n in names], float(lr),
-                [float(l2) if n.startswith("W") else 0.0 for n in names]):
+                [float(l2) if w else 0.0 for w in weight], sq):
             self.t += 1
-            return
-        super().step(params, grads, lr, l2, per_trial)
+            if not l2:
+                return None
+            with np.errstate(over="ignore"):  # rounded as l2_penalty's float32 vdots
+                return float(sum(x for x, w in zip(sq.astype(np.float32), weight,
+                                                   strict=True) if w))
+        return super().step(params, grads, lr, l2, per_trial)
 
     def _update(self, name: str, p: Array, g: Array, lr: Rate, buf: Array) -> None:
         kernels.sgd_step(p, g, self._at(name, lr), buf)  # one C pass for float32

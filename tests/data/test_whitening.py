@@ -106,6 +106,16 @@ def test_a_whitened_model_file_carries_its_whitening(tmp_path: Path) -> None:
     acc = np.mean(net.scores(X.astype(np.float32)).argmax(axis=1) == raw.test.y)
     assert acc == pytest.approx(summary["test_accuracy"], abs=1e-12)
     assert f"{acc:.2%}" in ev.stdout
+    # klayer predict whitens as training did: its probabilities are the model's
+    np.save(cwd / "rows.npy", np.asarray(raw.test.X[:5]))  # (5, 3072) uint8, CIFAR's order
+    pr = subprocess.run([sys.executable, "-m", "klayer", "predict", "run", "rows.npy",
+                         "--json"], capture_output=True, text=True, cwd=cwd, timeout=300)
+    assert pr.returncode == 0, pr.stderr
+    got = np.array([list(p["probabilities"].values())
+                    for p in json.loads(pr.stdout)["predictions"]])
+    s = net.scores(X[:5].astype(np.float32)).astype(np.float64)
+    want = np.exp(s - s.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(got, want / want.sum(axis=1, keepdims=True), atol=1e-5)
     # a model file whose whitening is malformed is refused by name
     files = dict(np.load(cwd / "run" / "model.npz"))
     files["extra/whiten"] = files["extra/whiten"][:5]

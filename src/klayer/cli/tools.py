@@ -119,7 +119,7 @@ def run_predict(args: argparse.Namespace) -> int:
     import json
 
     from klayer.core.losses import log_softmax
-    from klayer.data.datasets import CIFAR_CLASSES
+    from klayer.data.datasets import CIFAR_CLASSES, scaling, standardized
     from klayer.data.images import read_images
 
     at_least(args, top=1)
@@ -128,11 +128,11 @@ def run_predict(args: argparse.Namespace) -> int:
     if net.config.d != 3072:
         raise UsageError(f"{model} takes d = {net.config.d} inputs, not 32x32 RGB images")
     read = [read_images(path) for path in args.inputs]  # every input checked before output
-    X = np.concatenate([x for x, _ in read]).astype(np.float64)
-    if "mean" in extras and "std" in extras:
-        X = (X - extras["mean"]) / extras["std"]
-    if "whiten" in extras:
-        X = X @ extras["whiten"]  # (n, d) @ (d, d), as in training
+    X = np.concatenate([x for x, _ in read])
+    if "mean" in extras and "std" in extras:  # as the model's training data were
+        whiten = extras.get("whiten")
+        X = standardized(X, *scaling(extras["mean"], extras["std"], net.dtype),
+                         None if whiten is None else whiten.astype(net.dtype))
     probs = np.exp(log_softmax(net.scores(X.astype(net.dtype)).astype(np.float64)))
     K = net.config.num_classes
     classes = CIFAR_CLASSES if meta.get("dataset") == "cifar10" and K == 10 else tuple(

@@ -133,13 +133,8 @@ class Data:
 
     def standardize(self, X_raw: np.ndarray, dtype: npt.DTypeLike = np.float32) -> np.ndarray:
         """(X_raw - mean) / std, then whitened if ``whiten`` is set: a new (n, d) array."""
-        shift, inv_std = self._scaling(dtype)
-        out = np.array(X_raw, dtype=shift.dtype)  # a plain copy, even of a memmap slice
-        out -= shift
-        out *= inv_std
-        if self.whiten.size:
-            out = out @ self._typed("whiten", self.whiten, dtype)  # (n, d) @ (d, d)
-        return out
+        return standardized(X_raw, *self._scaling(dtype), self._typed("whiten", self.whiten,
+                                                                      dtype))
 
     def train_rows(self, idx: np.ndarray, dtype: npt.DTypeLike = np.float32,
                    out: np.ndarray | None = None) -> np.ndarray:
@@ -182,7 +177,7 @@ class Data:
         standardizations run once per mini-batch."""
         key = np.dtype(dtype)
         if key not in self._scale:
-            self._scale[key] = (self.mean.astype(key), (1.0 / self.std).astype(key))
+            self._scale[key] = scaling(self.mean, self.std, key)
         return self._scale[key]
 
     def _typed(self, name: str, a: np.ndarray, dtype: npt.DTypeLike) -> np.ndarray:
@@ -216,6 +211,25 @@ class Data:
         """What a model file keeps of the inputs' transform: mean, std (and whiten)."""
         arrays = {"mean": self.mean, "std": self.std}
         return {**arrays, "whiten": self.whiten} if self.whiten.size else arrays
+
+
+def scaling(mean: np.ndarray, std: np.ndarray,
+            dtype: npt.DTypeLike) -> tuple[np.ndarray, np.ndarray]:
+    """The shift (mean) and scale (1 / std) of a standardization, in ``dtype``."""
+    return np.asarray(mean).astype(dtype), (1.0 / np.asarray(std)).astype(dtype)
+
+
+def standardized(X_raw: np.ndarray, shift: np.ndarray, inv_std: np.ndarray,
+                 whiten: np.ndarray | None = None) -> np.ndarray:
+    """(X_raw - shift) * inv_std, then @ ``whiten`` (d, d) when it has any entries: a new
+    (n, d) array in shift's dtype. The one transform of inputs: training, evaluation and
+    ``klayer predict`` (the C gather rounds as this does)."""
+    out = np.array(X_raw, dtype=shift.dtype)  # a plain copy, even of a memmap slice
+    out -= shift
+    out *= inv_std
+    if whiten is not None and whiten.size:
+        out = out @ whiten  # (n, d) @ (d, d)
+    return out
 
 
 def data_fingerprint(data: Data) -> str:

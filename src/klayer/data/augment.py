@@ -33,18 +33,16 @@ def random_translate(
     """Shift each image by (dy, dx), each uniform in [-max_shift, max_shift], zero-filled.
 
     Zero is the training mean after standardization, so the uncovered border looks
-    like an average pixel.
+    like an average pixel. (n, d) -> (n, d); the images that drew one shift move
+    together (``shift``).
     """
-    n = X.shape[0]
-    c, h, w = image_shape
     k = max_shift
-    padded = np.zeros((n, c, h + 2 * k, w + 2 * k), X.dtype)  # (n, c, h+2k, w+2k)
-    padded[:, :, k : k + h, k : k + w] = X.reshape(n, c, h, w)
-    dy, dx = rng.integers(-k, k + 1, size=(2, n))
-    out = np.empty((n, c, h, w), X.dtype)
-    for i in range(n):  # n = one mini-batch; a crop per image is cheap next to the matmuls
-        out[i] = padded[i, :, k - dy[i] : k - dy[i] + h, k - dx[i] : k - dx[i] + w]
-    return out.reshape(n, -1)
+    dy, dx = rng.integers(-k, k + 1, size=(2, X.shape[0]))
+    out = np.empty_like(X)
+    for a, b in sorted(set(zip(dy.tolist(), dx.tolist(), strict=True))):
+        rows = np.flatnonzero((dy == a) & (dx == b))
+        out[rows] = shift(X[rows], image_shape, a, b)
+    return out
 
 
 def shift(X: Array, image_shape: tuple[int, int, int], dy: int, dx: int,

@@ -13,6 +13,7 @@ from conftest_data_helpers import make_cifar_folder
 
 from klayer.cli.main import main
 from klayer.experiments.registry import ASSIGNMENT, EXPERIMENTS
+from klayer.experiments.runner import RunSpec
 
 
 def run(tmp_path: Path, *args: str) -> Path:
@@ -111,6 +112,45 @@ def test_the_cli_knows_every_experiment_without_importing_them() -> None:
                         "klayer.cli.main.build_parser();"
                         "print('matplotlib' in sys.modules)"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+
+
+def test_rows_of_test_time_views_evaluate_the_row_above_as_retraining_would(
+        tmp_path: Path) -> None:
+    """The view rows (test-time flips, crops) train nothing: each takes the nearest
+    training above it, and its post-evaluation gives exactly the test accuracy that
+    training again with the views gives."""
+    from klayer.core.config import TrainConfig
+    from klayer.data.datasets import load_cifar10
+    from klayer.experiments.best import (
+        _test_views,
+        _view,
+        ablation_specs,
+        load_recipe,
+        view_sources,
+    )
+    from klayer.training.trainer import Trainer
+
+    specs = ablation_specs(load_recipe())
+    sources = view_sources(specs)
+    labels = [s.label for s in specs]
+    assert sorted(sources) == ["+ test-time crops", "+ test-time flip averaging"]
+    for view, source in sources.items():
+        assert labels.index(source) == labels.index(view) - 1  # the row right above
+    a, b, c = (RunSpec(x, o) for x, o in (("a", {"flip": True}),
+                                           ("b", {"flip": True, "tta_flip": True}),
+                                           ("c", {"flip": True, "tta_flip": True,
+                                                  "tta_shift": 1})))
+    assert view_sources([a, b, c]) == {"b": "a", "c": "a"}  # two view rows in a row
+
+    make_cifar_folder(tmp_path / "cifar", rows=60)
+    data = load_cifar10(tmp_path / "cifar", val_size=60)
+    base = TrainConfig(hidden=(8,), n_batch=30, steps=12, flip=True, lam=0.001)
+    views = _test_views(Trainer(base, data).run())
+    for spec in (s for s in specs if s.label in sources):
+        flips, crops = spec.overrides.get("tta_flip", False), spec.overrides.get("tta_shift", 0)
+        again = Trainer(TrainConfig(**{**base.__dict__, "tta_flip": flips,
+                                       "tta_shift": crops}), data).run()
+        assert views[_view(spec)] == again.summary["test_accuracy"]
 
 
 def test_the_best_recipe_is_valid_and_its_ablation_ends_at_it() -> None:

@@ -3,16 +3,21 @@
 The recipe lives in ``recipes/best.toml`` (every key a ``klayer train`` flag). The
 ablation starts from the assignment's 3-layer recipe and adds the recipe's ingredients
 one group at a time, each row training from scratch with everything above it; the last
-row is the recipe itself, trained with at least three seeds.
+row is the recipe itself, trained with at least three seeds. A row that adds test-time
+views only (``VIEWS``) trains nothing: it is the row above's networks, evaluated with
+those views after their training (``_test_views``), which is what training them again
+would give.
 """
 
 from __future__ import annotations
 
+import itertools
 import sys
 from dataclasses import replace
 from importlib import resources
 from typing import Any
 
+from klayer.experiments.jobcache import Outcome
 from klayer.experiments.runner import (
     Context,
     RunSpec,
@@ -50,6 +55,7 @@ RECIPE_MARK = " (the recipe)"  # added to the last row's label
 BASELINE = "assignment: 3-layer [50, 50], BN, 2 cycles"
 ALWAYS = ("batch_norm", "name")  # recipe keys that are no ingredient (BN is in the baseline)
 FINAL_SEEDS = 3  # the recipe's row uses at least this many seeds
+VIEWS = ("tta_flip", "tta_shift")  # keys that change only the final test evaluation
 # --quick: the same rows on small nets and two epochs, so the experiment runs in a minute.
 QUICK_RECIPE = {"hidden": [64, 32], "epochs": 2}
 
@@ -82,6 +88,48 @@ def ablation_specs(recipe: dict[str, Any], staged: dict[str, Any] = STAGED) -> l
     return specs
 
 
+def view_sources(specs: list[RunSpec]) -> dict[str, str]:
+    """Each row that adds test-time views only -> the label of the training it evaluates
+    (the nearest row above that trains)."""
+    sources: dict[str, str] = {}
+    for above, spec in itertools.pairwise(specs):
+        changed = {k for k in {*above.overrides, *spec.overrides}
+                   if above.overrides.get(k) != spec.overrides.get(k)}
+        if changed <= set(VIEWS):
+            sources[spec.label] = sources.get(above.label, above.label)
+    return sources
+
+
+def _view(spec: RunSpec) -> str:
+    flip, shift_by = spec.overrides.get("tta_flip", False), spec.overrides.get("tta_shift", 0)
+    return f"views/flip={bool(flip)}/shift={int(shift_by)}"
+
+
+def _test_views(result: Any) -> dict[str, float]:
+    """A training's test accuracy under the views of each view row of the recipe's
+    ablation, as the trainer's summary evaluates them (``views/flip=F/shift=S``)."""
+    from klayer.training.evaluation import evaluate
+
+    data, net, test = result.data, result.net, result.data.test
+    specs = ablation_specs(load_recipe())
+    out = {}
+    for label in view_sources(specs):
+        spec = next(s for s in specs if s.label == label)
+        flip, shift_by = spec.overrides.get("tta_flip", False), spec.overrides.get("tta_shift", 0)
+        out[_view(spec)] = evaluate(net, data, test.X, test.y, result.config.lam,
+                                    bool(flip), int(shift_by)).accuracy
+    return out
+
+
+def _as_view_row(o: Outcome, spec: RunSpec) -> Outcome:
+    """The outcome of view row ``spec``: its source training's, tested with its views."""
+    single = o.summary.get("test_accuracy_single_view", o.summary["test_accuracy"])
+    summary = {**o.summary, "test_accuracy": o.extra[_view(spec)],
+               "test_accuracy_single_view": single}
+    return replace(o, label=spec.label, config={**o.config, **spec.overrides},
+                   summary=summary)
+
+
 def best(ctx: Context) -> Section:
     full = load_recipe()
     recipe = {**full, **(QUICK_RECIPE if ctx.quick else {})}
@@ -89,11 +137,17 @@ def best(ctx: Context) -> Section:
     staged = {k: v * recipe[k] / full[k] if ctx.quick and k in full else v
               for k, v in STAGED.items()}
     specs = ablation_specs(recipe, staged)
-    specs[-1] = replace(specs[-1], seeds=ctx.seed_range(max(ctx.seeds, FINAL_SEEDS)))
+    sources = view_sources(specs)
+    recipe_run = sources.get(specs[-1].label, specs[-1].label)  # the recipe's training
+    trained = [replace(s, seeds=ctx.seed_range(max(ctx.seeds, FINAL_SEEDS)))
+               if s.label == recipe_run else s for s in specs if s.label not in sources]
+    trained = [replace(s, post=_test_views) if s.label in sources.values() else s
+               for s in trained]
     # the last rows carry the most ingredients and train longest: started first, so that
     # parallel workers finish together (longest job first), then shown in ablation order
-    done = by_label(ctx.run(specs[::-1]))
-    groups = {s.label: done[s.label] for s in specs}
+    done = by_label(ctx.run(trained[::-1]))
+    groups = {s.label: done[s.label] if s.label not in sources else
+              [_as_view_row(o, s) for o in done[sources[s.label]]] for s in specs}
     rows, previous = [], None
     for label, outs in groups.items():
         m = mean_of(groups, label)
@@ -102,6 +156,7 @@ def best(ctx: Context) -> Section:
         rows.append([label, fmt_pct(values(outs, "test_accuracy")), gain,
                      fmt_pct(values(outs, single if single in outs[0].summary
                                     else "test_accuracy")), str(len(outs)),
+                     "the row above's" if label in sources else
                      f"{mean_of(groups, label, 'wall_seconds') / 60:.1f} min"])
         previous = m
     table = Table("Ablation: test accuracy as each ingredient is added",
@@ -113,9 +168,10 @@ def best(ctx: Context) -> Section:
     text = [f"The recipe ({keys}) reaches **{100 * m:.2f} ± {100 * sd:.2f} %** test accuracy "
             f"over {len(final)} seeds (best {100 * max(final):.2f} %), from "
             f"{fmt_pct(values(groups[BASELINE], 'test_accuracy'))} for the assignment's "
-            "recipe. Each row trains from scratch with its ingredient and all those above it; "
-            "the wall time is per training on this machine."]
+            "recipe. Each row trains from scratch with its ingredient and all those above it, "
+            "but a row of test-time views, which evaluates the networks of the row above "
+            "with its views; the wall time is per training on this machine."]
     fig = curves(ctx, "best", groups, [("ablation: accuracy", [BASELINE, specs[-1].label],
                                         "accuracy")])
-    return finish("best", specs, groups, text=text, tables=[table], figures=[fig],
+    return finish("best", trained, groups, text=text, tables=[table], figures=[fig],
                   facts={"best_mean": m, "best_std": sd})

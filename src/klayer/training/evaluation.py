@@ -109,7 +109,9 @@ def evaluate_many(nets: Sequence[Network], data: Data, X: Array, y: Array,
         nll -= logp[..., np.arange(len(yc)), yc].sum(axis=-1)
         for mirrored, dy, dx in views:
             assert shape is not None
-            v = shift(hflip(chunk, shape) if mirrored else chunk, shape, dy, dx, fill)
+            v = hflip(chunk, shape) if mirrored else chunk
+            if dy or dx:  # (the plain mirror image needs no shifted copy)
+                v = shift(v, shape, dy, dx, fill)
             logp = np.logaddexp(logp, log_softmax(model.forward(v, train=False)[0]))
         correct += (logp.argmax(axis=-1) == yc).sum(axis=-1)
         i += len(chunk)

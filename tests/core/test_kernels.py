@@ -328,9 +328,15 @@ def test_the_update_of_many_parameters_sums_the_weights_squares() -> None:
     squares = SGD().step(params, grads, 0.05, l2=0.02)
     assert squares == pytest.approx(l2_penalty([params["W1"], params["W2"]], 1.0), rel=1e-6)
     assert SGD().step(params, grads, 0.05) is None  # no L2 term: nothing to sum
-    huge = {"W1": np.full((4, 4), 1e19, F32)}  # its squares overflow float32, as vdot's do
-    assert SGD().step(huge, {"W1": np.zeros((4, 4), F32)}, 0.0, l2=0.01) == math.inf
+    # near float32's largest value the trainer's own l2_penalty pass decides, as before
+    huge = {"W1": np.full((4, 4), 1e19, F32)}
+    assert SGD().step(huge, {"W1": np.zeros((4, 4), F32)}, 0.0, l2=0.01) is None
     assert l2_penalty([huge["W1"]], 1.0) == math.inf
+    with pytest.raises(ValueError, match="sq must be"):
+        kernels.sgd_many(ps, gs, 0.05, l2s, np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="sq must be"):
+        raw = np.zeros(8, F32)  # sq over a parameter's own memory
+        kernels.sgd_many([raw], [np.zeros(8, F32)], 0.05, [0.0], raw[:2].view(np.float64))
 
 
 def test_the_stacked_update_refuses_bad_sizes() -> None:

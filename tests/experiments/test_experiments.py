@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -122,12 +124,14 @@ def test_rows_of_test_time_views_evaluate_the_row_above_as_retraining_would(
     from klayer.core.config import TrainConfig
     from klayer.data.datasets import load_cifar10
     from klayer.experiments.best import (
-        _test_views,
-        _view,
+        _view_key,
         ablation_specs,
         load_recipe,
+        view_accuracies,
         view_sources,
+        views_of,
     )
+    from klayer.experiments.jobcache import post_name
     from klayer.training.trainer import Trainer
 
     specs = ablation_specs(load_recipe())
@@ -145,12 +149,23 @@ def test_rows_of_test_time_views_evaluate_the_row_above_as_retraining_would(
     make_cifar_folder(tmp_path / "cifar", rows=60)
     data = load_cifar10(tmp_path / "cifar", val_size=60)
     base = TrainConfig(hidden=(8,), n_batch=30, steps=12, flip=True, lam=0.001)
-    views = _test_views(Trainer(base, data).run())
-    for spec in (s for s in specs if s.label in sources):
-        flips, crops = spec.overrides.get("tta_flip", False), spec.overrides.get("tta_shift", 0)
+    wanted = tuple(views_of(s) for s in specs if s.label in sources)
+    got = view_accuracies(Trainer(base, data).run(), wanted)
+    for flips, crops in wanted:
         again = Trainer(TrainConfig(**{**base.__dict__, "tta_flip": flips,
                                        "tta_shift": crops}), data).run()
-        assert views[_view(spec)] == again.summary["test_accuracy"]
+        assert got[_view_key((flips, crops))] == again.summary["test_accuracy"]
+    # a source that diverged has no network: its view row is diverged too, not an error
+    from klayer.experiments.best import _as_view_row
+    from klayer.experiments.jobcache import Outcome
+
+    dead = Outcome("a", 0, {}, {"diverged": "the cost became nan", "test_accuracy": math.nan},
+                   [])
+    row = _as_view_row(dead, c)
+    assert row.label == "c" and math.isnan(row.summary["test_accuracy"])
+    # the views are part of the post-evaluation's name, so of a kept training's key
+    names = {post_name(partial(view_accuracies, views=v)) for v in (wanted, wanted[:1])}
+    assert len(names) == 2
 
 
 def test_the_best_recipe_is_valid_and_its_ablation_ends_at_it() -> None:

@@ -157,6 +157,7 @@ def joined(url: str, name: str, procs: list[subprocess.Popen[str]],
     while waiting and time.monotonic() < end and all(p.poll() is None for p in procs):
         waiting = [p for p in waiting if not trials_of(url, name, p.pid)]
         time.sleep(0.1)
+    waiting = [p for p in waiting if not trials_of(url, name, p.pid)]  # after the last sleep
     if waiting:
         for p in procs:
             if p.poll() is None:

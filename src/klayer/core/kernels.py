@@ -208,6 +208,11 @@ def sgd_many(ps: list[Array], gs: list[Array], lr: float, l2s: list[float],
     for p, g in zip(ps, gs, strict=True):
         if p.shape != g.shape:
             return False
+    if sq is not None and (sq.dtype != np.float64 or sq.shape != (len(ps),)
+                           or not sq.flags.c_contiguous or not sq.flags.writeable
+                           or any(np.shares_memory(sq, p) for p in ps)):
+        raise ValueError(f"sq must be a writable float64 array of shape ({len(ps)},) apart "
+                         f"from the parameters, got {sq.dtype} {sq.shape}")
     _C.sgd_many(ps, gs, float(lr), np.array(l2s, np.float64), sq)
     return True
 

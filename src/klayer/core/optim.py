@@ -142,6 +142,11 @@ class Optimizer:
         self.t, self.state = int(d["t"]), state
 
 
+# Sums of squares above this are left to losses.l2_penalty (float32 vdots), so that a
+# run whose penalty overflows float32 diverges at the very step it did before.
+NEAR_F32_MAX = 0.99 * float(np.finfo(np.float32).max)
+
+
 class SGD(Optimizer):
     """Plain gradient descent: p <- p - lr g."""
 
@@ -157,11 +162,10 @@ class SGD(Optimizer):
                 [params[n] for n in names], [grads[n] for n in names], float(lr),
                 [float(l2) if w else 0.0 for w in weight], sq):
             self.t += 1
-            if not l2:
-                return None
-            with np.errstate(over="ignore"):  # rounded as l2_penalty's float32 vdots
-                return float(sum(x for x, w in zip(sq.astype(np.float32), weight,
-                                                   strict=True) if w))
+            total = float(sq[weight].sum())  # double sums
+            if not l2 or not total < NEAR_F32_MAX:
+                return None  # near float32's largest value l2_penalty's own sum decides
+            return float(sum(np.float32(x) for x, w in zip(sq, weight, strict=True) if w))
         return super().step(params, grads, lr, l2, per_trial)
 
     def _update(self, name: str, p: Array, g: Array, lr: Rate, buf: Array) -> None:

@@ -54,6 +54,8 @@ def shift(X: Array, image_shape: tuple[int, int, int], dy: int, dx: int,
     out = np.zeros((n, c, h, w), X.dtype) if fill is None else np.empty((n, c, h, w), X.dtype)
     if fill is not None:
         out[:] = fill.reshape(c, h, w)
+    if abs(dy) >= h or abs(dx) >= w:  # moved out of the frame: only the fill is left
+        return out.reshape(n, -1)
     src = X.reshape(n, c, h, w)
     out[:, :, max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = \
         src[:, :, max(-dy, 0) : h - max(dy, 0), max(-dx, 0) : w - max(dx, 0)]

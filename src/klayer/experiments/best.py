@@ -5,15 +5,17 @@ ablation starts from the assignment's 3-layer recipe and adds the recipe's ingre
 one group at a time, each row training from scratch with everything above it; the last
 row is the recipe itself, trained with at least three seeds. A row that adds test-time
 views only (``VIEWS``) trains nothing: it is the row above's networks, evaluated with
-those views after their training (``_test_views``), which is what training them again
+those views after their training (``view_accuracies``), which is what training them again
 would give.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import sys
 from dataclasses import replace
+from functools import partial
 from importlib import resources
 from typing import Any
 
@@ -100,31 +102,30 @@ def view_sources(specs: list[RunSpec]) -> dict[str, str]:
     return sources
 
 
-def _view(spec: RunSpec) -> str:
-    flip, shift_by = spec.overrides.get("tta_flip", False), spec.overrides.get("tta_shift", 0)
-    return f"views/flip={bool(flip)}/shift={int(shift_by)}"
+def views_of(spec: RunSpec) -> tuple[bool, int]:
+    """A row's test-time views: (tta_flip, tta_shift)."""
+    return bool(spec.overrides.get("tta_flip", False)), int(spec.overrides.get("tta_shift", 0))
 
 
-def _test_views(result: Any) -> dict[str, float]:
-    """A training's test accuracy under the views of each view row of the recipe's
-    ablation, as the trainer's summary evaluates them (``views/flip=F/shift=S``)."""
+def _view_key(views: tuple[bool, int]) -> str:
+    return f"views/flip={views[0]}/shift={views[1]}"
+
+
+def view_accuracies(result: Any, views: tuple[tuple[bool, int], ...]) -> dict[str, float]:
+    """A training's test accuracy under each of ``views`` ((tta_flip, tta_shift) pairs),
+    as the trainer's summary evaluates them, by ``views/flip=F/shift=S``."""
     from klayer.training.evaluation import evaluate
 
     data, net, test = result.data, result.net, result.data.test
-    specs = ablation_specs(load_recipe())
-    out = {}
-    for label in view_sources(specs):
-        spec = next(s for s in specs if s.label == label)
-        flip, shift_by = spec.overrides.get("tta_flip", False), spec.overrides.get("tta_shift", 0)
-        out[_view(spec)] = evaluate(net, data, test.X, test.y, result.config.lam,
-                                    bool(flip), int(shift_by)).accuracy
-    return out
+    return {_view_key(v): evaluate(net, data, test.X, test.y, result.config.lam, *v).accuracy
+            for v in views}
 
 
 def _as_view_row(o: Outcome, spec: RunSpec) -> Outcome:
-    """The outcome of view row ``spec``: its source training's, tested with its views."""
+    """The outcome of view row ``spec``: its source training's, tested with its views
+    (NaN where the source diverged: it has no network to test)."""
     single = o.summary.get("test_accuracy_single_view", o.summary["test_accuracy"])
-    summary = {**o.summary, "test_accuracy": o.extra[_view(spec)],
+    summary = {**o.summary, "test_accuracy": o.extra.get(_view_key(views_of(spec)), math.nan),
                "test_accuracy_single_view": single}
     return replace(o, label=spec.label, config={**o.config, **spec.overrides},
                    summary=summary)
@@ -141,8 +142,9 @@ def best(ctx: Context) -> Section:
     recipe_run = sources.get(specs[-1].label, specs[-1].label)  # the recipe's training
     trained = [replace(s, seeds=ctx.seed_range(max(ctx.seeds, FINAL_SEEDS)))
                if s.label == recipe_run else s for s in specs if s.label not in sources]
-    trained = [replace(s, post=_test_views) if s.label in sources.values() else s
-               for s in trained]
+    views = tuple(sorted({views_of(s) for s in specs if s.label in sources}))
+    trained = [replace(s, post=partial(view_accuracies, views=views))
+               if s.label in sources.values() else s for s in trained]
     # the last rows carry the most ingredients and train longest: started first, so that
     # parallel workers finish together (longest job first), then shown in ablation order
     done = by_label(ctx.run(trained[::-1]))

@@ -13,6 +13,7 @@ another format than ``FORMAT`` is refused (FormatError).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -69,9 +70,17 @@ def key(job: Job, ident: dict[str, Any]) -> str:
     --data-dir spelled it)."""
     label, values, post, quick = job
     values = {k: v for k, v in values.items() if k not in RESULT_NEUTRAL}
-    post_name = post and f"{post.__module__}.{post.__qualname__}"
-    text = json.dumps([label, values, post_name, quick, ident], sort_keys=True, default=str)
+    text = json.dumps([label, values, post and post_name(post), quick, ident], sort_keys=True,
+                      default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def post_name(post: Any) -> str:
+    """A post-evaluation's module and name, with its bound arguments when it is a
+    ``functools.partial`` (they change what it computes)."""
+    if isinstance(post, functools.partial):
+        return f"{post_name(post.func)}{post.args!r}{sorted(post.keywords.items())!r}"
+    return f"{post.__module__}.{post.__qualname__}"
 
 
 def stem(job: Job) -> str:

@@ -170,6 +170,7 @@ class Trainer:
             if self.ema is not None:  # the average is the network; its own BN statistics
                 self.ema.update(self.net.params, self.t, last=True)
                 self.net.params.update(self.ema.state_dict())
+                self._squares_at = -1  # other weights than the last update's
             if self.cfg.batch_norm and (self.cfg.bn_stats == "precise" or self.ema is not None):
                 population_stats(self.net, self.data, self.data.train.X,
                                  self.cfg.precise_examples)

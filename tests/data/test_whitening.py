@@ -172,3 +172,53 @@ def test_pca_coordinates_are_no_image_and_bad_values_are_named() -> None:
     with pytest.raises(ValueError, match=r"tta_shift \(4\) must be less than the image size"):
         validate_for_data(TrainConfig(n_batch=50, tta_shift=4), data)
     validate_for_data(TrainConfig(n_batch=50, tta_shift=3), data)
+
+
+def _resident_file_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc")
+def test_the_raw_rows_leave_memory_once_their_whitened_copy_is_kept(tmp_path: Path) -> None:
+    """A read-only mapped file's pages leave the resident set and read back the same;
+    memory of the process's own is never touched."""
+    from klayer.data.files import release_pages
+
+    rows = np.random.default_rng(0).integers(0, 256, (4096, 3072), dtype=np.uint8)  # 12 MiB
+    np.save(tmp_path / "x.npy", rows)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    assert int(mapped.sum(dtype=np.int64)) == int(rows.sum(dtype=np.int64))  # all paged in
+    before = _resident_file_kib()
+    assert release_pages(mapped[:4000])
+    assert before - _resident_file_kib() > 10_000  # KiB: most of the 12 MiB left
+    np.testing.assert_array_equal(mapped, rows)  # and reads back from the file
+    assert not release_pages(rows) and not release_pages(rows[:, ::2])
+    np.testing.assert_array_equal(rows, np.load(tmp_path / "x.npy"))
+
+
+def test_evaluation_of_whitened_training_rows_reads_the_kept_copy() -> None:
+    """With the whitened training split kept, its evaluation and PreciseBN read those rows
+    (the same values as whitening them again): the metrics agree with the folded raw
+    path to rounding, and the population statistics exactly."""
+    from klayer.training.evaluation import evaluate, population_stats
+
+    data = data_of(correlated(1200, 16, 0), correlated(200, 16, 1)).whitened("zca", 0.05)
+    net = Network(TrainConfig(hidden=(8,)).net_config(d=16, num_classes=3), rng=0)
+    folded_path = evaluate(net, data, data.train.X, data.train.y)
+    before = net.copy()
+    population_stats(before, data, data.train.X, 0)
+    assert data.kept_rows(data.train.X, np.float32) is None
+    whole = data.whitened_train(np.float32)
+    assert whole is not None
+    assert data.kept_rows(data.train.X[:50], np.float32) is not None
+    assert data.kept_rows(data.train.X[1:], np.float32) is None  # not from the first row
+    kept_path = evaluate(net, data, data.train.X, data.train.y)
+    assert kept_path.accuracy == pytest.approx(folded_path.accuracy, abs=1.5 / data.train.n)
+    assert kept_path.loss == pytest.approx(folded_path.loss, rel=1e-5)
+    after = net.copy()
+    population_stats(after, data, data.train.X, 0)
+    for k in before.stats:
+        np.testing.assert_array_equal(before.stats[k], after.stats[k])

@@ -25,7 +25,7 @@ from klayer.core import kernels
 from klayer.core.network import EVAL_CHUNK
 from klayer.data import whitening
 from klayer.data.batchfile import D_CIFAR, load_batch
-from klayer.data.files import atomic_write, file_stats
+from klayer.data.files import atomic_write, file_stats, release_pages
 
 log = logging.getLogger(__name__)
 Decoded = tuple[np.ndarray, np.ndarray, list[int]]  # X (N, 3072) uint8, y (N,), rows per batch
@@ -147,15 +147,8 @@ class Data:
         once (``standardize`` in chunks, so the same values) and kept.
         """
         X_raw = self.train.X
-        if self.whiten.size:
-            key = ("train", np.dtype(dtype))
-            if key not in self._cache:
-                whole = np.empty(X_raw.shape, dtype)  # (n, d), filled a chunk at a time
-                for i, chunk in zip(range(0, len(X_raw), EVAL_CHUNK), self.chunks(X_raw, dtype),
-                                    strict=True):
-                    whole[i : i + len(chunk)] = chunk
-                self._cache[key] = whole
-            whole = self._cache[key]
+        whole = self.whitened_train(dtype)
+        if whole is not None:
             if (out is None or out.shape != (len(idx), self.d) or out.dtype != whole.dtype
                     or not out.flags.writeable):
                 return whole[idx]
@@ -166,11 +159,41 @@ class Data:
             return kernels.gather_standardize(X_raw, idx, shift, inv_std, out)
         return self.standardize(X_raw[idx], dtype)
 
+    def whitened_train(self, dtype: npt.DTypeLike = np.float32) -> np.ndarray | None:
+        """The training split standardized and whitened, whole (n, d) in ``dtype``: made
+        on the first call (``standardize`` in chunks) and kept; None without whitening.
+        Once it is made, the raw training rows' file pages leave the resident memory
+        (``files.release_pages``): training and evaluation read the kept rows instead."""
+        if not self.whiten.size:
+            return None
+        key = ("train", np.dtype(dtype))
+        if key not in self._cache:
+            X_raw = self.train.X
+            whole = np.empty(X_raw.shape, dtype)  # (n, d), filled a chunk at a time
+            for i in range(0, len(X_raw), EVAL_CHUNK):
+                whole[i : i + EVAL_CHUNK] = self.standardize(X_raw[i : i + EVAL_CHUNK], dtype)
+            self._cache[key] = whole
+            release_pages(X_raw)
+        return self._cache[key]
+
+    def kept_rows(self, X_raw: np.ndarray, dtype: npt.DTypeLike) -> np.ndarray | None:
+        """The kept whitened rows of X_raw when it is the training split or its first rows
+        (the same memory) and ``whitened_train(dtype)`` was made; else None."""
+        whole, train = self._cache.get(("train", np.dtype(dtype))), self.train.X
+        if (whole is None or X_raw.ndim != 2 or len(X_raw) > len(train)
+                or X_raw.strides != train.strides
+                or X_raw.__array_interface__["data"][0] != train.__array_interface__["data"][0]):
+            return None
+        return whole[: len(X_raw)]
+
     def chunks(self, X_raw: np.ndarray, dtype: npt.DTypeLike = np.float32,
                size: int = EVAL_CHUNK) -> Iterator[np.ndarray]:
-        """``standardize`` of X_raw, ``size`` rows at a time."""
+        """``standardize`` of X_raw, ``size`` rows at a time (views of the kept whitened
+        rows where they serve: not to be written)."""
+        kept = self.kept_rows(X_raw, dtype)
         for i in range(0, len(X_raw), size):
-            yield self.standardize(X_raw[i : i + size], dtype)
+            yield kept[i : i + size] if kept is not None else self.standardize(
+                X_raw[i : i + size], dtype)
 
     def _scaling(self, dtype: npt.DTypeLike) -> tuple[np.ndarray, np.ndarray]:
         """The shift (mean) and scale (1 / std) in ``dtype``, made once per dtype: the

@@ -129,3 +129,27 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
             raise ModelFileError(f"{name}: truncated")
     return np.frombuffer(raw, dtype=dtype, count=count).reshape(
         shape, order="F" if fortran else "C").copy()
+
+
+def release_pages(a: np.ndarray) -> bool:
+    """Drop the pages of ``a`` from this process's resident memory when it lies in a
+    read-only file mapping (an ``np.memmap`` of mode "r", as CIFAR-10's decoded cache is
+    opened): they stay in the page cache, and a later read maps them back from the file.
+    Memory of the process's own, a writable mapping or a system without ``madvise`` is
+    left alone. Returns whether the pages were dropped."""
+    import ctypes
+    import mmap
+
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if not isinstance(a, np.memmap) or getattr(a, "mode", None) != "r" or advice is None \
+            or a.nbytes == 0 or not a.flags.c_contiguous:
+        return False
+    page = mmap.PAGESIZE
+    start = a.__array_interface__["data"][0]
+    first = start - start % page  # madvise takes whole pages from a page boundary
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(start + a.nbytes - first),
+                            ctypes.c_int(advice)) == 0
+    except (OSError, AttributeError):  # no C library to call, or no madvise in it
+        return False

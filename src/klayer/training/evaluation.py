@@ -68,6 +68,7 @@ def model_inputs(nets: Sequence[Network], data: Data, X: Array, dtype: npt.DType
     all of them fold (and ``fold``), else the networks themselves with standardized
     chunks; and the input value that stands for "no signal" there (the raw mean; None:
     zero)."""
+    fold = fold and data.kept_rows(X, dtype) is None  # kept whitened rows: read those
     folds = [f for f in (folded(net, data) for net in nets) if f is not None] if fold else []
     if len(folds) == len(nets):
         return folds, raw_chunks(X, np.dtype(dtype)), data.mean.astype(dtype)

@@ -92,6 +92,7 @@ class Trainer:
         self.plan = make_plan(cfg, len(data.train.y))
         init_rng, _, self.dropout_rng, _ = streams(cfg.seed)
         self.net = Network(cfg.net_config(d=data.d, num_classes=data.num_classes), rng=init_rng)
+        data.whitened_train(self.net.dtype)  # made now: every evaluation then reads it alike
         self.batches = MiniBatches(cfg, data, self.plan.steps_per_epoch, self.net.dtype,
                                    cfg.shuffle_seed)  # order_seed, or seed
         self.opt = make_optimizer_for(cfg)

@@ -62,12 +62,12 @@ def test_each_steps_cost_has_the_penalty_of_its_weights() -> None:
     for _ in range(3):
         tr.step()
         if BACKEND == "c":
-            assert tr._squares_at == tr.t
+            assert tr._squares is not None
             assert tr._squares == pytest.approx(l2_penalty(tr.net.weights(), 1.0), rel=1e-6)
     state = tr.state_dict()
     tr.step()
     tr.load_state_dict(state)
-    assert tr._squares_at != tr.t
+    assert tr._squares is None
 
 
 def test_plan_defaults() -> None:

@@ -98,8 +98,8 @@ class Trainer:
         self.opt = make_optimizer_for(cfg)
         self.ema = WeightAverage(self.net.params, cfg.ema) if cfg.ema else None
         self.t = 0  # updates done
-        self._squares: float | None = None  # sum_l ||W_l||^2 after update _squares_at
-        self._squares_at = -1
+        # sum_l ||W_l||^2 of the weights as the last update left them (None: unknown)
+        self._squares: float | None = None
         self.rows: list[dict[str, float]] = []
         self.elapsed = 0.0  # training seconds spent before this process (on resume)
         self.finished = False  # final batch-norm statistics and evaluation done
@@ -116,20 +116,18 @@ class Trainer:
         """One mini-batch update; returns the mini-batch loss."""
         cfg, data, net, t = self.cfg, self.data, self.net, self.t
         Xb, yb, mix = self.batches(t)  # (n_batch, d), (n_batch,), None or mixed labels
-        squares = self._squares if self._squares_at == t else None  # from the last update
         with np.errstate(over="ignore", invalid="ignore"):  # a non-finite cost is checked next
             loss, cost, grads = net.loss_and_grads(Xb, yb, cfg.lam,
                                                    rng=self.dropout_rng,
                                                    label_smoothing=cfg.label_smoothing,
                                                    check=False, grad_l2=False, mix=mix,
-                                                   squares=squares)
+                                                   squares=self._squares)
         if not math.isfinite(cost):
             raise Diverged(f"the cost became {cost} at step {t}")
         lr = self.plan.lr(t)
         # the L2 term is added here; plain SGD hands back the next step's sum_l ||W_l||^2
         self._squares = self.opt.step(net.params, grads, lr, l2=2 * cfg.lam)
         self.t += 1
-        self._squares_at = self.t
         if self.ema is not None:
             self.ema.update(net.params, self.t)
         if (self.precise_every and cfg.bn_stats == "precise" and cfg.batch_norm
@@ -171,7 +169,7 @@ class Trainer:
             if self.ema is not None:  # the average is the network; its own BN statistics
                 self.ema.update(self.net.params, self.t, last=True)
                 self.net.params.update(self.ema.state_dict())
-                self._squares_at = -1  # other weights than the last update's
+                self._squares = None  # other weights than the last update's
             if self.cfg.batch_norm and (self.cfg.bn_stats == "precise" or self.ema is not None):
                 population_stats(self.net, self.data, self.data.train.X,
                                  self.cfg.precise_examples)
@@ -282,7 +280,7 @@ class Trainer:
             self.ema.avg = ema
         self.net.bn_updates = modelfile.count(d, "bn_updates", CheckpointError)
         self.opt, self.t, self.batches.order, self.rows = opt, t, order, rows
-        self._squares_at = -1  # new weights: the next cost sums their squares itself
+        self._squares = None  # new weights: the next cost sums their squares itself
         self.batches.shuffle_rng, self.dropout_rng, self.batches.aug_rng = rngs
         self.finished, self.elapsed = finished, elapsed
 

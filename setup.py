@@ -14,7 +14,9 @@ flags = [] if sys.platform == "win32" else ["-O3", "-ffp-contract=off", "-fno-tr
 
 setup(
     ext_modules=[
-        Extension("klayer.core._kernels", ["src/klayer/core/_kernels.c"], extra_compile_args=flags,
+        Extension("klayer.core._kernels", ["src/klayer/core/_kernels.c", "src/klayer/core/_gemm.c"],
+                  depends=["src/klayer/core/_gemm.h"], extra_compile_args=flags,
+                  extra_link_args=[] if sys.platform == "win32" else ["-pthread"],
                   optional=True),
     ]
 )

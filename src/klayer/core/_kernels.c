@@ -22,6 +22,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "_gemm.h"
+
 /* The loops are compiled twice on x86-64 Linux, for AVX2 and for the baseline, and the
  * loader picks one for the CPU. Besides wider vectors, VEX-encoded code avoids the
  * stall that legacy SSE code pays right after OpenBLAS's AVX kernels. */
@@ -738,6 +740,42 @@ done:
     return ret;
 }
 
+/* C = A B (trans_a 0; A n x d) or A^T B (trans_a 1; A d x n), B d x m, C n x m, all
+ * float32 and C-contiguous, by klayer's own kernels (_gemm.c) on `threads` threads.
+ * Returns False, leaving C as it was, where this CPU has no such kernel. */
+static PyObject *
+matmul(PyObject *self, PyObject *args)
+{
+    Py_buffer a, b, c;
+    Py_ssize_t n, d, m, want;
+    int trans_a, threads, ok = 0;
+    if (!PyArg_ParseTuple(args, "y*y*w*nnnpi", &a, &b, &c, &n, &d, &m, &trans_a, &threads))
+        return NULL;
+    PyObject *ret = NULL;
+    if (!bytes_of(n, d, 1, 4, &want) || !check_len(&a, want, "A") ||
+        !bytes_of(d, m, 1, 4, &want) || !check_len(&b, want, "B") ||
+        !bytes_of(n, m, 1, 4, &want) || !check_len(&c, want, "C"))
+        goto done;
+    const char *c0 = c.buf, *c1 = c0 + c.len, *a0 = a.buf, *b0 = b.buf;
+    if ((c0 < a0 + a.len && a0 < c1) || (c0 < b0 + b.len && b0 < c1)) {
+        PyErr_SetString(PyExc_ValueError, "the output overlaps an operand");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    ok = klayer_gemm(a.buf, b.buf, c.buf, n, d, m, trans_a, threads);
+    Py_END_ALLOW_THREADS
+    ret = PyBool_FromLong(ok);
+done:
+    PyBuffer_Release(&a); PyBuffer_Release(&b); PyBuffer_Release(&c);
+    return ret;
+}
+
+static PyObject *
+gemm_available(PyObject *self, PyObject *unused)
+{
+    return PyBool_FromLong(klayer_gemm_available());
+}
+
 static PyMethodDef methods[] = {
     {"gather_standardize", gather_standardize, METH_VARARGS, "gather and standardize rows"},
     {"bn_relu_forward", bn_relu_forward, METH_VARARGS, "batch norm then ReLU, training mode"},
@@ -746,6 +784,8 @@ static PyMethodDef methods[] = {
     {"add_scaled", add_scaled, METH_VARARGS, "y += a x"},
     {"sgd_many", sgd_many, METH_VARARGS, "the SGD update of many parameters"},
     {"sgd_l2_step", sgd_l2_step, METH_VARARGS, "p -= lr (g + l2 p) per block, and sum p^2"},
+    {"matmul", matmul, METH_VARARGS, "C = A B or A^T B, float32, klayer's own kernels"},
+    {"gemm_available", gemm_available, METH_NOARGS, "whether this CPU has matmul's kernels"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -11,6 +11,9 @@ compiler is there) does these parts of a step in one pass each:
   in the same calls, the linear map's "+ b" and the running averages' update forward,
   and the bias gradient backward, so a hidden layer costs one call each way;
 * ``softmax_cross_entropy``: the mean loss and dJ/dscores (``_stack``: of T networks);
+* ``matmul``: a layer's products x W and x^T dS for a mini-batch, by klayer's own
+  AVX-512 kernels (``_gemm.c``), which on these short, wide operands beat BLAS, which
+  packs both operands first (docs/performance.md); elsewhere, NumPy's ``@``;
 * ``add_scaled`` (the L2 term of a gradient), ``sgd_step`` (the update) and
   ``sgd_l2_step`` (both at once, for a weight matrix), ``sgd_many`` (the update of every
   parameter of a network in one call), and ``sgd_l2_steps`` (``sgd_l2_step`` for T
@@ -58,6 +61,36 @@ def _load() -> ModuleType | None:
 
 _C: Any = _load()
 BACKEND = "c" if _C is not None else "numpy"  # what float32 training runs on
+GEMM = _C is not None and bool(_C.gemm_available())  # matmul's own kernels run here
+
+
+def _threads_from_env() -> int:
+    """OpenBLAS's thread count as the environment sets it, else this process's cores."""
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        try:
+            return max(1, int(os.environ.get(var, "").split(",")[0]))
+        except ValueError:
+            continue
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    return len(cores) if cores else (os.cpu_count() or 1)
+
+
+_threads = _threads_from_env()
+
+
+def set_threads(n: int) -> None:
+    """Run ``matmul``'s kernels on ``n`` threads (the default: OPENBLAS_NUM_THREADS or
+    OMP_NUM_THREADS, else every core this process may use). Whoever limits BLAS's threads
+    at run time (``threadpoolctl``) should set this too."""
+    global _threads
+    if n < 1:
+        raise ValueError(f"threads must be at least 1, got {n}")
+    _threads = int(n)
+
+
+def threads() -> int:
+    """The thread count ``matmul``'s kernels run on."""
+    return _threads
 
 
 def enabled(*arrays: np.ndarray) -> bool:
@@ -158,6 +191,32 @@ def softmax_cross_entropy_stack(scores: Array, y: np.ndarray) -> tuple[np.ndarra
     dscores = np.empty_like(scores)
     losses = np.array([_C.softmax_xent(scores[t], labels, n, k, dscores[t]) for t in range(T)])
     return losses, dscores
+
+
+MATMUL_MAX_ROWS = 1024  # a mini-batch; larger operands go to BLAS, tuned for them
+
+
+def matmul(a: Array, b: Array, trans_a: bool = False, out: Array | None = None) -> Array:
+    """a @ b, or a^T @ b with ``trans_a`` (the last two axes swapped): a layer's x W or
+    x^T dS.
+
+    For a float32 mini-batch (2-D, C-contiguous; at most ``MATMUL_MAX_ROWS`` rows of
+    examples, the k of x^T dS; 16 or more output columns) on a CPU with AVX-512, klayer's
+    own kernels (``_gemm.c``) run it on ``threads()`` threads: each output element is one
+    sum of fused multiply-adds in k order, so the result differs from BLAS's only by
+    rounding (a float32 ulp or so per term). Everything else, float64 included, is
+    NumPy's matmul. ``out``, when given, must be C-contiguous of the result's shape and
+    dtype, and must not overlap a or b.
+    """
+    x = a.swapaxes(-1, -2) if trans_a else a  # (..., n, d)
+    if GEMM and a.ndim == 2 and b.ndim == 2 and a.shape[0] <= MATMUL_MAX_ROWS \
+            and x.shape[1] == b.shape[0] and b.shape[1] >= 16 and enabled(a, b):
+        n, d = x.shape
+        c = np.empty((n, b.shape[1]), F32) if out is None else out
+        if c.shape == (n, b.shape[1]) and enabled(c) \
+                and _C.matmul(a, b, c, n, d, b.shape[1], trans_a, _threads):
+            return c
+    return np.matmul(x, b, out=out)
 
 
 def add_scaled(g: Array, W: Array, a: float | Array) -> None:

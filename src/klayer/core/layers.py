@@ -16,6 +16,8 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from klayer.core import kernels
+
 Array = npt.NDArray[np.floating]
 
 
@@ -27,7 +29,7 @@ Array = npt.NDArray[np.floating]
 
 def linear_forward(x: Array, W: Array, b: Array) -> Array:
     """s = x W + b.  x (..., n, d_in), W (..., d_in, d_out), b (..., d_out) -> (..., n, d_out)."""
-    s = x @ W  # (..., n, d_out)
+    s = kernels.matmul(x, W)  # (..., n, d_out): x @ W
     s += b[..., None, :]
     return s
 
@@ -37,7 +39,7 @@ def linear_backward(ds: Array, x: Array, W: Array,
     """dx = ds W^T (None when ``need_dx`` is false: the first layer's input needs no
     gradient) and dW = x^T ds, from ds = dJ/ds (..., n, d_out); the course's
     grad_W = G H^T / n transposed (klayer's ds carries the 1/n already)."""
-    dW = x.swapaxes(-1, -2) @ ds  # (..., d_in, d_out)
+    dW = kernels.matmul(x, ds, trans_a=True)  # (..., d_in, d_out): x^T ds
     dx = ds @ W.swapaxes(-1, -2) if need_dx else None  # (..., n, d_in)
     return dx, dW
 

@@ -206,7 +206,7 @@ class Network:
         ``bias`` the fused batch-norm kernel adds b_l. ``Stack`` overrides the first
         layer, whose input all trials share."""
         W = self.params[f"W{l}"]
-        return linear_forward(h, W, self.params[f"b{l}"]) if bias else h @ W
+        return linear_forward(h, W, self.params[f"b{l}"]) if bias else kernels.matmul(h, W)
 
     def _affine_backward(self, l: int, ds: Array, x: Array) -> tuple[Array | None, Array]:
         """(dJ/dx, dJ/dW_l) of layer l's linear map (no dx for the first layer)."""

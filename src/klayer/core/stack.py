@@ -52,7 +52,7 @@ class Stack(Network):
         if l > 1:
             return super()._affine(l, h, bias)
         n = h.shape[0]
-        s = h @ self.params["W1"]  # (n, T m_1): the one wide product
+        s = kernels.matmul(h, self.params["W1"])  # (n, T m_1): the one wide product
         s += self.params["b1"].reshape(-1)
         return np.ascontiguousarray(s.reshape(n, self.T, -1).transpose(1, 0, 2))
 
@@ -62,7 +62,7 @@ class Stack(Network):
         if l > 1:
             return linear_backward(ds, x, self.params[f"W{l}"])
         ds_wide = ds.transpose(1, 0, 2).reshape(ds.shape[1], -1)  # (n, T m_1)
-        return None, np.matmul(x.T, ds_wide, out=self.scratch("W1", "grad/"))
+        return None, kernels.matmul(x, ds_wide, trans_a=True, out=self.scratch("W1", "grad/"))
 
     def _dropout_mask(self, shape: tuple[int, ...], rng: Any) -> Array:
         """One mask per trial (T, n, m), each from that trial's own generator in ``rng``."""

@@ -12,7 +12,8 @@ them: reading and standardizing the mini-batch, the forward pass, the loss and i
 gradient, the L2 penalty (a pass of its own only when the update did not hand back the
 weights' sum of squares), the backward pass and the update (which adds the L2 term).
 It also times the first layer's two matrix products alone, so the rest of a step can
-be read off, as the step runs them (``kernels.matmul``) and by BLAS (NumPy's ``@``). Mean microseconds per step are printed.
+be read off, as the step runs them (``kernels.matmul``) and by BLAS (NumPy's ``@``).
+Mean microseconds per step are printed.
 """
 
 from __future__ import annotations

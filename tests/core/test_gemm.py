@@ -60,6 +60,11 @@ def test_products_match_float64(shape: tuple[int, int, int], threads: int,
     exact = x.T.astype(np.float64) @ dS
     assert got.shape == (d, m)
     assert np.all(np.abs(got - exact) <= bound(x.T, dS))
+    # dS W^T: dS (n, m) and W (d, m); the result is (n, d)
+    got = kernels.matmul(dS, W, trans_b=True)
+    exact = dS.astype(np.float64) @ W.T
+    assert got.shape == (n, d)
+    assert np.all(np.abs(got - exact) <= bound(dS, W.T))
 
 
 @needs_gemm
@@ -72,10 +77,11 @@ def test_each_element_is_one_sum_whatever_the_threads(shape: tuple[int, int, int
     results = []
     for t in (1, 2, 3, 4):
         monkeypatch.setattr(kernels, "_threads", t)
-        results.append((kernels.matmul(x, W), kernels.matmul(x, dS, trans_a=True)))
-    for fwd, bwd in results[1:]:
-        np.testing.assert_array_equal(fwd, results[0][0])
-        np.testing.assert_array_equal(bwd, results[0][1])
+        results.append((kernels.matmul(x, W), kernels.matmul(x, dS, trans_a=True),
+                        kernels.matmul(dS, W, trans_b=True)))
+    for got in results[1:]:
+        for a, b in zip(got, results[0], strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 @needs_gemm
@@ -86,6 +92,11 @@ def test_the_kernels_run_and_differ_from_blas_only_by_rounding() -> None:
     got, blas = kernels.matmul(x, W), x @ W
     assert not np.array_equal(got, blas)
     np.testing.assert_allclose(got, blas, rtol=0, atol=float(bound(x, W).max()))
+    dS = np.random.default_rng(4).standard_normal((100, 512), dtype=F32)
+    W = np.random.default_rng(5).standard_normal((1024, 512), dtype=F32)
+    got, blas = kernels.matmul(dS, W, trans_b=True), dS @ W.T
+    assert not np.array_equal(got, blas)
+    np.testing.assert_allclose(got, blas, rtol=0, atol=float(bound(dS, W.T).max()))
 
 
 @needs_gemm
@@ -97,11 +108,11 @@ def test_out_is_written_and_checked() -> None:
     dW = np.full((300, 40), np.nan, F32)
     assert kernels.matmul(x, out, trans_a=True, out=dW) is dW
     with pytest.raises(ValueError, match="expected 16000 bytes"):  # the C layer's own check
-        kernels._C.matmul(x, W, np.empty((100, 41), F32), 100, 300, 40, False, 1)
+        kernels._C.matmul(x, W, np.empty((100, 41), F32), 100, 300, 40, False, False, 1)
     with pytest.raises(ValueError, match="overlaps an operand"):
         buf = np.zeros(300 * 40 + 100 * 40, F32)
         Wv, Cv = buf[: 300 * 40].reshape(300, 40), buf[300 * 40 - 40:][: 100 * 40]
-        kernels._C.matmul(x, Wv, Cv.reshape(100, 40), 100, 300, 40, False, 1)
+        kernels._C.matmul(x, Wv, Cv.reshape(100, 40), 100, 300, 40, False, False, 1)
 
 
 @pytest.mark.parametrize("case", ["float64", "3-D", "narrow", "strided", "many rows"])
@@ -120,20 +131,20 @@ def test_everything_else_is_numpys_matmul(case: str) -> None:
         x = np.random.default_rng(3).standard_normal((kernels.MATMUL_MAX_ROWS + 1, 64),
                                                      dtype=F32)
     np.testing.assert_array_equal(kernels.matmul(x, W), x @ W)
-    dS = (x @ W)[..., :, :]
+    dS = x @ W
     np.testing.assert_array_equal(kernels.matmul(x, dS, trans_a=True),
                                   x.swapaxes(-1, -2) @ dS)
+    # dS W^T with 32 terms per sum (fewer than 64): NumPy's too
+    np.testing.assert_array_equal(kernels.matmul(dS, W, trans_b=True), dS @ W.swapaxes(-1, -2))
 
 
 def test_thread_count_is_checked() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         kernels.set_threads(0)
     before = kernels.threads()
-    try:
-        kernels.set_threads(3)
-        assert kernels.threads() == 3
-    finally:
-        kernels.set_threads(before)
+    with kernels.limited_threads(before + 2):
+        assert kernels.threads() == before + 2
+    assert kernels.threads() == before
 
 
 def _product_in_child(q: multiprocessing.Queue) -> None:  # type: ignore[type-arg]

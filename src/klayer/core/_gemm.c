@@ -39,11 +39,13 @@
 typedef struct {
     const float *A, *B;
     float *C;
-    float *Bt;   /* C = A B: B's last m % 16 columns, each made contiguous (rem x d) */
+    const float *Bt;  /* rows giving C's columns bt0.. as dot products: for C = A B, B's
+                       * last m % 16 columns made contiguous (rem x d); for A B^T, B */
+    ptrdiff_t bt0;
     float *Bp;   /* C = A^T B with B wider than a tile: B by blocks of tile columns, each
                   * block (d x its width) contiguous; or NULL */
     ptrdiff_t n, d, m;
-    int trans_a, parts;
+    int trans_a, trans_b, parts;
 } gemm_job;
 
 /* C[i0:i0+mr, j0:j0+16 nv] (+)= sum over k < K of a_r[k sk] B[k, j0:...]: the tile kernel.
@@ -122,18 +124,20 @@ whole_columns(const gemm_job *g, float *panel, ptrdiff_t i0, ptrdiff_t i1, ptrdi
     if (j + 16 <= j1) rows_at(g, panel, i0, i1, j, k0, k1, 1);
 }
 
-/* C = A B, the last rem = m % 16 columns (from j0) of rows [i0, i1): 4 rows by up to 4
- * columns of dot products at a time, over k in vectors of 16 (the last one masked). */
+/* C[i0:i1, j0:j1] as dot products of A's rows with Bt's rows j - bt0 (C = A B's last
+ * m % 16 columns; all of C = A B^T): 4 rows by up to 4 columns at a time, over k in
+ * vectors of 16 (the last one masked). */
 static AVX512 void
-dots(const gemm_job *g, ptrdiff_t i0, ptrdiff_t i1, ptrdiff_t j0)
+dots(const gemm_job *g, ptrdiff_t i0, ptrdiff_t i1, ptrdiff_t j0, ptrdiff_t j1)
 {
-    ptrdiff_t d = g->d, rem = g->m - j0;
+    ptrdiff_t d = g->d, rem = j1 - j0;
+    const float *Bt = g->Bt + (j0 - g->bt0) * d;
     __mmask16 tail = (__mmask16)((1u << (d % 16)) - 1u);
     for (ptrdiff_t i = i0; i < i1; i += 4) {
         for (ptrdiff_t j = 0; j < rem; j += 4) {
             const float *a[4], *b[4];
             for (int r = 0; r < 4; r++) a[r] = g->A + (i + r < i1 ? i + r : i) * d;
-            for (int c = 0; c < 4; c++) b[c] = g->Bt + (j + c < rem ? j + c : j) * d;
+            for (int c = 0; c < 4; c++) b[c] = Bt + (j + c < rem ? j + c : j) * d;
             __m512 s[4][4];
             for (int r = 0; r < 4; r++)
                 for (int c = 0; c < 4; c++) s[r][c] = _mm512_setzero_ps();
@@ -227,6 +231,15 @@ static AVX512 void
 gemm_part(const gemm_job *g, int p)
 {
     ptrdiff_t m = g->m, rest = m - m % 16, i0 = 0, i1 = g->n, j0 = 0, j1 = rest;
+    if (g->trans_b) {  /* C = A B^T: by columns, in fours, when each part gets 16 */
+        if (m >= 16 * g->parts) {
+            dots(g, 0, g->n, m / 4 * p / g->parts * 4,
+                 p == g->parts - 1 ? m : m / 4 * (p + 1) / g->parts * 4);
+        } else {
+            dots(g, g->n * p / g->parts, g->n * (p + 1) / g->parts, 0, m);
+        }
+        return;
+    }
     if (g->trans_a) {
         i0 = g->n * p / g->parts;
         i1 = g->n * (p + 1) / g->parts;
@@ -252,7 +265,7 @@ gemm_part(const gemm_job *g, int p)
     for (ptrdiff_t k = 0; k < g->d || k == 0; k += kc)
         whole_columns(g, panel, i0, i1, j0, j1, k, k + kc < g->d ? k + kc : g->d);
     free(panel);
-    if (rest < m && j1 == rest) dots(g, i0, i1, rest);
+    if (rest < m && j1 == rest) dots(g, i0, i1, rest, m);
 }
 
 /* --- the thread pool ------------------------------------------------------------------
@@ -370,11 +383,12 @@ klayer_gemm_available(void)
 
 int
 klayer_gemm(const float *A, const float *B, float *C, ptrdiff_t n, ptrdiff_t d, ptrdiff_t m,
-            int trans_a, int threads)
+            int trans_a, int trans_b, int threads)
 {
-    if (!klayer_gemm_available()) return 0;
-    gemm_job g = {A, B, C, NULL, NULL, n, d, m, trans_a, 1};
-    ptrdiff_t rem = m % 16;
+    if (!klayer_gemm_available() || (trans_a && trans_b)) return 0;
+    gemm_job g = {A, B, C, trans_b ? B : NULL, 0, NULL, n, d, m, trans_a, trans_b, 1};
+    ptrdiff_t rem = trans_b ? 0 : m % 16;
+    float *Bt = NULL;
     if (trans_a && m > NB) {  /* B's tile columns, block by block, each contiguous */
         float *Bp = malloc((size_t)(d * (m - rem)) * sizeof(float) + 1);
         if (!Bp) return 0;
@@ -386,11 +400,12 @@ klayer_gemm(const float *A, const float *B, float *C, ptrdiff_t n, ptrdiff_t d, 
         g.Bp = Bp;
     }
     if (rem && !trans_a) {  /* B's last rem columns, each contiguous */
-        float *Bt = malloc((size_t)(rem * d) * sizeof(float) + 1);
+        Bt = malloc((size_t)(rem * d) * sizeof(float) + 1);
         if (!Bt) return 0;
         for (ptrdiff_t k = 0; k < d; k++)
             for (ptrdiff_t j = 0; j < rem; j++) Bt[j * d + k] = B[k * m + m - rem + j];
         g.Bt = Bt;
+        g.bt0 = m - rem;
     }
     /* no more threads than asked for, and each with 16 rows and 2^20 multiply-adds at
      * least: waking a thread for less costs more than it saves */
@@ -400,7 +415,7 @@ klayer_gemm(const float *A, const float *B, float *C, ptrdiff_t n, ptrdiff_t d, 
     g.parts = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
     if (g.parts > most) g.parts = (int)most;
     run_parts(&g);
-    free(g.Bt);
+    free(Bt);
     free(g.Bp);
     return 1;
 }
@@ -411,9 +426,10 @@ int klayer_gemm_available(void) { return 0; }
 
 int
 klayer_gemm(const float *A, const float *B, float *C, ptrdiff_t n, ptrdiff_t d, ptrdiff_t m,
-            int trans_a, int threads)
+            int trans_a, int trans_b, int threads)
 {
-    (void)A; (void)B; (void)C; (void)n; (void)d; (void)m; (void)trans_a; (void)threads;
+    (void)A; (void)B; (void)C; (void)n; (void)d; (void)m; (void)trans_a; (void)trans_b;
+    (void)threads;
     return 0;
 }
 

@@ -4,12 +4,13 @@
 
 #include <stddef.h>
 
-/* C = A B (trans_a = 0: A is n x d) or C = A^T B (trans_a = 1: A is d x n, stored so),
- * with B d x m and C n x m; every array row-major and contiguous. threads >= 1 splits
- * C's rows among that many threads (a pool kept between calls). Returns 0 without
- * touching C when this CPU (or build) has no such kernel: the caller uses BLAS. */
+/* C = A B, with A n x d, B d x m and C n x m; with trans_a, C = A^T B where A is stored
+ * d x n; with trans_b, C = A B^T where B is stored m x d (not both). Every array
+ * row-major and contiguous. threads >= 1 splits C among that many threads (a pool kept
+ * between calls). Returns 0 without touching C when this CPU (or build) has no such
+ * kernel: the caller uses BLAS. */
 int klayer_gemm(const float *A, const float *B, float *C, ptrdiff_t n, ptrdiff_t d,
-                ptrdiff_t m, int trans_a, int threads);
+                ptrdiff_t m, int trans_a, int trans_b, int threads);
 
 /* 1 when klayer_gemm runs on this CPU. */
 int klayer_gemm_available(void);

@@ -740,16 +740,17 @@ done:
     return ret;
 }
 
-/* C = A B (trans_a 0; A n x d) or A^T B (trans_a 1; A d x n), B d x m, C n x m, all
- * float32 and C-contiguous, by klayer's own kernels (_gemm.c) on `threads` threads.
+/* C (n x m) = A B, A^T B (trans_a; A stored d x n) or A B^T (trans_b; B stored m x d),
+ * all float32 and C-contiguous, by klayer's own kernels (_gemm.c) on `threads` threads.
  * Returns False, leaving C as it was, where this CPU has no such kernel. */
 static PyObject *
 matmul(PyObject *self, PyObject *args)
 {
     Py_buffer a, b, c;
     Py_ssize_t n, d, m, want;
-    int trans_a, threads, ok = 0;
-    if (!PyArg_ParseTuple(args, "y*y*w*nnnpi", &a, &b, &c, &n, &d, &m, &trans_a, &threads))
+    int trans_a, trans_b, threads, ok = 0;
+    if (!PyArg_ParseTuple(args, "y*y*w*nnnppi", &a, &b, &c, &n, &d, &m, &trans_a, &trans_b,
+                          &threads))
         return NULL;
     PyObject *ret = NULL;
     if (!bytes_of(n, d, 1, 4, &want) || !check_len(&a, want, "A") ||
@@ -762,7 +763,7 @@ matmul(PyObject *self, PyObject *args)
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    ok = klayer_gemm(a.buf, b.buf, c.buf, n, d, m, trans_a, threads);
+    ok = klayer_gemm(a.buf, b.buf, c.buf, n, d, m, trans_a, trans_b, threads);
     Py_END_ALLOW_THREADS
     ret = PyBool_FromLong(ok);
 done:
@@ -784,7 +785,7 @@ static PyMethodDef methods[] = {
     {"add_scaled", add_scaled, METH_VARARGS, "y += a x"},
     {"sgd_many", sgd_many, METH_VARARGS, "the SGD update of many parameters"},
     {"sgd_l2_step", sgd_l2_step, METH_VARARGS, "p -= lr (g + l2 p) per block, and sum p^2"},
-    {"matmul", matmul, METH_VARARGS, "C = A B or A^T B, float32, klayer's own kernels"},
+    {"matmul", matmul, METH_VARARGS, "C = A B, A^T B or A B^T, float32, klayer's kernels"},
     {"gemm_available", gemm_available, METH_NOARGS, "whether this CPU has matmul's kernels"},
     {NULL, NULL, 0, NULL},
 };

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
 
@@ -91,6 +93,17 @@ def set_threads(n: int) -> None:
 def threads() -> int:
     """The thread count ``matmul``'s kernels run on."""
     return _threads
+
+
+@contextmanager
+def limited_threads(n: int) -> Iterator[None]:
+    """``set_threads(n)`` for the ``with`` block (as threadpoolctl limits BLAS's)."""
+    before = _threads
+    set_threads(n)
+    try:
+        yield
+    finally:
+        set_threads(before)
 
 
 def enabled(*arrays: np.ndarray) -> bool:
@@ -196,27 +209,30 @@ def softmax_cross_entropy_stack(scores: Array, y: np.ndarray) -> tuple[np.ndarra
 MATMUL_MAX_ROWS = 1024  # a mini-batch; larger operands go to BLAS, tuned for them
 
 
-def matmul(a: Array, b: Array, trans_a: bool = False, out: Array | None = None) -> Array:
-    """a @ b, or a^T @ b with ``trans_a`` (the last two axes swapped): a layer's x W or
-    x^T dS.
+def matmul(a: Array, b: Array, trans_a: bool = False, trans_b: bool = False,
+           out: Array | None = None) -> Array:
+    """a @ b, a^T @ b (``trans_a``) or a @ b^T (``trans_b``), the last two axes swapped:
+    a layer's x W, x^T dS and dS W^T.
 
     For a float32 mini-batch (2-D, C-contiguous; at most ``MATMUL_MAX_ROWS`` rows of
-    examples, the k of x^T dS; 16 or more output columns) on a CPU with AVX-512, klayer's
-    own kernels (``_gemm.c``) run it on ``threads()`` threads: each output element is one
-    sum of fused multiply-adds in k order, so the result differs from BLAS's only by
-    rounding (a float32 ulp or so per term). Everything else, float64 included, is
-    NumPy's matmul. ``out``, when given, must be C-contiguous of the result's shape and
-    dtype, and must not overlap a or b.
+    examples in a, the k of x^T dS; 16 or more output columns, or for dS W^T 64 or more
+    terms per sum) on a CPU with AVX-512, klayer's own kernels (``_gemm.c``) run it on
+    ``threads()`` threads: each output element is one sum of fused multiply-adds, so the
+    result differs from BLAS's only by rounding (a float32 ulp or so per term). Everything
+    else, float64 included, is NumPy's matmul. ``out``, when given, must be C-contiguous
+    of the result's shape and dtype, and must not overlap a or b.
     """
     x = a.swapaxes(-1, -2) if trans_a else a  # (..., n, d)
+    y = b.swapaxes(-1, -2) if trans_b else b  # (..., d, m)
     if GEMM and a.ndim == 2 and b.ndim == 2 and a.shape[0] <= MATMUL_MAX_ROWS \
-            and x.shape[1] == b.shape[0] and b.shape[1] >= 16 and enabled(a, b):
-        n, d = x.shape
-        c = np.empty((n, b.shape[1]), F32) if out is None else out
-        if c.shape == (n, b.shape[1]) and enabled(c) \
-                and _C.matmul(a, b, c, n, d, b.shape[1], trans_a, _threads):
+            and not (trans_a and trans_b) and x.shape[1] == y.shape[0] \
+            and (y.shape[0] >= 64 if trans_b else y.shape[1] >= 16) and enabled(a, b):
+        (n, d), m = x.shape, y.shape[1]
+        c = np.empty((n, m), F32) if out is None else out
+        if c.shape == (n, m) and enabled(c) \
+                and _C.matmul(a, b, c, n, d, m, trans_a, trans_b, _threads):
             return c
-    return np.matmul(x, b, out=out)
+    return np.matmul(x, y, out=out)
 
 
 def add_scaled(g: Array, W: Array, a: float | Array) -> None:

@@ -40,7 +40,7 @@ def linear_backward(ds: Array, x: Array, W: Array,
     gradient) and dW = x^T ds, from ds = dJ/ds (..., n, d_out); the course's
     grad_W = G H^T / n transposed (klayer's ds carries the 1/n already)."""
     dW = kernels.matmul(x, ds, trans_a=True)  # (..., d_in, d_out): x^T ds
-    dx = ds @ W.swapaxes(-1, -2) if need_dx else None  # (..., n, d_in)
+    dx = kernels.matmul(ds, W, trans_b=True) if need_dx else None  # (..., n, d_in): ds W^T
     return dx, dW
 
 

@@ -22,6 +22,7 @@ from datetime import datetime
 import optuna
 from threadpoolctl import threadpool_limits
 
+from klayer.core import kernels
 from klayer.data.datasets import Data
 from klayer.search.faults import labelled, recover, unlabelled
 from klayer.search.storage import Store, free_trials, progress, trial_seed
@@ -41,7 +42,7 @@ def run_workers(opts: WorkerOptions, jobs: int = 1, threads: int = 1,
     0 once the study is done, 128 + a forwarded stop signal, else a child's exit code."""
     say = log or (lambda s: print(s, flush=True))
     if jobs <= 1:
-        with threadpool_limits(limits=threads):
+        with threadpool_limits(limits=threads), kernels.limited_threads(threads):
             return Worker(opts, log, data).run()
     first = Worker(replace(opts, quiet=True))  # checks study, configuration and data once
     study, info = first.study, first.info

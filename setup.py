@@ -14,8 +14,10 @@ flags = [] if sys.platform == "win32" else ["-O3", "-ffp-contract=off", "-fno-tr
 
 setup(
     ext_modules=[
-        Extension("klayer.core._kernels", ["src/klayer/core/_kernels.c", "src/klayer/core/_gemm.c"],
-                  depends=["src/klayer/core/_gemm.h"], extra_compile_args=flags,
+        Extension("klayer.core._kernels",
+                  [f"src/klayer/core/{f}.c" for f in ("_kernels", "_gemm", "_pool")],
+                  depends=["src/klayer/core/_gemm.h", "src/klayer/core/_pool.h"],
+                  extra_compile_args=flags,
                   extra_link_args=[] if sys.platform == "win32" else ["-pthread"],
                   optional=True),
     ]

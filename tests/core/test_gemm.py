@@ -24,11 +24,13 @@ needs_gemm = pytest.mark.skipif(
                              "matmul is NumPy's here")
 
 # (rows of examples, inner, columns): the mini-batch shapes of klayer's nets, every path of
-# the kernels (8/4/2/1-row tiles, 3/2/1-vector tiles, the last m % 16 columns, panels of
-# a wide B, k in blocks) and empty sizes
+# the kernels (8/4/2/1-row tiles, 3/2/1-vector tiles, the last m % 16 columns apart or,
+# 1 or 2 of them after whole tiles, with the last tile; panels of a wide B, k in blocks,
+# split by rows or columns) and empty sizes
 SHAPES = [(100, 3072, 50), (100, 3072, 1024), (100, 1024, 512), (100, 512, 256),
           (100, 50, 50), (7, 33, 17), (1, 1, 16), (15, 600, 300), (64, 70, 96), (100, 31, 47),
-          (3, 515, 1029), (0, 20, 16), (5, 0, 32), (129, 200, 113)]
+          (3, 515, 1029), (0, 20, 16), (5, 0, 32), (129, 200, 113), (100, 300, 49),
+          (37, 129, 98), (20, 3, 194)]
 
 
 def operands(n: int, d: int, m: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

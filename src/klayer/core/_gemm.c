@@ -15,19 +15,19 @@
  * Columns beyond the last whole 16 (m % 16 of them, 2 for a 50-unit layer) are done
  * apart, so a 50-wide C costs 50, not 64, columns of work: for C = A B, as dot
  * products of A's rows with those columns (copied contiguous), 16 k at a time; for
- * C = A^T B, 16 rows of C at a time (A's rows are C's columns there).
+ * C = A^T B, 16 rows of C at a time (A's rows are C's columns there), or, when 1 or 2
+ * follow whole tiles, in the last tile's own pass (tile_tn_last).
  *
- * Threads: C's rows (or, for a wide A B, its tile columns) are split among a small pool
- * of threads kept between calls (pthreads; reset in a forked child). Only x86-64 with
- * GCC or Clang has the kernels, chosen at run time when the CPU has AVX-512F; elsewhere
- * klayer_gemm returns 0 and klayer uses BLAS.
+ * Threads: C's rows (or, for a wide A B or any A B^T, its columns) are split among the
+ * threads of _pool.c. Only x86-64 with GCC or Clang has the kernels, chosen at run time
+ * when the CPU has AVX-512F; elsewhere klayer_gemm returns 0 and klayer uses BLAS.
  */
 #include "_gemm.h"
+#include "_pool.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(_WIN32)
 
 #include <immintrin.h>
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -45,7 +45,7 @@ typedef struct {
     float *Bp;   /* C = A^T B with B wider than a tile: B by blocks of tile columns, each
                   * block (d x its width) contiguous; or NULL */
     ptrdiff_t n, d, m;
-    int trans_a, trans_b, parts;
+    int trans_a, trans_b;
 } gemm_job;
 
 /* C[i0:i0+mr, j0:j0+16 nv] (+)= sum over k < K of a_r[k sk] B[k, j0:...]: the tile kernel.
@@ -112,6 +112,48 @@ rows_at(const gemm_job *g, float *panel, ptrdiff_t i0, ptrdiff_t i1, ptrdiff_t j
     if (i + 4 <= i1) { tile_at(g, b, ldb, i, j0, k0, k1, 4, nv); i += 4; }
     if (i + 2 <= i1) { tile_at(g, b, ldb, i, j0, k0, k1, 2, nv); i += 2; }
     if (i < i1) tile_at(g, b, ldb, i, j0, k0, k1, 1, nv);
+}
+
+/* C = A^T B, rows [i0, i0 + 8): the last tile's 48 columns from j0 and the nr <= 2
+ * columns after them, in one pass over k. A's row k holds these 8 rows of C side by
+ * side, so the extra columns take one 8-wide FMA each per k, from the A values the
+ * tile reads anyway (a pass of their own, columns(), would read A again from L2). */
+static AVX512 void
+tile_tn_last(const gemm_job *g, ptrdiff_t i0, ptrdiff_t j0, ptrdiff_t nr)
+{
+    ptrdiff_t n = g->n, m = g->m, ldb = g->Bp ? NB : m;
+    const float *B = g->Bp ? g->Bp + g->d * j0 : g->B + j0, *extra = g->B + j0 + NB;
+    ptrdiff_t second = nr > 1;  /* with nr = 1, e1 repeats e0: no branch in the loop */
+    __m512 c[MR][3], e0 = _mm512_setzero_ps(), e1 = _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++)
+#pragma GCC unroll 3
+        for (int v = 0; v < 3; v++) c[r][v] = _mm512_setzero_ps();
+    for (ptrdiff_t k = 0; k < g->d; k++) {
+        const float *a = g->A + k * n + i0, *b = B + k * ldb;
+        __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16),
+               b2 = _mm512_loadu_ps(b + 32);
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; r++) {
+            __m512 x = _mm512_set1_ps(a[r]);
+            c[r][0] = _mm512_fmadd_ps(x, b0, c[r][0]);
+            c[r][1] = _mm512_fmadd_ps(x, b1, c[r][1]);
+            c[r][2] = _mm512_fmadd_ps(x, b2, c[r][2]);
+        }
+        __m512 rows = _mm512_maskz_loadu_ps(0xFF, a);  /* C's 8 rows, A's row k */
+        e0 = _mm512_fmadd_ps(rows, _mm512_set1_ps(extra[k * m]), e0);
+        e1 = _mm512_fmadd_ps(rows, _mm512_set1_ps(extra[k * m + second]), e1);
+    }
+    float out[2][16];
+    _mm512_storeu_ps(out[0], e0);
+    _mm512_storeu_ps(out[1], e1);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++) {
+        float *row = g->C + (i0 + r) * m + j0;
+#pragma GCC unroll 3
+        for (int v = 0; v < 3; v++) _mm512_storeu_ps(row + 16 * v, c[r][v]);
+        for (ptrdiff_t j = 0; j < nr; j++) row[NB + j] = out[j][r];
+    }
 }
 
 /* Rows [i0, i1) of C, the whole 16-column vectors in columns [j, j1), k in [k0, k1). */
@@ -220,7 +262,7 @@ columns(const gemm_job *g, ptrdiff_t i0, ptrdiff_t i1, ptrdiff_t j0)
     }
 }
 
-/* One thread's share of a product: C's rows [n p / P, n (p+1) / P).
+/* One thread's share of a product (part p of parts): C's rows [n p / P, n (p+1) / P).
  * C = A B: k in blocks of KC when B is wider than one tile, so that a block of B's
  * tile columns stays in L2 while every row tile passes over it (and A's block too).
  * C = A^T B: 64 rows at a time, all columns, so that the last m % 16 columns read
@@ -228,36 +270,45 @@ columns(const gemm_job *g, ptrdiff_t i0, ptrdiff_t i1, ptrdiff_t j0)
 #define KC 512
 #define WIDE 256  /* columns of B from which its blocks are copied to a panel */
 static AVX512 void
-gemm_part(const gemm_job *g, int p)
+gemm_part(const void *job, int p, int parts)
 {
+    const gemm_job *g = job;
     ptrdiff_t m = g->m, rest = m - m % 16, i0 = 0, i1 = g->n, j0 = 0, j1 = rest;
     if (g->trans_b) {  /* C = A B^T: by columns, in fours, when each part gets 16 */
-        if (m >= 16 * g->parts) {
-            dots(g, 0, g->n, m / 4 * p / g->parts * 4,
-                 p == g->parts - 1 ? m : m / 4 * (p + 1) / g->parts * 4);
+        if (m >= 16 * parts) {
+            dots(g, 0, g->n, m / 4 * p / parts * 4,
+                 p == parts - 1 ? m : m / 4 * (p + 1) / parts * 4);
         } else {
-            dots(g, g->n * p / g->parts, g->n * (p + 1) / g->parts, 0, m);
+            dots(g, g->n * p / parts, g->n * (p + 1) / parts, 0, m);
         }
         return;
     }
     if (g->trans_a) {
-        i0 = g->n * p / g->parts;
-        i1 = g->n * (p + 1) / g->parts;
+        i0 = g->n * p / parts;
+        i1 = g->n * (p + 1) / parts;
+        /* 1 or 2 columns after whole tiles (a 50-unit layer): with the last tile's */
+        int fuse = m > rest && m - rest <= 2 && rest >= NB && rest % NB == 0;
         for (ptrdiff_t i = i0; i < i1; i += 64) {
-            ptrdiff_t e = i + 64 < i1 ? i + 64 : i1;
-            whole_columns(g, NULL, i, e, 0, rest, 0, g->d);
-            if (rest < m) columns(g, i, e, rest);
+            ptrdiff_t e = i + 64 < i1 ? i + 64 : i1, r = i, last = rest - NB;
+            if (!fuse) {
+                whole_columns(g, NULL, i, e, 0, rest, 0, g->d);
+            } else {
+                whole_columns(g, NULL, i, e, 0, last, 0, g->d);
+                for (; r + MR <= e; r += MR) tile_tn_last(g, r, last, m - rest);
+                whole_columns(g, NULL, r, e, last, rest, 0, g->d);
+            }
+            if (rest < m && r < e) columns(g, r, e, rest);
         }
         return;
     }
     /* C = A B: by tile columns when there are enough for every part, else by rows */
     ptrdiff_t blocks = m / NB;
-    if (blocks >= g->parts * 2) {
-        j0 = NB * (blocks * p / g->parts);
-        j1 = p == g->parts - 1 ? rest : NB * (blocks * (p + 1) / g->parts);
+    if (blocks >= parts * 2) {
+        j0 = NB * (blocks * p / parts);
+        j1 = p == parts - 1 ? rest : NB * (blocks * (p + 1) / parts);
     } else {
-        i0 = g->n * p / g->parts;
-        i1 = g->n * (p + 1) / g->parts;
+        i0 = g->n * p / parts;
+        i1 = g->n * (p + 1) / parts;
     }
     int wide = m >= WIDE;
     ptrdiff_t kc = wide || g->d == 0 ? KC : g->d;  /* d = 0: one pass, which zeroes C */
@@ -266,112 +317,6 @@ gemm_part(const gemm_job *g, int p)
         whole_columns(g, panel, i0, i1, j0, j1, k, k + kc < g->d ? k + kc : g->d);
     free(panel);
     if (rest < m && j1 == rest) dots(g, i0, i1, rest, m);
-}
-
-/* --- the thread pool ------------------------------------------------------------------
- * Helpers wait for a new job number; the caller runs part 0 itself and waits for the
- * others. Both sides spin briefly (SPIN_TICKS of the time-stamp counter, some tens of
- * microseconds) before sleeping: waking a sleeping thread costs tens of microseconds,
- * while a helper that spun for longer would take its core from BLAS's own threads,
- * which run the products between ours. */
-#define MAX_THREADS 64
-#define SPIN_TICKS 100000
-
-/* Spin, at most SPIN_TICKS, while (*word == value) == same. */
-static void
-spin(const unsigned long *word, unsigned long value, int same)
-{
-    unsigned long long t0 = __rdtsc();
-    while ((__atomic_load_n(word, __ATOMIC_ACQUIRE) == value) == same
-           && __rdtsc() - t0 < SPIN_TICKS)
-        _mm_pause();
-}
-
-static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t wake = PTHREAD_COND_INITIALIZER, done = PTHREAD_COND_INITIALIZER;
-static pthread_mutex_t callers = PTHREAD_MUTEX_INITIALIZER;  /* one job at a time */
-static const gemm_job *job;
-static unsigned long job_no;      /* the current job's number; helpers run each once */
-static unsigned long born[MAX_THREADS];  /* job_no when each helper was started */
-static int helpers;
-static unsigned long pending;     /* helpers yet to finish the job */
-
-static void *
-helper(void *arg)
-{
-    int id = (int)(ptrdiff_t)arg;   /* 1 .. helpers: this helper's part */
-    unsigned long seen = born[id];  /* set before this thread was created */
-    for (;;) {
-        spin(&job_no, seen, 1);  /* while no new job */
-        pthread_mutex_lock(&mu);
-        while (job_no == seen) pthread_cond_wait(&wake, &mu);
-        seen = job_no;
-        const gemm_job *g = job;
-        pthread_mutex_unlock(&mu);
-        if (id < g->parts) gemm_part(g, id);
-        pthread_mutex_lock(&mu);
-        if (__atomic_sub_fetch(&pending, 1, __ATOMIC_RELEASE) == 0) pthread_cond_signal(&done);
-        pthread_mutex_unlock(&mu);
-    }
-    return NULL;
-}
-
-static void
-after_fork(void)  /* the child has none of the parent's helpers */
-{
-    pthread_mutex_init(&callers, NULL);
-    pthread_mutex_init(&mu, NULL);
-    pthread_cond_init(&wake, NULL);
-    pthread_cond_init(&done, NULL);
-    helpers = 0;
-    pending = 0;
-}
-
-static int
-start_helpers(int want)
-{
-    static int hooked;
-    if (!hooked) {
-        if (pthread_atfork(NULL, NULL, after_fork) != 0) return 0;
-        hooked = 1;
-    }
-    while (helpers < want) {
-        pthread_t t;
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        born[helpers + 1] = job_no;
-        int bad = pthread_create(&t, &attr, helper, (void *)(ptrdiff_t)(helpers + 1));
-        pthread_attr_destroy(&attr);
-        if (bad) return 0;
-        helpers++;
-    }
-    return 1;
-}
-
-/* Run g's parts: part 0 here, the others on helpers (all of them wake and count off). */
-static void
-run_parts(gemm_job *g)
-{
-    pthread_mutex_lock(&callers);
-    if (g->parts > 1 && !start_helpers(g->parts - 1))
-        g->parts = 1 + helpers;
-    if (g->parts > 1) {
-        pthread_mutex_lock(&mu);
-        job = g;
-        __atomic_store_n(&pending, (unsigned long)helpers, __ATOMIC_RELAXED);
-        __atomic_store_n(&job_no, job_no + 1, __ATOMIC_RELEASE);
-        pthread_cond_broadcast(&wake);
-        pthread_mutex_unlock(&mu);
-    }
-    gemm_part(g, 0);
-    if (g->parts > 1) {
-        spin(&pending, 0, 0);  /* while helpers are still working */
-        pthread_mutex_lock(&mu);
-        while (pending > 0) pthread_cond_wait(&done, &mu);
-        pthread_mutex_unlock(&mu);
-    }
-    pthread_mutex_unlock(&callers);
 }
 
 int
@@ -386,7 +331,7 @@ klayer_gemm(const float *A, const float *B, float *C, ptrdiff_t n, ptrdiff_t d, 
             int trans_a, int trans_b, int threads)
 {
     if (!klayer_gemm_available() || (trans_a && trans_b)) return 0;
-    gemm_job g = {A, B, C, trans_b ? B : NULL, 0, NULL, n, d, m, trans_a, trans_b, 1};
+    gemm_job g = {A, B, C, trans_b ? B : NULL, 0, NULL, n, d, m, trans_a, trans_b};
     ptrdiff_t rem = trans_b ? 0 : m % 16;
     float *Bt = NULL;
     if (trans_a && m > NB) {  /* B's tile columns, block by block, each contiguous */
@@ -412,9 +357,8 @@ klayer_gemm(const float *A, const float *B, float *C, ptrdiff_t n, ptrdiff_t d, 
     ptrdiff_t most = n / 16, work = (n * d * m) >> 20;
     most = work < most ? work : most;
     most = most > 1 ? most : 1;
-    g.parts = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
-    if (g.parts > most) g.parts = (int)most;
-    run_parts(&g);
+    int parts = threads < 1 ? 1 : threads;
+    klayer_run_parts(gemm_part, &g, parts > most ? (int)most : parts);
     free(Bt);
     free(g.Bp);
     return 1;

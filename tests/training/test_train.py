@@ -108,7 +108,7 @@ def test_cli_train_writes_the_run_folder(tmp_path: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     for key in ("train_accuracy", "val_accuracy", "test_accuracy", "steps", "wall_seconds",
                 "steps_per_second", "seed", "klayer_version", "numpy_version", "python_version",
-                "kernels"):
+                "kernels", "matmul"):
         assert key in summary
     assert 0 <= summary["test_accuracy"] <= 1 and summary["steps"] == 100
     assert "hidden = [32]" in (out / "config.toml").read_text()

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                "6 storage unreachable, 130/143 interrupted, 141 output pipe closed",
     )
     parser.add_argument("--version", action="version",
-                        version=f"klayer {__version__} (kernels: {kernels.BACKEND})")
+                        version=f"klayer {__version__} (kernels: {kernels.BACKEND}, "
+                                f"matrix products: {kernels.MATMUL})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in _MODULES:
         commands = importlib.import_module(f"{__package__}.{module}").COMMANDS

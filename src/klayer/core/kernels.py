@@ -64,6 +64,7 @@ def _load() -> ModuleType | None:
 _C: Any = _load()
 BACKEND = "c" if _C is not None else "numpy"  # what float32 training runs on
 GEMM = _C is not None and bool(_C.gemm_available())  # matmul's own kernels run here
+MATMUL = "avx512" if GEMM else "blas"  # who runs a float32 mini-batch's products
 
 
 def _threads_from_env() -> int:

@@ -53,7 +53,7 @@ Job = tuple[str, dict[str, Any], "PostEvaluation | None", bool]  # label, values
 def identity(data_folder: Path | None) -> dict[str, Any]:
     """What besides its settings decides a training's result: the CIFAR-10 batch files in
     ``data_folder`` (resolved folder, sizes and modification times; None: data made from
-    the settings, as synthetic and digits are), klayer's and NumPy's versions, kernels."""
+    the settings, as synthetic and digits are), klayer's and NumPy's versions, kernels and matrix products."""
     data: dict[str, Any] | None = None
     if data_folder is not None:
         folder = Path(data_folder).resolve()
@@ -61,7 +61,7 @@ def identity(data_folder: Path | None) -> dict[str, Any]:
         for p in (folder / n for n in (*REQUIRED, "batches.meta")):  # not the decoded cache
             data[p.name] = [p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else None
     return {"data": data, "klayer": __version__, "numpy": np.__version__,
-            "kernels": kernels.BACKEND}
+            "kernels": kernels.BACKEND, "matmul": kernels.MATMUL}
 
 
 def key(job: Job, ident: dict[str, Any]) -> str:

@@ -140,14 +140,15 @@ def torch_peer(name: str, threads: int, hidden: tuple[int, ...], data: Any) -> P
     return step, accuracy
 
 
-def jax_peer(name: str, threads: int, hidden: tuple[int, ...], data: Any) -> Peer:
+def jax_net(hidden: tuple[int, ...], d: int, rng: Any) -> tuple[Any, Any, Any]:
+    """A JAX user's BN net: He-initialized parameters (from ``rng``), running statistics
+    and ``forward(p, xb, st=None)`` -> (scores, each layer's batch mean and variance);
+    with ``st``, evaluation mode."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    X, Y = jnp.asarray(standardized(data, data.train.X)), jnp.asarray(data.train.y)
-    rng = np.random.default_rng(0)
-    widths = (X.shape[1], *hidden, 10)
+    widths = (d, *hidden, 10)
     params = {"W": [jnp.asarray(rng.standard_normal((a, b), np.float32) * np.sqrt(2 / a))
                     for a, b in zip(widths, widths[1:], strict=False)],
               "b": [jnp.zeros(b, jnp.float32) for b in widths[1:]],
@@ -156,7 +157,6 @@ def jax_peer(name: str, threads: int, hidden: tuple[int, ...], data: Any) -> Pee
     stats = [(jnp.zeros(m, jnp.float32), jnp.ones(m, jnp.float32)) for m in hidden]
 
     def forward(p, xb, st=None):  # type: ignore[no-untyped-def]
-        """Scores and each layer's (batch mean, batch variance); ``st``: evaluation mode."""
         h, batch = xb, []
         for l in range(len(hidden)):
             s = h @ p["W"][l] + p["b"][l]
@@ -164,6 +164,18 @@ def jax_peer(name: str, threads: int, hidden: tuple[int, ...], data: Any) -> Pee
             batch.append((mu, var))
             h = jax.nn.relu(p["gamma"][l] * (s - mu) / jnp.sqrt(var + EPS) + p["beta"][l])
         return h @ p["W"][-1] + p["b"][-1], batch
+
+    return params, stats, forward
+
+
+def jax_peer(name: str, threads: int, hidden: tuple[int, ...], data: Any) -> Peer:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    X, Y = jnp.asarray(standardized(data, data.train.X)), jnp.asarray(data.train.y)
+    rng = np.random.default_rng(0)
+    params, stats, forward = jax_net(hidden, X.shape[1], rng)
 
     def loss(p, xb, yb):  # type: ignore[no-untyped-def]
         scores, batch = forward(p, xb)

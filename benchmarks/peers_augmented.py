@@ -49,6 +49,7 @@ def jax_peer(hidden: tuple[int, ...], data: Any) -> Peer:
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from bench_peers import jax_net
 
     from klayer.core.schedules import one_cycle
 
@@ -57,23 +58,8 @@ def jax_peer(hidden: tuple[int, ...], data: Any) -> Peer:
     n, per_epoch = X.shape[0], X.shape[0] // N_BATCH
     total = EPOCHS * per_epoch
     rng = np.random.default_rng(0)
-    widths = (X.shape[1], *hidden, 10)
-    params = {"W": [jnp.asarray(rng.standard_normal((a, b), np.float32) * np.sqrt(2 / a))
-                    for a, b in zip(widths, widths[1:], strict=False)],
-              "b": [jnp.zeros(b, jnp.float32) for b in widths[1:]],
-              "gamma": [jnp.ones(m, jnp.float32) for m in hidden],
-              "beta": [jnp.zeros(m, jnp.float32) for m in hidden]}
+    params, stats, forward = jax_net(hidden, X.shape[1], rng)  # bench_peers' net, EPS 1e-8
     velocity = jax.tree_util.tree_map(jnp.zeros_like, params)
-    stats = [(jnp.zeros(m, jnp.float32), jnp.ones(m, jnp.float32)) for m in hidden]
-
-    def forward(p, xb, st=None):  # type: ignore[no-untyped-def]
-        h, batch = xb, []
-        for l in range(len(hidden)):
-            s = h @ p["W"][l] + p["b"][l]
-            mu, var = (s.mean(axis=0), s.var(axis=0)) if st is None else st[l]
-            batch.append((mu, var))
-            h = jax.nn.relu(p["gamma"][l] * (s - mu) / jnp.sqrt(var + EPS_BN) + p["beta"][l])
-        return h @ p["W"][-1] + p["b"][-1], batch
 
     def augment(xb, key):  # type: ignore[no-untyped-def]
         kf, kt = jax.random.split(key)

@@ -11,9 +11,10 @@ compiler is there) does these parts of a step in one pass each:
   in the same calls, the linear map's "+ b" and the running averages' update forward,
   and the bias gradient backward, so a hidden layer costs one call each way;
 * ``softmax_cross_entropy``: the mean loss and dJ/dscores (``_stack``: of T networks);
-* ``matmul``: a layer's products x W and x^T dS for a mini-batch, by klayer's own
-  AVX-512 kernels (``_gemm.c``), which on these short, wide operands beat BLAS, which
-  packs both operands first (docs/performance.md); elsewhere, NumPy's ``@``;
+* ``matmul``: a layer's products x W, x^T dS and dS W^T for a mini-batch, by klayer's
+  own AVX-512 kernels (``_gemm.c``, threads from ``_pool.c``), which on these short,
+  wide operands beat BLAS, which packs both operands first (docs/performance.md);
+  elsewhere, NumPy's ``@``;
 * ``add_scaled`` (the L2 term of a gradient), ``sgd_step`` (the update) and
   ``sgd_l2_step`` (both at once, for a weight matrix), ``sgd_many`` (the update of every
   parameter of a network in one call), and ``sgd_l2_steps`` (``sgd_l2_step`` for T

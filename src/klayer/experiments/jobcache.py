@@ -53,7 +53,8 @@ Job = tuple[str, dict[str, Any], "PostEvaluation | None", bool]  # label, values
 def identity(data_folder: Path | None) -> dict[str, Any]:
     """What besides its settings decides a training's result: the CIFAR-10 batch files in
     ``data_folder`` (resolved folder, sizes and modification times; None: data made from
-    the settings, as synthetic and digits are), klayer's and NumPy's versions, kernels and matrix products."""
+    the settings, as synthetic and digits are), klayer's and NumPy's versions, kernels and
+    who runs the matrix products."""
     data: dict[str, Any] | None = None
     if data_folder is not None:
         folder = Path(data_folder).resolve()

@@ -378,6 +378,43 @@ def test_optimizer_l2_equals_the_term_in_the_gradient(name: str, backend: str,
             np.testing.assert_array_equal(params[k], copy[k])
 
 
+@pytest.mark.parametrize("name", ["momentum", "nesterov"])
+@pytest.mark.parametrize("l2", [0.0, 0.01])
+def test_momentum_in_one_pass_is_numpys_bit_for_bit(name: str, l2: float,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Momentum and Nesterov through ``kernels.momentum_step`` equal the NumPy update to
+    the last bit over several steps with a changing rate, the optimizer state included."""
+    rng = np.random.default_rng(7)
+    start = {"W1": rng.standard_normal((50, 33)).astype(F32),
+             "b1": rng.standard_normal(33).astype(F32)}
+    grads = [{k: (rng.standard_normal(v.shape) * 3).astype(F32) for k, v in start.items()}
+             for _ in range(4)]
+    runs = []
+    for backend in ("c", "numpy"):
+        with monkeypatch.context() as m:
+            if backend == "numpy":
+                m.setattr(kernels, "_C", None)
+            params, opt = {k: v.copy() for k, v in start.items()}, make_optimizer(name, mu=0.9)
+            for t, g in enumerate(grads):
+                opt.step(params, {k: v.copy() for k, v in g.items()}, 0.1 / (t + 1), l2=l2)
+            runs.append((params, opt.state_dict()))
+    (got, got_state), (ref, ref_state) = runs
+    for k in ref:
+        np.testing.assert_array_equal(got[k], ref[k])
+    assert got_state.keys() == ref_state.keys()
+    for k in ref_state:
+        np.testing.assert_array_equal(got_state[k], ref_state[k])
+
+
+def test_momentum_step_refuses_what_it_cannot_run() -> None:
+    f = np.zeros(6, F32)
+    assert not kernels.momentum_step(f, f.astype(np.float64), f.copy(), 0.1, 0.9, 0.0, True,
+                                     False)
+    assert not kernels.momentum_step(f, f.copy(), np.zeros(5, F32), 0.1, 0.9, 0.0, True, False)
+    with pytest.raises(ValueError, match="v: expected 24 bytes, got 20"):
+        kernels._C.momentum_step(f, f.copy(), np.zeros(5, F32), 0.1, 0.9, 0.0, True, False)
+
+
 # --- whole steps ---------------------------------------------------------------------
 
 

@@ -17,7 +17,8 @@ compiler is there) does these parts of a step in one pass each:
   elsewhere, NumPy's ``@``;
 * ``add_scaled`` (the L2 term of a gradient), ``sgd_step`` (the update) and
   ``sgd_l2_step`` (both at once, for a weight matrix), ``sgd_many`` (the update of every
-  parameter of a network in one call), and ``sgd_l2_steps`` (``sgd_l2_step`` for T
+  parameter of a network in one call), ``momentum_step`` (momentum and Nesterov, one
+  pass), and ``sgd_l2_steps`` (``sgd_l2_step`` for T
   stacked trials, each with its own learning rate and L2 term, also returning each
   trial's sum of squares: the next step's penalty).
 
@@ -268,6 +269,18 @@ def sgd_l2_step(p: Array, g: Array, lr: float | Array, l2: float | Array,
     step += g
     step *= lr
     p -= step
+
+
+def momentum_step(p: Array, g: Array, v: Array, lr: float, mu: float, l2: float,
+                  nesterov: bool, first: bool) -> bool:
+    """In place, one C pass: g += l2 p (l2 != 0), v = g (``first``) or v mu + g, then
+    p -= (v mu + g) lr (``nesterov``) or v lr: ``optim.Momentum``'s and ``Nesterov``'s
+    update, bit for bit. False, touching nothing, unless p, g and v are float32,
+    C-contiguous and of one shape (the caller then runs the NumPy code)."""
+    if not (enabled(p, g, v) and p.shape == g.shape == v.shape):
+        return False
+    _C.momentum_step(p, g, v, lr, mu, l2, nesterov, first)
+    return True
 
 
 def sgd_many(ps: list[Array], gs: list[Array], lr: float, l2s: list[float],

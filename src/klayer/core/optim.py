@@ -188,10 +188,26 @@ class Momentum(Optimizer):
     """
 
     slots = ("v",)
+    nesterov = False
 
     def __init__(self, mu: float = 0.9) -> None:
         super().__init__()
         self.mu = _check("mu", mu, 0.0, 1.0)
+
+    def _fused(self, name: str, p: Array, g: Array, lr: Rate, l2: Rate) -> bool:
+        """The whole update of ``name`` (L2 term, velocity, step) in one C pass, for
+        float32 with scalar rates; False, with nothing done, where the NumPy code runs."""
+        if self._per_trial is not None or np.ndim(lr) or np.ndim(l2) \
+                or not kernels.enabled(p, g) or p.shape != g.shape:
+            return False
+        first = name not in self.state["v"]
+        return kernels.momentum_step(p, g, self._slot("v", name, p), float(lr), self.mu,
+                                     float(l2), self.nesterov, first)
+
+    def _update_l2(self, name: str, p: Array, g: Array, lr: Rate, buf: Array,
+                   l2: Rate) -> None:
+        if not self._fused(name, p, g, lr, l2):
+            super()._update_l2(name, p, g, lr, buf, l2)
 
     def _velocity(self, name: str, p: Array, g: Array) -> Array:
         """Advance and return the velocity of ``name``."""
@@ -203,6 +219,8 @@ class Momentum(Optimizer):
         return v
 
     def _update(self, name: str, p: Array, g: Array, lr: Rate, buf: Array) -> None:
+        if self._fused(name, p, g, lr, 0.0):
+            return
         np.multiply(self._velocity(name, p, g), self._at(name, lr), out=buf)
         p -= buf
 
@@ -214,7 +232,11 @@ class Nesterov(Momentum):
     ahead along the updated velocity. lr again stays outside the velocity.
     """
 
+    nesterov = True
+
     def _update(self, name: str, p: Array, g: Array, lr: Rate, buf: Array) -> None:
+        if self._fused(name, p, g, lr, 0.0):
+            return
         np.multiply(self._velocity(name, p, g), self.mu, out=buf)
         buf += g
         buf *= self._at(name, lr)

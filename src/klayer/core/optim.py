@@ -219,8 +219,11 @@ class Momentum(Optimizer):
         return v
 
     def _update(self, name: str, p: Array, g: Array, lr: Rate, buf: Array) -> None:
-        if self._fused(name, p, g, lr, 0.0):
-            return
+        if not self._fused(name, p, g, lr, 0.0):
+            self._numpy_update(name, p, g, lr, buf)
+
+    def _numpy_update(self, name: str, p: Array, g: Array, lr: Rate, buf: Array) -> None:
+        """The update in NumPy (the reference the C pass is held to): p -= lr v."""
         np.multiply(self._velocity(name, p, g), self._at(name, lr), out=buf)
         p -= buf
 
@@ -234,9 +237,8 @@ class Nesterov(Momentum):
 
     nesterov = True
 
-    def _update(self, name: str, p: Array, g: Array, lr: Rate, buf: Array) -> None:
-        if self._fused(name, p, g, lr, 0.0):
-            return
+    def _numpy_update(self, name: str, p: Array, g: Array, lr: Rate, buf: Array) -> None:
+        """p -= lr (g + mu v), in NumPy."""
         np.multiply(self._velocity(name, p, g), self.mu, out=buf)
         buf += g
         buf *= self._at(name, lr)

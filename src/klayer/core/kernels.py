@@ -218,8 +218,8 @@ def matmul(a: Array, b: Array, trans_a: bool = False, trans_b: bool = False,
     a layer's x W, x^T dS and dS W^T.
 
     For a float32 mini-batch (2-D, C-contiguous; at most ``MATMUL_MAX_ROWS`` rows of
-    examples in a, the k of x^T dS; 16 or more output columns, or for dS W^T 64 or more
-    terms per sum) on a CPU with AVX-512, klayer's own kernels (``_gemm.c``) run it on
+    examples in a, the k of x^T dS; shapes where they win, ``_kernels_win``) on a CPU
+    with AVX-512, klayer's own kernels (``_gemm.c``) run it on
     ``threads()`` threads: each output element is one sum of fused multiply-adds, so the
     result differs from BLAS's only by rounding (a float32 ulp or so per term). Everything
     else, float64 included, is NumPy's matmul. ``out``, when given, must be C-contiguous
@@ -229,13 +229,34 @@ def matmul(a: Array, b: Array, trans_a: bool = False, trans_b: bool = False,
     y = b.swapaxes(-1, -2) if trans_b else b  # (..., d, m)
     if GEMM and a.ndim == 2 and b.ndim == 2 and a.shape[0] <= MATMUL_MAX_ROWS \
             and not (trans_a and trans_b) and x.shape[1] == y.shape[0] \
-            and (y.shape[0] >= 64 if trans_b else y.shape[1] >= 16) and enabled(a, b):
+            and _kernels_win(y.shape[0], y.shape[1], trans_a, trans_b) and enabled(a, b):
         (n, d), m = x.shape, y.shape[1]
         c = np.empty((n, m), F32) if out is None else out
         if c.shape == (n, m) and enabled(c) \
                 and _C.matmul(a, b, c, n, d, m, trans_a, trans_b, _threads):
             return c
     return np.matmul(x, y, out=out)
+
+
+def matmul_blocks(a: Array, b: Array) -> Array:
+    """a @ b (2-D) for an a of any number of rows: ``matmul`` on ``MATMUL_MAX_ROWS`` rows
+    of a at a time (so that float32 runs on klayer's kernels, at BLAS's rate on large
+    operands, and no OpenBLAS thread is left spinning afterwards); a new array."""
+    out = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))
+    for i in range(0, a.shape[0], MATMUL_MAX_ROWS):
+        matmul(a[i : i + MATMUL_MAX_ROWS], b, out=out[i : i + MATMUL_MAX_ROWS])
+    return out
+
+
+def _kernels_win(d: int, m: int, trans_a: bool, trans_b: bool) -> bool:
+    """Whether the kernels beat BLAS on a product with d terms per sum and m output
+    columns (benchmarks/bench_products.py): dS W^T from 64 terms; x^T dS from 16
+    columns; x W from 16 columns, or from 128 terms when narrower (a 10-class output
+    layer, whose BLAS call would also wake OpenBLAS's threads on a 1,000-row
+    evaluation chunk, to spin on the cores the next product needs)."""
+    if trans_b:
+        return d >= 64
+    return m >= 16 or (not trans_a and d >= 128)
 
 
 def add_scaled(g: Array, W: Array, a: float | Array) -> None:

@@ -133,8 +133,12 @@ class Data:
 
     def standardize(self, X_raw: np.ndarray, dtype: npt.DTypeLike = np.float32) -> np.ndarray:
         """(X_raw - mean) / std, then whitened if ``whiten`` is set: a new (n, d) array."""
-        return standardized(X_raw, *self._scaling(dtype), self._typed("whiten", self.whiten,
-                                                                      dtype))
+        return standardized(X_raw, *self._scaling(dtype), self.whitening(dtype))
+
+    def whitening(self, dtype: npt.DTypeLike = np.float32) -> np.ndarray:
+        """The whitening matrix (d, d) in ``dtype``, converted once and kept (empty
+        without whitening)."""
+        return self._typed("whiten", self.whiten, dtype)
 
     def train_rows(self, idx: np.ndarray, dtype: npt.DTypeLike = np.float32,
                    out: np.ndarray | None = None) -> np.ndarray:

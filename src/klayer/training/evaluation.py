@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import numpy.typing as npt
 
+from klayer.core import kernels
 from klayer.core.layers import Array
 from klayer.core.losses import log_softmax
 from klayer.core.network import EVAL_CHUNK, Metrics, Network
@@ -38,7 +39,11 @@ def folded(net: Network, data: Data) -> Network | None:
 
     s_1 = ((x - mean) / std) W_1 + b_1 = x (W_1 / std) + (b_1 - (mean / std) W_1),
     with std dividing W_1's rows (d, m_1); computed in float64. Whitened data fold the
-    whitening matrix P (d, d) in first: W_1 is replaced by P W_1. Only the first linear
+    whitening matrix P (d, d) in first: W_1 is replaced by P W_1, computed in the net's
+    dtype (for float32, the rounding of the training rows' own whitening) by
+    ``kernels.matmul_blocks`` (on klayer's products: a BLAS call here would leave
+    OpenBLAS's threads spinning on the cores the evaluation's products then need),
+    then taken to float64 for both terms, so they still cancel exactly. Only the first linear
     map reads the input (skip connections start at hidden layers), so the copy's
     scores equal net's on standardized rows, to rounding. None when some feature's
     |mean| / std exceeds FOLD_MAX_RATIO (say, a constant non-zero pixel): x (W_1 / std)
@@ -48,9 +53,11 @@ def folded(net: Network, data: Data) -> Network | None:
     if np.max(np.abs(mean) / std, initial=0.0) > FOLD_MAX_RATIO:
         return None
     out = net.copy()
-    W1 = net.params["W1"].astype(np.float64)  # (d, m_1)
+    W1 = net.params["W1"]  # (d, m_1)
     if data.whiten.size:
-        W1 = data.whiten @ W1  # (d, d) @ (d, m_1)
+        P = data.whitening(W1.dtype)  # (d, d)
+        W1 = kernels.matmul_blocks(P, W1)  # (d, d) @ (d, m_1)
+    W1 = W1.astype(np.float64)
     out.params["W1"][...] = W1 / std[:, None]
     out.params["b1"][...] = net.params["b1"] - (mean / std) @ W1
     return out

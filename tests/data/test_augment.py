@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from klayer.core import kernels
 from klayer.core.config import NetConfig
 from klayer.core.losses import log_softmax
 from klayer.core.network import EVAL_CHUNK, Network
@@ -12,7 +13,9 @@ from klayer.data.augment import (
     cutmix,
     hflip,
     mixup,
+    moved,
     random_flip,
+    random_moves,
     random_translate,
     shift,
     tta_views,
@@ -73,6 +76,34 @@ def test_random_translate_is_a_zero_filled_shift_within_the_range(k: int) -> Non
         seen.add(shifts[0])
     assert len(seen) == (2 * k + 1) ** 2  # every shift is drawn
     np.testing.assert_array_equal(random_translate(X, SHAPE, 0, np.random.default_rng(3)), X)
+
+
+def test_flips_then_translations_in_one_pass_draw_and_move_as_two() -> None:
+    """``random_moves`` takes the draws of random_flip then random_translate and moves
+    each image as the two do one after the other."""
+    X = images(200, seed=5)
+    for flip, k in ((True, 2), (True, 0), (False, 1)):
+        rng, ref = np.random.default_rng(6), np.random.default_rng(6)
+        two = random_flip(X, SHAPE, ref) if flip else X
+        two = random_translate(two, SHAPE, k, ref) if k else two
+        np.testing.assert_array_equal(random_moves(X, SHAPE, flip, k, rng), two)
+        assert rng.random() == ref.random()  # no draw more or less
+
+
+@pytest.mark.skipif(kernels._C is None, reason="klayer._kernels is not built")
+def test_the_c_moves_are_numpys_to_the_bit() -> None:
+    """float32 rows take ``kernels.move_images``; float64 rows the NumPy code: the same
+    copies, moves past the frame included."""
+    rng = np.random.default_rng(7)
+    X = images(300, seed=8)
+    mirror = rng.random(300) < 0.5
+    dy, dx = rng.integers(-6, 7, size=(2, 300))
+    assert kernels.move_images(X.astype(np.float32), SHAPE, mirror, dy, dx) is not None
+    c_moved = moved(X.astype(np.float32), SHAPE, mirror, dy, dx)
+    np.testing.assert_array_equal(c_moved, moved(X, SHAPE, mirror, dy, dx).astype(np.float32))
+    with pytest.raises(ValueError, match="mirror flags"):
+        kernels._C.move_images(X.astype(np.float32), np.empty((300, D), np.float32),
+                               mirror.astype(np.uint8), dy[:5], dx, *SHAPE)
 
 
 def test_test_time_flips_average_the_two_softmax_outputs() -> None:

@@ -173,6 +173,68 @@ done:
     return ret;
 }
 
+/* Image i of x (n images of c x h x w floats, channel-major), mirrored left-right when
+ * mirror[i], then moved dy[i] rows down and dx[i] columns right into o, the pixels
+ * uncovered zero: augment.random_flip then augment.random_translate, one pass (a copy,
+ * so the same bits). */
+KERNEL static void
+move_images_impl(const float *restrict x, float *restrict o, const uint8_t *restrict mirror,
+                 const int64_t *restrict dy, const int64_t *restrict dx, Py_ssize_t n,
+                 Py_ssize_t c, Py_ssize_t h, Py_ssize_t w)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        for (Py_ssize_t ch = 0; ch < c; ch++)
+            for (Py_ssize_t y = 0; y < h; y++) {
+                float *orow = o + ((i * c + ch) * h + y) * w;
+                Py_ssize_t sy = y - dy[i];
+                if (sy < 0 || sy >= h) {
+                    memset(orow, 0, (size_t)w * sizeof(float));
+                    continue;
+                }
+                const float *srow = x + ((i * c + ch) * h + sy) * w;
+                for (Py_ssize_t xo = 0; xo < w; xo++) {
+                    Py_ssize_t sx = xo - dx[i];
+                    orow[xo] = sx < 0 || sx >= w ? 0.0f : srow[mirror[i] ? w - 1 - sx : sx];
+                }
+            }
+}
+
+/* move_images(x, o, mirror, dy, dx, c, h, w): x and o n images of c h w float32s,
+ * mirror n bytes, dy and dx n int64s each (any values: a move past the frame leaves
+ * zeros). */
+static PyObject *
+move_images(PyObject *self, PyObject *args)
+{
+    Py_buffer x, o, mirror, dy, dx;
+    Py_ssize_t c, h, w;
+    if (!PyArg_ParseTuple(args, "y*w*y*y*y*nnn", &x, &o, &mirror, &dy, &dx, &c, &h, &w))
+        return NULL;
+    PyObject *ret = NULL;
+    Py_ssize_t n = mirror.len, ny, nx, want;
+    int64_t *ys = copy_int64(&dy, &ny, "dy"), *xs = copy_int64(&dx, &nx, "dx");
+    if (!ys || !xs || !bytes_of(n, c, h, 1, &want) || !bytes_of(want, w, 1, 4, &want))
+        goto done;
+    if (ny != n || nx != n) {
+        PyErr_Format(PyExc_ValueError, "%zd mirror flags, %zd dy and %zd dx", n, ny, nx);
+        goto done;
+    }
+    if (!check_len(&x, want, "x") || !check_len(&o, want, "out"))
+        goto done;
+    if ((char *)o.buf < (char *)x.buf + x.len && (char *)x.buf < (char *)o.buf + o.len) {
+        PyErr_SetString(PyExc_ValueError, "the output overlaps the input");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    move_images_impl(x.buf, o.buf, mirror.buf, ys, xs, n, c, h, w);
+    Py_END_ALLOW_THREADS
+    ret = Py_NewRef(Py_None);
+done:
+    free(ys); free(xs);
+    PyBuffer_Release(&x); PyBuffer_Release(&o); PyBuffer_Release(&mirror);
+    PyBuffer_Release(&dy); PyBuffer_Release(&dx);
+    return ret;
+}
+
 /* Training-mode batch norm then ReLU (layers.batchnorm_forward_train, relu_forward).
  * s (n, m) -> x_hat = (s - mu) inv_std, y = max(gamma x_hat + beta, 0), with the batch
  * mean mu and biased variance var (m,) accumulated in double; inv_std = 1/sqrt(var+eps).
@@ -821,6 +883,7 @@ gemm_available(PyObject *self, PyObject *unused)
 
 static PyMethodDef methods[] = {
     {"gather_standardize", gather_standardize, METH_VARARGS, "gather and standardize rows"},
+    {"move_images", move_images, METH_VARARGS, "mirror and shift images, zero-filled"},
     {"bn_relu_forward", bn_relu_forward, METH_VARARGS, "batch norm then ReLU, training mode"},
     {"bn_relu_backward", bn_relu_backward, METH_VARARGS, "backward of bn_relu_forward"},
     {"softmax_xent", softmax_xent, METH_VARARGS, "softmax cross-entropy and its gradient"},

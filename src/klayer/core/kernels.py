@@ -6,6 +6,7 @@ The optional extension ``klayer._kernels`` (``_kernels.c``, built at install whe
 compiler is there) does these parts of a step in one pass each:
 
 * ``gather_standardize``: a mini-batch's uint8 rows, converted and standardized;
+* ``move_images``: a mini-batch's random flips and translations (``data.augment``);
 * ``bn_relu_forward`` / ``bn_relu_backward``: training-mode batch norm followed by a
   ReLU, and its backward pass (the compact formula of ``layers.batchnorm_backward``);
   in the same calls, the linear map's "+ b" and the running averages' update forward,
@@ -136,6 +137,22 @@ def gather_standardize(X: np.ndarray, idx: np.ndarray, shift: Array, scale: Arra
     if out is None or out.shape != (len(rows), d) or not enabled(out) or not out.flags.writeable:
         out = np.empty((len(rows), d), F32)
     _C.gather_standardize(X, N, d, rows, shift, scale, out)
+    return out
+
+
+def move_images(X: Array, image_shape: tuple[int, int, int], mirror: np.ndarray,
+                dy: np.ndarray, dx: np.ndarray) -> Array | None:
+    """Each image of X (n, c h w) mirrored left-right where ``mirror`` (n,) is true, then
+    moved dy (n,) rows down and dx (n,) columns right, zero-filled: a new (n, d) array in
+    one C pass (``augment.moved``'s, to the bit), or None unless X is float32 and
+    C-contiguous and the kernels are built."""
+    if not enabled(X) or X.ndim != 2:
+        return None
+    c, h, w = image_shape
+    out = np.empty_like(X)
+    _C.move_images(X, out, np.ascontiguousarray(mirror, dtype=np.uint8),
+                   np.ascontiguousarray(dy, dtype=np.int64),
+                   np.ascontiguousarray(dx, dtype=np.int64), c, h, w)
     return out
 
 

@@ -13,7 +13,7 @@ from klayer.core.config import TrainConfig
 from klayer.core.layers import Array
 from klayer.core.losses import Mix
 from klayer.core.network import Labels
-from klayer.data.augment import cutmix, mixup, random_flip, random_translate
+from klayer.data.augment import cutmix, mixup, random_moves
 from klayer.data.datasets import Data
 
 
@@ -47,10 +47,8 @@ class MiniBatches:
             self.order = self.shuffle_rng.permutation(len(data.train.y))
         idx = self.order[pos : pos + cfg.n_batch]
         X = self._buf = data.train_rows(idx, dtype=self.dtype, out=self._buf)
-        if data.image_shape is not None and cfg.flip:
-            X = random_flip(X, data.image_shape, self.aug_rng)
-        if data.image_shape is not None and cfg.translate:
-            X = random_translate(X, data.image_shape, cfg.translate, self.aug_rng)
+        if data.image_shape is not None and (cfg.flip or cfg.translate):
+            X = random_moves(X, data.image_shape, cfg.flip, cfg.translate, self.aug_rng)
         y = data.train.y[idx]
         cut = cfg.cutmix if data.image_shape is not None else 0.0
         if not (cfg.mixup or cut) or self.aug_rng.random() >= cfg.mix_prob:

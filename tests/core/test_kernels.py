@@ -396,7 +396,11 @@ def test_momentum_in_one_pass_is_numpys_bit_for_bit(name: str, l2: float,
                 m.setattr(kernels, "_C", None)
             params, opt = {k: v.copy() for k, v in start.items()}, make_optimizer(name, mu=0.9)
             for t, g in enumerate(grads):
-                opt.step(params, {k: v.copy() for k, v in g.items()}, 0.1 / (t + 1), l2=l2)
+                sq = opt.step(params, {k: v.copy() for k, v in g.items()}, 0.1 / (t + 1), l2=l2)
+                # the C pass hands back the updated weights' squares (the next penalty)
+                want = np.sum(params["W1"].astype(np.float64) ** 2)
+                assert sq is None if backend == "numpy" or not l2 else sq == pytest.approx(
+                    want, rel=1e-6)
             runs.append((params, opt.state_dict()))
     (got, got_state), (ref, ref_state) = runs
     for k in ref:
@@ -408,9 +412,10 @@ def test_momentum_in_one_pass_is_numpys_bit_for_bit(name: str, l2: float,
 
 def test_momentum_step_refuses_what_it_cannot_run() -> None:
     f = np.zeros(6, F32)
-    assert not kernels.momentum_step(f, f.astype(np.float64), f.copy(), 0.1, 0.9, 0.0, True,
-                                     False)
-    assert not kernels.momentum_step(f, f.copy(), np.zeros(5, F32), 0.1, 0.9, 0.0, True, False)
+    assert kernels.momentum_step(f, f.astype(np.float64), f.copy(), 0.1, 0.9, 0.0, True,
+                                 False) is None
+    assert kernels.momentum_step(f, f.copy(), np.zeros(5, F32), 0.1, 0.9, 0.0, True,
+                                 False) is None
     with pytest.raises(ValueError, match="v: expected 24 bytes, got 20"):
         kernels._C.momentum_step(f, f.copy(), np.zeros(5, F32), 0.1, 0.9, 0.0, True, False)
 

@@ -46,18 +46,19 @@ def test_training_is_reproducible_per_seed() -> None:
     assert not np.array_equal(a.net.params["W1"], c.net.params["W1"])
 
 
-def test_each_steps_cost_has_the_penalty_of_its_weights() -> None:
-    """Plain SGD hands back the updated weights' sum of squares (from the update's own
-    pass, with the C kernels); the next step's cost uses it, and it is the penalty that a
-    pass of its own would compute. Weights changed from outside (a checkpoint loaded) are
-    summed again."""
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "nesterov"])
+def test_each_steps_cost_has_the_penalty_of_its_weights(optimizer: str) -> None:
+    """Plain SGD and momentum hand back the updated weights' sum of squares (from the
+    update's own pass, with the C kernels); the next step's cost uses it, and it is the
+    penalty that a pass of its own would compute. Weights changed from outside (a
+    checkpoint loaded) are summed again."""
     from klayer.core.kernels import BACKEND
     from klayer.core.losses import l2_penalty
     from klayer.training.trainer import Trainer
 
     data = make_synthetic(seed=2)
     cfg = TrainConfig(dataset="synthetic", hidden=(16, 8), n_batch=50, steps=5,
-                      schedule="constant", eta=0.05, lam=0.01)
+                      schedule="constant", eta=0.05, lam=0.01, optimizer=optimizer)
     tr = Trainer(cfg, data)
     for _ in range(3):
         tr.step()

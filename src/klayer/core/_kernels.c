@@ -806,28 +806,48 @@ done:
  * optim.Momentum and optim.Nesterov do it in NumPy, each float32 operation rounded as
  * there, no FMA): g += l2 p (when l2 != 0; g keeps the term, as add_scaled leaves it),
  * v = g on the first step, else v = v mu + g, then p -= (v mu + g) lr (Nesterov) or
- * p -= v lr. One pass over p, g and v instead of NumPy's five or six. */
-KERNEL static void
+ * p -= v lr. One pass over p, g and v instead of NumPy's five or six. Returns the sum
+ * of the updated p^2 in double (the next step's L2 penalty), from sixteen independent
+ * sums so that the loop vectorizes, as sgd_l2_block_sq's. */
+static inline float
+momentum_one(float *restrict p, float *restrict g, float *restrict v, float lr, float mu,
+             float l2, int nesterov, int first)
+{
+    float gj = *g;
+    if (l2 != 0.0f) {
+        gj = gj + l2 * *p;
+        *g = gj;
+    }
+    float vj = first ? gj : *v * mu + gj;
+    *v = vj;
+    return *p -= nesterov ? (vj * mu + gj) * lr : vj * lr;
+}
+
+KERNEL static double
 momentum_block(float *restrict p, float *restrict g, float *restrict v, float lr, float mu,
                float l2, int nesterov, int first, Py_ssize_t n)
 {
-    for (Py_ssize_t j = 0; j < n; j++) {
-        float gj = g[j];
-        if (l2 != 0.0f) {
-            gj = gj + l2 * p[j];
-            g[j] = gj;
+    double acc[16] = {0.0};
+    Py_ssize_t j = 0;
+    for (; j + 16 <= n; j += 16)
+        for (int k = 0; k < 16; k++) {
+            float pj = momentum_one(p + j + k, g + j + k, v + j + k, lr, mu, l2, nesterov, first);
+            acc[k] += (double)pj * pj;
         }
-        float vj = first ? gj : v[j] * mu + gj;
-        v[j] = vj;
-        p[j] -= nesterov ? (vj * mu + gj) * lr : vj * lr;
+    for (; j < n; j++) {
+        float pj = momentum_one(p + j, g + j, v + j, lr, mu, l2, nesterov, first);
+        acc[j % 16] += (double)pj * pj;
     }
+    double sum = 0.0;
+    for (int k = 0; k < 16; k++) sum += acc[k];
+    return sum;
 }
 
 static PyObject *
 momentum_step(PyObject *self, PyObject *args)
 {
     Py_buffer p, g, v;
-    double lr, mu, l2;
+    double lr, mu, l2, sum = 0.0;
     int nesterov, first;
     if (!PyArg_ParseTuple(args, "w*w*w*dddpp", &p, &g, &v, &lr, &mu, &l2, &nesterov, &first))
         return NULL;
@@ -835,10 +855,10 @@ momentum_step(PyObject *self, PyObject *args)
     if (!same_floats(&p, &g) || !check_len(&v, p.len, "v"))
         goto done;
     Py_BEGIN_ALLOW_THREADS
-    momentum_block(p.buf, g.buf, v.buf, (float)lr, (float)mu, (float)l2, nesterov, first,
-                   p.len / 4);
+    sum = momentum_block(p.buf, g.buf, v.buf, (float)lr, (float)mu, (float)l2, nesterov,
+                         first, p.len / 4);
     Py_END_ALLOW_THREADS
-    ret = Py_NewRef(Py_None);
+    ret = PyFloat_FromDouble(sum);
 done:
     PyBuffer_Release(&p); PyBuffer_Release(&g); PyBuffer_Release(&v);
     return ret;

@@ -310,15 +310,15 @@ def sgd_l2_step(p: Array, g: Array, lr: float | Array, l2: float | Array,
 
 
 def momentum_step(p: Array, g: Array, v: Array, lr: float, mu: float, l2: float,
-                  nesterov: bool, first: bool) -> bool:
+                  nesterov: bool, first: bool) -> float | None:
     """In place, one C pass: g += l2 p (l2 != 0), v = g (``first``) or v mu + g, then
     p -= (v mu + g) lr (``nesterov``) or v lr: ``optim.Momentum``'s and ``Nesterov``'s
-    update, bit for bit. False, touching nothing, unless p, g and v are float32,
-    C-contiguous and of one shape (the caller then runs the NumPy code)."""
+    update, bit for bit. Returns the sum of the updated p's squares (in double, from
+    the same pass); None, touching nothing, unless p, g and v are float32, C-contiguous
+    and of one shape (the caller then runs the NumPy code)."""
     if not (enabled(p, g, v) and p.shape == g.shape == v.shape):
-        return False
-    _C.momentum_step(p, g, v, lr, mu, l2, nesterov, first)
-    return True
+        return None
+    return float(_C.momentum_step(p, g, v, lr, mu, l2, nesterov, first))
 
 
 def sgd_many(ps: list[Array], gs: list[Array], lr: float, l2s: list[float],

@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -147,6 +147,15 @@ class Optimizer:
 NEAR_F32_MAX = 0.99 * float(np.finfo(np.float32).max)
 
 
+def penalty_squares(sums: list[float]) -> float | None:
+    """sum_l ||W_l||^2 from each weight matrix's sum of squares in double, rounded as
+    ``losses.l2_penalty``'s float32 sum of float32 vdots; None near float32's largest
+    value, where l2_penalty's own sum decides."""
+    if not sum(sums) < NEAR_F32_MAX:
+        return None
+    return float(sum(np.float32(x) for x in sums))
+
+
 class SGD(Optimizer):
     """Plain gradient descent: p <- p - lr g."""
 
@@ -162,10 +171,7 @@ class SGD(Optimizer):
                 [params[n] for n in names], [grads[n] for n in names], float(lr),
                 [float(l2) if w else 0.0 for w in weight], sq):
             self.t += 1
-            total = float(sq[weight].sum())  # double sums
-            if not l2 or not total < NEAR_F32_MAX:
-                return None  # near float32's largest value l2_penalty's own sum decides
-            return float(sum(np.float32(x) for x, w in zip(sq, weight, strict=True) if w))
+            return penalty_squares(sq[weight].tolist()) if l2 else None
         return super().step(params, grads, lr, l2, per_trial)
 
     def _update(self, name: str, p: Array, g: Array, lr: Rate, buf: Array) -> None:
@@ -193,6 +199,18 @@ class Momentum(Optimizer):
     def __init__(self, mu: float = 0.9) -> None:
         super().__init__()
         self.mu = _check("mu", mu, 0.0, 1.0)
+        self._squares: dict[str, float] = {}  # of the last step's fused updates
+
+    def step(self, params: Params, grads: Params, lr: Rate, l2: Rate = 0.0,
+             per_trial: PerTrial | None = None) -> float | None:
+        """``Optimizer.step``; when every weight matrix took the one-pass C update with
+        l2 > 0, it returns their sum of squares, which that pass computed on the way."""
+        self._squares = {}
+        super().step(params, grads, lr, l2, per_trial)
+        sums = [self._squares.get(n) for n in params if n.startswith("W")]
+        if not np.any(l2) or None in sums:
+            return None
+        return penalty_squares(cast(list[float], sums))
 
     def _fused(self, name: str, p: Array, g: Array, lr: Rate, l2: Rate) -> bool:
         """The whole update of ``name`` (L2 term, velocity, step) in one C pass, for
@@ -201,8 +219,11 @@ class Momentum(Optimizer):
                 or not kernels.enabled(p, g) or p.shape != g.shape:
             return False
         first = name not in self.state["v"]
-        return kernels.momentum_step(p, g, self._slot("v", name, p), float(lr), self.mu,
-                                     float(l2), self.nesterov, first)
+        sq = kernels.momentum_step(p, g, self._slot("v", name, p), float(lr), self.mu,
+                                   float(l2), self.nesterov, first)
+        if sq is not None:
+            self._squares[name] = sq
+        return sq is not None
 
     def _update_l2(self, name: str, p: Array, g: Array, lr: Rate, buf: Array,
                    l2: Rate) -> None:

@@ -527,7 +527,7 @@ def test_float32_trials_trained_together_track_their_lone_runs(
         overrides: dict[str, object]) -> None:
     """The batched trainer's float32 path (C batch norm, loss and, for SGD, the fused
     update over the stack) against lone runs."""
-    from test_batched import BASE, TRIALS, lone
+    from training.test_batched import BASE, TRIALS, lone  # (tests/ is on the path)
 
     data = make_synthetic(n_train=600, seed=0)
     cfgs = [replace(BASE, dtype="float32", lam=lam, eta_max=em, eta=em / 2, seed=s,

@@ -121,6 +121,20 @@ def test_out_is_written_and_checked() -> None:
         kernels._C.matmul(x, Wv, Cv.reshape(100, 40), 100, 300, 40, False, False, 1)
 
 
+@pytest.mark.parametrize("dtype", [F32, np.float64])
+def test_products_of_many_rows_run_a_block_at_a_time(dtype: type) -> None:
+    """``matmul_blocks``: a @ b for an a of more than MATMUL_MAX_ROWS rows, each block of
+    rows as ``matmul`` computes it (float32: the kernels; float64: NumPy)."""
+    rows = 2 * kernels.MATMUL_MAX_ROWS + 37
+    x, W = (v.astype(dtype) for v in operands(rows, 200, 70, seed=6))
+    got = kernels.matmul_blocks(x, W)
+    assert got.dtype == dtype and got.shape == (rows, 70)
+    step = kernels.MATMUL_MAX_ROWS
+    np.testing.assert_array_equal(
+        got, np.concatenate([kernels.matmul(x[i : i + step], W) for i in range(0, rows, step)]))
+    assert np.all(np.abs(got - x.astype(np.float64) @ W) <= bound(x, W))
+
+
 @pytest.mark.parametrize("case", ["float64", "3-D", "narrow", "strided", "many rows"])
 def test_everything_else_is_numpys_matmul(case: str) -> None:
     """Operands the kernels are not for go to NumPy, with NumPy's exact result."""

@@ -73,6 +73,24 @@ def test_training_rows_and_evaluation_see_the_same_whitened_inputs() -> None:
     assert m.accuracy == np.mean(logits.argmax(axis=1) == data.val.y)
 
 
+def test_the_folded_whitening_scores_as_whitened_rows_do() -> None:
+    """At a width where the fold's P W1 runs on klayer's products (float32, in blocks of
+    rows), the folded first layer on raw rows gives the scores of the network on the
+    whitened rows, to float32 rounding (float64 reference)."""
+    from klayer.training.evaluation import folded
+
+    d = 300
+    train = correlated(1500, d, 2) * 40 + 120  # pixel-like scale: mean / std near 3
+    data = data_of(train, correlated(200, d, 3) * 40 + 120).whitened("zca", 0.05)
+    net = Network(TrainConfig(hidden=(64,)).net_config(d=d, num_classes=3), rng=1)
+    X = data.val.X.astype(np.float32)
+    ref = net.astype("float64").scores(data.standardize(data.val.X, np.float64))
+    fold = folded(net, data)
+    assert fold is not None
+    got = fold.scores(X)
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()  # seen: 3e-7
+
+
 def test_pca_refuses_image_augmentation_by_name() -> None:
     with pytest.raises(ValueError, match="flip, translate cannot apply"):
         TrainConfig(whiten="pca", flip=True, translate=2)

@@ -43,11 +43,12 @@ def folded(net: Network, data: Data) -> Network | None:
     dtype (for float32, the rounding of the training rows' own whitening) by
     ``kernels.matmul_blocks`` (on klayer's products: a BLAS call here would leave
     OpenBLAS's threads spinning on the cores the evaluation's products then need),
-    then taken to float64 for both terms, so they still cancel exactly. Only the first linear
-    map reads the input (skip connections start at hidden layers), so the copy's
-    scores equal net's on standardized rows, to rounding. None when some feature's
-    |mean| / std exceeds FOLD_MAX_RATIO (say, a constant non-zero pixel): x (W_1 / std)
-    and (mean / std) W_1 would then cancel, and float32 would lose the difference.
+    then taken to float64: both terms use the same P W_1, so they cancel as before.
+    Only the first linear map reads the input (skip connections start at hidden
+    layers), so the copy's scores equal net's on standardized rows, to rounding. None
+    when some feature's |mean| / std exceeds FOLD_MAX_RATIO (say, a constant non-zero
+    pixel): x (W_1 / std) and (mean / std) W_1 would then cancel, and float32 would
+    lose the difference.
     """
     mean, std = np.asarray(data.mean, np.float64), np.asarray(data.std, np.float64)
     if np.max(np.abs(mean) / std, initial=0.0) > FOLD_MAX_RATIO:

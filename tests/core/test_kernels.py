@@ -418,6 +418,8 @@ def test_momentum_step_refuses_what_it_cannot_run() -> None:
                                  False) is None
     with pytest.raises(ValueError, match="v: expected 24 bytes, got 20"):
         kernels._C.momentum_step(f, f.copy(), np.zeros(5, F32), 0.1, 0.9, 0.0, True, False)
+    with pytest.raises(ValueError, match="must not overlap"):  # (restrict in C)
+        kernels._C.momentum_step(f, f, np.zeros(6, F32), 0.1, 0.9, 0.0, True, False)
 
 
 # --- whole steps ---------------------------------------------------------------------

@@ -78,32 +78,65 @@ def test_random_translate_is_a_zero_filled_shift_within_the_range(k: int) -> Non
     np.testing.assert_array_equal(random_translate(X, SHAPE, 0, np.random.default_rng(3)), X)
 
 
-def test_flips_then_translations_in_one_pass_draw_and_move_as_two() -> None:
-    """``random_moves`` takes the draws of random_flip then random_translate and moves
-    each image as the two do one after the other."""
-    X = images(200, seed=5)
+def moved_one_by_one(X: np.ndarray, mirror: np.ndarray, dy: np.ndarray,
+                     dx: np.ndarray) -> np.ndarray:
+    """Reference: each image mirrored where mirror says, then ``shifted``, one by one."""
+    imgs = X.reshape(-1, *SHAPE)
+    return np.stack([shifted(img[..., ::-1] if m else img, a, b)
+                     for img, m, a, b in zip(imgs, mirror, dy, dx, strict=True)]
+                    ).reshape(len(X), -1)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])  # NumPy's code; the C pass
+def test_flips_then_translations_draw_and_move_as_the_reference(dtype: type) -> None:
+    """``random_moves`` (and random_flip, random_translate) take their draws from rng in
+    the order of the code before it (the flips' uniforms, then the moves' integers) and
+    move each image as the one-image reference does."""
+    X = images(200, seed=5).astype(dtype)
+    n = len(X)
     for flip, k in ((True, 2), (True, 0), (False, 1)):
         rng, ref = np.random.default_rng(6), np.random.default_rng(6)
-        two = random_flip(X, SHAPE, ref) if flip else X
-        two = random_translate(two, SHAPE, k, ref) if k else two
-        np.testing.assert_array_equal(random_moves(X, SHAPE, flip, k, rng), two)
+        mirror = ref.random(n) < 0.5 if flip else np.zeros(n, bool)
+        dy, dx = ref.integers(-k, k + 1, size=(2, n)) if k else np.zeros((2, n), int)
+        want = moved_one_by_one(X, mirror, dy, dx)
+        np.testing.assert_array_equal(random_moves(X, SHAPE, flip, k, rng), want)
         assert rng.random() == ref.random()  # no draw more or less
+    rng, ref = np.random.default_rng(8), np.random.default_rng(8)
+    mirror = ref.random(n) < 0.5
+    np.testing.assert_array_equal(random_flip(X, SHAPE, rng),
+                                  moved_one_by_one(X, mirror, *np.zeros((2, n), int)))
+    dy, dx = ref.integers(-2, 3, size=(2, n))
+    np.testing.assert_array_equal(random_translate(X, SHAPE, 2, rng),
+                                  moved_one_by_one(X, np.zeros(n, bool), dy, dx))
 
 
 @pytest.mark.skipif(kernels._C is None, reason="klayer._kernels is not built")
-def test_the_c_moves_are_numpys_to_the_bit() -> None:
-    """float32 rows take ``kernels.move_images``; float64 rows the NumPy code: the same
-    copies, moves past the frame included."""
+def test_the_c_moves_match_the_reference_and_check_their_input() -> None:
+    """float32 rows take ``kernels.move_images``: the reference's copies, moves past the
+    frame (any integer dtype) and any non-zero mirror flag included; bad arguments are
+    refused before anything is written."""
     rng = np.random.default_rng(7)
-    X = images(300, seed=8)
-    mirror = rng.random(300) < 0.5
+    X = images(300, seed=8).astype(np.float32)
+    mirror = rng.integers(0, 3, 300) * 128  # 0, 128, 256: all but 0 mirror
     dy, dx = rng.integers(-6, 7, size=(2, 300))
-    assert kernels.move_images(X.astype(np.float32), SHAPE, mirror, dy, dx) is not None
-    c_moved = moved(X.astype(np.float32), SHAPE, mirror, dy, dx)
-    np.testing.assert_array_equal(c_moved, moved(X, SHAPE, mirror, dy, dx).astype(np.float32))
+    got = kernels.move_images(X, SHAPE, mirror, dy, dx)
+    assert got is not None
+    clip = np.clip(dy, -SHAPE[1], SHAPE[1]), np.clip(dx, -SHAPE[2], SHAPE[2])
+    np.testing.assert_array_equal(got, moved_one_by_one(X, mirror != 0, *clip))
+    far = np.full(300, 2**63, np.uint64)  # no wrap-around to a small move
+    np.testing.assert_array_equal(kernels.move_images(X, SHAPE, mirror, far, dx),
+                                  np.zeros_like(X))
+    np.testing.assert_array_equal(moved(X, SHAPE, mirror != 0, dy, dx),
+                                  moved(X.astype(np.float64), SHAPE, mirror != 0, dy, dx))
+    with pytest.raises(TypeError, match="dy must hold integers"):
+        kernels.move_images(X, SHAPE, mirror, dy + 0.5, dx)
+    flags, d64 = (mirror != 0).astype(np.uint8), dy.astype(np.int64)
     with pytest.raises(ValueError, match="mirror flags"):
-        kernels._C.move_images(X.astype(np.float32), np.empty((300, D), np.float32),
-                               mirror.astype(np.uint8), dy[:5], dx, *SHAPE)
+        kernels._C.move_images(X, np.empty_like(X), flags, d64[:5], d64, *SHAPE)
+    with pytest.raises(ValueError, match="out: expected"):
+        kernels._C.move_images(X, np.empty((299, D), np.float32), flags, d64, d64, *SHAPE)
+    with pytest.raises(ValueError, match="overlaps the input"):
+        kernels._C.move_images(X, X, flags, d64, d64, *SHAPE)
 
 
 def test_test_time_flips_average_the_two_softmax_outputs() -> None:

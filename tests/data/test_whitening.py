@@ -75,12 +75,14 @@ def test_training_rows_and_evaluation_see_the_same_whitened_inputs() -> None:
 
 def test_the_folded_whitening_scores_as_whitened_rows_do() -> None:
     """At a width where the fold's P W1 runs on klayer's products (float32, in blocks of
-    rows), the folded first layer on raw rows gives the scores of the network on the
-    whitened rows, to float32 rounding (float64 reference)."""
+    MATMUL_MAX_ROWS rows of P: two here), the folded first layer on raw rows gives the
+    scores of the network on the whitened rows, to float32 rounding (float64
+    reference)."""
+    from klayer.core.kernels import MATMUL_MAX_ROWS
     from klayer.training.evaluation import folded
 
-    d = 300
-    train = correlated(1500, d, 2) * 40 + 120  # pixel-like scale: mean / std near 3
+    d = MATMUL_MAX_ROWS + 76
+    train = correlated(2000, d, 2) * 40 + 120  # pixel-like scale: mean / std near 3
     data = data_of(train, correlated(200, d, 3) * 40 + 120).whitened("zca", 0.05)
     net = Network(TrainConfig(hidden=(64,)).net_config(d=d, num_classes=3), rng=1)
     X = data.val.X.astype(np.float32)

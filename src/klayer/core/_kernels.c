@@ -199,6 +199,14 @@ move_images_impl(const float *restrict x, float *restrict o, const uint8_t *rest
             }
 }
 
+/* Whether two buffers share a byte. */
+static int
+overlap(const Py_buffer *a, const Py_buffer *b)
+{
+    const char *a0 = a->buf, *b0 = b->buf;
+    return a0 < b0 + b->len && b0 < a0 + a->len;
+}
+
 /* move_images(x, o, mirror, dy, dx, c, h, w): x and o n images of c h w float32s,
  * mirror n bytes, dy and dx n int64s each (any values: a move past the frame leaves
  * zeros). */
@@ -220,9 +228,13 @@ move_images(PyObject *self, PyObject *args)
     }
     if (!check_len(&x, want, "x") || !check_len(&o, want, "out"))
         goto done;
-    if ((char *)o.buf < (char *)x.buf + x.len && (char *)x.buf < (char *)o.buf + o.len) {
+    if (overlap(&o, &x)) {
         PyErr_SetString(PyExc_ValueError, "the output overlaps the input");
         goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {  /* past the frame is past it: no overflow below */
+        ys[i] = ys[i] < -h ? -h : ys[i] > h ? h : ys[i];
+        xs[i] = xs[i] < -w ? -w : xs[i] > w ? w : xs[i];
     }
     Py_BEGIN_ALLOW_THREADS
     move_images_impl(x.buf, o.buf, mirror.buf, ys, xs, n, c, h, w);
@@ -854,6 +866,10 @@ momentum_step(PyObject *self, PyObject *args)
     PyObject *ret = NULL;
     if (!same_floats(&p, &g) || !check_len(&v, p.len, "v"))
         goto done;
+    if (overlap(&p, &g) || overlap(&p, &v) || overlap(&g, &v)) {  /* restrict, below */
+        PyErr_SetString(PyExc_ValueError, "p, g and v must not overlap");
+        goto done;
+    }
     Py_BEGIN_ALLOW_THREADS
     sum = momentum_block(p.buf, g.buf, v.buf, (float)lr, (float)mu, (float)l2, nesterov,
                          first, p.len / 4);

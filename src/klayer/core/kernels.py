@@ -150,10 +150,20 @@ def move_images(X: Array, image_shape: tuple[int, int, int], mirror: np.ndarray,
         return None
     c, h, w = image_shape
     out = np.empty_like(X)
-    _C.move_images(X, out, np.ascontiguousarray(mirror, dtype=np.uint8),
-                   np.ascontiguousarray(dy, dtype=np.int64),
-                   np.ascontiguousarray(dx, dtype=np.int64), c, h, w)
+    flags = (np.asarray(mirror) != 0).astype(np.uint8)  # any non-zero value mirrors
+    _C.move_images(X, out, flags, _offsets(dy, h, "dy"), _offsets(dx, w, "dx"), c, h, w)
     return out
+
+
+def _offsets(a: np.ndarray, limit: int, name: str) -> np.ndarray:
+    """Integer moves as int64, clipped to [-limit, limit] (the same image: a move of the
+    frame's size or more leaves only zeros); a TypeError for other dtypes, as NumPy's
+    slicing gives."""
+    a = np.asarray(a)
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integers, got {a.dtype}")
+    low = 0 if a.dtype.kind == "u" else -limit
+    return np.ascontiguousarray(np.clip(a, low, limit), dtype=np.int64)
 
 
 def bn_relu_forward(

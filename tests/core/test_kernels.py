@@ -541,9 +541,20 @@ def test_float32_trials_trained_together_track_their_lone_runs(
     if not overrides:  # the penalty the fused update handed back: the stack's sum of squares
         assert bt._penalty is not None
         np.testing.assert_allclose(bt._penalty, bt.stack.penalty(), rtol=1e-6)
+    # A hidden bias feeding batch norm has a gradient of exactly 0 in exact arithmetic:
+    # what the step computes is rounding noise (~1e-8), which differs between a stacked
+    # and a lone product wherever BLAS runs them (its rounding depends on the shapes).
+    # SGD and momentum move such a bias by lr times that noise; Adam divides it by its
+    # own root mean square (in float32 not small beside eps = 1e-8) and moves the bias
+    # by up to lr a step, a walk on the noise's signs. So under Adam those biases are
+    # left out; every other parameter is held to the bound below.
+    adam = cfgs[0].optimizer.startswith("adam") and cfgs[0].batch_norm
+    skip = {f"b{l}" for l in range(1, len(cfgs[0].hidden) + 1)} if adam else set()
     for cfg, net in zip(cfgs, nets, strict=True):
         assert net is not None
         ref = lone(cfg, data, order_seed=cfgs[0].seed).net
         for name, p in ref.params.items():  # (hidden biases stay near 0 under batch norm)
+            if name in skip:
+                continue
             err = np.abs(net.params[name] - p).max() / max(np.abs(p).max(), 0.1)
             assert err < 1e-5, f"{name}: {err:.1e}"

@@ -148,7 +148,9 @@ class Data:
         standardized in one pass (same rounding as ``standardize``) into ``out`` when it
         fits: a training loop's buffer, reused so that no step pays page faults for a
         new 1.2 MB array. Whitened rows come from the whole training split, whitened
-        once (``standardize`` in chunks, so the same values) and kept.
+        once (``standardize`` in chunks: the same values, up to the rounding of BLAS,
+        which may sum a product's terms in another order for another number of rows)
+        and kept.
         """
         X_raw = self.train.X
         whole = self.whitened_train(dtype)

@@ -16,7 +16,7 @@ setup(
     ext_modules=[
         Extension("klayer.core._kernels",
                   [f"src/klayer/core/{f}.c" for f in ("_kernels", "_gemm", "_pool")],
-                  depends=["src/klayer/core/_gemm.h", "src/klayer/core/_pool.h"],
+                  depends=[f"src/klayer/core/{f}.h" for f in ("_gemm", "_gemm_isa", "_pool")],
                   extra_compile_args=flags,
                   extra_link_args=[] if sys.platform == "win32" else ["-pthread"],
                   optional=True),

@@ -12,8 +12,9 @@ product either by the kernels or by BLAS (``np.matmul`` into a preallocated outp
 one process: after a product at 2 threads, OpenBLAS's second thread spins on the other
 core for a while and starves the kernels' own helper, which a training step never
 meets, since its products all run on the kernels.) Medians over the rounds are printed
-in microseconds per product and GFLOP/s, with the ratio. On a CPU without AVX-512 both
-columns are BLAS.
+in microseconds per product and GFLOP/s, with the ratio. The kernels run on the widest
+instruction set the CPU has (AVX-512, else AVX2; the output names it); on a CPU with
+neither both columns are BLAS.
 """
 
 from __future__ import annotations

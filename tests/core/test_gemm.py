@@ -1,13 +1,16 @@
 """klayer's own matrix products (``kernels.matmul``, ``_gemm.c``) against float64 and BLAS.
 
-On a CPU without AVX-512 the kernels do not exist and ``matmul`` is NumPy's; the tests
-of the kernels themselves then skip and say why, and the fall-back tests still run.
+The kernels' tests run once per instruction set this CPU has (AVX-512 and AVX2 on an
+AVX-512 CPU, AVX2 alone on most others). On a CPU with neither the kernels do not exist
+and ``matmul`` is NumPy's; the tests of the kernels themselves then skip and say why,
+and the fall-back tests still run.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+from collections.abc import Iterator
 from dataclasses import replace
 
 import numpy as np
@@ -19,18 +22,28 @@ from klayer.data.datasets import make_synthetic
 from klayer.training.trainer import Trainer
 
 F32 = np.float32
-needs_gemm = pytest.mark.skipif(
-    not kernels.GEMM, reason="this CPU has no AVX-512F (or klayer._kernels is not built): "
-                             "matmul is NumPy's here")
+NO_GEMM = ("this CPU has neither AVX-512F nor AVX2 with FMA (or klayer._kernels is not "
+           "built): matmul is NumPy's here")
+needs_gemm = pytest.mark.skipif(not kernels.GEMM, reason=NO_GEMM)
+
+
+@pytest.fixture(params=kernels.GEMM_ISAS or [None])
+def isa(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each instruction set the kernels can run on here, in turn."""
+    if request.param is None:
+        pytest.skip(NO_GEMM)
+    with kernels.gemm_isa(request.param):
+        yield request.param
 
 # (rows of examples, inner, columns): the mini-batch shapes of klayer's nets, every path of
-# the kernels (8/4/2/1-row tiles, 3/2/1-vector tiles, the last m % 16 columns apart or,
-# 1 or 2 of them after whole tiles, with the last tile; panels of a wide B, k in blocks,
-# split by rows or columns) and empty sizes
+# the kernels for 16- and 8-float vectors (8/4/2/1-row tiles, 3/2/1-vector tiles, the
+# last m % 16 or m % 8 columns apart or, 1 or 2 of them after whole tiles, with the last
+# tile; panels of a wide B, k in blocks, split by rows or columns) and empty sizes
 SHAPES = [(100, 3072, 50), (100, 3072, 1024), (100, 1024, 512), (100, 512, 256),
           (100, 50, 50), (7, 33, 17), (1, 1, 16), (15, 600, 300), (64, 70, 96), (100, 31, 47),
           (3, 515, 1029), (0, 20, 16), (5, 0, 32), (129, 200, 113), (100, 300, 49),
-          (37, 129, 98), (20, 3, 194), (100, 256, 10), (30, 130, 3)]
+          (37, 129, 98), (20, 3, 194), (100, 256, 10), (30, 130, 3), (100, 200, 26),
+          (11, 45, 40), (6, 7, 8)]
 
 
 def operands(n: int, d: int, m: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -44,10 +57,9 @@ def bound(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (d + 1) * np.finfo(F32).eps * (np.abs(a.astype(np.float64)) @ np.abs(b))
 
 
-@needs_gemm
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_products_match_float64(shape: tuple[int, int, int], threads: int,
+def test_products_match_float64(shape: tuple[int, int, int], threads: int, isa: str,
                                 monkeypatch: pytest.MonkeyPatch) -> None:
     n, d, m = shape
     monkeypatch.setattr(kernels, "_threads", threads)
@@ -69,9 +81,8 @@ def test_products_match_float64(shape: tuple[int, int, int], threads: int,
     assert np.all(np.abs(got - exact) <= bound(dS, W.T))
 
 
-@needs_gemm
 @pytest.mark.parametrize("shape", [(100, 3072, 50), (100, 1100, 530), (37, 300, 77)])
-def test_each_element_is_one_sum_whatever_the_threads(shape: tuple[int, int, int],
+def test_each_element_is_one_sum_whatever_the_threads(shape: tuple[int, int, int], isa: str,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Threads split C, never a sum: the result is bit for bit the same on 1 to 4."""
     x, W = operands(*shape)
@@ -86,8 +97,7 @@ def test_each_element_is_one_sum_whatever_the_threads(shape: tuple[int, int, int
             np.testing.assert_array_equal(a, b)
 
 
-@needs_gemm
-def test_the_kernels_run_and_differ_from_blas_only_by_rounding() -> None:
+def test_the_kernels_run_and_differ_from_blas_only_by_rounding(isa: str) -> None:
     """The kernel path is taken (its sums round differently from BLAS's somewhere),
     and agrees with BLAS to float32 rounding."""
     x, W = operands(100, 3072, 50)
@@ -103,6 +113,39 @@ def test_the_kernels_run_and_differ_from_blas_only_by_rounding() -> None:
     got, blas = kernels.matmul(dS, W, trans_b=True), dS @ W.T
     assert not np.array_equal(got, blas)
     np.testing.assert_allclose(got, blas, rtol=0, atol=float(bound(dS, W.T).max()))
+
+
+@pytest.mark.skipif(len(kernels.GEMM_ISAS) < 2, reason="this CPU has no AVX-512F: the "
+                    "AVX2 kernels are its only ones, and the test above covers them")
+@pytest.mark.parametrize("shape", [(100, 3072, 48), (100, 1024, 512), (37, 300, 96)])
+def test_tiles_sum_alike_on_either_vector_width(shape: tuple[int, int, int]) -> None:
+    """Where every column is a tile's (m a multiple of 16), each element of x W and
+    x^T dS is one FMA sum over k in order with 16- and with 8-float vectors: the
+    same bits. (The dot products, dS W^T and the last m % 16 columns, sum partial
+    sums of the vector's width, so those may differ by rounding.)"""
+    x, W = operands(*shape)
+    dS = np.random.default_rng(3).standard_normal((shape[0], shape[2]), dtype=F32)
+    got = []
+    for name in kernels.GEMM_ISAS:
+        with kernels.gemm_isa(name):
+            got.append((kernels.matmul(x, W), kernels.matmul(x, dS, trans_a=True)))
+    for a, b in zip(got[0], got[1], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_instruction_set_is_chosen_and_restored() -> None:
+    best = kernels.MATMUL
+    assert best == (kernels.GEMM_ISAS[0] if kernels.GEMM else "blas")
+    with pytest.raises(ValueError, match="cannot run on 'sse'"):
+        with kernels.gemm_isa("sse"):
+            pass
+    for name in kernels.GEMM_ISAS:
+        with kernels.gemm_isa(name):
+            assert kernels.MATMUL == name
+        assert kernels.MATMUL == best
+    if kernels.GEMM:
+        with pytest.raises(ValueError, match="level 3"):
+            kernels._C.gemm_level(3)
 
 
 @needs_gemm

@@ -911,10 +911,21 @@ done:
     return ret;
 }
 
+/* gemm_level() -> (the best instruction set this CPU has for matmul, the one in use):
+ * 2 AVX-512F, 1 AVX2 with FMA, 0 none. gemm_level(level) first selects `level`
+ * (1 .. the best), for tests and benchmarks of the narrower kernels. */
 static PyObject *
-gemm_available(PyObject *self, PyObject *unused)
+gemm_level(PyObject *self, PyObject *args)
 {
-    return PyBool_FromLong(klayer_gemm_available());
+    int level = -1;
+    if (!PyArg_ParseTuple(args, "|i", &level))
+        return NULL;
+    if (level != -1 && !klayer_gemm_select(level)) {
+        PyErr_Format(PyExc_ValueError, "matmul's kernels cannot run at level %d on this CPU "
+                     "(best: %d)", level, klayer_gemm_best());
+        return NULL;
+    }
+    return Py_BuildValue("(ii)", klayer_gemm_best(), klayer_gemm_level());
 }
 
 static PyMethodDef methods[] = {
@@ -928,7 +939,7 @@ static PyMethodDef methods[] = {
     {"sgd_l2_step", sgd_l2_step, METH_VARARGS, "p -= lr (g + l2 p) per block, and sum p^2"},
     {"momentum_step", momentum_step, METH_VARARGS, "the momentum or Nesterov update"},
     {"matmul", matmul, METH_VARARGS, "C = A B, A^T B or A B^T, float32, klayer's kernels"},
-    {"gemm_available", gemm_available, METH_NOARGS, "whether this CPU has matmul's kernels"},
+    {"gemm_level", gemm_level, METH_VARARGS, "matmul's instruction set: (best, in use)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -13,9 +13,9 @@ compiler is there) does these parts of a step in one pass each:
   and the bias gradient backward, so a hidden layer costs one call each way;
 * ``softmax_cross_entropy``: the mean loss and dJ/dscores (``_stack``: of T networks);
 * ``matmul``: a layer's products x W, x^T dS and dS W^T for a mini-batch, by klayer's
-  own AVX-512 kernels (``_gemm.c``, threads from ``_pool.c``), which on these short,
-  wide operands beat BLAS, which packs both operands first (docs/performance.md);
-  elsewhere, NumPy's ``@``;
+  own kernels (``_gemm.c``, AVX-512 or AVX2, threads from ``_pool.c``), which on these
+  short, wide operands beat BLAS, which packs both operands first
+  (docs/performance.md); elsewhere, NumPy's ``@``;
 * ``add_scaled`` (the L2 term of a gradient), ``sgd_step`` (the update) and
   ``sgd_l2_step`` (both at once, for a weight matrix), ``sgd_many`` (the update of every
   parameter of a network in one call), ``momentum_step`` (momentum and Nesterov, one
@@ -66,8 +66,11 @@ def _load() -> ModuleType | None:
 
 _C: Any = _load()
 BACKEND = "c" if _C is not None else "numpy"  # what float32 training runs on
-GEMM = _C is not None and bool(_C.gemm_available())  # matmul's own kernels run here
-MATMUL = "avx512" if GEMM else "blas"  # who runs a float32 mini-batch's products
+_ISAS = {2: "avx512", 1: "avx2"}  # the C side's levels of klayer_gemm
+# the instruction sets matmul's own kernels can run on here, widest first
+GEMM_ISAS = tuple(_ISAS[n] for n in range(_C.gemm_level()[0], 0, -1)) if _C else ()
+GEMM = bool(GEMM_ISAS)  # matmul's own kernels run here
+MATMUL = GEMM_ISAS[0] if GEMM else "blas"  # who runs a float32 mini-batch's products
 
 
 def _threads_from_env() -> int:
@@ -108,6 +111,26 @@ def limited_threads(n: int) -> Iterator[None]:
         yield
     finally:
         set_threads(before)
+
+
+@contextmanager
+def gemm_isa(name: str) -> Iterator[None]:
+    """Run ``matmul``'s kernels on the instruction set ``name`` (one of ``GEMM_ISAS``)
+    for the ``with`` block: the tests and benchmarks of the AVX2 kernels on a CPU that
+    also has AVX-512. Not for use while another thread multiplies."""
+    global MATMUL
+    levels = {v: k for k, v in _ISAS.items()}
+    if name not in GEMM_ISAS:
+        raise ValueError(f"matmul's kernels cannot run on {name!r} here; this CPU has "
+                         f"{list(GEMM_ISAS) or 'none of them'}")
+    before = _C.gemm_level()[1]
+    _C.gemm_level(levels[name])
+    MATMUL = name
+    try:
+        yield
+    finally:
+        _C.gemm_level(before)
+        MATMUL = _ISAS[before]
 
 
 def enabled(*arrays: np.ndarray) -> bool:
@@ -246,7 +269,7 @@ def matmul(a: Array, b: Array, trans_a: bool = False, trans_b: bool = False,
 
     For a float32 mini-batch (2-D, C-contiguous; at most ``MATMUL_MAX_ROWS`` rows of
     examples in a, the k of x^T dS; shapes where they win, ``_kernels_win``) on a CPU
-    with AVX-512, klayer's own kernels (``_gemm.c``) run it on
+    with AVX-512 or AVX2, klayer's own kernels (``_gemm.c``) run it on
     ``threads()`` threads: each output element is one sum of fused multiply-adds, so the
     result differs from BLAS's only by rounding (a float32 ulp or so per term). Everything
     else, float64 included, is NumPy's matmul. ``out``, when given, must be C-contiguous

@@ -37,15 +37,21 @@ def require_torch() -> None:
 
 
 def machine() -> str:
-    """CPU model, logical cores and OS, for the README's performance table."""
-    cpu = platform.processor() or platform.machine()
+    """CPU model, its widest vector instructions, logical cores and OS, for the README's
+    performance table. (The vectors matter: klayer's own matrix products need AVX-512,
+    and two guests of one CPU model can differ there.)"""
+    info: dict[str, str] = {}  # the first processor's lines
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    cpu = info.get("model name") or platform.processor() or platform.machine()
+    flags = set(info.get("flags", "").split())
+    isa = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"))
+                if flag in flags), None)
+    cpu = f"{cpu} ({isa})" if isa else cpu
     return f"{cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}"
 
 

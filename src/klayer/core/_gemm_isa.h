@@ -242,11 +242,44 @@ SFX(columns)(const gemm_job *g, ptrdiff_t i0, ptrdiff_t i1, ptrdiff_t j0)
     }
 }
 
+/* C = A^T B, rows [i0, i1): ROWS_AT_ONCE rows at a time, all columns, so that the last
+ * m % LANES columns read A's columns while the tiles have left them in L1. With
+ * PACK_AT, those columns of A are first copied side by side: A's row k is n floats
+ * long, and with n a multiple of 1,024 (3,072 inputs) every k's line falls in one
+ * L1 set. */
+static TARGET void
+SFX(part_tn)(const gemm_job *g, ptrdiff_t i0, ptrdiff_t i1)
+{
+    ptrdiff_t m = g->m, rest = m - m % LANES, last = rest - NB;
+    /* 1 or 2 columns after whole tiles (a 50-unit layer): with the last tile's */
+    int fuse = m > rest && m - rest <= 2 && rest >= NB && rest % NB == 0;
+    gemm_job h = *g;
+    float *Ap = PACK_AT ? malloc((size_t)(ROWS_AT_ONCE * g->d) * sizeof(float) + 1) : NULL;
+    for (ptrdiff_t i = i0; i < i1; i += ROWS_AT_ONCE) {
+        ptrdiff_t e = i + ROWS_AT_ONCE < i1 ? i + ROWS_AT_ONCE : i1, w = e - i, r = i;
+        if (Ap) {  /* (without the buffer, A is read where it lies) */
+            for (ptrdiff_t k = 0; k < g->d; k++)
+                memcpy(Ap + k * w, g->A + k * g->n + i, (size_t)w * sizeof(float));
+            h.At = Ap;
+            h.lda = w;
+            h.ia = i;
+        }
+        if (!fuse) {
+            SFX(whole_columns)(&h, NULL, i, e, 0, rest, 0, g->d);
+        } else {
+            SFX(whole_columns)(&h, NULL, i, e, 0, last, 0, g->d);
+            for (; r + MR <= e; r += MR) SFX(tile_tn_last)(&h, r, last, m - rest);
+            SFX(whole_columns)(&h, NULL, r, e, last, rest, 0, g->d);
+        }
+        if (rest < m && r < e) SFX(columns)(&h, r, e, rest);
+    }
+    free(Ap);
+}
+
 /* One thread's share of a product (part p of parts): C's rows [n p / P, n (p+1) / P).
- * C = A B: k in blocks of KC when B is wider than one tile, so that a block of B's
- * tile columns stays in L2 while every row tile passes over it (and A's block too).
- * C = A^T B: ROWS_AT_ONCE rows at a time, all columns, so that the last m % LANES
- * columns read A's columns while the tiles have left them in L1. */
+ * C = A B: k in blocks of KC when B is at least WIDE columns wide, so that a block of
+ * B's tile columns stays in cache while every row tile passes over it (and A's block
+ * too). C = A^T B: part_tn. */
 static TARGET void
 SFX(gemm_part)(const void *job, int p, int parts)
 {
@@ -262,32 +295,7 @@ SFX(gemm_part)(const void *job, int p, int parts)
         return;
     }
     if (g->trans_a) {
-        i0 = g->n * p / parts;
-        i1 = g->n * (p + 1) / parts;
-        /* 1 or 2 columns after whole tiles (a 50-unit layer): with the last tile's */
-        int fuse = m > rest && m - rest <= 2 && rest >= NB && rest % NB == 0;
-        gemm_job h = *g;  /* with PACK_AT, A's columns of the rows at hand, copied */
-        float *Ap = PACK_AT ? malloc((size_t)(ROWS_AT_ONCE * g->d) * sizeof(float) + 1) : NULL;
-        for (ptrdiff_t i = i0; i < i1; i += ROWS_AT_ONCE) {
-            ptrdiff_t e = i + ROWS_AT_ONCE < i1 ? i + ROWS_AT_ONCE : i1, r = i;
-            ptrdiff_t last = rest - NB;
-            if (Ap) {  /* A's row k is n floats long: its rows' lines share an L1 set */
-                for (ptrdiff_t k = 0; k < g->d; k++)
-                    memcpy(Ap + k * (e - i), g->A + k * g->n + i, (size_t)(e - i) * sizeof(float));
-                h.At = Ap;
-                h.lda = e - i;
-                h.ia = i;
-            }
-            if (!fuse) {
-                SFX(whole_columns)(&h, NULL, i, e, 0, rest, 0, g->d);
-            } else {
-                SFX(whole_columns)(&h, NULL, i, e, 0, last, 0, g->d);
-                for (; r + MR <= e; r += MR) SFX(tile_tn_last)(&h, r, last, m - rest);
-                SFX(whole_columns)(&h, NULL, r, e, last, rest, 0, g->d);
-            }
-            if (rest < m && r < e) SFX(columns)(&h, r, e, rest);
-        }
-        free(Ap);
+        SFX(part_tn)(g, g->n * p / parts, g->n * (p + 1) / parts);
         return;
     }
     /* C = A B: by tile columns when there are enough for every part, else by rows */

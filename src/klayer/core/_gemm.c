@@ -141,12 +141,6 @@ klayer_gemm_select(int level)
 }
 
 int
-klayer_gemm_available(void)
-{
-    return klayer_gemm_level() > 0;
-}
-
-int
 klayer_gemm(const float *A, const float *B, float *C, ptrdiff_t n, ptrdiff_t d, ptrdiff_t m,
             int trans_a, int trans_b, int threads)
 {
@@ -168,7 +162,6 @@ klayer_gemm(const float *A, const float *B, float *C, ptrdiff_t n, ptrdiff_t d, 
 int klayer_gemm_best(void) { return 0; }
 int klayer_gemm_level(void) { return 0; }
 int klayer_gemm_select(int level) { (void)level; return 0; }
-int klayer_gemm_available(void) { return 0; }
 
 int
 klayer_gemm(const float *A, const float *B, float *C, ptrdiff_t n, ptrdiff_t d, ptrdiff_t m,

@@ -12,9 +12,6 @@
 int klayer_gemm(const float *A, const float *B, float *C, ptrdiff_t n, ptrdiff_t d,
                 ptrdiff_t m, int trans_a, int trans_b, int threads);
 
-/* 1 when klayer_gemm runs on this CPU. */
-int klayer_gemm_available(void);
-
 /* The instruction sets klayer_gemm can run on: 2 AVX-512F, 1 AVX2 with FMA, 0 none.
  * best: what this CPU has; level: what klayer_gemm uses now (the best unless selected);
  * select: use `level` (1 .. best; for tests and benchmarks of the narrower kernels),

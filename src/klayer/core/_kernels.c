@@ -897,8 +897,7 @@ matmul(PyObject *self, PyObject *args)
         !bytes_of(d, m, 1, 4, &want) || !check_len(&b, want, "B") ||
         !bytes_of(n, m, 1, 4, &want) || !check_len(&c, want, "C"))
         goto done;
-    const char *c0 = c.buf, *c1 = c0 + c.len, *a0 = a.buf, *b0 = b.buf;
-    if ((c0 < a0 + a.len && a0 < c1) || (c0 < b0 + b.len && b0 < c1)) {
+    if (overlap(&c, &a) || overlap(&c, &b)) {
         PyErr_SetString(PyExc_ValueError, "the output overlaps an operand");
         goto done;
     }

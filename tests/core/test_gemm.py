@@ -134,15 +134,15 @@ def test_tiles_sum_alike_on_either_vector_width(shape: tuple[int, int, int]) -> 
 
 
 def test_the_instruction_set_is_chosen_and_restored() -> None:
-    best = kernels.MATMUL
+    best = kernels.matmul_isa()
     assert best == (kernels.GEMM_ISAS[0] if kernels.GEMM else "blas")
     with pytest.raises(ValueError, match="cannot run on 'sse'"):
         with kernels.gemm_isa("sse"):
             pass
     for name in kernels.GEMM_ISAS:
         with kernels.gemm_isa(name):
-            assert kernels.MATMUL == name
-        assert kernels.MATMUL == best
+            assert kernels.matmul_isa() == name
+        assert kernels.matmul_isa() == best
     if kernels.GEMM:
         with pytest.raises(ValueError, match="level 3"):
             kernels._C.gemm_level(3)

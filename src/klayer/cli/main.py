@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version",
                         version=f"klayer {__version__} (kernels: {kernels.BACKEND}, "
-                                f"matrix products: {kernels.MATMUL})")
+                                f"matrix products: {kernels.matmul_isa()})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in _MODULES:
         commands = importlib.import_module(f"{__package__}.{module}").COMMANDS

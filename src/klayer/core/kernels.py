@@ -70,7 +70,12 @@ _ISAS = {2: "avx512", 1: "avx2"}  # the C side's levels of klayer_gemm
 # the instruction sets matmul's own kernels can run on here, widest first
 GEMM_ISAS = tuple(_ISAS[n] for n in range(_C.gemm_level()[0], 0, -1)) if _C else ()
 GEMM = bool(GEMM_ISAS)  # matmul's own kernels run here
-MATMUL = GEMM_ISAS[0] if GEMM else "blas"  # who runs a float32 mini-batch's products
+
+
+def matmul_isa() -> str:
+    """Who runs a float32 mini-batch's products now: "avx512" or "avx2" (klayer's
+    kernels, on that instruction set), else "blas"."""
+    return _ISAS[_C.gemm_level()[1]] if GEMM else "blas"
 
 
 def _threads_from_env() -> int:
@@ -118,19 +123,15 @@ def gemm_isa(name: str) -> Iterator[None]:
     """Run ``matmul``'s kernels on the instruction set ``name`` (one of ``GEMM_ISAS``)
     for the ``with`` block: the tests and benchmarks of the AVX2 kernels on a CPU that
     also has AVX-512. Not for use while another thread multiplies."""
-    global MATMUL
-    levels = {v: k for k, v in _ISAS.items()}
     if name not in GEMM_ISAS:
         raise ValueError(f"matmul's kernels cannot run on {name!r} here; this CPU has "
                          f"{list(GEMM_ISAS) or 'none of them'}")
     before = _C.gemm_level()[1]
-    _C.gemm_level(levels[name])
-    MATMUL = name
+    _C.gemm_level(next(level for level, isa in _ISAS.items() if isa == name))
     try:
         yield
     finally:
         _C.gemm_level(before)
-        MATMUL = _ISAS[before]
 
 
 def enabled(*arrays: np.ndarray) -> bool:

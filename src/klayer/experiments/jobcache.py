@@ -62,7 +62,7 @@ def identity(data_folder: Path | None) -> dict[str, Any]:
         for p in (folder / n for n in (*REQUIRED, "batches.meta")):  # not the decoded cache
             data[p.name] = [p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else None
     return {"data": data, "klayer": __version__, "numpy": np.__version__,
-            "kernels": kernels.BACKEND, "matmul": kernels.MATMUL}
+            "kernels": kernels.BACKEND, "matmul": kernels.matmul_isa()}
 
 
 def key(job: Job, ident: dict[str, Any]) -> str:

@@ -355,7 +355,7 @@ def _summary(net: Network, data: Data, cfg: TrainConfig, plan: Plan,
         "n_train": len(data.train.y), "n_val": len(data.val.y), "n_test": len(data.test.y),
         "klayer_version": __version__, "numpy_version": np.__version__,
         "python_version": platform.python_version(), "kernels": kernels.BACKEND,
-        "matmul": kernels.MATMUL,
+        "matmul": kernels.matmul_isa(),
     }
     if (cfg.tta_flip or cfg.tta_shift) and data.image_shape is not None:
         summary["test_accuracy_single_view"] = evaluate(net, data, data.test.X,
